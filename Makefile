@@ -1,0 +1,33 @@
+# spinegrade: two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_DIR ?= demo_run
+
+.PHONY: setup test demo lint format bench clean
+
+setup: $(VENV)/.installed
+
+# The venv is rebuilt when the dependency list or the pinned versions change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/spinegrade demo --out $(DEMO_DIR)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: setup
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

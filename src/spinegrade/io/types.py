@@ -1,0 +1,66 @@
+"""Plain data returned by the DICOM reader: stacks of slices with their patient-space geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Stack:
+    """One geometrically consistent stack of parallel slices, ordered along the slice normal.
+
+    Patient coordinates are DICOM LPS millimetres. ``row_dir`` is the direction of increasing
+    column index (the first ImageOrientationPatient triplet), ``col_dir`` the direction of
+    increasing row index (the second triplet), ``normal = cross(row_dir, col_dir)``. Slices are
+    sorted so that ``positions @ normal`` increases.
+    """
+
+    pixels: np.ndarray  # float32, (D, H, W), RescaleSlope/Intercept applied, MONOCHROME1 inverted
+    positions: np.ndarray  # float64, (D, 3): ImagePositionPatient of every slice (centre of pixel 0,0)
+    row_dir: np.ndarray  # float64, (3,)
+    col_dir: np.ndarray  # float64, (3,)
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) in mm, i.e. (dy, dx)
+    instance_numbers: np.ndarray  # int64, (D,), in geometric order
+    files: list[Path]  # source file of every slice, in geometric order
+    plane: str  # "sagittal" | "axial" | "coronal" (from the normal's dominant LPS axis)
+    direction: str  # where increasing slice index runs in the patient, e.g. "R->L", "F->H"
+    series_description: str = ""
+
+    @property
+    def normal(self) -> np.ndarray:
+        n = np.cross(self.row_dir, self.col_dir)
+        return n / np.linalg.norm(n)
+
+    @property
+    def slice_positions(self) -> np.ndarray:
+        """Position of every slice along the normal (mm), increasing."""
+        return self.positions @ self.normal
+
+    @property
+    def slice_spacing(self) -> float:
+        """Median distance between neighbouring slices along the normal (mm); 0 for one slice."""
+        s = self.slice_positions
+        return float(np.median(np.diff(s))) if len(s) > 1 else 0.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.pixels.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class SkippedFile:
+    path: Path
+    reason: str
+
+
+@dataclass
+class SeriesRead:
+    """Everything read from one series folder."""
+
+    folder: Path
+    stacks: list[Stack]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    series_instance_uid: str = ""
