@@ -134,9 +134,8 @@ def test_evaluate_cli_json_and_text(tmp_path) -> None:
     labels.to_csv(tmp_path / "train.csv", index=False)
     uniform_submission([1, 2]).to_csv(tmp_path / "sub.csv", index=False)
     runner = CliRunner()
-    out = runner.invoke(
-        app, ["evaluate", str(tmp_path / "sub.csv"), "--labels", str(tmp_path / "train.csv"), "--json"]
-    )
+    args = ["evaluate", str(tmp_path / "sub.csv"), "--labels", str(tmp_path / "train.csv")]
+    out = runner.invoke(app, [*args, "--json"])
     assert out.exit_code == 0, out.output
     res = json.loads(out.output)
     assert set(res) == {"spinal", "foraminal", "subarticular", "any_severe_spinal", "score"}

@@ -53,7 +53,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 @app.command()
 @cli_errors
 def evaluate(
-    submission: Path = typer.Argument(..., help="Submission CSV: row_id,normal_mild,moderate,severe"),
+    submission: Path = typer.Argument(
+        ..., help="Submission CSV: row_id,normal_mild,moderate,severe"
+    ),
     labels: Path = typer.Option(..., "--labels", help="train.csv-format labels (wide table)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
@@ -66,6 +68,55 @@ def evaluate(
         return
     for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score"):
         typer.echo(f"{key:<20} {result[key]:.4f}")
+
+
+@app.command()
+@cli_errors
+def folds(
+    data_dir: Path = typer.Argument(..., help="RSNA data folder holding train.csv"),
+    out: Path = typer.Option(Path("folds.csv"), "--out", help="Where to write study_id,fold"),
+    n_folds: int = typer.Option(5, "--n-folds", min=2, help="Number of folds"),
+    seed: int = typer.Option(42, "--seed", help="Shuffle seed: same seed, same folds"),
+) -> None:
+    """Make study-grouped, severity-stratified CV folds from train.csv and save them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from spinegrade.data.rsna import fold_summary, load_train, make_folds, save_folds
+
+    labels = load_train(data_dir / "train.csv")
+    fold_table = make_folds(labels, n_folds=n_folds, seed=seed)
+    save_folds(fold_table, out)
+    summary = fold_summary(labels, fold_table)
+    table = Table(title=f"{len(labels)} studies in {n_folds} folds (seed {seed}) -> {out}")
+    for name in ("fold", *summary.columns):
+        table.add_column(name.replace("_", " "), justify="right")
+    for k, row in summary.iterrows():
+        table.add_row(str(k), *(str(v) for v in row.tolist()))
+    table.add_row("all", *(str(v) for v in summary.sum().tolist()), style="bold")
+    Console().print(table)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="A series folder of DICOM files, or a study folder"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Show what the DICOM reader sees: stacks, orientation, slices, spacing, skipped files."""
+    from spinegrade.io.describe import inspect_path, print_inspection
+    from spinegrade.io.dicom import DicomReadError
+
+    try:
+        report = inspect_path(path)
+    except DicomReadError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        print_inspection(report)
+    if not any("stacks" in s for s in report["series"]):
+        raise typer.Exit(1)  # nothing readable: let scripts notice
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class SubmissionError(ValueError):
 
 
 def solution_long(labels_wide: pd.DataFrame) -> pd.DataFrame:
-    """Labelled rows of a train.csv-format table: row_id, study_id, column, group, target, weight."""
+    """Labelled rows of a train.csv table: row_id, study_id, column, group, target, weight."""
     if "study_id" not in labels_wide.columns:
         raise ValueError("labels table has no study_id column")
     missing = [c for c in LABEL_COLUMNS if c not in labels_wide.columns]
@@ -216,7 +216,7 @@ def prior_probs(train_wide: pd.DataFrame, smoothing: float = 1.0) -> np.ndarray:
 
 
 def best_constant_probs(train_wide: pd.DataFrame, smoothing: float = 1.0) -> np.ndarray:
-    """(25, 3) p proportional to weight x count: the constant that minimises the weighted log loss."""
+    """(25, 3) p ∝ weight x count: the constant that minimises the weighted log loss."""
     counts = (_class_counts(train_wide) + smoothing) * np.asarray(CLASS_WEIGHTS)
     return counts / counts.sum(axis=1, keepdims=True)
 

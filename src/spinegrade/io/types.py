@@ -28,6 +28,13 @@ class Stack:
     plane: str  # "sagittal" | "axial" | "coronal" (from the normal's dominant LPS axis)
     direction: str  # where increasing slice index runs in the patient, e.g. "R->L", "F->H"
     series_description: str = ""
+    # 0-based frame of every slice within its file (0 for single-frame files; enhanced multi-frame
+    # files give one slice per frame, so ``files`` repeats and this tells the frames apart).
+    frame_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # False when the files carry no patient geometry (no ImagePositionPatient/Orientation or
+    # PixelSpacing): slices are then in InstanceNumber/frame order on a nominal grid, and points
+    # cannot be mapped to other series.
+    has_geometry: bool = True
 
     @property
     def normal(self) -> np.ndarray:
