@@ -1,0 +1,356 @@
+"""Typed experiment configuration: nested dataclasses, loaded from YAML, saved in each run folder.
+
+A config is resolved in three steps, each overriding the one before:
+
+1. the dataclass defaults below (which equal ``configs/default.yaml``),
+2. a YAML file: a packaged name (``quick`` for CPU, ``default`` for GPU) or a path; a file may name
+   a ``base:`` (a packaged name or another file, relative to itself) and then lists only changes,
+3. dotted ``key=value`` overrides from the command line, e.g. ``train.epochs=3 model.depth=1``.
+
+Unknown keys are errors that name the file and suggest the closest key, so a typo never silently
+trains the wrong model. The resolved config is written to the run folder with :func:`save_config`
+and read back with :func:`load_config` (prediction never imports a config module by name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGED_CONFIGS: tuple[str, ...] = ("quick", "default")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied (unknown key, wrong type, missing file)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data and the cache live, and how studies are split."""
+
+    data_dir: str = "data"  # RSNA layout root (train.csv, train_images/, ...)
+    cache_dir: str = "cache"  # preprocess output (index.csv + npz volumes)
+    cache_size: int = 256  # in-plane grid of cached volumes (pixels)
+    n_folds: int = 5
+
+
+@dataclass
+class CropConfig:
+    """The per-level (and per-side) stacks of slices the grader sees.
+
+    The field of view is physical (mm), so crops mean the same anatomy whatever the pixel spacing;
+    it is then resampled to ``size`` x ``size`` pixels.
+    """
+
+    size: int = 128  # crop H = W in pixels
+    slices: int = 5  # slices per crop, centred on the level's slice (odd)
+    slice_step: int = 1  # take every n-th slice around the centre
+    spinal_mm: float = 40.0  # sagittal T2 field around the disc centre
+    foraminal_mm: float = 40.0  # sagittal T1 field around the foramen
+    subarticular_mm: float = 48.0  # axial T2 field around the canal (both recesses visible)
+    slice_jitter: int = 2  # training: shift the centre slice by up to +-N (stage-1 slice errors)
+    shift_frac: float = 0.1  # training: shift the centre by up to this fraction of the field
+    scale_jitter: float = 0.1  # training: relative zoom range
+    rotate_deg: float = 10.0  # training: in-plane rotation range
+    flip_lr: bool = True  # training, axial: mirror left/right and swap the side labels
+    # --- added by the trainer helper (crops.py) ---
+    max_project_mm: float = 10.0  # a level farther than this from every axial slice is not cut
+
+
+@dataclass
+class ModelConfig:
+    """The EfficientNet + ViT grader (see :class:`spinegrade.models.grader.SpineGrader`)."""
+
+    backbone: str = "tf_efficientnetv2_s"  # any timm EfficientNet name
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {channel_multiplier: 0.5}
+    pretrained: bool = True  # ImageNet weights when available, else random init + one warning
+    pretrained_path: str | None = None  # local weights file (safetensors or torch) for the backbone
+    feature_index: int = -1  # which backbone stage gives the tokens (-1 = last, stride 32)
+    token_grid: int = 4  # tokens per slice = token_grid**2 (adaptive pooling of the feature map)
+    dim: int = 256  # transformer width
+    depth: int = 2  # transformer blocks
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1  # token and head dropout
+    attn_dropout: float = 0.0
+    drop_path: float = 0.1  # stochastic depth, backbone and transformer
+    level_embedding: bool = True  # condition the CLS token on the disc level (priors vary by level)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (the learning rate itself is ``train.lr``)."""
+
+    name: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.05
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_frac: float = 0.05  # fraction of all steps with linear warm-up
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    backbone_lr_scale: float = 1.0  # lr multiplier for the (pretrained) backbone
+
+
+@dataclass
+class LossConfig:
+    """The loss, shaped like the competition metric."""
+
+    class_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    any_severe_weight: float = 1.0  # coefficient of the any-severe-spinal term (spinal only)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop and the hardware it runs on."""
+
+    epochs: int = 15
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 3e-4
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    channels_last: bool = True
+    num_workers: int = 4
+    accelerator: str = "auto"  # auto | cpu | cuda
+    devices: int = 1
+    strategy: str = "auto"  # auto | ddp
+    groups: list[str] = field(default_factory=lambda: ["spinal", "foraminal", "subarticular"])
+    folds: list[int] | None = None  # None = all folds
+    log_every: int = 50  # steps between log lines
+
+
+@dataclass
+class LocalizerConfig:
+    """Stage 1 (see :class:`spinegrade.models.localizer_net.LevelLocalizer`)."""
+
+    backbone: str = "efficientnet_b0"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = True
+    pretrained_path: str | None = None
+    image_size: int = 256  # sagittal slices are resized to image_size x image_size
+    max_slices: int = 32  # stacks are padded (with a mask) or centre-cut to this many slices
+    context: int = 1  # 2.5D: each slice sees +-context neighbours as extra input channels
+    decoder_channels: int = 64
+    slice_layers: int = 2  # transformer layers linking slices (which slice holds the level)
+    slice_heads: int = 4
+    dropout: float = 0.1
+    drop_path: float = 0.1
+    sigma: float = 1.5  # target heatmap std in heatmap cells (stride 4)
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+
+
+@dataclass
+class Config:
+    """One experiment: everything needed to rebuild a run from its folder."""
+
+    name: str = "default"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-ready)."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(name_or_path: str | Path = "quick", overrides: list[str] | None = None) -> Config:
+    """Resolve a config: defaults <- packaged name or YAML file (with ``base:``) <- overrides.
+
+    ``name_or_path`` is ``quick``, ``default`` or a path to a YAML file (e.g. a run folder's
+    ``config.yaml``). ``overrides`` are dotted ``key=value`` strings; values are parsed as YAML
+    and coerced to the field's type (``train.folds=[0,1]``, ``model.pretrained_path=null``).
+    """
+    cfg = Config()
+    for source, mapping in _resolve_chain(name_or_path, seen=()):
+        _apply_mapping(cfg, mapping, source)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+        set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", source="override")
+    return cfg
+
+
+def config_from_dict(mapping: dict[str, Any], source: str = "dict") -> Config:
+    """Build a Config from a nested dict (e.g. the ``config`` of a weights sidecar)."""
+    cfg = Config()
+    _apply_mapping(cfg, {k: v for k, v in mapping.items() if k != "base"}, source)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML (no ``base:``), so it reloads alone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    path.write_text(f"# resolved spinegrade config\n{text}")
+    return path
+
+
+def _packaged_text(name: str) -> str:
+    return resources.files("spinegrade").joinpath("configs", f"{name}.yaml").read_text()
+
+
+def _read_yaml(name_or_path: str | Path, relative_to: Path | None) -> tuple[str, dict, Path | None]:
+    """Return (source label, mapping, folder for relative bases)."""
+    if isinstance(name_or_path, str) and name_or_path in PACKAGED_CONFIGS:
+        text, source, folder = _packaged_text(name_or_path), f"<packaged {name_or_path}>", None
+    else:
+        path = Path(name_or_path)
+        if not path.is_absolute() and relative_to is not None:
+            path = relative_to / path
+        if not path.is_file():
+            raise ConfigError(
+                f"config {str(name_or_path)!r} is neither a packaged config "
+                f"({', '.join(PACKAGED_CONFIGS)}) nor an existing YAML file (looked at {path})"
+            )
+        text, source, folder = path.read_text(), str(path), path.parent
+    try:
+        mapping = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {mapping!r}")
+    return source, mapping, folder
+
+
+def _resolve_chain(
+    name_or_path: str | Path, seen: tuple[str, ...], relative_to: Path | None = None
+) -> list[tuple[str, dict]]:
+    """The base chain of a config file, outermost base first."""
+    source, mapping, folder = _read_yaml(name_or_path, relative_to)
+    if source in seen:
+        raise ConfigError(f"config base cycle: {' -> '.join((*seen, source))}")
+    base = mapping.pop("base", None)
+    chain = _resolve_chain(str(base), (*seen, source), folder) if base else []
+    return [*chain, (source, mapping)]
+
+
+# ----------------------------------------------------------------------------- setting values
+
+
+def _apply_mapping(obj: Any, mapping: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Recursively set the fields of a dataclass tree from a nested mapping."""
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        current = getattr(obj, key, None) if _has_field(obj, key) else None
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _apply_mapping(current, value, source, prefix=f"{dotted}.")
+        else:
+            set_value(obj, key, value, source=source, full_key=dotted)
+
+
+def _has_field(obj: Any, key: str) -> bool:
+    return any(f.name == key for f in dataclasses.fields(obj))
+
+
+def set_value(
+    obj: Any, key: str, value: Any, source: str = "override", full_key: str | None = None
+) -> None:
+    """Set a dotted ``key`` below dataclass ``obj`` to ``value`` coerced to the field's type."""
+    full_key = full_key or key
+    *parents, leaf = key.split(".")
+    target = obj
+    for i, part in enumerate(parents):
+        _check_key(target, part, source, ".".join(parents[: i + 1]))
+        target = getattr(target, part)
+        if not dataclasses.is_dataclass(target):
+            raise ConfigError(f"{source}: {full_key!r}: {part!r} is a value, not a section")
+    _check_key(target, leaf, source, full_key)
+    if dataclasses.is_dataclass(getattr(target, leaf)):
+        names = ", ".join(f.name for f in dataclasses.fields(getattr(target, leaf)))
+        raise ConfigError(f"{source}: {full_key!r} is a section; set one of its keys: {names}")
+    hint = typing.get_type_hints(type(target))[leaf]
+    try:
+        setattr(target, leaf, _coerce(value, hint))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {full_key}={value!r}: {err}") from None
+
+
+def _check_key(obj: Any, key: str, source: str, dotted: str) -> None:
+    names = [f.name for f in dataclasses.fields(obj)]
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+        raise ConfigError(f"{source}: unknown config key {dotted!r}{hint}")
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Coerce a YAML-parsed value to a type hint (bool, int, float, str, list, dict, Optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list such as [1, 2], got {value!r}")
+        return [_coerce(v, args[0]) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping such as {{a: 1}}, got {value!r}")
+        return dict(value)
+    return _coerce_scalar(value, hint)
+
+
+def _coerce_scalar(value: Any, hint: Any) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "on",
+            "1",
+            "false",
+            "no",
+            "off",
+            "0",
+        ):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise TypeError(f"expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"expected an integer, got {value!r}")
+        as_float = _to_float(value, "an integer")
+        if not as_float.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"expected a number, got {value!r}")
+        return _to_float(value, "a number")
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError(f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _to_float(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected {what}, got {value!r}") from None

@@ -1,0 +1,203 @@
+"""Losses shaped like the RSNA 2024 metric, and the stage-1 localiser loss.
+
+The metric weights every scored row by its true class (Normal/Mild 1, Moderate 2, Severe 4) and
+normalises by the sum of weights, and adds a study-level "any severe spinal" binary term. Training
+on the same objective keeps the model's probabilities calibrated for exactly what is scored.
+Missing labels (-1: empty cells of train.csv) are ignored everywhere, as the metric ignores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from spinegrade.constants import CLASS_WEIGHTS, SEVERITY_INDEX
+from spinegrade.models.localizer_net import MASKED_LOGIT as _MASKED
+from spinegrade.models.localizer_net import LocalizerOutput
+
+IGNORE = -1
+SEVERE = SEVERITY_INDEX["Severe"]
+_EPS = 1e-7
+
+
+def weighted_ce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: Sequence[float] = CLASS_WEIGHTS,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``sum w * -ln p_true / sum w`` over labelled rows, w by true class (the metric's terms).
+
+    ``logits`` (..., 3), ``labels`` (...) with -1 for missing. Returns 0 (with grad) when no row is
+    labelled, so a batch of empty cells does not produce NaN.
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1).long()
+    weight = torch.as_tensor(class_weights, dtype=flat_logits.dtype, device=logits.device)
+    if not bool((flat_labels != IGNORE).any()):
+        return flat_logits.sum() * 0.0
+    return F.cross_entropy(
+        flat_logits,
+        flat_labels,
+        weight=weight,
+        ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
+    )
+
+
+def any_severe_loss(
+    severe_probs: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: Sequence[float] = CLASS_WEIGHTS,
+) -> torch.Tensor:
+    """The metric's any-severe-spinal term for studies laid out as rows.
+
+    ``severe_probs`` (B, 5): P(Severe) of the five spinal levels of each study; ``labels`` (B, 5)
+    their grades (0/1/2, -1 missing). Per study: target = any level Severe, prediction = max over
+    its labelled levels of P(Severe), weight = max class weight over its labelled levels (as in
+    :mod:`spinegrade.metrics`, where unlabelled cells are not rows of the solution). Returns the
+    weighted binary log loss ``sum w * bce / sum w``; studies with no labelled level are skipped.
+    """
+    labels = labels.long()
+    valid = labels != IGNORE
+    weight_table = torch.as_tensor(class_weights, dtype=torch.float32, device=labels.device)
+    study_weight = (weight_table[labels.clamp(min=0)] * valid).max(dim=1).values  # 0: unlabelled
+    target = ((labels == SEVERE) & valid).any(dim=1).float()
+    pred = severe_probs.float().masked_fill(~valid, 0.0).max(dim=1).values
+    return _weighted_bce(pred, target, study_weight)
+
+
+def any_severe_loss_grouped(
+    severe_probs: torch.Tensor,
+    labels: torch.Tensor,
+    study_index: torch.Tensor,
+    class_weights: Sequence[float] = CLASS_WEIGHTS,
+) -> torch.Tensor:
+    """:func:`any_severe_loss` for one-row-per-level batches (the per-group grader's layout).
+
+    ``severe_probs`` (N,), ``labels`` (N,), ``study_index`` (N,) any integer study ids: rows of
+    the same study are pooled (max P(Severe), any Severe, max weight). When a batch holds only some
+    levels of a study this is the term over those levels: sample whole studies for the exact term.
+    """
+    if study_index.numel() == 0:
+        return severe_probs.sum() * 0.0
+    _, study = torch.unique(study_index, return_inverse=True)
+    labels = labels.long()
+    valid = labels != IGNORE
+    weight_table = torch.as_tensor(class_weights, dtype=torch.float32, device=labels.device)
+
+    def per_study_max(values: torch.Tensor) -> torch.Tensor:
+        out = values.new_zeros(int(study.max()) + 1)
+        return out.scatter_reduce(0, study, values, reduce="amax", include_self=True)
+
+    pred = per_study_max(severe_probs.float().masked_fill(~valid, 0.0))
+    target = per_study_max(((labels == SEVERE) & valid).float())
+    weight = per_study_max(weight_table[labels.clamp(min=0)] * valid)
+    return _weighted_bce(pred, target, weight)
+
+
+def _weighted_bce(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum w * bce(pred, target) / sum w``; 0 (keeping the graph) when all weights are 0."""
+    pred = pred.clamp(_EPS, 1 - _EPS)
+    bce = -(target * pred.log() + (1 - target) * (1 - pred).log())
+    total = weight.sum()
+    if float(total) == 0.0:
+        return pred.sum() * 0.0
+    return (weight * bce).sum() / total
+
+
+def grading_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    study_index: torch.Tensor | None = None,
+    any_severe_weight: float = 0.0,
+    class_weights: Sequence[float] = CLASS_WEIGHTS,
+    label_smoothing: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Weighted CE plus (for spinal) ``any_severe_weight`` x the any-severe term.
+
+    ``logits`` (B, T, 3), ``labels`` (B, T). The any-severe term uses, in this order: rows grouped
+    by ``study_index`` (B,) when given (then T must be 1), else the T=5 levels of each row as one
+    study. Returns ``{"loss", "ce", "any_severe"}``.
+    """
+    ce = weighted_ce(logits, labels, class_weights, label_smoothing)
+    any_term = ce.new_zeros(())
+    if any_severe_weight > 0:
+        severe = logits.float().softmax(-1)[..., SEVERE]
+        if study_index is not None:
+            if logits.shape[1] != 1:
+                raise ValueError("study_index grouping needs one target per row (T=1)")
+            any_term = any_severe_loss_grouped(
+                severe[:, 0], labels[:, 0], study_index, class_weights
+            )
+        elif logits.shape[1] == 5:
+            any_term = any_severe_loss(severe, labels, class_weights)
+        else:
+            raise ValueError(
+                f"any-severe term needs study_index or 5 levels a row; logits {tuple(logits.shape)}"
+            )
+    return {
+        "loss": ce + any_severe_weight * any_term,
+        "ce": ce.detach(),
+        "any_severe": any_term.detach(),
+    }
+
+
+def localizer_loss(
+    out: LocalizerOutput,
+    target_xy: torch.Tensor,
+    target_z: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    sigma: float = 1.5,
+    slice_sigma: float = 0.75,
+    slice_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Stage-1 loss: which slice (soft CE over slices) + where in it (soft CE over the heatmap).
+
+    ``target_xy`` (B, T, 2) in input pixels, ``target_z`` (B, T) slice index, ``valid`` (B, T)
+    bool (a level may be unlabelled). Both targets are Gaussians (``sigma`` in heatmap cells,
+    ``slice_sigma`` in slices) because annotators' clicks and chosen slices vary by about that
+    much; a Gaussian target tolerates it where a one-hot would punish it.
+    Returns ``{"loss", "slice", "heatmap"}``.
+    """
+    heat = out["heatmaps"].float()  # (B, T, S, h, w)
+    b, t, s, hh, ww = heat.shape
+    if not bool(valid.any()):
+        zero = heat.sum() * 0.0
+        return {"loss": zero, "slice": zero.detach(), "heatmap": zero.detach()}
+    v = valid.bool()
+    # Unlabelled targets may hold NaN: zero them so no NaN reaches the gradient through 0 * NaN.
+    target_z = torch.where(v, target_z.float(), 0.0)
+    target_xy = torch.where(v[..., None], target_xy.float(), 0.0)
+    # Which slice: Gaussian over the real slices (padded ones have logits at the mask value).
+    slice_logits = out["slice_logits"].float()
+    zs = torch.arange(s, device=heat.device, dtype=torch.float32)
+    q_z = torch.exp(-0.5 * ((zs - target_z[..., None]) / slice_sigma) ** 2)
+    q_z = q_z * (slice_logits > _MASKED / 2)
+    q_z = q_z / q_z.sum(-1, keepdim=True).clamp(min=1e-12)
+    slice_ce = -(q_z * slice_logits.log_softmax(-1)).sum(-1)
+    # Where: the heatmap of the labelled slice, against a Gaussian at the point (in cells).
+    z_true = target_z.round().long().clamp(0, s - 1)
+    plane = heat.gather(2, z_true[..., None, None, None].expand(b, t, 1, hh, ww)).squeeze(2)
+    image_h, image_w = out["image_hw"]
+    stride_x, stride_y = image_w / ww, image_h / hh  # input pixels per heatmap cell
+    cx = (target_xy[..., 0] + 0.5) / stride_x - 0.5
+    cy = (target_xy[..., 1] + 0.5) / stride_y - 0.5
+    gx = torch.arange(ww, device=heat.device, dtype=torch.float32)
+    gy = torch.arange(hh, device=heat.device, dtype=torch.float32)
+    q = (
+        torch.exp(-0.5 * (((gx - cx[..., None]) / sigma) ** 2))[..., None, :]
+        * torch.exp(-0.5 * (((gy - cy[..., None]) / sigma) ** 2))[..., :, None]
+    )
+    q = q.flatten(2) / q.flatten(2).sum(-1, keepdim=True).clamp(min=1e-12)
+    heat_ce = -(q * plane.flatten(2).log_softmax(-1)).sum(-1)
+    slice_term, heat_term = slice_ce[v].mean(), heat_ce[v].mean()
+    return {
+        "loss": heat_term + slice_weight * slice_term,
+        "slice": slice_term.detach(),
+        "heatmap": heat_term.detach(),
+    }

@@ -1,0 +1,26 @@
+"""Models: the EfficientNet + ViT grader, the stage-1 level localiser, and their registry."""
+
+from spinegrade.models.grader import SpineGrader
+from spinegrade.models.localizer_net import LevelLocalizer, LocalizerOutput
+from spinegrade.models.registry import (
+    build_from_spec,
+    build_grader,
+    build_localizer,
+    build_optimizer,
+    build_scheduler,
+    load_model,
+    parameter_groups,
+)
+
+__all__ = [
+    "LevelLocalizer",
+    "LocalizerOutput",
+    "SpineGrader",
+    "build_from_spec",
+    "build_grader",
+    "build_localizer",
+    "build_optimizer",
+    "build_scheduler",
+    "load_model",
+    "parameter_groups",
+]

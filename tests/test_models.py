@@ -1,0 +1,298 @@
+"""Models: shape tables, learnability, weights round trip, pretrained loading and its fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from spinegrade import weights
+from spinegrade.config import load_config
+from spinegrade.losses import grading_loss, localizer_loss
+from spinegrade.models import (
+    LevelLocalizer,
+    SpineGrader,
+    build_grader,
+    build_localizer,
+    build_optimizer,
+    build_scheduler,
+    load_model,
+    parameter_groups,
+)
+from spinegrade.weights import (
+    WeightsError,
+    create_backbone,
+    load_weights,
+    read_sidecar,
+    save_weights,
+)
+
+TINY = "test_efficientnet"  # a real (tiny) timm EfficientNet: MBConv + SE, five stages
+
+
+def tiny_grader(**kw: object) -> SpineGrader:
+    args = dict(in_slices=3, token_grid=2, dim=32, depth=1, heads=2, dropout=0.0, drop_path=0.0)
+    args.update(kw)
+    return SpineGrader(TINY, **args)  # type: ignore[arg-type]
+
+
+def tiny_localizer(**kw: object) -> LevelLocalizer:
+    args = dict(decoder_channels=16, slice_layers=1, slice_heads=2, dropout=0.0, drop_path=0.0)
+    args.update(kw)
+    return LevelLocalizer(TINY, backbone_kwargs={"channel_multiplier": 0.5}, **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "kwargs", "out_shape"),
+    [
+        ((2, 3, 32, 32), {}, (2, 1, 3)),
+        ((4, 3, 64, 64), {"n_targets": 5}, (4, 5, 3)),
+        ((1, 5, 64, 48), {"in_slices": 5, "token_grid": 3}, (1, 1, 3)),
+        ((2, 3, 64, 64), {"feature_index": -2, "n_levels": 0}, (2, 1, 3)),
+        ((3, 7, 32, 32), {"in_slices": 7, "depth": 2, "n_targets": 2}, (3, 2, 3)),
+    ],
+)
+def test_grader_shape_table(in_shape: tuple, kwargs: dict, out_shape: tuple) -> None:
+    model = tiny_grader(**kwargs).eval()
+    level = torch.arange(in_shape[0]) % 5
+    with torch.no_grad():
+        out = model(torch.rand(in_shape), level)
+    assert out.shape == out_shape and torch.isfinite(out).all()
+
+
+def test_grader_rejects_wrong_slice_count_and_level_shape() -> None:
+    model = tiny_grader()
+    with pytest.raises(ValueError, match=r"crops.slices must match"):
+        model(torch.rand(2, 4, 32, 32))
+    with pytest.raises(ValueError, match="level must have shape"):
+        model(torch.rand(2, 3, 32, 32), torch.zeros(3, dtype=torch.long))
+
+
+def test_grader_level_embedding_changes_the_output() -> None:
+    model = tiny_grader().eval()
+    x = torch.rand(1, 3, 32, 32).expand(5, -1, -1, -1)
+    with torch.no_grad():
+        out = model(x, torch.arange(5))
+    assert not torch.allclose(out[0], out[4])  # same crop, different disc level
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "n_targets", "context", "heat_shape"),
+    [
+        ((2, 7, 64, 64), 5, 1, (2, 5, 7, 16, 16)),
+        ((1, 3, 64, 96), 10, 0, (1, 10, 3, 16, 24)),
+        ((2, 4, 32, 32), 1, 2, (2, 1, 4, 8, 8)),
+    ],
+)
+def test_localizer_shape_table(
+    in_shape: tuple, n_targets: int, context: int, heat_shape: tuple
+) -> None:
+    model = tiny_localizer(n_targets=n_targets, context=context).eval()
+    with torch.no_grad():
+        out = model(torch.rand(in_shape))
+    b, s, h, w = in_shape
+    assert out["heatmaps"].shape == heat_shape
+    assert out["slice_logits"].shape == (b, n_targets, s)
+    assert out["xy"].shape == (b, n_targets, 2) and out["z"].shape == (b, n_targets)
+    assert out["image_hw"] == (h, w)
+    # Expectations lie inside the image and the stack.
+    assert (out["xy"][..., 0] >= -0.5).all() and (out["xy"][..., 0] <= w - 0.5).all()
+    assert (out["xy"][..., 1] >= -0.5).all() and (out["xy"][..., 1] <= h - 0.5).all()
+    assert (out["z"] >= 0).all() and (out["z"] <= s - 1).all()
+
+
+def test_localizer_padded_slices_get_no_probability() -> None:
+    model = tiny_localizer(n_targets=5).eval()
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False  # second stack has 5 real slices, padded to 8 at the end
+    with torch.no_grad():
+        out = model(torch.rand(2, 8, 32, 32), mask)
+    probs = out["slice_logits"].softmax(-1)
+    assert probs[1, :, 5:].max() < 1e-6
+    assert (out["z"][1] <= 4 + 1e-4).all()
+
+
+def test_localizer_readout_maps_cells_to_pixel_centres() -> None:
+    model = tiny_localizer(n_targets=1)
+    logits = torch.full((1, 1, 3, 16, 16), -20.0)
+    logits[0, 0, 2, 10, 5] = 20.0  # slice 2, row 10, column 5 of a stride-4 heatmap
+    out = model._read_out(logits, (64, 64))
+    # Cell j covers input pixels 4j..4j+3, centre 4j + 1.5.
+    assert out["xy"][0, 0].tolist() == pytest.approx([21.5, 41.5], abs=1e-3)
+    assert out["z"][0, 0].item() == pytest.approx(2.0, abs=1e-3)
+
+
+def _learnable_crops(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops whose central square brightens with the class: a pattern a grader must pick up."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 3
+    x = 0.1 * torch.rand(n, 3, 32, 32, generator=gen)
+    for i, c in enumerate(labels.tolist()):
+        x[i, :, 10:22, 10:22] += 0.4 * c
+    return x, labels[:, None]
+
+
+def test_a_few_grader_steps_reduce_the_loss() -> None:
+    torch.manual_seed(0)
+    model = tiny_grader()
+    x, y = _learnable_crops()
+    level = torch.arange(len(x)) % 5
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = grading_loss(model(x, level), y)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_few_localizer_steps_reduce_the_loss() -> None:
+    torch.manual_seed(0)
+    model = tiny_localizer(n_targets=1)
+    gen = torch.Generator().manual_seed(1)
+    b, s, n = 4, 5, 32
+    x = 0.05 * torch.rand(b, s, n, n, generator=gen)
+    z = torch.randint(1, s - 1, (b, 1), generator=gen)
+    xy = torch.randint(6, n - 6, (b, 1, 2), generator=gen).float()
+    for i in range(b):  # a bright blob marks the "disc" at (z, y, x)
+        cx, cy = int(xy[i, 0, 0]), int(xy[i, 0, 1])
+        x[i, int(z[i, 0]), cy - 2 : cy + 3, cx - 2 : cx + 3] = 1.0
+    valid = torch.ones(b, 1, dtype=torch.bool)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = localizer_loss(model(x), xy, z, valid, sigma=1.0)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["grader", "localizer"])
+def test_save_load_round_trip_gives_equal_outputs(tmp_path: Path, kind: str) -> None:
+    torch.manual_seed(0)
+    model = tiny_grader() if kind == "grader" else tiny_localizer(n_targets=2)
+    x = torch.rand(2, 3, 32, 32)
+    model.train()(x)  # move BatchNorm running stats away from their init
+    model = model.to(memory_format=torch.channels_last).eval()
+    meta = {"fold": 2, "group": "spinal", "config": load_config("quick").to_dict()}
+    path = save_weights(model, tmp_path / "fold2", meta)
+    assert path == tmp_path / "fold2" / "model.safetensors"
+    assert read_sidecar(path)["meta"]["fold"] == 2
+    # Rebuilt from the sidecar alone (no config module, no hub).
+    loaded, loaded_meta = load_model(tmp_path / "fold2")
+    assert loaded_meta == meta and type(loaded) is type(model)
+    loaded = loaded.to(memory_format=torch.channels_last)  # same kernels -> bit-equal outputs
+    with torch.no_grad():
+        ref = model(x)
+        got = loaded(x)
+    if kind == "grader":
+        assert torch.equal(ref, got)
+    else:
+        assert torch.equal(ref["heatmaps"], got["heatmaps"])
+    # load_weights into a freshly built model as well.
+    fresh = tiny_grader() if kind == "grader" else tiny_localizer(n_targets=2)
+    assert load_weights(fresh, path)["group"] == "spinal"
+
+
+def test_load_weights_errors(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(tiny_grader(), tmp_path / "nope")
+    save_weights(tiny_grader(), tmp_path / "a.safetensors", {})
+    with pytest.raises(WeightsError, match=r"a\.safetensors does not fit this model"):
+        load_weights(tiny_grader(dim=64), tmp_path / "a.safetensors")
+    (tmp_path / "a.json").write_text('{"format": "other"}')
+    with pytest.raises(WeightsError, match="format"):
+        load_weights(tiny_grader(), tmp_path / "a.safetensors")
+
+
+def test_build_from_config_matches_config() -> None:
+    cfg = load_config("quick", ["model.depth=1", "crops.slices=3", "crops.size=32"])
+    grader = build_grader(cfg, n_targets=5)
+    assert len(grader.blocks) == 1 and grader.in_slices == 3
+    assert grader(torch.rand(2, 3, 32, 32), torch.tensor([0, 4])).shape == (2, 5, 3)
+    loc = build_localizer(cfg, n_targets=10)
+    assert loc.spec["kwargs"]["backbone_kwargs"] == cfg.localizer.backbone_kwargs
+    assert loc(torch.rand(1, 4, 32, 32))["heatmaps"].shape == (1, 10, 4, 8, 8)
+
+
+@pytest.mark.skipif(
+    os.environ.get("HF_HUB_OFFLINE", "1").lower() not in ("1", "true", "yes", "on"),
+    reason="the offline fallback is tested only with HF_HUB_OFFLINE=1",
+)
+def test_offline_pretrained_falls_back_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(weights, "_WARNED_PRETRAINED", set())
+    caplog.set_level(logging.WARNING, logger="spinegrade.weights")
+    # An empty hub cache: the weights cannot be found offline.
+    for _ in range(2):
+        model = tiny_grader(pretrained=True, backbone_kwargs={"cache_dir": str(tmp_path)})
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 3)
+    warnings = [r for r in caplog.records if "No ImageNet weights" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "random initialisation" in warnings[0].getMessage()
+    assert "pretrained_path" in warnings[0].getMessage()
+
+
+def test_pretrained_path_loads_local_imagenet_style_weights(tmp_path: Path) -> None:
+    # A 3-channel classifier checkpoint, as timm publishes them.
+    source = timm.create_model(TINY, pretrained=False, num_classes=1000)
+    file = tmp_path / "tiny_in1k.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(file))
+    backbone = create_backbone(TINY, in_chans=1, pretrained=True, pretrained_path=file)
+    state = backbone.state_dict()
+    # timm folds the RGB stem into one grey channel by summing the colour filters.
+    stem = source.state_dict()["conv_stem.weight"]
+    assert torch.allclose(state["conv_stem.weight"], stem.sum(1, keepdim=True))
+    shared = [k for k in state if k in source.state_dict() and k != "conv_stem.weight"]
+    assert len(shared) > 20
+    assert all(torch.equal(state[k], source.state_dict()[k]) for k in shared)
+    with pytest.raises(WeightsError, match="does not exist"):
+        create_backbone(TINY, pretrained=True, pretrained_path=tmp_path / "missing.safetensors")
+
+
+def test_unknown_backbone_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown timm backbone"):
+        create_backbone("efficientnet_b99")
+
+
+def test_parameter_groups_optimizer_and_schedule() -> None:
+    cfg = load_config(
+        "quick",
+        ["optim.backbone_lr_scale=0.1", "optim.warmup_frac=0.1", "train.lr=0.01", "crops.slices=3"],
+    )
+    model = build_grader(cfg)
+    groups = parameter_groups(model, 0.01, 0.05, 0.1)
+    # Every trainable parameter lands in exactly one group.
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(model.cls_token)]["weight_decay"] == 0.0
+    assert by_id[id(model.level_embed.weight)]["weight_decay"] == 0.0
+    assert by_id[id(model.head[-1].weight)]["weight_decay"] == 0.05
+    stem = model.encoder.conv_stem.weight
+    assert by_id[id(stem)]["lr"] == pytest.approx(0.001) and by_id[id(stem)]["weight_decay"] == 0.05
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=100)
+    head_group = next(
+        g for g in opt.param_groups if any(p is model.head[-1].weight for p in g["params"])
+    )
+    seen = []
+    for _ in range(100):
+        seen.append(head_group["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(0.001)  # warm-up: 1/10 of the way
+    assert max(seen) == pytest.approx(0.01)
+    assert seen[-1] < 0.001  # cosine decay towards 0
+    with pytest.raises(ValueError, match=r"optim\.name"):
+        build_optimizer(model, load_config("quick", ["optim.name=lamb"]))
