@@ -19,7 +19,9 @@ class Stack:
     """
 
     pixels: np.ndarray  # float32, (D, H, W), RescaleSlope/Intercept applied, MONOCHROME1 inverted
-    positions: np.ndarray  # float64, (D, 3): ImagePositionPatient of every slice (centre of pixel 0,0)
+    positions: (
+        np.ndarray
+    )  # float64, (D, 3): ImagePositionPatient of every slice (centre of pixel 0,0)
     row_dir: np.ndarray  # float64, (3,)
     col_dir: np.ndarray  # float64, (3,)
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing) in mm, i.e. (dy, dx)
