@@ -98,25 +98,248 @@ def folds(
 
 
 @app.command("inspect")
+@cli_errors
 def inspect_cmd(
     path: Path = typer.Argument(..., help="A series folder of DICOM files, or a study folder"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
     """Show what the DICOM reader sees: stacks, orientation, slices, spacing, skipped files."""
     from spinegrade.io.describe import inspect_path, print_inspection
-    from spinegrade.io.dicom import DicomReadError
 
-    try:
-        report = inspect_path(path)
-    except DicomReadError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    report = inspect_path(path)
     if as_json:
         typer.echo(json.dumps(report))
     else:
         print_inspection(report)
     if not any("stacks" in s for s in report["series"]):
-        raise typer.Exit(1)  # nothing readable: let scripts notice
+        raise typer.Exit(2)  # nothing readable (each error is in the report): let scripts notice
+
+
+@app.command()
+@cli_errors
+def preprocess(
+    data_dir: Path = typer.Argument(
+        ..., help="RSNA data folder: {split}_images/ and {split}_series_descriptions.csv"
+    ),
+    cache: Path = typer.Option(..., "--cache", help="Cache folder (index.csv + volumes)"),
+    split: str = typer.Option("train", "--split", help="train | test"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes; 1 runs inline"),
+    size: int = typer.Option(256, "--size", min=8, help="In-plane grid, size x size pixels"),
+    limit: int = typer.Option(0, "--limit", min=0, help="Only the first N studies (0 = all)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
+) -> None:
+    """Cache every series once (rescaled uint8 volumes + geometry + index); resumable."""
+    from spinegrade.preprocess import preprocess_dataset, print_summary
+
+    summary = preprocess_dataset(
+        data_dir, cache, split=split, workers=workers, size=size, limit=limit or None,
+        progress=progress,
+    )  # fmt: skip
+    print_summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _passive_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (must run before torch is imported).
+
+    With spinning threads (the default), torch on a 2-core machine shared with other work ran the
+    fold ensemble 17x slower (28.7 vs 1.7 s a study; BENCHMARKS.md); an explicit setting wins.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@app.command()
+@cli_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `spinegrade train`"),
+    input_dir: Path = typer.Argument(
+        ...,
+        help="RSNA test layout (test_images/ + test_series_descriptions.csv) or any folder "
+        "of DICOM studies",
+    ),
+    out: Path = typer.Option(Path("submission.csv"), "--out", help="Submission CSV to write"),
+    report: Path | None = typer.Option(
+        None, "--report", help="Also write per-study figures, grades.json and index.html here"
+    ),
+    folds: list[str] | None = typer.Option(
+        None, "--folds", help="Ensemble only these folds: --folds 0,1,2 (default: all)"
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Work folder (default: .spinegrade_cache/ beside --out)"
+    ),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Preprocessing processes"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars"),
+) -> None:
+    """Predict new studies with a run's fold ensemble: submission.csv (+ reports)."""
+    _passive_openmp()
+    from spinegrade.predict import parse_folds
+    from spinegrade.predict import predict as run_predict
+
+    result = run_predict(
+        run_dir, input_dir, out, report_dir=report, folds=parse_folds(folds), cache_dir=cache,
+        device=device, workers=workers, progress=progress,
+    )  # fmt: skip
+    n_warn = sum(bool(w) for w in result.warnings.values())
+    n = max(len(result.per_study_s), 1)
+    per, graded = 1000 * sum(result.per_study_s) / n, sum(result.graded_per_study) / n
+    typer.echo(
+        f"{len(result.study_ids)} studies ({result.input_kind} input), folds {result.folds} on "
+        f"{result.device}: {per:.0f} ms/study, {graded:.1f} of 25 targets graded a study; "
+        f"{n_warn} studies with warnings"
+    )
+    typer.echo(f"submission: {result.submission_path}")
+    if result.index_html is not None:
+        typer.echo(f"report:     {result.index_html}")
+
+
+def _split_folds_overrides(
+    folds: list[str] | None, extra: list[str] | None
+) -> tuple[list[int] | None, list[str]]:
+    """``--folds 0 1 2 key=value``: bare integers after --folds are folds, the rest overrides."""
+    overrides, wanted = [], []
+    for item in [*(folds or []), *(extra or [])]:
+        parts = [p for p in item.split(",") if p]
+        if "=" not in item and parts and all(p.strip().lstrip("-").isdigit() for p in parts):
+            wanted += [int(p) for p in parts]
+        elif "=" in item:
+            overrides.append(item)
+        else:
+            raise ValueError(f"{item!r} is neither a fold number nor a key=value override")
+    if wanted and not folds:
+        raise ValueError(f"fold numbers {wanted} need --folds before them (e.g. --folds 0 1)")
+    return (wanted or None), overrides
+
+
+def _echo_cv(cv: dict) -> None:
+    terms = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
+    typer.echo(f"{'':<16}" + "".join(f"{t[:12]:>13}" for t in terms))
+    rows = [("OOF (model)", cv["oof"]), *cv["baselines"].items()]
+    if cv.get("bayes_limit"):
+        rows.append(("Bayes limit", cv["bayes_limit"]))
+    for name, res in rows:
+        typer.echo(f"{name:<16}" + "".join(f"{res[t]:>13.4f}" for t in terms))
+    for group, e in cv["localizer"].items():
+        typer.echo(
+            f"localizer {group:<13} median {e['median_mm']:.1f} mm, p90 {e['p90_mm']:.1f} mm, "
+            f"right slice {100 * e['slice_acc']:.0f}% (n={e['n']})"
+        )
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+@cli_errors
+def train(
+    data_dir: Path = typer.Argument(..., help="RSNA data folder (train.csv, CSVs; synthetic ok)"),
+    overrides: list[str] | None = typer.Argument(
+        None, help="key=value config overrides, e.g. train.epochs=3 crops.size=48"
+    ),
+    cache: Path = typer.Option(..., "--cache", help="Cache folder written by `preprocess`"),
+    out: Path = typer.Option(..., "--out", help="Run folder (created; resumed if it exists)"),
+    config: str = typer.Option("quick", "--config", help="quick | default | FILE.yaml"),
+    folds: list[str] | None = typer.Option(
+        None, "--folds", help="Train only these folds: --folds 0 1 (default: all), then merge"
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars"),
+) -> None:
+    """Cross-validate: train every fold (localiser + graders), write OOF predictions and cv.json."""
+    import os
+
+    from spinegrade.config import load_config
+    from spinegrade.cv import cross_validate
+
+    wanted, overrides = _split_folds_overrides(folds, overrides)
+    cfg = load_config(config, overrides)
+    cv = cross_validate(data_dir, cache, out, cfg, folds_to_run=wanted, progress=progress)
+    if cv is None:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+            typer.echo(f"folds {wanted} done in {out}; run `spinegrade merge {out}` when all exist")
+        return
+    _echo_cv(cv)
+    typer.echo(f"run folder: {out} (cv.json, oof.csv)")
+
+
+@app.command()
+@cli_errors
+def merge(
+    run_dir: Path = typer.Argument(..., help="Run folder whose folds were trained separately"),
+    data: Path | None = typer.Option(None, "--data", help="Data folder (default: the run's)"),
+) -> None:
+    """Merge a run's folds: oof.csv, localizer_errors.csv and cv.json."""
+    from spinegrade.cv import merge_run
+
+    _echo_cv(merge_run(run_dir, data))
+
+
+@app.command()
+@cli_errors
+def demo(
+    out: Path = typer.Option(Path("demo_run"), "--out", help="Demo folder (resumed if it exists)"),
+    studies: int = typer.Option(100, "--studies", min=4, help="Synthetic training studies"),
+    test_studies: int = typer.Option(20, "--test-studies", min=1, help="Held-out test studies"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data"),
+    config: str = typer.Option("quick", "--config", help="quick | default | FILE.yaml"),
+    overrides: list[str] | None = typer.Option(
+        None, "--set", help="Config override key=value (repeat), e.g. --set train.epochs=2"
+    ),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes (0 = all usable cores)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars"),
+) -> None:
+    """Synthesise, preprocess, train 5 folds, predict held-out studies, score and report."""
+    _passive_openmp()
+    from rich.console import Console
+
+    from spinegrade.demo import print_summary, run_demo
+
+    console = Console()
+    result = run_demo(
+        out, studies, test_studies, seed, config, overrides or [], workers or None, progress,
+        echo=lambda text: console.print(text, style="bold cyan", highlight=False),
+    )  # fmt: skip
+    print_summary(result, console)
+
+
+@app.command()
+@cli_errors
+def synth(
+    out_dir: Path | None = typer.Argument(None, help="Output folder (RSNA layout + truth/)"),
+    studies: int = typer.Option(100, "--studies", min=0, help="Training studies"),
+    test_studies: int = typer.Option(20, "--test-studies", min=0, help="Test studies"),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes"),
+    quirks: bool = typer.Option(
+        False, "--quirks", help="Real-data oddities: extra/missing series, empty cells, offsets"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier phantom set"),
+    preview: Path | None = typer.Option(None, "--preview", help="Also write PNG previews here"),
+) -> None:
+    """Generate phantom lumbar MRI studies with known truth (and/or PNG previews)."""
+    from rich.progress import Progress
+
+    from spinegrade.data.phantom_preview import render_preview
+    from spinegrade.data.synthetic import generate_dataset
+
+    if out_dir is None and preview is None:
+        raise ValueError("give an output folder (OUT_DIR) and/or --preview DIR")
+    if preview is not None:
+        for path in render_preview(preview, seed=seed):
+            typer.echo(f"preview: {path}")
+    if out_dir is None:
+        return
+    with Progress(transient=True) as bar:
+        task = bar.add_task("phantom studies", total=studies + test_studies)
+        try:
+            meta = generate_dataset(
+                out_dir, studies, test_studies, seed=seed, workers=workers, quirks=quirks,
+                overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done),
+            )  # fmt: skip
+        except FileExistsError as exc:  # an existing dataset: one line, not a traceback
+            raise ValueError(str(exc)) from exc
+    typer.echo(
+        f"wrote {meta['n_train']} training + {meta['n_test']} test studies "
+        f"({meta['files']} DICOM files) to {out_dir}; truth in {Path(out_dir) / 'truth'}"
+    )
 
 
 if __name__ == "__main__":

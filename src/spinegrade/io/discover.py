@@ -113,7 +113,8 @@ class Discovery:
     root: Path
     series: list[DiscoveredSeries]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # guesses and missing series types
+    guesses: list[str] = field(default_factory=list)  # only the guessed series types
 
     @property
     def study_ids(self) -> list[int]:
@@ -463,7 +464,9 @@ def discover_studies(root: Path | str) -> Discovery:
         typed = [_type_series(study_id, sid, hs) for sid, hs in members]
         _resolve_sagittals(typed, dict(members))
         out.series.extend(typed)
-        out.warnings.extend(_study_warnings(study_id, typed))
+        guesses = _guess_warnings(study_id, typed)
+        out.guesses.extend(guesses)
+        out.warnings.extend(guesses + _missing_warning(study_id, typed))
     for w in out.warnings:
         log.warning(w)
     return out
@@ -482,20 +485,24 @@ def _check_unique_ids(groups: dict[tuple[str, str], list[_Header]]) -> None:
                 )
 
 
-def _study_warnings(study_id: int, series: list[DiscoveredSeries]) -> list[str]:
-    """Human-readable warnings for guessed types and for series types a study lacks."""
-    out = [
+def _guess_warnings(study_id: int, series: list[DiscoveredSeries]) -> list[str]:
+    """One warning per series whose type is a guess."""
+    return [
         f"study {study_id}: series {s.series_id} ({s.header_description or 'no description'}) "
         f"taken as {s.series_description} from {s.type_source} -- a guess"
         + (f" ({s.note})" if s.note else "")
         for s in series
         if s.guessed and s.series_description
     ]
+
+
+def _missing_warning(study_id: int, series: list[DiscoveredSeries]) -> list[str]:
+    """A warning when the study lacks one of the three series types."""
     have = {s.series_description for s in series}
     missing = [t for t in (SAG_T1, SAG_T2, AX_T2) if t not in have]
-    if missing:
-        out.append(
-            f"study {study_id}: no {', '.join(missing)} series found; its grades will fall back "
-            "to the training prior where no other view sees them"
-        )
-    return out
+    if not missing:
+        return []
+    return [
+        f"study {study_id}: no {', '.join(missing)} series found; its grades will fall back "
+        "to the training prior where no other view sees them"
+    ]

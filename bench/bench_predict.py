@@ -1,0 +1,110 @@
+"""Prediction latency per study (fold ensemble) and peak memory, on a trained run folder.
+
+Runs ``spinegrade.predict.predict`` on an input (RSNA test layout or raw DICOM folder) three ways
+and reports, per study: preprocessing (DICOM -> cache), the model (every fold's localiser and
+graders), and the report (figure with saliency, grades.json). Peak resident memory is that of this
+process (the models and one study at a time) and of the preprocessing workers, if any.
+
+    .venv/bin/python bench/bench_predict.py [RUN_DIR] [INPUT] [--threads 2] [--no-report]
+
+Defaults: ``demo_run/run`` and ``demo_run/data`` (what ``make demo`` leaves behind). The work
+folder is a fresh temporary one, so preprocessing is measured cold. Prints figures; never fails on
+time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_mib(who: int) -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def _grader_full_coverage(run_dir: Path, folds: list[int], device: str, repeats: int = 3) -> float:
+    """Seconds to grade 25 crops (one study, every target located) with every fold's graders.
+
+    A weakly trained localiser can put points outside the series, and then fewer crops are graded;
+    this times the full load so the latency above can be read as a lower or upper bound.
+    """
+    from spinegrade.constants import LABEL_COLUMNS
+    from spinegrade.cv import fold_dir, grade_crops, load_fold_models
+
+    models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in folds]
+    c = models[0].crops
+    rng = np.random.default_rng(0)
+    crops = {col: rng.standard_normal((c.slices, c.size, c.size), dtype=np.float32)
+             for col in LABEL_COLUMNS}  # fmt: skip
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for m in models:
+            grade_crops(m.graders, crops)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", nargs="?", default="demo_run/run", type=Path)
+    parser.add_argument("input", nargs="?", default="demo_run/data", type=Path)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-report", action="store_true", help="skip figures (model only)")
+    args = parser.parse_args(argv)
+    # As the CLI does: idle OpenMP threads sleep (set OMP_WAIT_POLICY=ACTIVE to see the spinning).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    from spinegrade.predict import predict
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        result = predict(
+            args.run_dir,
+            args.input,
+            work / "submission.csv",
+            report_dir=None if args.no_report else work / "report",
+            cache_dir=work / "work",
+            device=args.device,
+            progress=False,
+        )
+        wall = time.perf_counter() - t0
+    n = len(result.study_ids)
+    per = np.asarray(result.per_study_s)
+    t = result.timings
+    print(f"run {args.run_dir} ({len(result.folds)} folds: {result.folds}), device {result.device}")
+    print(f"input {args.input}: {n} studies ({result.input_kind}), torch threads {args.threads}")
+    print(f"load models            {t['load_models_s']:8.2f} s")
+    print(f"preprocess             {t['preprocess_s'] / n * 1000:8.0f} ms/study")
+    print(
+        f"model (ensemble)       {np.median(per) * 1000:8.0f} ms/study median, "
+        f"p90 {np.percentile(per, 90) * 1000:.0f} ms"
+    )
+    print(f"  targets graded         {np.mean(result.graded_per_study):8.1f} of 25 a study")
+    full = _grader_full_coverage(args.run_dir, result.folds, result.device)
+    print(f"  grading all 25 crops   {full * 1000:8.0f} ms/study (every fold; upper bound)")
+    cpu = np.asarray(result.per_study_cpu_s)
+    print(f"  CPU time (all threads) {np.median(cpu) * 1000:8.0f} ms/study median")
+    rest = t["predict_and_report_s"] - sum(per)
+    if not args.no_report:
+        print(f"report (fig+saliency)  {rest / n * 1000:8.0f} ms/study")
+    print(f"total                  {wall:8.1f} s ({wall / n:.2f} s/study end to end)")
+    print(f"peak RSS: this process {_peak_mib(resource.RUSAGE_SELF):.0f} MiB, "
+          f"workers {_peak_mib(resource.RUSAGE_CHILDREN):.0f} MiB")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Studies in memory, and the stage-2 training dataset (crops around true points, jittered).
+
+A study's series are chosen once: per sagittal description the first series of the cache index
+(its largest stack), and every stack of every axial series (the projection picks the stack that
+passes through a level, so a second axial series covering the upper discs is used, not wasted).
+All chosen stacks are preloaded: crops are cut on the fly (about 0.5 ms each), so every epoch sees
+fresh shifts, slice offsets, zooms and rotations without storing augmented copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spinegrade.cache import CachedStack, load_stack, read_index
+from spinegrade.config import CropConfig
+from spinegrade.constants import (
+    CONDITION_GROUP,
+    CONDITIONS,
+    LABEL_COLUMNS,
+    LEVELS,
+    SERIES_DESCRIPTIONS,
+)
+from spinegrade.crops import AXIAL, StudyPoints, make_crops, true_points
+from spinegrade.localize import LocalizerSample
+from spinegrade.train import EpochDataset
+
+log = logging.getLogger(__name__)
+
+# Conditions graded by each stage-2 model (left and right share one model: crops are mirrored).
+GROUP_CONDITIONS: dict[str, tuple[str, ...]] = {
+    g: tuple(c for c in CONDITIONS if CONDITION_GROUP[c] == g)
+    for g in ("spinal", "foraminal", "subarticular")
+}
+
+
+def condition_columns(condition: str) -> list[str]:
+    """The five label columns of a condition, L1/L2 -> L5/S1."""
+    return [f"{condition}_{lv}" for lv in LEVELS]
+
+
+@dataclass
+class StudyData:
+    """One training study: chosen stacks, true points (patient space) and labels."""
+
+    study_id: int
+    stacks: dict[str, list[CachedStack]]
+    points: StudyPoints
+    labels: np.ndarray  # int64 (25,): 0/1/2, -1 where the cell is empty
+
+
+def select_stacks(stacks: Sequence[CachedStack]) -> dict[str, list[CachedStack]]:
+    """Description -> stacks to use, first = the one to read (see module doc)."""
+    out: dict[str, list[CachedStack]] = {}
+    for desc in SERIES_DESCRIPTIONS:
+        of_desc = [s for s in stacks if s.description == desc]
+        if not of_desc:
+            continue
+        if desc == AXIAL:
+            out[desc] = of_desc
+            continue
+        first = of_desc[0].series_id
+        series = [s for s in of_desc if s.series_id == first]
+        out[desc] = sorted(series, key=lambda s: -s.volume.shape[0])
+    return out
+
+
+def load_studies(
+    cache_dir: str | Path,
+    study_ids: Sequence[int],
+    labels: pd.DataFrame | None = None,
+    coordinates: pd.DataFrame | None = None,
+    split: str = "train",
+    progress: bool = True,
+) -> dict[int, StudyData]:
+    """Load the chosen stacks (and, for training, true points and labels) of ``study_ids``.
+
+    ``coordinates`` are the rows of :func:`spinegrade.data.rsna.normalize_coordinates`. Studies
+    with no usable cached stack are still returned (empty ``stacks``): they get prior predictions.
+    """
+    from spinegrade.data.rsna import label_matrix
+
+    cache_dir = Path(cache_dir)
+    index = read_index(cache_dir)
+    index = index[(index["split"] == split) & (index["status"] == "ok")]
+    paths = index.groupby("study_id")["path"].apply(list).to_dict()
+    codes = {}
+    if labels is not None:
+        codes = dict(zip(labels["study_id"].astype(int), label_matrix(labels), strict=True))
+    by_study = dict(iter(coordinates.groupby("study_id"))) if coordinates is not None else {}
+    out: dict[int, StudyData] = {}
+    for sid in _progress(study_ids, "loading studies", progress):
+        sid = int(sid)
+        all_stacks = [load_stack(cache_dir / p) for p in paths.get(sid, [])]
+        coords = by_study.get(sid)
+        pts = true_points(coords, all_stacks) if coords is not None else StudyPoints()
+        lab = codes.get(sid, np.full(len(LABEL_COLUMNS), -1, dtype=np.int64))
+        out[sid] = StudyData(sid, select_stacks(all_stacks), pts, np.asarray(lab, dtype=np.int64))
+    missing = [s for s, d in out.items() if not d.stacks]
+    if missing:
+        log.warning(
+            "%d studies have no cached stack (e.g. %s): they get prior predictions; check "
+            "index.csv (status/reason) in %s",
+            len(missing),
+            missing[:5],
+            cache_dir,
+        )
+    return out
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------ stage-2 training data
+
+
+class GraderDataset(EpochDataset):
+    """One item = the five level crops of one (study, condition) of a stage-2 group.
+
+    Whole studies per item make the any-severe-spinal term of the loss exact (it is a maximum
+    over a study's five levels). Crops are centred on ``points`` (true points, with missing
+    recesses derived from the canal) and jittered when ``augment``; cells whose point cannot be
+    cut are labelled -1 (ignored).
+    """
+
+    def __init__(
+        self,
+        studies: Sequence[StudyData],
+        points: Mapping[int, StudyPoints],
+        group: str,
+        cfg: CropConfig,
+        augment: bool,
+        seed: int = 0,
+    ) -> None:
+        self.studies, self.points, self.group, self.cfg = list(studies), points, group, cfg
+        self.augment, self.seed = augment, seed
+        self.items: list[tuple[int, str]] = []
+        for i, study in enumerate(self.studies):
+            for condition in GROUP_CONDITIONS[group]:
+                cols = [LABEL_COLUMNS.index(c) for c in condition_columns(condition)]
+                if (study.labels[cols] >= 0).any() and study.stacks:
+                    self.items.append((i, condition))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s_idx, condition = self.items[i]
+        study = self.studies[s_idx]
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
+        columns = condition_columns(condition)
+        crops = make_crops(study.stacks, self.points[study.study_id], self.cfg, columns, rng)
+        x = np.zeros((len(LEVELS), self.cfg.slices, self.cfg.size, self.cfg.size), np.float32)
+        labels = study.labels[[LABEL_COLUMNS.index(c) for c in columns]].copy()
+        for j, col in enumerate(columns):
+            if col in crops:
+                x[j] = crops[col]
+            else:
+                labels[j] = -1
+        if rng is not None and self.group == "spinal" and self.cfg.flip_lr and rng.random() < 0.5:
+            # The canal is left/right symmetric: reversing the slice order is a mirror image.
+            x = np.ascontiguousarray(x[:, ::-1])
+        return {"x": x, "labels": labels, "study": np.full(len(LEVELS), study.study_id)}
+
+
+def collate_levels(batch: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Flatten (item, level) into rows; rows with no label (no crop) are dropped."""
+    x = np.concatenate([b["x"] for b in batch])
+    labels = np.concatenate([b["labels"] for b in batch])
+    study = np.concatenate([b["study"] for b in batch])
+    level = np.tile(np.arange(len(LEVELS)), len(batch))
+    keep = labels >= 0
+    if not keep.any():  # keep one row so the batch is well-formed; its label stays ignored
+        keep[0] = True
+    return {
+        "x": torch.from_numpy(x[keep]),
+        "labels": torch.from_numpy(labels[keep]).long(),
+        "level": torch.from_numpy(level[keep]).long(),
+        "study": torch.from_numpy(study[keep]).long(),
+    }
+
+
+# ------------------------------------------------------------------------ stage-1 training data
+
+
+class LocalizerDataset(EpochDataset):
+    """Sagittal stacks seen whole or zoomed (as the two looks of prediction), intensity-jittered.
+
+    A zoomed view is centred near the targets' centroid with a random offset of up to
+    ``shift_frac`` of the window and a +-15 % scale change, so the second look of prediction,
+    centred on the first look's estimate, sees what training showed it.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[LocalizerSample],
+        augment: bool,
+        zoom: float = 0.0,
+        zoom_prob: float = 0.5,
+        shift_frac: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        self.samples, self.augment, self.seed = list(samples), augment, seed
+        self.zoom, self.zoom_prob, self.shift_frac = zoom, zoom_prob, shift_frac
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s = self.samples[i]
+        if not self.augment:
+            return s.view(s.frame)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        frame = s.frame
+        if 0 < self.zoom < 1 and rng.random() < self.zoom_prob:
+            frac = self.zoom * rng.uniform(0.85, 1.15)
+            h, w = frame.inplane_hw()
+            cy, cx = s.zyx[s.valid, 1].mean(), s.zyx[s.valid, 2].mean()
+            cy += rng.uniform(-1, 1) * self.shift_frac * frac * h
+            cx += rng.uniform(-1, 1) * self.shift_frac * frac * w
+            frame = frame.zoomed(cy, cx, frac)
+        item = s.view(frame)
+        vol = np.clip(item["volume"] * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1), 0, 1)
+        item["volume"] = (vol ** rng.uniform(0.8, 1.25)).astype(np.float32)
+        return item
+
+
+def collate_stacks(batch: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Pad stacks at the end of the slice axis; ``mask`` marks real slices."""
+    depth = max(b["volume"].shape[0] for b in batch)
+    size = batch[0]["volume"].shape[-1]
+    vol = torch.zeros(len(batch), depth, size, size)
+    mask = torch.zeros(len(batch), depth, dtype=torch.bool)
+    for i, b in enumerate(batch):
+        d = b["volume"].shape[0]
+        vol[i, :d] = torch.from_numpy(b["volume"])
+        mask[i, :d] = True
+    out = {"volume": vol, "mask": mask}
+    for key in ("xy", "z", "valid"):
+        out[key] = torch.from_numpy(np.stack([b[key] for b in batch]))
+    return out

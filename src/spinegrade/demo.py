@@ -1,0 +1,281 @@
+"""The one-command demo: synthetic data -> cache -> 5-fold CV -> held-out prediction -> reports.
+
+``spinegrade demo --out DIR`` (and ``make demo``) runs every stage of the package on the phantom
+dataset, whose true label probabilities are known, and ends with the scores that matter side by
+side: the out-of-fold score, the constant baselines, the Bayes limit (the best any model can do
+given the readers' noise), and the same on held-out test studies the training never saw.
+
+Layout of ``DIR``::
+
+    data/            synthetic RSNA layout (+ truth/: test labels and true probabilities)
+    cache/           preprocessed volumes, train and test splits
+    run/             the training run (config.yaml, folds.csv, fold_K/, oof.csv, cv.json)
+    submission.csv   held-out test predictions (competition format)
+    report/          index.html + one folder per test study
+    demo.json        every number printed at the end, and the time each stage took
+
+Every stage resumes: the data is generated once, preprocess skips cached studies, training skips
+finished folds and resumes an interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+TERMS: tuple[str, ...] = ("spinal", "foraminal", "subarticular", "any_severe_spinal")
+STAGES: tuple[str, ...] = ("synthesise", "preprocess", "train", "predict", "score")
+
+
+@dataclass
+class DemoResult:
+    """The demo's numbers and where its outputs are."""
+
+    out_dir: Path
+    cv: dict
+    test: dict[str, dict[str, float]]
+    train_truth: dict[str, dict[str, float]]  # true_probs, bayes_limit on the training labels
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    per_study_ms: float = 0.0
+    n_train: int = 0
+    n_test: int = 0
+
+    @property
+    def index_html(self) -> Path:
+        return self.out_dir / "report" / "index.html"
+
+    @property
+    def submission(self) -> Path:
+        return self.out_dir / "submission.csv"
+
+
+def default_workers() -> int:
+    """Processes for preprocessing: the cores this process may use (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _synthesise(
+    data: Path, n_studies: int, n_test: int, seed: int, workers: int, progress: bool
+) -> bool:
+    """Generate the phantom dataset unless a complete one is there; True if it was generated.
+
+    ``truth/phantom.json`` is written last by the generator, so its presence (with the asked-for
+    sizes and seed) marks a complete dataset; anything else is regenerated from scratch.
+    """
+    from tqdm.auto import tqdm
+
+    from spinegrade.data.synthetic import generate_dataset
+
+    meta_path = data / "truth" / "phantom.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("n_train"), meta.get("n_test"), meta.get("seed")) == (n_studies, n_test, seed):
+            return False
+        raise ValueError(
+            f"{data} holds a synthetic dataset of {meta.get('n_train')} + {meta.get('n_test')} "
+            f"studies (seed {meta.get('seed')}), not {n_studies} + {n_test} (seed {seed}); use "
+            "another --out folder or the same sizes to resume"
+        )
+    bar = tqdm(total=n_studies + n_test, desc="synthesising", unit="study", disable=not progress)
+
+    def tick(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        generate_dataset(
+            data, n_train=n_studies, n_test=n_test, seed=seed, workers=workers, overwrite=True,
+            progress=tick,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    return True
+
+
+def truth_scores(labels: pd.DataFrame, true_probs_csv: Path) -> dict[str, dict[str, float]]:
+    """Scores of the phantom's truth on ``labels``: the true probabilities and the Bayes limit.
+
+    The metric weights rows 1/2/4 by their true class, so the submission with the lowest expected
+    score is the true probabilities reweighted the same way: that is the Bayes limit.
+    """
+    from spinegrade.constants import PROB_COLUMNS
+    from spinegrade.data.phantom_labels import weighted_optimal
+    from spinegrade.metrics import score_frames
+
+    if not true_probs_csv.is_file():
+        return {}
+    probs = pd.read_csv(true_probs_csv)
+    best = probs.copy()
+    best[list(PROB_COLUMNS)] = weighted_optimal(probs[list(PROB_COLUMNS)].to_numpy())
+    return {
+        "true_probs": score_frames(labels, probs, strict=False),
+        "bayes_limit": score_frames(labels, best, strict=False),
+    }
+
+
+def score_test(data: Path, submission: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Held-out scores: the model, the constants learned on train, and the truth (Bayes limit)."""
+    from spinegrade.constants import LABEL_COLUMNS
+    from spinegrade.data.rsna import load_train
+    from spinegrade.metrics import (
+        best_constant_submission,
+        prior_submission,
+        score_frames,
+        uniform_submission,
+    )
+
+    truth = pd.read_csv(
+        data / "truth" / "test_labels.csv", dtype={c: "string" for c in LABEL_COLUMNS}
+    )
+    train = load_train(data / "train.csv")
+    ids = truth["study_id"].astype(int).tolist()
+    out = {
+        "model": score_frames(truth, submission, strict=False),
+        "uniform": score_frames(truth, uniform_submission(ids)),
+        "prior": score_frames(truth, prior_submission(train, ids)),
+        "best_constant": score_frames(truth, best_constant_submission(train, ids)),
+    }
+    out |= truth_scores(truth, data / "truth" / "test_true_probs.csv")
+    return out
+
+
+def run_demo(
+    out_dir: Path | str = "demo_run",
+    n_studies: int = 100,
+    n_test: int = 20,
+    seed: int = 0,
+    config: str = "quick",
+    overrides: list[str] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run (or resume) every stage of the demo in ``out_dir``; returns its numbers."""
+    from spinegrade.config import load_config
+    from spinegrade.cv import cross_validate, merge_run
+    from spinegrade.predict import predict
+    from spinegrade.preprocess import preprocess_dataset
+
+    out = Path(out_dir)
+    data, cache, run = out / "data", out / "cache", out / "run"
+    workers = workers or default_workers()
+    cfg = load_config(config, list(overrides or []))  # fail on a bad override before any work
+    times: dict[str, float] = {}
+
+    def stage(k: int, text: str) -> float:
+        echo(f"[{k}/{len(STAGES)}] {text}")
+        return time.perf_counter()
+
+    t = stage(1, f"synthetic data: {n_studies} training + {n_test} held-out studies -> {data}")
+    made = _synthesise(data, n_studies, n_test, seed, workers, progress)
+    times["synthesise_s"] = time.perf_counter() - t
+    if not made:
+        echo("      already there, kept")
+    t = stage(2, f"preprocess: train and test splits -> {cache}")
+    for split in ("train", "test"):
+        summary = preprocess_dataset(
+            data, cache, split=split, workers=workers, size=cfg.data.cache_size, progress=progress
+        )
+        if summary.failures:
+            echo(f"      {split}: {len(summary.failures)} series could not be cached")
+    times["preprocess_s"] = time.perf_counter() - t
+    t = stage(3, f"train: '{config}' config, {cfg.data.n_folds}-fold CV -> {run}")
+    cv = cross_validate(data, cache, run, cfg, progress=progress) or merge_run(run)
+    times["train_s"] = time.perf_counter() - t
+    from spinegrade.data.rsna import load_train
+
+    train_truth = truth_scores(
+        load_train(data / "train.csv"), data / "truth" / "train_true_probs.csv"
+    )
+    t = stage(4, "predict the held-out studies with the fold ensemble, write the reports")
+    # The work folder is the demo folder, so predict reuses the test split already cached.
+    result = predict(
+        run, data, out / "submission.csv", report_dir=out / "report", cache_dir=out,
+        workers=workers, progress=progress,
+    )  # fmt: skip
+    times["predict_s"] = time.perf_counter() - t
+    t = stage(5, "score the held-out predictions against their truth")
+    test = score_test(data, result.submission)
+    times["score_s"] = time.perf_counter() - t
+    demo = DemoResult(
+        out,
+        cv,
+        test,
+        train_truth,
+        stage_seconds={k: round(v, 1) for k, v in times.items()},
+        per_study_ms=1000 * sum(result.per_study_s) / max(len(result.per_study_s), 1),
+        n_train=int(cv.get("n_studies", 0)),
+        n_test=len(result.study_ids),
+    )
+    _write_summary(demo)
+    return demo
+
+
+def _write_summary(demo: DemoResult) -> Path:
+    path = demo.out_dir / "demo.json"
+    payload = {
+        "n_train": demo.n_train,
+        "n_test": demo.n_test,
+        "oof": demo.cv.get("oof"),
+        "oof_baselines": demo.cv.get("baselines"),
+        "oof_truth": demo.train_truth,
+        "test": demo.test,
+        "stage_seconds": demo.stage_seconds,
+        "predict_ms_per_study": round(demo.per_study_ms, 1),
+    }
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def summary_rows(demo: DemoResult) -> list[tuple[str, str, dict | None]]:
+    """(set, what, metric dict) rows of the final table, best-known references included."""
+    cv, base = demo.cv, demo.cv.get("baselines", {})
+    rows: list[tuple[str, str, dict | None]] = [
+        ("train OOF", "model (5-fold out-of-fold)", cv.get("oof")),
+        ("train OOF", "uniform 1/3", base.get("uniform")),
+        ("train OOF", "class prior", base.get("prior")),
+        ("train OOF", "best constant", base.get("best_constant")),
+        ("train OOF", "true probabilities (truth)", demo.train_truth.get("true_probs")),
+        ("train OOF", "Bayes limit (truth x 1/2/4)", demo.train_truth.get("bayes_limit")),
+    ]
+    names = {"model": "model (fold ensemble)", "uniform": "uniform 1/3", "prior": "class prior"}
+    names |= {"best_constant": "best constant", "true_probs": "true probabilities (truth)"}
+    names |= {"bayes_limit": "Bayes limit (truth x 1/2/4)"}
+    rows += [("held-out test", names[k], demo.test.get(k)) for k in names if k in demo.test]
+    return rows
+
+
+def print_summary(demo: DemoResult, console=None) -> None:
+    """The closing rich table and the paths to open."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"spinegrade demo: {demo.n_train} training, {demo.n_test} held-out studies")
+    for name in ("set", "prediction", "score", *TERMS):
+        table.add_column(name, justify="left" if name in ("set", "prediction") else "right")
+    for split, what, m in summary_rows(demo):
+        if not m:
+            continue
+        style = "bold green" if what.startswith("model") else None
+        cells = [f"{m[k]:.3f}" for k in ("score", *TERMS)]
+        table.add_row(split, what, *cells, style=style)
+    console.print(table)
+    minutes = sum(demo.stage_seconds.values()) / 60
+    stages = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in demo.stage_seconds.items())
+    console.print(f"lower is better. wall time {minutes:.1f} min ({stages})")
+    console.print(f"prediction: {demo.per_study_ms:.0f} ms per study (fold ensemble)")
+    console.print(f"open the report:  {demo.index_html.resolve()}")
+    console.print(f"submission:       {demo.submission.resolve()}")
+    console.print(f"run folder:       {(demo.out_dir / 'run').resolve()} (cv.json, oof.csv)")

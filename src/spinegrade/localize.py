@@ -1,0 +1,504 @@
+"""Stage 1: where are the disc levels? 3D points per level from the sagittal series.
+
+* Sagittal T2/STIR -> the five disc-level points in the spinal canal (mid-sagittal slice).
+* Sagittal T1 -> the ten neural foramina (left and right, L1/L2..L5/S1).
+* Axial T2 -> no network: the recesses are the spinal point plus a per-level, per-side offset in
+  patient space (learned from the training fold), then projected into the nearest axial stack.
+  Axial series are often stacks angled per disc; patient space makes that transparent.
+
+Every sagittal stack is first put in a canonical frame (anterior left, head up, slices running
+towards the patient's left), so the network never has to learn a scanner's orientation
+conventions, and "left foramen" means "higher slice" in every input. Network outputs go back
+through the same frame to cached voxels and then to patient coordinates (LPS mm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spinegrade.cache import CachedStack, project_point
+from spinegrade.config import Config
+from spinegrade.constants import CONDITIONS, LEVELS
+from spinegrade.crops import AXIAL, StudyPoints
+
+SAG_T2, SAG_T1 = "Sagittal T2/STIR", "Sagittal T1"
+SPINAL, LEFT_FOR, RIGHT_FOR = CONDITIONS[0], CONDITIONS[1], CONDITIONS[2]
+LEFT_SUB, RIGHT_SUB = CONDITIONS[3], CONDITIONS[4]
+_LEFT, _POSTERIOR, _HEAD = np.eye(3)
+
+
+@dataclass(frozen=True)
+class LocalizerTask:
+    """One stage-1 network: which series it reads and which (condition, level) points it finds."""
+
+    name: str
+    description: str
+    targets: tuple[tuple[str, str], ...]
+
+
+LOCALIZER_TASKS: dict[str, LocalizerTask] = {
+    "spinal": LocalizerTask("spinal", SAG_T2, tuple((SPINAL, lv) for lv in LEVELS)),
+    "foraminal": LocalizerTask(
+        "foraminal", SAG_T1, tuple((c, lv) for c in (LEFT_FOR, RIGHT_FOR) for lv in LEVELS)
+    ),
+}
+
+
+# ------------------------------------------------------------------------------ canonical frame
+
+
+@dataclass(frozen=True)
+class SagittalFrame:
+    """Cached voxel <-> canonical network input (anterior left, head up, slices to the left).
+
+    The canonical volume is the cached one, optionally transposed in-plane and flipped per axis
+    ("full-resolution canonical" coordinates), cut to at most ``n_slices`` slices from ``z0``,
+    then the in-plane ``window`` (y0, x0, height, width in full-resolution canonical pixels; the
+    whole image by default, zero outside it) is resized to ``size`` x ``size``.
+    """
+
+    depth: int  # cached D
+    height: int  # cached H
+    width: int  # cached W
+    size: int
+    transpose: bool
+    flip_x: bool
+    flip_y: bool
+    flip_z: bool
+    z0: int
+    n_slices: int
+    window: tuple[int, int, int, int] | None = None
+
+    def inplane_hw(self) -> tuple[int, int]:
+        """(H, W) of the full-resolution canonical image."""
+        return (self.width, self.height) if self.transpose else (self.height, self.width)
+
+    def _window(self) -> tuple[int, int, int, int]:
+        return self.window or (0, 0, *self.inplane_hw())
+
+    def to_full(self, z, y, x):
+        """Cached voxel -> full-resolution canonical (z, y, x) (floats, vectorised)."""
+        z, y, x = (np.asarray(v, dtype=np.float64) for v in (z, y, x))
+        if self.transpose:
+            y, x = x, y
+        h, w = self.inplane_hw()
+        y = h - 1 - y if self.flip_y else y
+        x = w - 1 - x if self.flip_x else x
+        z = self.depth - 1 - z if self.flip_z else z
+        return z, y, x
+
+    def from_full(self, z, y, x):
+        """Inverse of :meth:`to_full`."""
+        z, y, x = (np.asarray(v, dtype=np.float64) for v in (z, y, x))
+        h, w = self.inplane_hw()
+        z = self.depth - 1 - z if self.flip_z else z
+        y = h - 1 - y if self.flip_y else y
+        x = w - 1 - x if self.flip_x else x
+        return (z, x, y) if self.transpose else (z, y, x)
+
+    def full_to_input(self, z, y, x):
+        """Full-resolution canonical -> network input (slice, pixel centre convention)."""
+        y0, x0, lh, lw = self._window()
+        return (
+            np.asarray(z) - self.z0,
+            (np.asarray(y) - y0 + 0.5) * self.size / lh - 0.5,
+            (np.asarray(x) - x0 + 0.5) * self.size / lw - 0.5,
+        )
+
+    def input_to_full(self, z, y, x):
+        """Network input -> full-resolution canonical."""
+        y0, x0, lh, lw = self._window()
+        return (
+            np.asarray(z, dtype=np.float64) + self.z0,
+            y0 + (np.asarray(y, dtype=np.float64) + 0.5) * lh / self.size - 0.5,
+            x0 + (np.asarray(x, dtype=np.float64) + 0.5) * lw / self.size - 0.5,
+        )
+
+    def to_canonical(self, z, y, x):
+        """Cached voxel -> network input (z, y, x)."""
+        return self.full_to_input(*self.to_full(z, y, x))
+
+    def to_cached(self, z, y, x):
+        """Network input (z, y, x) -> cached voxel (inverse of :meth:`to_canonical`)."""
+        return self.from_full(*self.input_to_full(z, y, x))
+
+    def zoomed(self, cy: float, cx: float, frac: float) -> SagittalFrame:
+        """The same frame looking at ``frac`` of the field of view centred on (cy, cx) (full res).
+
+        A second, zoomed look doubles the in-plane resolution of the network at the same cost:
+        the lumbar discs fill a small part of a sagittal field of view (~300 mm).
+        """
+        h, w = self.inplane_hw()
+        lh, lw = max(8, round(frac * h)), max(8, round(frac * w))
+        window = (round(cy - lh / 2), round(cx - lw / 2), lh, lw)
+        return dataclasses.replace(self, window=window)
+
+
+def sagittal_frame(stack: CachedStack, size: int, max_slices: int) -> SagittalFrame:
+    """The canonical frame of a sagittal stack (see :class:`SagittalFrame`)."""
+    d, h, w = stack.volume.shape
+    # Columns should run posterior, rows towards the feet; pick the in-plane axis for each.
+    transpose = abs(stack.row_dir @ _POSTERIOR) < abs(stack.col_dir @ _POSTERIOR)
+    col_axis, row_axis = (
+        (stack.col_dir, stack.row_dir) if transpose else (stack.row_dir, stack.col_dir)
+    )
+    n = min(d, max_slices)
+    return SagittalFrame(
+        depth=d, height=h, width=w, size=size, transpose=bool(transpose),
+        flip_x=bool(col_axis @ _POSTERIOR < 0), flip_y=bool(row_axis @ -_HEAD < 0),
+        flip_z=bool(stack.normal @ _LEFT < 0), z0=(d - n) // 2, n_slices=n,
+    )  # fmt: skip
+
+
+def canonical_volume(stack: CachedStack, frame: SagittalFrame) -> np.ndarray:
+    """The network input of a stack: float32 (n_slices, size, size) in [0, 1]."""
+    v = stack.volume.transpose(0, 2, 1) if frame.transpose else stack.volume
+    if frame.flip_z:
+        v = v[::-1]
+    if frame.flip_y:
+        v = v[:, ::-1]
+    if frame.flip_x:
+        v = v[:, :, ::-1]
+    v = v[frame.z0 : frame.z0 + frame.n_slices]
+    if frame.window is not None:
+        v = _cut_window(v, frame.window)
+    t = torch.from_numpy(np.ascontiguousarray(v)).float()[None]
+    if t.shape[-2:] != (frame.size, frame.size):
+        t = F.interpolate(t, size=(frame.size, frame.size), mode="bilinear", antialias=True)
+    return (t[0] / 255.0).clamp(0, 1).numpy()
+
+
+def _cut_window(v: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+    """``v[:, y0:y0+lh, x0:x0+lw]`` with zeros where the window leaves the image."""
+    y0, x0, lh, lw = window
+    h, w = v.shape[1:]
+    out = np.zeros((v.shape[0], lh, lw), dtype=v.dtype)
+    ys, ye, xs, xe = max(y0, 0), min(y0 + lh, h), max(x0, 0), min(x0 + lw, w)
+    if ys < ye and xs < xe:
+        out[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = v[:, ys:ye, xs:xe]
+    return out
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass
+class LocalizerSample:
+    """One sagittal stack with its targets in full-resolution canonical coordinates."""
+
+    stack: CachedStack
+    frame: SagittalFrame  # whole field of view
+    zyx: np.ndarray  # float64 (T, 3) canonical (slice, y, x) of each target, full resolution
+    valid: np.ndarray  # bool (T,)
+    points: np.ndarray  # float64 (T, 3) true LPS points (NaN where unknown), for evaluation
+
+    def view(self, frame: SagittalFrame) -> dict[str, np.ndarray]:
+        """Network input and targets of this sample seen through ``frame`` (e.g. a zoom)."""
+        z, y, x = frame.full_to_input(*self.zyx.T)
+        inside = (y >= 0) & (y < frame.size) & (x >= 0) & (x < frame.size)
+        return {
+            "volume": canonical_volume(self.stack, frame),
+            "xy": np.stack([x, y], axis=-1).astype(np.float32),
+            "z": np.rint(z).astype(np.float32),
+            "valid": self.valid & inside,
+        }
+
+
+def localizer_sample(
+    stack: CachedStack, points: StudyPoints, task: LocalizerTask, size: int, max_slices: int
+) -> LocalizerSample:
+    """Targets of ``task`` from a study's true points; points outside the stack are invalid."""
+    frame = sagittal_frame(stack, size, max_slices)
+    t = len(task.targets)
+    zyx, valid = np.zeros((t, 3)), np.zeros(t, bool)
+    lps = np.full((t, 3), np.nan)
+    h, w = frame.inplane_hw()
+    for i, (condition, level) in enumerate(task.targets):
+        p = points.get(condition, level)
+        if p is None:
+            continue
+        z, y, x = (float(v) for v in frame.to_full(*stack.patient_to_voxel(p)))
+        zc = z - frame.z0
+        if -0.5 <= zc <= frame.n_slices - 0.5 and 0 <= y < h and 0 <= x < w:
+            zyx[i], valid[i], lps[i] = (z, y, x), True, p
+    return LocalizerSample(stack, frame, zyx, valid, lps)
+
+
+# ----------------------------------------------------------------------------- the localiser
+
+
+@dataclass
+class Localizer:
+    """The stage-1 models of one fold plus the learned patient-space offsets."""
+
+    nets: dict[str, nn.Module]  # task name -> LevelLocalizer
+    offsets: dict[str, np.ndarray]  # see fit_offsets
+    image_size: int
+    max_slices: int
+    zoom: float = 0.0  # second, zoomed look (fraction of the field of view); 0 = one look
+
+    def save(self, folder: Path, meta: dict | None = None) -> None:
+        """``localizer_{task}.safetensors`` (+ sidecar) and ``localizer_geometry.json``."""
+        from spinegrade.weights import save_weights
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, net in self.nets.items():
+            path = folder / f"localizer_{name}.safetensors"
+            save_weights(net, path, meta={**(meta or {}), "task": name})
+        geometry = {
+            "image_size": self.image_size,
+            "max_slices": self.max_slices,
+            "zoom": self.zoom,
+            "offsets": {k: v.tolist() for k, v in self.offsets.items()},
+        }
+        (folder / "localizer_geometry.json").write_text(json.dumps(geometry, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu") -> Localizer:
+        """Rebuild from :meth:`save`'s files (safetensors + JSON only)."""
+        from spinegrade.models.registry import load_model
+
+        geometry_path = Path(folder) / "localizer_geometry.json"
+        if not geometry_path.is_file():
+            raise FileNotFoundError(
+                f"{geometry_path} is missing: the fold's localiser was not trained"
+            )
+        geometry = json.loads(geometry_path.read_text())
+        nets = {}
+        for name in LOCALIZER_TASKS:
+            path = Path(folder) / f"localizer_{name}.safetensors"
+            if path.is_file():
+                nets[name] = load_model(path, device=device)[0]
+        offsets = {k: np.asarray(v, dtype=np.float64) for k, v in geometry["offsets"].items()}
+        return cls(
+            nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),
+            float(geometry.get("zoom", 0.0)),
+        )  # fmt: skip
+
+
+def fit_offsets(points: Sequence[StudyPoints]) -> dict[str, np.ndarray]:
+    """Median patient-space offsets learned from true points of the training studies.
+
+    ``subarticular`` (2, 5, 3): recess minus canal point per side (left, right) and level: the
+    recesses sit just lateral and posterior of the canal centre. ``spinal_from_foramina`` (5, 3):
+    canal point minus the midpoint of the two foramina, used when the T2 series is missing.
+    Levels without examples fall back to the median over levels (then zero).
+    """
+    xyz = np.stack([p.xyz for p in points]) if points else np.full((0, 5, 5, 3), np.nan)
+    spinal = xyz[:, 0]
+    sub = np.stack([xyz[:, 3] - spinal, xyz[:, 4] - spinal], axis=1)  # (N, 2, 5, 3)
+    mid = 0.5 * (xyz[:, 1] + xyz[:, 2])
+    return {
+        "subarticular": _robust_median(sub, axis=0),
+        "spinal_from_foramina": _robust_median(spinal - mid, axis=0),
+    }
+
+
+def _robust_median(values: np.ndarray, axis: int) -> np.ndarray:
+    with warnings.catch_warnings():  # all-NaN slices are expected (levels never labelled)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(values, axis=axis)
+        overall = np.nanmedian(values.reshape(-1, 3), axis=0) if values.size else np.zeros(3)
+    overall = np.where(np.isnan(overall), 0.0, overall)
+    return np.where(np.isnan(med), overall, med)
+
+
+def derive_points(points: StudyPoints, offsets: Mapping[str, np.ndarray]) -> StudyPoints:
+    """Fill points no network predicts: the canal from the foramina (no T2), the recesses.
+
+    Only NaN points are filled, so true or predicted points always win.
+    """
+    out = points.copy()
+    for j, level in enumerate(LEVELS):
+        left, right = out.get(LEFT_FOR, level), out.get(RIGHT_FOR, level)
+        if out.get(SPINAL, level) is None and left is not None and right is not None:
+            out.set(SPINAL, level, 0.5 * (left + right) + offsets["spinal_from_foramina"][j])
+        spinal = out.get(SPINAL, level)
+        if spinal is None:
+            continue
+        for side, condition in enumerate((LEFT_SUB, RIGHT_SUB)):
+            if out.get(condition, level) is None:
+                out.set(condition, level, spinal + offsets["subarticular"][side, j])
+    return out
+
+
+# ----------------------------------------------------------------------------------- inference
+
+
+def build_localizer_samples(
+    studies: Mapping[int, tuple[Mapping[str, Sequence[CachedStack]], StudyPoints]], cfg: Config
+) -> dict[str, dict[int, LocalizerSample]]:
+    """Targets of every study, per task (made once, shared by all folds; volumes not copied)."""
+    c = cfg.localizer
+    out: dict[str, dict[int, LocalizerSample]] = {name: {} for name in LOCALIZER_TASKS}
+    for study_id, (stacks, points) in studies.items():
+        for name, task in LOCALIZER_TASKS.items():
+            cand = stacks.get(task.description)
+            if cand:
+                sample = localizer_sample(cand[0], points, task, c.image_size, c.max_slices)
+                if sample.valid.any():
+                    out[name][study_id] = sample
+    return out
+
+
+def read_points(out, window: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Network output -> (slice (B, T), (x, y) input pixels (B, T, 2)).
+
+    The slice is the most probable one; (x, y) the probability-weighted mean over a small window
+    around that slice's heatmap peak, so a second bright spot elsewhere cannot pull it away.
+    """
+    heat = out["heatmaps"].float()
+    b, t, _, hh, ww = heat.shape
+    image_h, image_w = out["image_hw"]
+    z = out["slice_logits"].float().argmax(-1)  # (B, T)
+    plane = heat.gather(2, z[..., None, None, None].expand(b, t, 1, hh, ww))[:, :, 0]
+    peak = plane.flatten(2).argmax(-1)
+    py, px = peak // ww, peak % ww
+    gy = torch.arange(hh, device=heat.device)[None, None, :, None]
+    gx = torch.arange(ww, device=heat.device)[None, None, None, :]
+    near = ((gy - py[..., None, None]).abs() <= window) & (
+        (gx - px[..., None, None]).abs() <= window
+    )
+    prob = plane.masked_fill(~near, float("-inf")).flatten(2).softmax(-1).reshape(b, t, hh, ww)
+    cy = (prob.sum(-1) * torch.arange(hh, device=heat.device)).sum(-1)
+    cx = (prob.sum(-2) * torch.arange(ww, device=heat.device)).sum(-1)
+    x = (cx + 0.5) * image_w / ww - 0.5
+    y = (cy + 0.5) * image_h / hh - 0.5
+    return z.cpu().numpy().astype(np.float64), torch.stack([x, y], -1).cpu().numpy()
+
+
+@torch.no_grad()
+def locate_in_stack(
+    net: nn.Module, stack: CachedStack, frame: SagittalFrame, zoom: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Targets' full-resolution canonical (z, y, x), each (T,): a whole look, then a zoomed one.
+
+    The zoomed look is centred on the median of the first look's points (all levels of a task lie
+    within a few centimetres of the canal), so one wrong target cannot move it far.
+    """
+    device = next(net.parameters()).device
+    looks = [frame]
+    z = y = x = np.zeros(0)
+    for k in range(2 if 0 < zoom < 1 else 1):
+        if k == 1:
+            looks.append(frame.zoomed(float(np.median(y)), float(np.median(x)), zoom))
+        vol = torch.from_numpy(canonical_volume(stack, looks[-1]))[None].to(device)
+        zs, xy = read_points(net.eval()(vol))
+        z, y, x = looks[-1].input_to_full(zs[0], xy[0, :, 1], xy[0, :, 0])
+    return z, y, x
+
+
+def predict_task_points(
+    net: nn.Module, stack: CachedStack, task: LocalizerTask, localizer: Localizer
+) -> dict[tuple[str, str], np.ndarray]:
+    """Patient-space points of one task's targets in one sagittal stack."""
+    frame = sagittal_frame(stack, localizer.image_size, localizer.max_slices)
+    z, y, x = locate_in_stack(net, stack, frame, localizer.zoom)
+    lps = stack.voxel_to_patient(*frame.from_full(z, y, x))
+    return {target: lps[i] for i, target in enumerate(task.targets)}
+
+
+def evaluate_localizer(
+    net: nn.Module, samples: Sequence[LocalizerSample], zoom: float
+) -> dict[str, float]:
+    """Validation as prediction does it: right-slice rate and median 3D error (mm)."""
+    hits, errs = [], []
+    for s in samples:
+        z, y, x = locate_in_stack(net, s.stack, s.frame, zoom)
+        lps = s.stack.voxel_to_patient(*s.frame.from_full(z, y, x))
+        hits.append((np.rint(z) == np.rint(s.zyx[:, 0]))[s.valid])
+        errs.append(np.linalg.norm(lps - s.points, axis=-1)[s.valid])
+    return {
+        "slice_acc": float(np.concatenate(hits).mean()),
+        "median_mm": float(np.median(np.concatenate(errs))),
+    }
+
+
+def localize_study(
+    localizer: Localizer, stacks: Mapping[str, Sequence[CachedStack]]
+) -> StudyPoints:
+    """All 25 points of a study from its chosen stacks (description -> stacks; first = chosen).
+
+    Networks read the sagittal series; the canal from the foramina (no T2) and the recesses come
+    from the learned offsets. Points that cannot be found stay NaN (the grader then falls back).
+    """
+    points = StudyPoints()
+    for name, task in LOCALIZER_TASKS.items():
+        net, cand = localizer.nets.get(name), stacks.get(task.description)
+        if net is None or not cand:
+            continue
+        found = predict_task_points(net, cand[0], task, localizer)
+        for (condition, level), p in found.items():
+            points.set(condition, level, p)
+    return derive_points(points, localizer.offsets)
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def point_errors(
+    study_id: int, pred: StudyPoints, true: StudyPoints, stacks: Mapping[str, Sequence[CachedStack]]
+) -> list[dict]:
+    """Per labelled point: 3D error (mm) and whether the predicted slice is the labelled one.
+
+    The slice is judged in the series the condition is graded on (sagittal: the chosen stack;
+    axial: the nearest stack and slice after projection).
+    """
+    from spinegrade.constants import CONDITION_GROUP, CONDITION_SERIES
+
+    rows = []
+    for condition in CONDITIONS:
+        desc = CONDITION_SERIES[condition]
+        for level in LEVELS:
+            t = true.get(condition, level)
+            if t is None:
+                continue
+            p = pred.get(condition, level)
+            row = {
+                "study_id": study_id, "condition": condition, "level": level,
+                "group": CONDITION_GROUP[condition], "error_mm": np.nan, "slice_ok": False,
+            }  # fmt: skip
+            if p is not None:
+                row["error_mm"] = float(np.linalg.norm(p - t))
+                row["slice_ok"] = _same_slice(p, t, stacks.get(desc, []), desc == AXIAL)
+            rows.append(row)
+    return rows
+
+
+def _same_slice(p: np.ndarray, t: np.ndarray, stacks: Sequence[CachedStack], axial: bool) -> bool:
+    if not stacks:
+        return False
+    if axial:
+        return project_point(p, stacks)[:2] == project_point(t, stacks)[:2]
+    zp, zt = stacks[0].patient_to_voxel(p)[0], stacks[0].patient_to_voxel(t)[0]
+    return int(np.rint(zp)) == int(np.rint(zt))
+
+
+def summarize_errors(rows) -> dict[str, dict[str, float]]:
+    """Median and 90th percentile error (mm), slice accuracy and misses per point type."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    out: dict[str, dict[str, float]] = {}
+    if df.empty:
+        return out
+    for group, g in df.groupby("group", sort=False):
+        err = g["error_mm"].dropna()
+        out[str(group)] = {
+            "n": len(g),
+            "median_mm": float(err.median()) if len(err) else float("nan"),
+            "p90_mm": float(err.quantile(0.9)) if len(err) else float("nan"),
+            "slice_acc": float(g["slice_ok"].mean()),
+            "missed": int(g["error_mm"].isna().sum()),
+        }
+    return out

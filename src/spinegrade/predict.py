@@ -1,0 +1,507 @@
+"""Prediction: a run folder's fold ensemble on new studies -> submission.csv (+ per-study reports).
+
+``predict(run_dir, input_dir, out_csv)`` accepts either an RSNA test layout (``test_images/`` +
+``test_series_descriptions.csv``) or any folder of raw DICOM files (see
+:mod:`spinegrade.io.discover`). The input is never written to: raw folders are presented to the
+preprocess stage as a layout of symbolic links inside the work (cache) folder, and all derived data
+goes to that cache. Every fold's localiser and grader run on every study and their probabilities
+are averaged. A target no series can show (a missing or unreadable series) gets the training
+prior, with a warning naming the study; every study gets its 25 rows, in the sample submission's
+order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spinegrade.constants import (
+    COLUMN_CONDITION,
+    CONDITION_SERIES,
+    CONDITIONS,
+    LABEL_COLUMNS,
+    LEVELS,
+    PROB_COLUMNS,
+    submission_row_ids,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT = "test"
+SERIES_CSV = "test_series_descriptions.csv"
+LAYOUT_DIR = "layout"  # inside the work folder: symlinks to a raw input, in the RSNA layout
+
+
+# ------------------------------------------------------------------------------------ input
+
+
+@dataclass
+class PreparedInput:
+    """An input folder made ready for ``preprocess_dataset(data_dir, cache, split="test")``."""
+
+    kind: str  # "rsna" | "raw"
+    data_dir: Path  # the RSNA-layout root preprocess reads (the input, or the symlink layout)
+    series: pd.DataFrame  # study_id, series_id, series_description (typed series only)
+    study_ids: list[int]
+    warnings: list[str] = field(default_factory=list)
+    discovery: pd.DataFrame | None = None  # raw input: every series found and how it was typed
+
+
+def is_rsna_test_layout(path: Path) -> bool:
+    """True when ``path`` holds ``test_images/`` and ``test_series_descriptions.csv``."""
+    return (path / "test_images").is_dir() and (path / SERIES_CSV).is_file()
+
+
+def default_work_dir(out_csv: Path, input_dir: Path) -> Path:
+    """``OUT's folder/.spinegrade_cache/<hash of the input path>``, or a temp folder.
+
+    Hashing the input's absolute path keeps the caches of different inputs apart without writing
+    the path itself (folder names can carry patient names). A location inside the input folder is
+    never used: the temp folder is taken instead.
+    """
+    key = hashlib.sha1(str(Path(input_dir).resolve()).encode()).hexdigest()[:12]
+    base = Path(out_csv).resolve().parent / ".spinegrade_cache"
+    if _inside(base, input_dir):
+        base = Path(tempfile.gettempdir()) / "spinegrade_cache"
+    return base / key
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
+    """Recognise the input kind; for raw DICOM folders build the symlink layout in ``work_dir``."""
+    from spinegrade.data.rsna import load_series_descriptions
+
+    input_dir, work_dir = Path(input_dir), Path(work_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(
+            f"{input_dir}: no such folder; INPUT is an RSNA test layout (test_images/ + "
+            f"{SERIES_CSV}) or a folder of DICOM files"
+        )
+    if _inside(work_dir, input_dir):
+        raise ValueError(
+            f"work/cache folder {work_dir} lies inside the input {input_dir}; spinegrade never "
+            "writes into its input: choose --cache elsewhere"
+        )
+    if is_rsna_test_layout(input_dir):
+        series = load_series_descriptions(input_dir / SERIES_CSV)
+        study_ids = [int(s) for s in pd.unique(series["study_id"])]
+        return PreparedInput("rsna", input_dir, series, study_ids)
+    # A raw folder (or a test_images/ without its CSV): group and type series from the headers.
+    from spinegrade.io.discover import discover_studies
+
+    found = discover_studies(input_dir)
+    layout = build_symlink_layout(found, work_dir / LAYOUT_DIR)
+    return PreparedInput(
+        "raw",
+        layout,
+        found.series_descriptions(),
+        found.study_ids,
+        warnings=list(found.guesses),  # missing series are reported after caching
+        discovery=found.table(),
+    )
+
+
+def build_symlink_layout(found, layout_dir: Path) -> Path:
+    """``layout_dir/test_images/{study}/{series}/{k}.dcm`` links to the user's files + the CSV.
+
+    Links, not copies: the user's files stay where they are and nothing is duplicated. The layout
+    is rebuilt on every call (links are cheap; preprocess' resume looks at the linked files' sizes,
+    which do not change).
+    """
+    images = layout_dir / "test_images"
+    if images.exists():
+        shutil.rmtree(images)  # removes the links only, never their targets
+    table = found.series_descriptions()
+    for study_id, series_id in table[["study_id", "series_id"]].itertuples(index=False):
+        folder = images / str(study_id) / str(series_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, src in enumerate(found.files_of(int(study_id), int(series_id))):
+            _link(Path(src).resolve(), folder / f"{k:05d}.dcm")
+    images.mkdir(parents=True, exist_ok=True)
+    table.to_csv(layout_dir / SERIES_CSV, index=False)
+    return layout_dir
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Symbolic link, else a hard link (same disk), else a clear error."""
+    try:
+        os.symlink(src, dst)
+    except OSError:
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot link {dst.name} to an input file in the work folder {dst.parent} "
+                f"({exc}); put --cache on a file system that allows symbolic links"
+            ) from exc
+
+
+# ------------------------------------------------------------------------------- submission
+
+
+def missing_series_warning(study_id: int, present: set[str]) -> str | None:
+    """The warning for a study lacking one or more series types (None when it has all three)."""
+    missing = sorted({s for s in CONDITION_SERIES.values()} - present)
+    if not missing:
+        return None
+    lost = [c for c in LABEL_COLUMNS if CONDITION_SERIES[COLUMN_CONDITION[c]] in missing]
+    return (
+        f"study {study_id}: no usable {', '.join(missing)} series; {len(lost)} of its 25 targets "
+        "are predicted from the views it has or the training prior"
+    )
+
+
+def submission_frame(probs_by_study: dict[int, np.ndarray]) -> pd.DataFrame:
+    """The submission: 25 rows a study, in the sample submission's row order."""
+    rows = submission_row_ids(sorted(probs_by_study))
+    col_index = {c: j for j, c in enumerate(LABEL_COLUMNS)}
+    values = np.empty((len(rows), 3))
+    for i, rid in enumerate(rows):
+        study, _, column = rid.partition("_")
+        values[i] = probs_by_study[int(study)][col_index[column]]
+    out = pd.DataFrame(values, columns=list(PROB_COLUMNS))
+    out.insert(0, "row_id", rows)
+    return out
+
+
+# --------------------------------------------------------------------------------- ensemble
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def parse_folds(values: list[str] | None) -> list[int] | None:
+    """``["0,1", "3"]`` -> ``[0, 1, 3]``; None or empty -> None (all folds)."""
+    if not values:
+        return None
+    out: list[int] = []
+    for part in ",".join(values).replace(" ", ",").split(","):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise ValueError(f"--folds: {part!r} is not a fold number; e.g. --folds 0,1,2")
+        out.append(int(part))
+    return sorted(set(out)) or None
+
+
+def run_folds(run_dir: Path, folds: list[int] | None = None) -> list[int]:
+    """The folds of ``run_dir`` to ensemble: ``folds`` if given (each must be complete), else all
+    complete ones (an incomplete fold is skipped with a warning)."""
+    from spinegrade.cv import fold_dir, fold_done
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: not a run folder (no config.yaml); train one with `spinegrade train`"
+        )
+    found = sorted(
+        int(p.name.split("_", 1)[1])
+        for p in run_dir.glob("fold_*")
+        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
+    )
+    if folds:
+        bad = [k for k in folds if not fold_done(run_dir, k)]
+        if bad:
+            raise ValueError(
+                f"{run_dir}: fold(s) {bad} are not trained to completion (no "
+                f"{fold_dir(run_dir, bad[0]).name}/metrics.json); pick from {found}"
+            )
+        return sorted(set(folds))
+    done = [k for k in found if fold_done(run_dir, k)]
+    for k in sorted(set(found) - set(done)):
+        log.warning("%s: fold %d is incomplete and is left out of the ensemble", run_dir, k)
+    if not done:
+        raise ValueError(
+            f"{run_dir}: no completed fold (fold_K/metrics.json); finish `spinegrade train` first"
+        )
+    return done
+
+
+@dataclass
+class EnsemblePrediction:
+    """One study through every fold: mean probabilities, mean points, what the models saw."""
+
+    probs: np.ndarray  # (25, 3), rows sum to 1
+    graded: np.ndarray  # bool (25,): some fold's grader saw this target
+    points: np.ndarray  # (5, 5, 3) LPS mm, the folds' mean; NaN where no fold located it
+
+
+class Predictor:
+    """The fold ensemble of a run folder: every fold localises and grades; probabilities average.
+
+    A target is averaged over the folds that could grade it (a fold whose localiser put the point
+    outside every series falls back for that target); when none could, the folds' training
+    fallback (best constant per column, learned on each fold's training studies) is used.
+    """
+
+    def __init__(self, run_dir: Path, folds: list[int], models: list, device: str) -> None:
+        self.run_dir, self.folds, self.models, self.device = run_dir, folds, models, device
+
+    @classmethod
+    def from_run_dir(
+        cls, run_dir: Path | str, folds: list[int] | None = None, device: str = "auto"
+    ) -> Predictor:
+        """Load the folds' localisers and graders (safetensors + JSON only) from ``run_dir``."""
+        from spinegrade.cv import fold_dir, load_fold_models
+
+        run_dir, device = Path(run_dir), resolve_device(device)
+        chosen = run_folds(run_dir, folds)
+        models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in chosen]
+        return cls(run_dir, chosen, models, device)
+
+    @property
+    def crop_config(self):
+        return self.models[0].crops
+
+    @property
+    def fallback(self) -> np.ndarray:
+        """(25, 3) mean of the folds' training fallbacks."""
+        return np.mean([m.fallback for m in self.models], axis=0)
+
+    def predict(self, stacks) -> EnsemblePrediction:
+        """Ensemble prediction for one study's chosen stacks (description -> stacks)."""
+        from spinegrade.cv import predict_study
+
+        preds = [predict_study(m, stacks) for m in self.models]
+        graded = np.stack([p.graded for p in preds])  # (F, 25)
+        probs = np.stack([p.probs for p in preds])  # (F, 25, 3)
+        seen = graded.any(axis=0)
+        weights = np.where(seen[None, :], graded, 1.0)[..., None]  # unseen: mean of fallbacks
+        mean = (probs * weights).sum(axis=0) / weights.sum(axis=0)
+        mean /= mean.sum(axis=1, keepdims=True)
+        xyz = np.stack([p.points.xyz for p in preds])
+        with np.errstate(invalid="ignore"):
+            counts = np.isfinite(xyz).all(axis=-1, keepdims=True).sum(axis=0)
+            points = np.where(counts > 0, np.nansum(xyz, axis=0) / np.maximum(counts, 1), np.nan)
+        return EnsemblePrediction(mean, seen, points)
+
+    def prior_prediction(self) -> EnsemblePrediction:
+        """What a study no model could see gets: the folds' training fallback everywhere."""
+        probs = self.fallback / self.fallback.sum(axis=1, keepdims=True)
+        nan_points = np.full((len(CONDITIONS), len(LEVELS), 3), np.nan)
+        return EnsemblePrediction(probs, np.zeros(len(LABEL_COLUMNS), dtype=bool), nan_points)
+
+    def saliency(self, column: str, crop: np.ndarray) -> np.ndarray | None:
+        """Where the first fold's grader looked for ``column`` on ``crop`` (see report)."""
+        import torch
+
+        from spinegrade.constants import COLUMN_LEVEL, CONDITION_GROUP
+        from spinegrade.report import input_saliency
+
+        model = self.models[0].graders.get(CONDITION_GROUP[COLUMN_CONDITION[column]])
+        if model is None:
+            return None
+        level = torch.tensor([LEVELS.index(COLUMN_LEVEL[column])], device=self.device)
+        severity = torch.tensor([0.0, 1.0, 2.0], device=self.device)
+
+        def expected_severity(x: torch.Tensor) -> torch.Tensor:
+            probs = model.eval()(x.to(self.device), level)[:, 0].float().softmax(-1)
+            return (probs * severity).sum()
+
+        return input_saliency(expected_severity, crop)
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class PredictResult:
+    """What :func:`predict` did: the submission, where things are, per-study warnings, timings."""
+
+    submission_path: Path
+    submission: pd.DataFrame
+    study_ids: list[int]
+    folds: list[int]
+    device: str
+    input_kind: str
+    work_dir: Path
+    report_dir: Path | None = None
+    index_html: Path | None = None
+    warnings: dict[int, list[str]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    per_study_s: list[float] = field(default_factory=list)  # model wall time per study
+    per_study_cpu_s: list[float] = field(default_factory=list)  # its CPU time (all threads)
+    graded_per_study: list[int] = field(default_factory=list)  # targets a model saw (of 25)
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
+
+
+def scrub_paths(text: str) -> str:
+    """Replace file paths in a message by their last part (folder names may carry patient names)."""
+    return _PATH.sub(lambda m: "…/" + Path(m.group(0).rstrip("/\\")).name, text)
+
+
+def study_warnings(
+    study_id: int,
+    stacks: dict,
+    graded: np.ndarray,
+    failures: list[dict],
+    inherited: list[str],
+) -> list[str]:
+    """Warnings of one study: guessed series types, unreadable or missing series, fallbacks."""
+    out = [w for w in inherited if w.startswith(f"study {study_id}:")]
+    for f in failures:
+        if int(f["study_id"]) == study_id:
+            out.append(
+                f"study {study_id}: series {f['series_id']} could not be cached "
+                f"({scrub_paths(str(f['reason']))[:200]})"
+            )
+    missing = missing_series_warning(study_id, {d for d, v in stacks.items() if v})
+    if missing:
+        out.append(missing)
+    present = {d for d, v in stacks.items() if v}
+    unlocated = [
+        c
+        for j, c in enumerate(LABEL_COLUMNS)
+        if not graded[j] and CONDITION_SERIES[COLUMN_CONDITION[c]] in present
+    ]
+    if unlocated:
+        out.append(
+            f"study {study_id}: {len(unlocated)} target(s) could not be located in their series "
+            f"(e.g. {unlocated[0]}) and use the training prior"
+        )
+    return out
+
+
+def predict(
+    run_dir: Path | str,
+    input_dir: Path | str,
+    out_csv: Path | str,
+    report_dir: Path | str | None = None,
+    folds: list[int] | None = None,
+    cache_dir: Path | str | None = None,
+    device: str = "auto",
+    workers: int = 1,
+    progress: bool = True,
+) -> PredictResult:
+    """Predict every study of ``input_dir`` with the fold ensemble of ``run_dir``.
+
+    Writes ``out_csv`` (25 rows a study, the competition's row order, rows summing to 1) and,
+    with ``report_dir``, the per-study reports and ``index.html``. ``cache_dir`` is the work
+    folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
+    the input.
+    """
+    from spinegrade.cv import load_run_config
+    from spinegrade.preprocess import preprocess_dataset
+
+    t0 = time.perf_counter()
+    out_csv, input_dir = Path(out_csv), Path(input_dir)
+    work = Path(cache_dir) if cache_dir else default_work_dir(out_csv, input_dir)
+    predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
+    # The cache grid must be the one the models were trained on.
+    size = load_run_config(run_dir).data.cache_size
+    t_load = time.perf_counter()
+    prepared = prepare_input(input_dir, work)
+    summary = preprocess_dataset(
+        prepared.data_dir, work / "cache", split=SPLIT, workers=workers, size=size,
+        progress=progress,
+    )  # fmt: skip
+    t_pre = time.perf_counter()
+    result = PredictResult(
+        out_csv, pd.DataFrame(), prepared.study_ids, predictor.folds, predictor.device,
+        prepared.kind, work, Path(report_dir) if report_dir else None,
+    )  # fmt: skip
+    preds = _predict_all(predictor, prepared, work / "cache", summary.failures, result, progress)
+    result.submission = submission_frame({p.study_id: p.probs for p in preds})
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
+    result.submission.to_csv(tmp, index=False)
+    os.replace(tmp, out_csv)
+    if result.report_dir is not None:
+        from spinegrade.report import write_index_html
+
+        title = f"spinegrade report: {len(preds)} studies, {len(predictor.folds)}-fold ensemble"
+        result.index_html = write_index_html(result.report_dir, preds, title)
+    t_end = time.perf_counter()
+    result.timings = {
+        "load_models_s": round(t_load - t0, 2),
+        "preprocess_s": round(t_pre - t_load, 2),
+        "predict_and_report_s": round(t_end - t_pre, 2),
+        "total_s": round(t_end - t0, 2),
+    }
+    return result
+
+
+def _predict_all(
+    predictor: Predictor,
+    prepared: PreparedInput,
+    cache: Path,
+    failures: list[dict],
+    result: PredictResult,
+    progress: bool,
+) -> list:
+    """Predict (and report) study by study, so memory holds one study's stacks at a time."""
+    from tqdm.auto import tqdm
+
+    from spinegrade.datasets import load_studies
+    from spinegrade.report import StudyPrediction
+
+    has_index = (cache / "index.csv").is_file()
+    preds = []
+    for sid in tqdm(prepared.study_ids, desc="predicting", unit="study", disable=not progress):
+        t, c = time.perf_counter(), time.process_time()
+        errors: list[str] = []
+        try:
+            stacks = (
+                load_studies(cache, [sid], split=SPLIT, progress=False)[sid].stacks
+                if has_index
+                else {}
+            )
+            ens = predictor.predict(stacks)
+        except Exception as exc:  # one bad study must not stop the batch: it gets the prior
+            stacks, ens = {}, predictor.prior_prediction()
+            errors.append(f"study {sid}: prediction failed ({type(exc).__name__}: {exc})")
+        result.per_study_s.append(time.perf_counter() - t)
+        result.per_study_cpu_s.append(time.process_time() - c)
+        result.graded_per_study.append(int(ens.graded.sum()))
+        warns = errors + study_warnings(sid, stacks, ens.graded, failures, prepared.warnings)
+        source = ["model" if g else "prior" for g in ens.graded]
+        pred = StudyPrediction(sid, ens.probs, source, ens.points, warns)
+        if result.report_dir is not None:
+            try:
+                _report_study(predictor, pred, stacks, result.report_dir)
+            except Exception as exc:  # the submission matters more than one figure
+                warns.append(f"study {sid}: report failed ({type(exc).__name__}: {exc})")
+        for w in warns:
+            log.warning(scrub_paths(w))
+        result.warnings[sid] = [scrub_paths(w) for w in warns]
+        pred.warnings = result.warnings[sid]
+        preds.append(pred)
+    return preds
+
+
+def _report_study(predictor: Predictor, pred, stacks: dict, report_dir: Path) -> None:
+    """Cut the crops at the ensemble's points and write the study's report folder."""
+    from spinegrade.crops import StudyPoints, make_crops
+    from spinegrade.report import ReportInputs, write_study_report
+
+    # Only targets the ensemble graded are shown: a crop for a prior-filled target would suggest
+    # the model saw something it did not.
+    graded = [c for c, s in zip(LABEL_COLUMNS, pred.source, strict=True) if s == "model"]
+    points = StudyPoints(pred.points.copy())
+    crops = make_crops(stacks, points, predictor.crop_config, columns=graded) if stacks else {}
+    inputs = ReportInputs(stacks=stacks, crops=crops, saliency_fn=predictor.saliency)
+    info = {"folds": predictor.folds, "device": predictor.device}
+    write_study_report(report_dir, pred, inputs, info)

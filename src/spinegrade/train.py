@@ -1,0 +1,380 @@
+"""The training loop shared by stage 1 and stage 2: devices, mixed precision, DDP, checkpoints.
+
+One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on GPUs:
+
+* device from ``train.accelerator`` (auto | cpu | cuda); bf16 autocast on CUDA when supported
+  (fp16 with a gradient scaler otherwise), channels-last memory format, DataLoader workers;
+* multi-GPU with DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1) or
+  when ``train.strategy: ddp``; every rank trains on its shard (DistributedSampler) and only rank 0
+  writes files;
+* a checkpoint after every epoch (``.safetensors`` for model and optimiser tensors, ``.json`` for
+  the epoch, the optimiser's hyper-parameters and the log so far), so an interrupted fold resumes
+  where it stopped. The learning-rate schedule is a pure function of the step, and augmentation
+  randomness a pure function of (seed, epoch, sample), so a resumed run continues identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from spinegrade.config import OptimConfig, TrainConfig
+
+CKPT_FORMAT = "spinegrade-checkpoint/1"
+
+
+# ------------------------------------------------------------------------------------ runtime
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors run: device, precision, distributed rank."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # None = full precision
+    channels_last: bool = False
+    num_workers: int = 0
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes files and runs out-of-fold prediction."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision on CUDA (bf16/fp16); a no-op on CPU or with ``amp: false``."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+def setup_runtime(cfg: TrainConfig, threads: int | None = None) -> Runtime:
+    """Pick the device and precision, and join the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.accelerator
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.accelerator must be auto, cpu or cuda, got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.accelerator=cuda but no CUDA device is visible; use auto or cpu")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if cfg.strategy not in ("auto", "ddp"):
+        raise ValueError(f"train.strategy must be auto or ddp, got {cfg.strategy!r}")
+    if cfg.strategy == "ddp" and world == 1 and cfg.devices > 1:
+        raise RuntimeError(
+            f"train.strategy=ddp with {cfg.devices} devices: launch with "
+            f"`torchrun --nproc_per_node {cfg.devices} -m spinegrade.cli train ...`"
+        )
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        amp = None
+        if cfg.amp:
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        device, amp = torch.device("cpu"), None
+        # Respect OMP_NUM_THREADS (torchrun sets it; a shared machine may want 1), else 2 cores:
+        # small CPU models gain little from more threads and oversubscription costs a lot.
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        default = int(env) if env.isdigit() else min(os.cpu_count() or 1, 2 if world == 1 else 1)
+        torch.set_num_threads(threads or max(1, default))
+    workers = cfg.num_workers if use_cuda else 0  # CPU: workers would steal the compute threads
+    return Runtime(device, amp, cfg.channels_last and use_cuda, workers, rank, world, local_rank)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DDP wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------------- schedules
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, cfg: OptimConfig, weight_decay: float | None = None
+):
+    """AdamW or SGD; no weight decay on biases, norms and embeddings (1-D parameters)."""
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"optim.name must be adamw or sgd, got {cfg.name!r}")
+
+
+def lr_at(step: int, total: int, base_lr: float, cfg: OptimConfig) -> float:
+    """Linear warm-up then cosine decay to 1% (or constant): a pure function of the step."""
+    warm = max(1, round(cfg.warmup_frac * total)) if cfg.warmup_frac > 0 else 0
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    if cfg.scheduler == "constant":
+        return base_lr
+    if cfg.scheduler != "cosine":
+        raise ValueError(f"optim.scheduler must be cosine or constant, got {cfg.scheduler!r}")
+    t = (step - warm) / max(1, total - warm)
+    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Model + optimiser tensors as safetensors, everything else (epoch, log) as JSON; atomic."""
+    tensors = {
+        f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()
+    }
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    meta = {"format": CKPT_FORMAT, "param_groups": opt["param_groups"], "scalars": scalars, **state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path.with_suffix(".safetensors"))
+    json_tmp = path.with_name(path.name + ".json.tmp")
+    json_tmp.write_text(json.dumps(meta))
+    os.replace(json_tmp, path.with_suffix(".json"))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none."""
+    tensor_path, json_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not (tensor_path.is_file() and json_path.is_file()):
+        return None
+    meta = json.loads(json_path.read_text())
+    if meta.get("format") != CKPT_FORMAT:
+        raise ValueError(
+            f"{json_path}: not a spinegrade checkpoint; delete it to start the stage over"
+        )
+    tensors = load_file(str(tensor_path))
+    unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+class EpochDataset(Dataset):
+    """A dataset whose augmentation depends on (seed, epoch, index): resumable and worker-safe."""
+
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+@dataclass
+class FitSpec:
+    """What :func:`fit` trains and how."""
+
+    name: str  # stage name in logs and checkpoint file names, e.g. "grader_spinal"
+    epochs: int
+    batch_size: int
+    lr: float
+    optim: OptimConfig
+    weight_decay: float | None = None
+    seed: int = 0
+
+
+def fit(
+    model: nn.Module,
+    dataset: EpochDataset,
+    collate: Callable[[list], dict[str, torch.Tensor]],
+    step_loss: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    spec: FitSpec,
+    runtime: Runtime,
+    ckpt_path: Path | None = None,
+    log: Callable[[dict], None] | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> list[dict]:
+    """Train ``model`` in place for ``spec.epochs``; resume from ``ckpt_path`` if it exists.
+
+    ``step_loss(model, batch)`` returns a dict with a differentiable ``loss`` (other entries are
+    logged); ``evaluate(model)`` (rank 0, after each epoch) returns validation numbers.
+    Returns the per-epoch log records.
+    """
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, spec.lr, spec.optim, spec.weight_decay)
+    history: list[dict] = []
+    start = 0
+    if ckpt_path is not None:
+        meta = load_checkpoint(ckpt_path, model, optimizer)
+        if meta is not None:
+            start, history = int(meta["epoch"]), list(meta.get("history", []))
+    train_model = model
+    if runtime.distributed:
+        ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    loader, sampler = _loader(dataset, collate, spec, runtime)
+    total = spec.epochs * len(loader)
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
+    for epoch in range(start, spec.epochs):
+        dataset.set_epoch(epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        torch.manual_seed(spec.seed * 1000 + epoch)
+        t0, sums, n, rows = time.perf_counter(), {}, 0, 0
+        train_model.train()
+        for i, batch in enumerate(
+            _progress(loader, f"{spec.name} epoch {epoch + 1}/{spec.epochs}", runtime)
+        ):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * len(loader) + i, total, spec.lr, spec.optim)
+            parts = _train_step(train_model, batch, step_loss, optimizer, scaler, spec, runtime)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            rows += len(next(v for v in batch.values() if torch.is_tensor(v)))
+        record = {
+            "stage": spec.name,
+            "epoch": epoch + 1,
+            "time_s": round(time.perf_counter() - t0, 2),
+        }
+        record.update({f"train_{k}": round(v / max(n, 1), 5) for k, v in sums.items()})
+        # Rows of the batch's first tensor: crops for graders, stacks for localisers.
+        record["samples_per_s"] = round(rows / max(record["time_s"], 1e-9), 2)
+        if evaluate is not None and runtime.is_main:
+            model.eval()
+            with torch.no_grad():
+                record.update({f"val_{k}": round(v, 5) for k, v in evaluate(model).items()})
+        history.append(record)
+        if runtime.is_main:  # checkpoint first: a log consumer may stop the run
+            if ckpt_path is not None:
+                state = {"epoch": epoch + 1, "history": history}
+                save_checkpoint(ckpt_path, model, optimizer, state)
+            if log is not None:
+                log(record)
+        runtime.barrier()
+    return history
+
+
+def _loader(dataset: EpochDataset, collate, spec: FitSpec, runtime: Runtime):
+    if runtime.distributed:
+        sampler = DistributedSampler(
+            dataset, num_replicas=runtime.world_size, rank=runtime.rank, seed=spec.seed
+        )
+    else:
+        sampler = _EpochRandomSampler(dataset, spec.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=spec.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=runtime.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+        drop_last=len(dataset) > spec.batch_size,
+    )
+    return loader, sampler
+
+
+class _EpochRandomSampler(Sampler[int]):
+    """A random order that depends only on (seed, epoch): a resumed epoch sees the same batches."""
+
+    def __init__(self, dataset: EpochDataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.dataset.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
+
+
+def _train_step(model, batch, step_loss, optimizer, scaler, spec: FitSpec, runtime: Runtime):
+    batch = to_device(batch, runtime)
+    with runtime.autocast():
+        parts = step_loss(model, batch)
+    loss = parts["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{spec.name}: loss became {float(loss)}; lower the learning rate or disable amp"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if spec.optim.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), spec.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: float(v.detach()) for k, v in parts.items()}
+
+
+def to_device(batch: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
+    """Move the tensors of a batch (4-D images channels-last where configured)."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(runtime.device, non_blocking=True)
+            if runtime.channels_last and v.ndim == 4 and v.is_floating_point():
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def _progress(loader, desc: str, runtime: Runtime):
+    """A tqdm bar on rank 0 (stderr); silent elsewhere or when SPINEGRADE_PROGRESS=0."""
+    if not runtime.is_main or os.environ.get("SPINEGRADE_PROGRESS", "1") == "0":
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class JsonlLog:
+    """Append JSON lines (one per epoch and stage) to a fold's ``log.jsonl``."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+
+    def __call__(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,76 @@
+"""The one-command demo end to end on a tiny phantom: every stage, the table, and resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from spinegrade.constants import submission_row_ids
+from spinegrade.demo import print_summary, run_demo, summary_rows
+
+# A tiny but complete run: 2 folds, one epoch, tiny models (what is checked is the plumbing).
+TINY = [
+    "crops.size=32", "crops.slices=3", "model.backbone=test_efficientnet", "model.dim=32",
+    "model.depth=1", "model.heads=2", "model.token_grid=1", "train.batch_size=10",
+    "train.epochs=1", "localizer.image_size=64", "localizer.epochs=1",
+    "localizer.decoder_channels=8", "localizer.batch_size=4", "data.n_folds=2",
+    "data.cache_size=96",
+]  # fmt: skip
+
+
+def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
+    from rich.console import Console
+
+    out = tmp_path / "demo"
+    lines: list[str] = []
+    demo = run_demo(
+        out, n_studies=4, n_test=2, seed=1, overrides=TINY, workers=1, progress=False,
+        echo=lines.append,
+    )  # fmt: skip
+    assert [line[:5] for line in lines] == [f"[{k}/5]" for k in range(1, 6)]
+    # Held-out predictions: the competition's rows for the test studies, scored against truth.
+    test_ids = sorted(pd.read_csv(out / "data" / "truth" / "test_labels.csv")["study_id"])
+    assert pd.read_csv(demo.submission)["row_id"].tolist() == submission_row_ids(test_ids)
+    assert {"model", "uniform", "prior", "best_constant", "true_probs", "bayes_limit"} <= set(
+        demo.test
+    )
+    # The truth beats a constant on the same rows; the Bayes limit reweights it by 1/2/4.
+    assert demo.test["true_probs"]["score"] < demo.test["uniform"]["score"]
+    assert demo.test["bayes_limit"] != demo.test["true_probs"]
+    assert set(demo.train_truth) == {"true_probs", "bayes_limit"}
+    assert demo.cv["oof"]["score"] > 0
+    assert demo.index_html.is_file() and len(list((out / "report").glob("*/figure.png"))) == 2
+    saved = json.loads((out / "demo.json").read_text())
+    assert saved["test"]["model"]["score"] == pytest.approx(demo.test["model"]["score"])
+    assert set(saved["stage_seconds"]) == {
+        "synthesise_s",
+        "preprocess_s",
+        "train_s",
+        "predict_s",
+        "score_s",
+    }
+    # The closing table lists the model beside every reference.
+    whats = [what for _, what, m in summary_rows(demo) if m]
+    assert "model (5-fold out-of-fold)" in whats and "Bayes limit (truth x 1/2/4)" in whats
+    console = Console(record=True, width=160)
+    print_summary(demo, console)
+    text = console.export_text()
+    assert "held-out test" in text and str(demo.index_html.resolve()) in text
+
+    # Resuming: data, cache and folds are reused, so the rerun skips straight to prediction.
+    stamp = (out / "data" / "truth" / "phantom.json").stat().st_mtime_ns
+    fold_stamp = (out / "run" / "fold_0" / "metrics.json").stat().st_mtime_ns
+    again = run_demo(
+        out, n_studies=4, n_test=2, seed=1, overrides=TINY, workers=1, progress=False,
+        echo=lambda _: None,
+    )  # fmt: skip
+    assert (out / "data" / "truth" / "phantom.json").stat().st_mtime_ns == stamp
+    assert (out / "run" / "fold_0" / "metrics.json").stat().st_mtime_ns == fold_stamp
+    assert again.cv["oof"] == demo.cv["oof"]
+    assert again.test["model"]["score"] == pytest.approx(demo.test["model"]["score"])
+    # Another size in the same folder is refused instead of silently mixing datasets.
+    with pytest.raises(ValueError, match="another --out folder"):
+        run_demo(out, n_studies=5, n_test=2, seed=1, overrides=TINY, progress=False)

