@@ -143,7 +143,7 @@ class LocalizerConfig:
     drop_path: float = 0.1
     sigma: float = 1.5  # target heatmap std in heatmap cells (stride 4)
     # --- added by the trainer helper (localize.py) ---
-    zoom: float = 0.5  # second, zoomed look at this fraction of the field of view (0 = off)
+    zoom: float = 0.65  # second, zoomed look at this fraction of the field of view (0 = off)
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4

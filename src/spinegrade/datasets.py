@@ -197,7 +197,7 @@ def collate_levels(batch: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor
 class LocalizerDataset(EpochDataset):
     """Sagittal stacks seen whole or zoomed (as the two looks of prediction), intensity-jittered.
 
-    A zoomed view is centred near the targets' centroid with a random offset of up to
+    A zoomed view is centred near the middle of the targets with a random offset of up to
     ``shift_frac`` of the window and a +-15 % scale change, so the second look of prediction,
     centred on the first look's estimate, sees what training showed it.
     """
@@ -208,7 +208,7 @@ class LocalizerDataset(EpochDataset):
         augment: bool,
         zoom: float = 0.0,
         zoom_prob: float = 0.5,
-        shift_frac: float = 0.2,
+        shift_frac: float = 0.1,
         seed: int = 0,
     ) -> None:
         self.samples, self.augment, self.seed = list(samples), augment, seed
@@ -226,7 +226,8 @@ class LocalizerDataset(EpochDataset):
         if 0 < self.zoom < 1 and rng.random() < self.zoom_prob:
             frac = self.zoom * rng.uniform(0.85, 1.15)
             h, w = frame.inplane_hw()
-            cy, cx = s.zyx[s.valid, 1].mean(), s.zyx[s.valid, 2].mean()
+            ys, xs = s.zyx[s.valid, 1], s.zyx[s.valid, 2]
+            cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
             cy += rng.uniform(-1, 1) * self.shift_frac * frac * h
             cx += rng.uniform(-1, 1) * self.shift_frac * frac * w
             frame = frame.zoomed(cy, cx, frac)

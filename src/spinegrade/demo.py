@@ -240,19 +240,18 @@ def _write_summary(demo: DemoResult) -> Path:
 
 def summary_rows(demo: DemoResult) -> list[tuple[str, str, dict | None]]:
     """(set, what, metric dict) rows of the final table, best-known references included."""
-    cv, base = demo.cv, demo.cv.get("baselines", {})
-    rows: list[tuple[str, str, dict | None]] = [
-        ("train OOF", "model (5-fold out-of-fold)", cv.get("oof")),
-        ("train OOF", "uniform 1/3", base.get("uniform")),
-        ("train OOF", "class prior", base.get("prior")),
-        ("train OOF", "best constant", base.get("best_constant")),
-        ("train OOF", "true probabilities (truth)", demo.train_truth.get("true_probs")),
-        ("train OOF", "Bayes limit (truth x 1/2/4)", demo.train_truth.get("bayes_limit")),
-    ]
-    names = {"model": "model (fold ensemble)", "uniform": "uniform 1/3", "prior": "class prior"}
-    names |= {"best_constant": "best constant", "true_probs": "true probabilities (truth)"}
-    names |= {"bayes_limit": "Bayes limit (truth x 1/2/4)"}
-    rows += [("held-out test", names[k], demo.test.get(k)) for k in names if k in demo.test]
+    base = demo.cv.get("baselines", {})
+    train = {"model": demo.cv.get("oof"), **base, **demo.train_truth}
+    names = {
+        "model": "model",
+        "uniform": "uniform 1/3",
+        "prior": "class prior",
+        "best_constant": "best constant",
+        "true_probs": "truth",
+        "bayes_limit": "Bayes limit",
+    }
+    rows = [("OOF", names[k], train.get(k)) for k in names]
+    rows += [("test", names[k], demo.test.get(k)) for k in names]
     return rows
 
 
@@ -263,18 +262,23 @@ def print_summary(demo: DemoResult, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"spinegrade demo: {demo.n_train} training, {demo.n_test} held-out studies")
-    for name in ("set", "prediction", "score", *TERMS):
-        table.add_column(name, justify="left" if name in ("set", "prediction") else "right")
+    heads = ("set", "prediction", "score", "spinal", "foram.", "subart.", "any sev.")
+    for name in heads:
+        table.add_column(name, justify="left" if name in heads[:2] else "right", no_wrap=True)
     for split, what, m in summary_rows(demo):
         if not m:
             continue
-        style = "bold green" if what.startswith("model") else None
         cells = [f"{m[k]:.3f}" for k in ("score", *TERMS)]
-        table.add_row(split, what, *cells, style=style)
+        table.add_row(split, what, *cells, style="bold green" if what == "model" else None)
     console.print(table)
+    console.print(
+        "OOF: 5-fold out-of-fold on the training studies; test: the fold ensemble on held-out "
+        "studies. truth: the phantom's true probabilities; Bayes limit: truth x 1/2/4, the best "
+        "score to expect. Lower is better."
+    )
     minutes = sum(demo.stage_seconds.values()) / 60
     stages = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in demo.stage_seconds.items())
-    console.print(f"lower is better. wall time {minutes:.1f} min ({stages})")
+    console.print(f"this run took {minutes:.1f} min ({stages})")
     console.print(f"prediction: {demo.per_study_ms:.0f} ms per study (fold ensemble)")
     console.print(f"open the report:  {demo.index_html.resolve()}")
     console.print(f"submission:       {demo.submission.resolve()}")

@@ -174,30 +174,46 @@ def _sagittal_panel(ax, stack, pred: StudyPrediction, condition: str, title: str
     )
     img = stack.volume[z].astype(np.float32)
     ax.imshow(img, cmap="gray", vmin=display_window(img)[0], vmax=display_window(img)[1])
+    marks = []
     for lv, p in located:
         pz, py, px = (float(v) for v in stack.patient_to_voxel(p))
         probs = pred.column(f"{condition}_{lv}")
         color = GRADE_COLORS[grade_of(probs)]
-        on_slice = abs(pz - z) <= 1.0  # off-slice points are drawn hollow and dashed
+        on_slice = abs(pz - z) <= 1.0  # off-slice points are drawn hollow
         ax.plot(px, py, "o", ms=9, mfc=color if on_slice else "none", mec=color, mew=2)
-        # Labels go to the side with more room, so they do not run off the image.
-        to_left = px > 0.6 * img.shape[1]
-        ax.annotate(
-            f"{LEVEL_TITLES[lv]} {_grade_label(probs)}",
-            (px, py),
-            xytext=(-12 if to_left else 12, 0),
-            ha="right" if to_left else "left",
-            textcoords="offset points",
-            color=color,
-            fontsize=8.5,
-            fontweight="bold",
-            va="center",
-            bbox=dict(boxstyle="round,pad=0.2", fc="black", ec="none", alpha=0.6),
-        )
+        marks.append((py, px, f"{LEVEL_TITLES[lv]} {_grade_label(probs)}", color))
+    _label_column(ax, marks, img.shape)
     ax.set_title(f"{title}\nslice {z + 1}/{stack.volume.shape[0]}", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
     _mark_orientation(ax, orientation_letters(stack.row_dir, stack.col_dir))
+
+
+def _label_column(ax, marks: list, shape: tuple[int, int]) -> None:
+    """Level labels in a column beside the spine, spread apart vertically, with leader lines.
+
+    Neighbouring levels can lie a few pixels apart (or be misplaced on top of each other), so the
+    labels are stacked at least a line apart in head-to-foot order instead of on the points.
+    """
+    if not marks:
+        return
+    h, w = shape
+    marks = sorted(marks)  # by image row
+    xs = [m[1] for m in marks]
+    to_left = float(np.median(xs)) > 0.6 * w  # the side with more room
+    x_text = min(xs) - 0.08 * w if to_left else max(xs) + 0.08 * w
+    gap, ys = 0.065 * h, []
+    for y, *_ in marks:
+        ys.append(max(y, ys[-1] + gap) if ys else y)
+    overflow = ys[-1] - (h - 0.03 * h)
+    ys = [y - max(overflow, 0.0) for y in ys]
+    for (y, x, text, color), ty in zip(marks, ys, strict=True):
+        ax.annotate(
+            text, (x, y), xytext=(x_text, ty), textcoords="data", ha="right" if to_left else "left",
+            va="center", color=color, fontsize=8.5, fontweight="bold", annotation_clip=False,
+            bbox=dict(boxstyle="round,pad=0.2", fc="black", ec="none", alpha=0.65),
+            arrowprops=dict(arrowstyle="-", color=color, lw=0.8, alpha=0.8),
+        )  # fmt: skip
 
 
 def _crop_image(column: str, inputs: ReportInputs) -> np.ndarray | None:
@@ -228,6 +244,11 @@ def _axial_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs) ->
     img = _crop_image(right, inputs) if img is None else img
     pl, pr = pred.column(left), pred.column(right)
     title = f"{LEVEL_TITLES[level]} axial\nR: {_grade_label(pr)} | L: {_grade_label(pl)}"
+    if img is not None and float(np.ptp(img)) == 0.0:
+        # The located level fell between the axial slabs: the model was shown an empty crop.
+        _placeholder(ax, "empty crop: the level lies\noutside the axial slabs")
+        ax.set_title(title, fontsize=9)
+        return
     if img is None:
         _placeholder(ax, "no axial slice\nat this level\n(prior)")
         ax.set_title(title, fontsize=9)
@@ -248,6 +269,8 @@ def _saliency_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs)
     """Where the model looked for the most severe finding at ``level`` (saliency over the crop)."""
     have = inputs.crops if inputs.saliency_fn is not None else inputs.saliency
     cols = [f"{c}_{level}" for c in CONDITIONS if f"{c}_{level}" in have]
+    # A crop whose centre slice is empty (the level fell between axial slabs) shows nothing.
+    cols = [c for c in cols if (im := _crop_image(c, inputs)) is not None and float(np.ptp(im)) > 0]
     col = max(cols, key=lambda c: _expected_severity(pred.column(c))) if cols else None
     heat = inputs.saliency_of(col) if col is not None else None
     if col is None or heat is None:
@@ -410,7 +433,8 @@ body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px
 h1{font-size:22px;margin:0 0 4px}p.sub{color:#666;margin:0 0 18px}
 table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:8px;
 vertical-align:top;text-align:left}th{background:#f4f4f4;position:sticky;top:0}
-img.thumb{width:420px;border:1px solid #ccc}td.id{font-weight:bold;font-size:16px}
+img.thumb{width:480px;border:1px solid #ccc}td.fig{width:490px}
+td.id{font-weight:bold;font-size:16px}
 span.g1{color:#b36b00;font-weight:bold}span.g2{color:#c40000;font-weight:bold}
 span.g0{color:#2e7d32}span.prior{color:#888}ul{margin:0;padding-left:18px}li.warn{color:#8a6d00}
 .note{color:#777;font-size:12px;margin-top:16px}
@@ -432,7 +456,7 @@ def _index_row(pred: StudyPrediction) -> str:
     prior = f"<p>{n_prior} of 25 grades from the training prior</p>" if n_prior else ""
     return (
         f'<tr><td class="id">{sid}<br><a href="{sid}/grades.json">grades.json</a></td>'
-        f'<td><a href="{sid}/figure.png"><img class="thumb" src="{sid}/thumb.png" '
+        f'<td class="fig"><a href="{sid}/figure.png"><img class="thumb" src="{sid}/thumb.png" '
         f'alt="study {sid}"></a></td><td><ul>{items}</ul>{prior}<ul>{warns}</ul></td></tr>'
     )
 
