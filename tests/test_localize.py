@@ -14,11 +14,11 @@ from spinegrade.datasets import LocalizerDataset, collate_stacks
 from spinegrade.localize import (
     LOCALIZER_TASKS,
     canonical_volume,
+    decode_levels,
     derive_points,
     fit_offsets,
     localizer_sample,
     point_errors,
-    read_points,
     sagittal_frame,
     summarize_errors,
 )
@@ -95,18 +95,34 @@ def test_collate_pads_and_masks():
     assert float(batch["volume"][0, 3:].abs().sum()) == 0.0
 
 
-def test_read_points_finds_a_sharp_peak():
-    heat = torch.full((1, 2, 4, 16, 16), -20.0)
-    heat[0, 0, 2, 5, 9] = 20.0  # target 0: slice 2, cell (y=5, x=9)
-    heat[0, 1, 1, 12, 3] = 20.0
-    out = {
-        "heatmaps": heat,
-        "slice_logits": torch.logsumexp(heat.flatten(3), -1),
-        "image_hw": (64, 64),
-    }
-    z, xy = read_points(out)
-    assert z[0].tolist() == [2, 1]
-    assert np.allclose(xy[0, 0], [(9 + 0.5) * 4 - 0.5, (5 + 0.5) * 4 - 0.5], atol=1e-3)
+def _logits(peaks: dict[int, list[tuple[int, int, int, float]]], t=5, s=3, h=40, w=12):
+    """Joint logits (T, S, h, w) with Gaussian bumps: target -> [(slice, y, x, height)]."""
+    gy, gx = np.indices((h, w))
+    out = np.full((t, s, h, w), -8.0)
+    for j, bumps in peaks.items():
+        for z, y, x, height in bumps:
+            out[j, z] = np.maximum(out[j, z], height - ((gy - y) ** 2 + (gx - x) ** 2) / 2.0)
+    return out
+
+
+def test_decode_levels_reads_sharp_peaks():
+    discs = [(1, 4 + 7 * j, 6, 10.0) for j in range(5)]
+    logits = _logits({j: [discs[j]] for j in range(5)})
+    z, y, x = decode_levels(logits, [list(range(5))], min_gap=2.0)
+    assert z.tolist() == [1] * 5
+    assert np.allclose(y, [4, 11, 18, 25, 32], atol=0.05) and np.allclose(x, 6, atol=0.05)
+
+
+def test_decode_levels_keeps_levels_on_distinct_ordered_discs():
+    # L1/L2's own map prefers the L2/L3 disc (y=11) and only weakly shows its own (y=4):
+    # decoded alone it would sit on L2/L3; decoded as a sequence it moves up to y=4.
+    peaks = {j: [(1, 4 + 7 * j, 6, 10.0)] for j in range(1, 5)}
+    peaks[0] = [(1, 11, 6, 10.0), (2, 4, 6, 8.0)]
+    z, y, _ = decode_levels(_logits(peaks), [list(range(5))], min_gap=3.0)
+    assert np.allclose(y, [4, 11, 18, 25, 32], atol=0.05) and z[0] == 2
+    # Without a gap constraint the unsure level falls onto its neighbour.
+    _, y_free, _ = decode_levels(_logits(peaks), [[0], [1], [2], [3], [4]], min_gap=3.0)
+    assert y_free[0] == pytest.approx(11, abs=0.05)
 
 
 def test_offsets_and_derived_points():

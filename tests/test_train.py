@@ -67,9 +67,10 @@ def _stop_after(epoch: int):
     return log
 
 
-def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("average", [0.0, 0.3])
+def test_checkpoint_resume_continues_where_it_stopped(tmp_path, average):
     ckpt = tmp_path / "ckpt"
-    spec = FitSpec("toy", epochs=3, batch_size=8, lr=0.05, optim=OptimConfig(), seed=1)
+    spec = FitSpec("toy", 3, batch_size=8, lr=0.05, optim=OptimConfig(), seed=1, average=average)
     torch.manual_seed(0)
     with pytest.raises(_Interrupt):  # killed after epoch 2 (its checkpoint is on disk)
         fit(torch.nn.Linear(4, 2), _Toy(), _collate, _toy_loss, spec, CPU, ckpt, _stop_after(2))

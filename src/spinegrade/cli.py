@@ -246,6 +246,7 @@ def train(
     """Cross-validate: train every fold (localiser + graders), write OOF predictions and cv.json."""
     import os
 
+    _passive_openmp()  # before torch is imported: shared CPUs, see BENCHMARKS.md
     from spinegrade.config import load_config
     from spinegrade.cv import cross_validate
 

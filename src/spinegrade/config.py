@@ -63,6 +63,7 @@ class CropConfig:
     flip_lr: bool = True  # training, axial: mirror left/right and swap the side labels
     # --- added by the trainer helper (crops.py) ---
     max_project_mm: float = 10.0  # a level farther than this from every axial slice is not cut
+    tta: int = 4  # prediction: also grade this many jittered crops and average (0 = centred only)
 
 
 @dataclass
@@ -123,6 +124,9 @@ class TrainConfig:
     groups: list[str] = field(default_factory=lambda: ["spinal", "foraminal", "subarticular"])
     folds: list[int] | None = None  # None = all folds
     log_every: int = 50  # steps between log lines
+    # --- added by the trainer helper (train.py) ---
+    weight_average: float = 0.1  # keep an EMA of the weights over ~this fraction of steps (0: off)
+    prior_mix: float = 0.2  # prediction: mix this much of the training prior into graded cells
 
 
 @dataclass

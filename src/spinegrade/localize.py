@@ -351,51 +351,124 @@ def build_localizer_samples(
     return out
 
 
-def read_points(out, window: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Network output -> (slice (B, T), (x, y) input pixels (B, T, 2)).
+def _local_maxima(prob: np.ndarray, k: int, radius: int) -> list[tuple[int, int]]:
+    """Up to ``k`` peaks of a 2D map, each at least ``radius`` cells from the ones before."""
+    work, peaks = prob.copy(), []
+    for _ in range(k):
+        y, x = np.unravel_index(int(np.argmax(work)), work.shape)
+        if work[y, x] <= 0:
+            break
+        peaks.append((int(y), int(x)))
+        work[max(0, y - radius) : y + radius + 1, max(0, x - radius) : x + radius + 1] = 0
+    return peaks
 
-    The slice is the most probable one; (x, y) the probability-weighted mean over a small window
-    around that slice's heatmap peak, so a second bright spot elsewhere cannot pull it away.
+
+def _ordered_assignment(score: np.ndarray, ys: np.ndarray, min_gap: float) -> list[int] | None:
+    """Best candidate per level, head to feet, each ``min_gap`` below the one above (DP).
+
+    ``score`` (levels, candidates) log-probabilities, ``ys`` candidate rows (canonical y grows
+    towards the feet). Returns candidate indices, or None when no ordered choice exists.
     """
-    heat = out["heatmaps"].float()
-    b, t, _, hh, ww = heat.shape
-    image_h, image_w = out["image_hw"]
-    z = out["slice_logits"].float().argmax(-1)  # (B, T)
-    plane = heat.gather(2, z[..., None, None, None].expand(b, t, 1, hh, ww))[:, :, 0]
-    peak = plane.flatten(2).argmax(-1)
-    py, px = peak // ww, peak % ww
-    gy = torch.arange(hh, device=heat.device)[None, None, :, None]
-    gx = torch.arange(ww, device=heat.device)[None, None, None, :]
-    near = ((gy - py[..., None, None]).abs() <= window) & (
-        (gx - px[..., None, None]).abs() <= window
-    )
-    prob = plane.masked_fill(~near, float("-inf")).flatten(2).softmax(-1).reshape(b, t, hh, ww)
-    cy = (prob.sum(-1) * torch.arange(hh, device=heat.device)).sum(-1)
-    cx = (prob.sum(-2) * torch.arange(ww, device=heat.device)).sum(-1)
-    x = (cx + 0.5) * image_w / ww - 0.5
-    y = (cy + 0.5) * image_h / hh - 0.5
-    return z.cpu().numpy().astype(np.float64), torch.stack([x, y], -1).cpu().numpy()
+    n_lv, n_c = score.shape
+    best = np.full((n_lv, n_c), -np.inf)
+    back = np.zeros((n_lv, n_c), dtype=np.int64)
+    best[0] = score[0]
+    for j in range(1, n_lv):
+        for c in range(n_c):
+            above = [
+                p for p in range(n_c) if ys[c] - ys[p] >= min_gap and np.isfinite(best[j - 1, p])
+            ]
+            if above:
+                p = max(above, key=lambda q: best[j - 1, q])
+                best[j, c], back[j, c] = best[j - 1, p] + score[j, c], p
+    if not np.isfinite(best[-1]).any():
+        return None
+    path = [int(np.argmax(best[-1]))]
+    for j in range(n_lv - 1, 0, -1):
+        path.append(int(back[j, path[-1]]))
+    return path[::-1]
+
+
+def decode_levels(
+    logits: np.ndarray, groups: Sequence[Sequence[int]], min_gap: float, window: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint logits (T, S, h, w) -> (slice, y, x) per target in heatmap cells.
+
+    Each group (the five levels of one side) is decoded together: candidate discs are the peaks
+    of every level's in-plane map, and the levels are assigned to distinct candidates in
+    head-to-feet order at least ``min_gap`` cells apart (a disc cannot be two levels, and L1/L2
+    lies above L2/L3). Without this, a level whose own map is unsure tends to fall onto the
+    neighbouring disc, the commonest large error of a heatmap localiser.
+    """
+    t, s, h, w = logits.shape
+    flat = logits.reshape(t, -1)
+    prob = np.exp(flat - flat.max(1, keepdims=True))
+    prob = (prob / prob.sum(1, keepdims=True)).reshape(t, s, h, w)
+    inplane = prob.sum(1)  # (T, h, w): each level's map, slices marginalised
+    z, y, x = np.zeros(t), np.zeros(t), np.zeros(t)
+    for group in groups:
+        cands = sorted({p for j in group for p in _local_maxima(inplane[j], 3, window)})
+        ys = np.array([c[0] for c in cands], dtype=np.float64)
+        score = np.log(
+            np.array([[_window_sum(inplane[j], c, 1) for c in cands] for j in group]) + 1e-12
+        )
+        path = _ordered_assignment(score, ys, min_gap)
+        for k, j in enumerate(group):
+            c = (
+                cands[path[k]]
+                if path is not None
+                else np.unravel_index(np.argmax(inplane[j]), (h, w))
+            )
+            z[j], y[j], x[j] = _refine(prob[j], c, window)
+    return z, y, x
+
+
+def _window_sum(m: np.ndarray, c: tuple[int, int], r: int) -> float:
+    return float(m[max(0, c[0] - r) : c[0] + r + 1, max(0, c[1] - r) : c[1] + r + 1].sum())
+
+
+def _refine(prob: np.ndarray, c, r: int) -> tuple[float, float, float]:
+    """Most probable slice near candidate ``c``, then the probability-weighted point there."""
+    y0, x0 = max(0, int(c[0]) - r), max(0, int(c[1]) - r)
+    patch = prob[:, y0 : int(c[0]) + r + 1, x0 : int(c[1]) + r + 1]
+    z = int(np.argmax(patch.sum((1, 2))))
+    p = patch[z] / max(float(patch[z].sum()), 1e-12)
+    gy, gx = np.indices(p.shape)
+    return float(z), float((p * gy).sum() + y0), float((p * gx).sum() + x0)
 
 
 @torch.no_grad()
 def locate_in_stack(
-    net: nn.Module, stack: CachedStack, frame: SagittalFrame, zoom: float
+    net: nn.Module, stack: CachedStack, frame: SagittalFrame, zoom: float, min_gap_mm: float = 15.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Targets' full-resolution canonical (z, y, x), each (T,): a whole look, then a zoomed one.
 
     The zoomed look is centred on the middle of the first look's points, so that the top and
-    bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its window.
+    bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its window. Levels are
+    decoded in groups of five (one per side) with :func:`decode_levels`.
     """
     device = next(net.parameters()).device
+    n_targets = int(net.n_targets)
+    groups = [list(range(i, i + len(LEVELS))) for i in range(0, n_targets, len(LEVELS))]
+    # Canonical y runs along the cached rows, or along the columns for a transposed stack.
+    mm_y = stack.spacing[1] if frame.transpose else stack.spacing[0]
     looks = [frame]
     z = y = x = np.zeros(0)
     for k in range(2 if 0 < zoom < 1 else 1):
         if k == 1:
             cy, cx = (float(np.min(v) + np.max(v)) / 2 for v in (y, x))
             looks.append(frame.zoomed(cy, cx, zoom))
-        vol = torch.from_numpy(canonical_volume(stack, looks[-1]))[None].to(device)
-        zs, xy = read_points(net.eval()(vol))
-        z, y, x = looks[-1].input_to_full(zs[0], xy[0, :, 1], xy[0, :, 0])
+        look = looks[-1]
+        vol = torch.from_numpy(canonical_volume(stack, look))[None].to(device)
+        out = net.eval()(vol)
+        heat = out["heatmaps"][0].float().cpu().numpy()
+        hh, ww = heat.shape[-2:]
+        lh, lw = look.window[2:] if look.window else look.inplane_hw()
+        cell_y, cell_x = lh / hh, lw / ww  # full-resolution pixels per heatmap cell
+        zc, yc, xc = decode_levels(heat, groups, min_gap_mm / (mm_y * cell_y))
+        z, y, x = zc + look.z0, (yc + 0.5) * cell_y - 0.5, (xc + 0.5) * cell_x - 0.5
+        if look.window:
+            y, x = y + look.window[0], x + look.window[1]
     return z, y, x
 
 

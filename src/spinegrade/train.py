@@ -146,18 +146,23 @@ def lr_at(step: int, total: int, base_lr: float, cfg: OptimConfig) -> float:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    average: WeightAverage | None = None,
 ) -> None:
-    """Model + optimiser tensors as safetensors, everything else (epoch, log) as JSON; atomic."""
-    tensors = {
-        f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()
-    }
+    """Model, optimiser (and weight-average) tensors as safetensors, the rest as JSON; atomic."""
+    tensors = {f"model.{k}": _cpu(v) for k, v in unwrap(model).state_dict().items()}
+    if average is not None:
+        tensors.update({f"average.{k}": _cpu(v) for k, v in average.state.items()})
+        state = {**state, "average_steps": average.steps}
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, pstate in opt["state"].items():
         for key, value in pstate.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optim.{idx}.{key}"] = _cpu(value)
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     meta = {"format": CKPT_FORMAT, "param_groups": opt["param_groups"], "scalars": scalars, **state}
@@ -170,7 +175,16 @@ def save_checkpoint(
     os.replace(json_tmp, path.with_suffix(".json"))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous()
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    average: WeightAverage | None = None,
+) -> dict | None:
     """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none."""
     tensor_path, json_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
     if not (tensor_path.is_file() and json_path.is_file()):
@@ -181,7 +195,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             f"{json_path}: not a spinegrade checkpoint; delete it to start the stage over"
         )
     tensors = load_file(str(tensor_path))
-    unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    unwrap(model).load_state_dict(_with_prefix(tensors, "model."))
+    if average is not None and "average_steps" in meta:
+        average.load(_with_prefix(tensors, "average."), int(meta["average_steps"]))
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -191,6 +207,41 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         state.setdefault(int(idx), {}).update(extra)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights and buffers.
+
+    With a few hundred steps on a few dozen studies, the weights of the last step are one noisy
+    draw; their running average predicts more steadily (the same idea as SWA / timm's ModelEma).
+    The decay ramps up over the first steps so the random initial weights fade quickly.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.steps = decay, 0
+        self.state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for k, v in unwrap(model).state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.state[k].copy_(v)
+
+    def load(self, state: dict[str, torch.Tensor], steps: int) -> None:
+        for k, v in state.items():
+            self.state[k].copy_(v)
+        self.steps = steps
+
+    def copy_to(self, model: nn.Module) -> None:
+        unwrap(model).load_state_dict(self.state)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -217,6 +268,7 @@ class FitSpec:
     optim: OptimConfig
     weight_decay: float | None = None
     seed: int = 0
+    average: float = 0.0  # horizon of the weight average kept, as a fraction of all steps (0: off)
 
 
 def fit(
@@ -233,64 +285,116 @@ def fit(
     """Train ``model`` in place for ``spec.epochs``; resume from ``ckpt_path`` if it exists.
 
     ``step_loss(model, batch)`` returns a dict with a differentiable ``loss`` (other entries are
-    logged); ``evaluate(model)`` (rank 0, after each epoch) returns validation numbers.
+    logged); ``evaluate(model)`` (rank 0, after each epoch) returns validation numbers, measured
+    on the weights that will be kept (the weight average when ``spec.average`` > 0).
     Returns the per-epoch log records.
     """
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, spec.lr, spec.optim, spec.weight_decay)
+    loader, sampler = _loader(dataset, collate, spec, runtime)
+    average = None
+    if spec.average > 0:  # decay from the horizon: averages ~ the last `average` of the steps
+        horizon = max(1.0, spec.average * spec.epochs * len(loader))
+        average = WeightAverage(model, 1.0 - 1.0 / horizon)
     history: list[dict] = []
     start = 0
-    if ckpt_path is not None:
-        meta = load_checkpoint(ckpt_path, model, optimizer)
-        if meta is not None:
-            start, history = int(meta["epoch"]), list(meta.get("history", []))
+    meta = load_checkpoint(ckpt_path, model, optimizer, average) if ckpt_path else None
+    if meta is not None:
+        start, history = int(meta["epoch"]), list(meta.get("history", []))
     train_model = model
     if runtime.distributed:
         ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    loader, sampler = _loader(dataset, collate, spec, runtime)
-    total = spec.epochs * len(loader)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
     for epoch in range(start, spec.epochs):
         dataset.set_epoch(epoch)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         torch.manual_seed(spec.seed * 1000 + epoch)
-        t0, sums, n, rows = time.perf_counter(), {}, 0, 0
-        train_model.train()
-        for i, batch in enumerate(
-            _progress(loader, f"{spec.name} epoch {epoch + 1}/{spec.epochs}", runtime)
-        ):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * len(loader) + i, total, spec.lr, spec.optim)
-            parts = _train_step(train_model, batch, step_loss, optimizer, scaler, spec, runtime)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            rows += len(next(v for v in batch.values() if torch.is_tensor(v)))
-        record = {
-            "stage": spec.name,
-            "epoch": epoch + 1,
-            "time_s": round(time.perf_counter() - t0, 2),
-        }
-        record.update({f"train_{k}": round(v / max(n, 1), 5) for k, v in sums.items()})
-        # Rows of the batch's first tensor: crops for graders, stacks for localisers.
-        record["samples_per_s"] = round(rows / max(record["time_s"], 1e-9), 2)
+        step = _Stepper(train_model, step_loss, optimizer, scaler, spec, runtime, average)
+        record = step.epoch(loader, epoch)
         if evaluate is not None and runtime.is_main:
-            model.eval()
-            with torch.no_grad():
-                record.update({f"val_{k}": round(v, 5) for k, v in evaluate(model).items()})
+            record.update(_evaluate(model, average, evaluate))
         history.append(record)
         if runtime.is_main:  # checkpoint first: a log consumer may stop the run
             if ckpt_path is not None:
                 state = {"epoch": epoch + 1, "history": history}
-                save_checkpoint(ckpt_path, model, optimizer, state)
+                save_checkpoint(ckpt_path, model, optimizer, state, average)
             if log is not None:
                 log(record)
         runtime.barrier()
+    if average is not None:
+        average.copy_to(model)
     return history
+
+
+def _evaluate(model: nn.Module, average: WeightAverage | None, evaluate) -> dict[str, float]:
+    """Validation numbers of the weights that will be kept (the average when there is one)."""
+    live = None
+    if average is not None:
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        average.copy_to(model)
+    model.eval()
+    with torch.no_grad():
+        out = {f"val_{k}": round(v, 5) for k, v in evaluate(model).items()}
+    if live is not None:
+        model.load_state_dict(live)
+    return out
+
+
+@dataclass
+class _Stepper:
+    """One epoch of optimisation steps (learning-rate schedule, AMP, clipping, averaging)."""
+
+    model: nn.Module
+    step_loss: Callable
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    spec: FitSpec
+    runtime: Runtime
+    average: WeightAverage | None
+
+    def epoch(self, loader, epoch: int) -> dict:
+        t0, sums, n, rows = time.perf_counter(), {}, 0, 0
+        total = self.spec.epochs * len(loader)
+        self.model.train()
+        desc = f"{self.spec.name} epoch {epoch + 1}/{self.spec.epochs}"
+        for i, batch in enumerate(_progress(loader, desc, self.runtime)):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(epoch * len(loader) + i, total, self.spec.lr, self.spec.optim)
+            for k, v in self.step(batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            rows += len(next(v for v in batch.values() if torch.is_tensor(v)))
+        elapsed = time.perf_counter() - t0
+        record = {"stage": self.spec.name, "epoch": epoch + 1, "time_s": round(elapsed, 2)}
+        record.update({f"train_{k}": round(v / max(n, 1), 5) for k, v in sums.items()})
+        # Rows of the batch's first tensor: crops for graders, stacks for localisers.
+        record["samples_per_s"] = round(rows / max(elapsed, 1e-9), 2)
+        return record
+
+    def step(self, batch: dict) -> dict[str, float]:
+        batch = to_device(batch, self.runtime)
+        with self.runtime.autocast():
+            parts = self.step_loss(self.model, batch)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{self.spec.name}: loss became {float(loss)}; lower the learning rate or "
+                "disable amp"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.spec.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.model)
+        return {k: float(v.detach()) for k, v in parts.items()}
 
 
 def _loader(dataset: EpochDataset, collate, spec: FitSpec, runtime: Runtime):
@@ -324,25 +428,6 @@ class _EpochRandomSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.dataset.epoch)
         return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
-
-
-def _train_step(model, batch, step_loss, optimizer, scaler, spec: FitSpec, runtime: Runtime):
-    batch = to_device(batch, runtime)
-    with runtime.autocast():
-        parts = step_loss(model, batch)
-    loss = parts["loss"]
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"{spec.name}: loss became {float(loss)}; lower the learning rate or disable amp"
-        )
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if spec.optim.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), spec.optim.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return {k: float(v.detach()) for k, v in parts.items()}
 
 
 def to_device(batch: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
