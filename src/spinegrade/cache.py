@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinegrade.geometry import SliceGeometry
+
 FORMAT_VERSION = 1
 INDEX_NAME = "index.csv"
 INDEX_COLUMNS: tuple[str, ...] = (
@@ -38,7 +40,7 @@ _INT_COLUMNS += ("orig_rows", "orig_cols")
 
 
 @dataclass
-class CachedStack:
+class CachedStack(SliceGeometry):
     """One cached stack: uint8 volume ``(D, H, W)`` plus per-slice geometry (see module doc)."""
 
     volume: np.ndarray  # uint8 (D, H, W)
@@ -62,23 +64,6 @@ class CachedStack:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.volume.shape)  # type: ignore[return-value]
-
-    @property
-    def normal(self) -> np.ndarray:
-        """Unit slice normal, ``cross(row_dir, col_dir)``; slices are ordered along it."""
-        n = np.cross(self.row_dir, self.col_dir)
-        return n / np.linalg.norm(n)
-
-    @property
-    def slice_positions(self) -> np.ndarray:
-        """Position of every slice along the normal (mm), increasing."""
-        return self.positions @ self.normal
-
-    @property
-    def slice_spacing(self) -> float:
-        """Median distance between neighbouring slices (mm); 0 for a single slice."""
-        s = self.slice_positions
-        return float(np.median(np.diff(s))) if len(s) > 1 else 0.0
 
     def slice_index(self, instance_number: int) -> int:
         """Cached slice index of a DICOM InstanceNumber."""

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from spinegrade.geometry import SliceGeometry
+
 
 @dataclass
-class Stack:
+class Stack(SliceGeometry):
     """One geometrically consistent stack of parallel slices, ordered along the slice normal.
 
     Patient coordinates are DICOM LPS millimetres. ``row_dir`` is the direction of increasing
@@ -37,22 +39,6 @@ class Stack:
     # PixelSpacing): slices are then in InstanceNumber/frame order on a nominal grid, and points
     # cannot be mapped to other series.
     has_geometry: bool = True
-
-    @property
-    def normal(self) -> np.ndarray:
-        n = np.cross(self.row_dir, self.col_dir)
-        return n / np.linalg.norm(n)
-
-    @property
-    def slice_positions(self) -> np.ndarray:
-        """Position of every slice along the normal (mm), increasing."""
-        return self.positions @ self.normal
-
-    @property
-    def slice_spacing(self) -> float:
-        """Median distance between neighbouring slices along the normal (mm); 0 for one slice."""
-        s = self.slice_positions
-        return float(np.median(np.diff(s))) if len(s) > 1 else 0.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
