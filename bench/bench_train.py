@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_train.py                       # quick config, 2 threads
     .venv/bin/python bench/bench_train.py --config default --threads 2 --steps 5
     .venv/bin/python bench/bench_train.py --cache /tmp/sg_demo_cache   # crop cutting on real stacks
+    .venv/bin/python bench/bench_train.py crops.size=48 localizer.batch_size=2   # overrides
 
 Measures, each after warm-up steps: grader training steps (crops/s, forward + backward + AdamW)
 per group model, grader inference (crops/s), localiser training (stacks/s at the config's image
@@ -126,11 +127,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cache", default=None, help="cut crops from this cache's stacks")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. crops.size=48")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     CLOCK.update(name=args.clock, threads=args.threads)
     torch.manual_seed(0)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     c, m, loc = cfg.crops, cfg.model, cfg.localizer
     train, infer = grader_rates(cfg, args.steps)
     stacks = localizer_rate(cfg, max(2, args.steps // 3))

@@ -127,43 +127,34 @@ def test_run_folder_is_complete_reloadable_and_folds_are_disjoint(world, tmp_pat
     monkeypatch.setenv("SPINEGRADE_PROGRESS", "0")
     data, cache = world
     run = tmp_path / "run"
-    cfg = load_config("quick", TINY)
-    # One fold at a time, as on two machines; the second call merges.
-    assert cross_validate(data, cache, run, cfg, folds_to_run=[1], progress=False) is None
-    cv = cross_validate(
-        data, cache, run, load_config("quick", TINY), folds_to_run=[0], progress=False
-    )
-    assert cv is not None and set(cv["oof"]) >= {
-        "spinal",
-        "foraminal",
-        "subarticular",
-        "any_severe_spinal",
-        "score",
-    }
+    tiny = [*TINY, "data.n_folds=3"]
+    # One fold alone (as on another machine), then the other two side by side in two
+    # processes; the second call merges.
+    one = load_config("quick", [*tiny, "train.fold_workers=1"])
+    assert cross_validate(data, cache, run, one, folds_to_run=[2], progress=False) is None
+    two = load_config("quick", [*tiny, "train.fold_workers=2"])
+    cv = cross_validate(data, cache, run, two, progress=False)
+    assert cv is not None
+    assert set(cv["oof"]) == {"spinal", "foraminal", "subarticular", "any_severe_spinal", "score"}
     assert {"uniform", "prior", "best_constant"} <= set(cv["baselines"]) and cv[
         "bayes_limit"
     ] is None
     assert set(cv["localizer"]) == {"spinal", "foraminal", "subarticular"}
     folds = pd.read_csv(run / "folds.csv")
-    assert folds["study_id"].is_unique and sorted(folds["fold"].unique()) == [0, 1]
-    for k in (0, 1):
+    assert folds["study_id"].is_unique and sorted(folds["fold"].unique()) == [0, 1, 2]
+    names = ("localizer_spinal", "localizer_foraminal", "grader_spinal", "grader_foraminal",
+             "grader_subarticular")  # fmt: skip
+    for k in (0, 1, 2):
         d = run / f"fold_{k}"
-        for name in (
-            "localizer_spinal",
-            "localizer_foraminal",
-            "grader_spinal",
-            "grader_foraminal",
-            "grader_subarticular",
-        ):
+        for name in names:
             assert (d / f"{name}.safetensors").is_file() and (d / f"{name}.json").is_file()
         assert (d / "log.jsonl").read_text().count("\n") >= 5 and not (d / "checkpoints").exists()
         oof = pd.read_csv(d / "oof.csv")
         val = set(folds.loc[folds["fold"] == k, "study_id"])
         assert {int(r.split("_")[0]) for r in oof["row_id"]} == val and len(oof) == 25 * len(val)
     oof = pd.read_csv(run / "oof.csv")
-    assert len(oof) == 25 * len(folds) and np.allclose(
-        oof[["normal_mild", "moderate", "severe"]].sum(axis=1), 1
-    )
+    probs = oof[["normal_mild", "moderate", "severe"]]
+    assert len(oof) == 25 * len(folds) and np.allclose(probs.sum(axis=1), 1)
     assert json.loads((run / "cv.json").read_text()) == json.loads(json.dumps(cv))
     # Reload a fold and predict a study exactly as the out-of-fold pass did.
     models = load_fold_models(run / "fold_0")
@@ -178,9 +169,7 @@ def test_run_folder_is_complete_reloadable_and_folds_are_disjoint(world, tmp_pat
     # Re-running is a no-op that merges again; another config is refused.
     assert merge_run(run)["oof"] == cv["oof"]
     with pytest.raises(ValueError, match="another config"):
-        cross_validate(
-            data, cache, run, load_config("quick", [*TINY, "train.epochs=2"]), progress=False
-        )
+        cross_validate(data, cache, run, load_config("quick", [*tiny, "train.epochs=2"]))
 
 
 def test_cli_splits_fold_numbers_from_overrides():
@@ -193,3 +182,14 @@ def test_cli_splits_fold_numbers_from_overrides():
         _split_folds_overrides(None, ["3"])
     with pytest.raises(ValueError, match="neither"):
         _split_folds_overrides(None, ["epochs"])
+
+
+def test_fold_workers_keep_every_core_busy(monkeypatch):
+    from spinegrade.cv import _fold_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cfg = load_config("quick")
+    assert [_fold_workers(cfg, CPU, n) for n in (1, 2, 3, 4, 5)] == [1, 2, 3, 2, 3]
+    assert _fold_workers(load_config("quick", ["train.fold_workers=1"]), CPU, 5) == 1
+    gpu = Runtime(torch.device("cuda"))
+    assert _fold_workers(cfg, gpu, 5) == 1  # one GPU trains one fold at a time

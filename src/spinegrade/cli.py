@@ -41,13 +41,25 @@ def cli_errors(fn: F) -> F:
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging")) -> None:
+def _main(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging"),
+) -> None:
     """spinegrade: lumbar spine degeneration grading on MRI (RSNA 2024 format)."""
+    import os
+
+    from spinegrade.parallel import exit_on_sigterm
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # SIGTERM unwinds like Ctrl-C (exit code 143): worker pools stop, `finally` blocks run. Not
+    # under torchrun (WORLD_SIZE set): it stops its ranks itself, and a rank blocked in a
+    # collective would only see a Python handler once the collective times out.
+    if "WORLD_SIZE" not in os.environ:
+        ctx.call_on_close(exit_on_sigterm())
 
 
 @app.command()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,15 @@ from torch import nn
 
 from spinegrade.cache import CachedStack
 from spinegrade.config import Config, CropConfig, load_config, save_config
-from spinegrade.constants import LABEL_COLUMNS, LEVELS, PROB_COLUMNS, submission_row_ids
+from spinegrade.constants import (
+    COLUMN_CONDITION,
+    COLUMN_LEVEL,
+    CONDITION_GROUP,
+    LABEL_COLUMNS,
+    LEVELS,
+    PROB_COLUMNS,
+    submission_row_ids,
+)
 from spinegrade.crops import StudyPoints, make_crops
 from spinegrade.datasets import (
     GROUP_CONDITIONS,
@@ -62,6 +71,13 @@ from spinegrade.train import FitSpec, JsonlLog, Runtime, fit, setup_runtime
 
 log = logging.getLogger(__name__)
 GROUPS_ALL: tuple[str, ...] = tuple(GROUP_CONDITIONS)
+# Config keys that say where and how a run executes, not what it trains: they may differ
+# between the calls that train the folds of one run folder.
+RUNTIME_KEYS = frozenset(
+    f"train.{k}"
+    for k in ("folds", "fold_workers", "num_workers", "accelerator", "devices", "strategy",
+              "amp", "channels_last", "eval_batch_size", "log_every")
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------ per-study inference (shared)
@@ -90,8 +106,6 @@ def grade_crops(
     graders: Mapping[str, nn.Module], crops: Mapping[str, np.ndarray], batch_size: int = 64
 ) -> dict[str, np.ndarray]:
     """Crops by label column -> class probabilities (3,) by label column (eval mode, no grad)."""
-    from spinegrade.constants import COLUMN_CONDITION, COLUMN_LEVEL, CONDITION_GROUP
-
     out: dict[str, np.ndarray] = {}
     by_group: dict[str, list[str]] = {}
     for col in crops:
@@ -401,7 +415,10 @@ def _stage1(
     if (out / "localizer_geometry.json").is_file():
         return Localizer.load(out, str(runtime.device))
     offsets = fit_offsets([studies[s].points for s in train_ids])
-    pick = lambda ids: {t: [m[s] for s in ids if s in m] for t, m in loc_samples.items()}  # noqa: E731
+
+    def pick(ids: list[int]) -> dict[str, list[LocalizerSample]]:
+        return {t: [m[s] for s in ids if s in m] for t, m in loc_samples.items()}
+
     nets = train_localizer(cfg, pick(train_ids), pick(val_ids), runtime, ckpt, log_fn, seed)
     c = cfg.localizer
     localizer = Localizer(nets, offsets, c.image_size, c.max_slices, c.zoom)
@@ -447,7 +464,7 @@ def cross_validate(
     command can be repeated, or run with ``folds_to_run=[k]`` on different machines sharing the
     run folder (then :func:`merge_run`). Returns the cv.json content once all folds exist.
     """
-    from spinegrade.data.rsna import load_dataset, normalize_coordinates
+    from spinegrade.data.rsna import load_dataset
 
     runtime = setup_runtime(cfg.train)
     run_dir = Path(run_dir)
@@ -467,43 +484,112 @@ def cross_validate(
             f"folds {unknown} do not exist in {run_dir / 'folds.csv'} (folds {all_folds})"
         )
     todo = [k for k in wanted if not fold_done(run_dir, k)]
-    if todo:
-        coords = normalize_coordinates(ds.coordinates) if ds.coordinates is not None else None
-        studies = load_studies(
-            cache_dir, ds.labels["study_id"].tolist(), ds.labels, coords, progress=progress
-        )
-        loc_samples = build_localizer_samples(
-            {s: (d.stacks, d.points) for s, d in studies.items()}, cfg
-        )
-        for k in todo:
-            if runtime.is_main:
-                log.info("fold %d: training (%s)", k, fold_dir(run_dir, k))
-            metrics = run_fold(cfg, k, folds, studies, loc_samples, ds.labels, run_dir, runtime)
-            if metrics is not None:
-                log.info(
-                    "fold %d: OOF score %.4f in %.0f s",
-                    k,
-                    metrics["oof"]["score"],
-                    metrics["timing"]["total_s"],
-                )
+    workers = _fold_workers(cfg, runtime, len(todo))
+    if workers > 1:
+        _train_in_processes(data_dir, cache_dir, run_dir, cfg, todo, workers)
+    elif todo:
+        _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime, progress)
     if runtime.is_main and all(fold_done(run_dir, k) for k in all_folds):
         return merge_run(run_dir)
     return None
 
 
+def _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime: Runtime, progress: bool) -> None:
+    """Train ``todo`` folds one after the other in this process (GPU, DDP or one CPU worker)."""
+    from spinegrade.data.rsna import load_dataset, load_folds, normalize_coordinates
+
+    ds = load_dataset(data_dir)
+    folds = load_folds(Path(run_dir) / "folds.csv")
+    coords = normalize_coordinates(ds.coordinates) if ds.coordinates is not None else None
+    ids = ds.labels["study_id"].tolist()
+    studies = load_studies(cache_dir, ids, ds.labels, coords, progress=progress)
+    loc_samples = build_localizer_samples(
+        {s: (d.stacks, d.points) for s, d in studies.items()}, cfg
+    )
+    for k in todo:
+        if runtime.is_main:
+            log.info("fold %d: training (%s)", k, fold_dir(run_dir, k))
+        metrics = run_fold(cfg, k, folds, studies, loc_samples, ds.labels, Path(run_dir), runtime)
+        if metrics is not None:
+            score, secs = metrics["oof"]["score"], metrics["timing"]["total_s"]
+            log.info("fold %d: OOF score %.4f in %.0f s", k, score, secs)
+
+
+def _fold_workers(cfg: Config, runtime: Runtime, n_todo: int) -> int:
+    """Processes that train folds side by side: CPU only (one GPU trains one fold at a time).
+
+    The small CPU models gain almost nothing from a second thread (BENCHMARKS.md), but folds in
+    single-threaded processes use every core. Automatic choice: the fewest processes (at least
+    one per core) such that no round of folds leaves a core idle, e.g. 5 folds on 2 cores run
+    as 3 + 2 (2.5 fold-times), not 2 + 2 + 1 (3 fold-times).
+    """
+    if runtime.device.type != "cpu" or runtime.distributed or n_todo < 2:
+        return 1
+    if cfg.train.fold_workers:
+        return max(1, min(cfg.train.fold_workers, n_todo))
+    cores = os.cpu_count() or 1
+    for workers in range(min(cores, n_todo), n_todo + 1):
+        if n_todo % workers == 0 or n_todo % workers >= cores:
+            return workers
+    return n_todo
+
+
+def _train_in_processes(data_dir, cache_dir, run_dir, cfg: Config, todo, workers: int) -> None:
+    """Train folds in ``workers`` spawned processes, each with its share of the CPU threads.
+
+    A bar counts folds as they finish. The first failure, Ctrl-C or SIGTERM terminates the other
+    folds' processes (a rerun resumes them from their checkpoints).
+    """
+    import multiprocessing as mp
+    from concurrent.futures import as_completed
+
+    from tqdm.auto import tqdm
+
+    from spinegrade.parallel import process_pool
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("training folds %s in %d processes x %d thread(s)", todo, workers, threads)
+    show = os.environ.get("SPINEGRADE_PROGRESS", "1") != "0"
+    with (
+        process_pool(workers, mp.get_context("spawn")) as pool,
+        tqdm(total=len(todo), desc="folds", unit="fold", disable=not show) as bar,
+    ):
+        futures = {
+            pool.submit(_fold_process, (data_dir, cache_dir, run_dir, cfg, [k], threads)): k
+            for k in todo
+        }
+        for fut in as_completed(futures):
+            k = futures[fut]
+            fut.result()
+            path = fold_dir(run_dir, k) / "metrics.json"
+            score = json.loads(path.read_text())["oof"]["score"] if path.is_file() else None
+            log.info("fold %d: done%s", k, "" if score is None else f" (OOF score {score:.4f})")
+            bar.update(1)
+
+
+def _fold_process(args) -> None:
+    """Entry point of a fold-training process (spawned: a fresh interpreter, one fold)."""
+    data_dir, cache_dir, run_dir, cfg, todo, threads = args
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ["SPINEGRADE_PROGRESS"] = "0"  # bars of parallel folds would interleave
+    runtime = setup_runtime(cfg.train, threads=threads)
+    _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime, progress=False)
+
+
 def _write_or_check_config(cfg: Config, run_dir: Path) -> None:
-    """Save the resolved config; a run folder keeps one config (only ``train.folds`` may differ)."""
+    """Save the resolved config; a run folder keeps one config.
+
+    Only where and how it runs may differ between calls (which folds, devices, workers,
+    precision), so folds can be trained on different machines and merged.
+    """
     from spinegrade.config import ConfigError
 
     path = run_dir / "config.yaml"
     if path.is_file():
         old = _flat(load_config(path).to_dict())
         new = _flat(cfg.to_dict())
-        diff = [
-            k
-            for k in sorted(set(old) | set(new))
-            if k != "train.folds" and old.get(k) != new.get(k)
-        ]
+        keys = sorted((set(old) | set(new)) - RUNTIME_KEYS)
+        diff = [k for k in keys if old.get(k) != new.get(k)]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
             raise ConfigError(

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from spinegrade.cache import (
     write_index,
 )
 from spinegrade.io.types import Stack
+from spinegrade.parallel import process_pool
 
 RECORD_NAME = "study.json"
 _MAX_TASKS_PER_CHILD = 64  # recycle workers now and then: keeps their memory from creeping up
@@ -414,26 +415,26 @@ def _pool_outcomes(
 
     A worker that dies (killed, out of memory) breaks the pool: the studies it had in flight
     are reported as crashed (no record is written, so the next run retries them) and a fresh
-    pool carries on with the rest.
+    pool carries on with the rest. An interrupt, or closing this generator early, terminates
+    the workers (studies are written atomically, so a killed one is simply redone next run).
     """
     todo = list(tasks)[::-1]
     extra = {"max_tasks_per_child": _MAX_TASKS_PER_CHILD} if sys.version_info >= (3, 11) else {}
     while todo:
-        pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), **extra)
         pending: dict[Future, StudyTask] = {}
-        try:
-            while todo or pending:
-                while todo and len(pending) < 2 * workers:
-                    task = todo.pop()
-                    pending[pool.submit(process_study, task, cache_dir, params)] = task
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield _outcome_of(fut, pending.pop(fut))
-        except BrokenProcessPool:
-            for task in pending.values():
-                yield _crashed(task, "worker process died (killed or out of memory)")
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        with process_pool(workers, _pool_context(), **extra) as pool:
+            try:
+                while todo or pending:
+                    while todo and len(pending) < 2 * workers:
+                        task = todo.pop()
+                        pending[pool.submit(process_study, task, cache_dir, params)] = task
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:  # popped after: a broken pool reports this one too
+                        yield _outcome_of(fut, pending[fut])
+                        del pending[fut]
+            except BrokenProcessPool:
+                for task in pending.values():
+                    yield _crashed(task, "worker process died (killed or out of memory)")
 
 
 def _pool_context() -> mp.context.BaseContext:
@@ -546,6 +547,7 @@ def preprocess_dataset(
             _account(summary, outcome)
             update(outcome)
     finally:
+        runner.close()  # interrupted between studies: stop the workers before writing the index
         update(None)
         summary.index_path = write_index(cache_dir, collect_records(cache_dir))
         summary.seconds = time.perf_counter() - t0

@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from spinegrade.data.phantom_study import (
     start_study,
 )
 from spinegrade.data.phantom_writer import write_csv
+from spinegrade.parallel import process_pool
 
 __all__ = [
     "SynthConfig",
@@ -169,9 +169,9 @@ def _run(tasks: list[StudyTask], workers: int, progress) -> list[StudyRecord]:
         for t in tasks:
             done(_safe_generate(t))
         return records
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)), mp_context=_pool_context()
-    ) as pool:
+    # An interrupt (Ctrl-C, SIGTERM) terminates the workers; the marker file stays, so the same
+    # command run again starts the folder afresh.
+    with process_pool(min(workers, len(tasks)), _pool_context()) as pool:
         for rec in pool.map(_safe_generate, tasks, chunksize=1):
             done(rec)
     return records
