@@ -17,6 +17,7 @@ from spinegrade.localize import (
     decode_levels,
     derive_points,
     fit_offsets,
+    fuse_level_points,
     localizer_sample,
     point_errors,
     sagittal_frame,
@@ -143,6 +144,37 @@ def test_offsets_and_derived_points():
             partial.set(c, lv, studies[0].get(c, lv))
     full = derive_points(partial, offsets)
     assert np.allclose(full.xyz, studies[0].xyz)
+
+
+def test_fusion_moves_a_level_that_slid_onto_the_consensus():
+    truth = StudyPoints()
+    for (condition, level), p in level_points(0).items():
+        truth.set(condition, level, p)
+    offsets = fit_offsets([truth])
+    spinal, left, right = (
+        "spinal_canal_stenosis",
+        "left_neural_foraminal_narrowing",
+        "right_neural_foraminal_narrowing",
+    )
+    pred = truth.copy()
+    pred.set(spinal, "l3_l4", truth.get(spinal, "l3_l4") + 20 * H + 1.5 * L)  # slid up a level
+    pred.set(left, "l4_l5", truth.get(left, "l4_l5") - 25 * H)  # a foramen slid down
+    pred.set(right, "l1_l2", truth.get(right, "l1_l2") + 3 * H)  # within tolerance: kept
+    fused = fuse_level_points(pred, offsets, tol_mm=10.0)
+    # Height and depth come back to the level; the canal keeps its own lateral position.
+    assert np.allclose(fused.get(spinal, "l3_l4"), truth.get(spinal, "l3_l4") + 1.5 * L)
+    assert np.allclose(fused.get(left, "l4_l5"), truth.get(left, "l4_l5"))
+    assert np.allclose(fused.get(right, "l1_l2"), pred.get(right, "l1_l2"))
+    untouched = [lv for lv in LEVELS if lv not in ("l3_l4", "l4_l5", "l1_l2")]
+    for lv in untouched:
+        for c in (spinal, left, right):
+            assert np.allclose(fused.get(c, lv), truth.get(c, lv))
+    # Off (0 mm), or a level missing a foramen: nothing moves; the input is never modified.
+    assert np.array_equal(fuse_level_points(pred, offsets, 0.0).xyz, pred.xyz)
+    pred.xyz[2, LEVELS.index("l3_l4")] = np.nan
+    assert np.allclose(
+        fuse_level_points(pred, offsets, 10.0).get(spinal, "l3_l4"), pred.get(spinal, "l3_l4")
+    )
 
 
 def test_point_errors_and_summary():

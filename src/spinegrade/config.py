@@ -149,6 +149,9 @@ class LocalizerConfig:
     sigma: float = 1.5  # target heatmap std in heatmap cells (stride 4)
     # --- added by the trainer helper (localize.py) ---
     zoom: float = 0.65  # second, zoomed look at this fraction of the field of view (0 = off)
+    # A canal or foramen point farther than this from the level's three-point consensus is moved
+    # onto it (localize.fuse_level_points); 0 = off.
+    fuse_mm: float = 10.0
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4

@@ -29,6 +29,8 @@ from scipy import ndimage
 from spinegrade.cache import CachedStack, find_stack, project_point
 from spinegrade.config import CropConfig
 from spinegrade.constants import (
+    COLUMN_CONDITION,
+    COLUMN_LEVEL,
     CONDITION_GROUP,
     CONDITION_SERIES,
     CONDITION_SIDE,
@@ -175,7 +177,8 @@ def extract_crop(
 ) -> np.ndarray:
     """Cut ``n_slices`` x ``size`` x ``size`` around ``center`` (LPS) in the canonical view.
 
-    Slices beyond the stack, and pixels beyond the image, are zero. Values are the cached
+    The centre slice is the stack's slice nearest to ``center`` (clamped into the slab); slices
+    beyond the stack, and pixels beyond the image, are zero. Values are the cached
     intensities scaled to [0, 1] (float32).
     """
     jitter = jitter or Jitter()
@@ -191,8 +194,11 @@ def extract_crop(
     rows = yc + rx * ex[0] + ry * ey[0]
     cols = xc + rx * ex[1] + ry * ey[1]
     out = np.zeros((n_slices, size, size), dtype=np.float32)
-    z0 = int(np.rint(zc)) + sign * jitter.dz
     depth = stack.volume.shape[0]
+    # A point projected onto an axial stack may lie a few mm beyond its slab (the stacks are
+    # angled per disc and cover ~3 slices): centre on the nearest slice the stack has, so the
+    # crop shows the level instead of a block of zeros.
+    z0 = int(np.clip(np.rint(zc), 0, depth - 1)) + sign * jitter.dz
     for k in range(n_slices):
         z = z0 + sign * (k - n_slices // 2) * slice_step
         if 0 <= z < depth:
@@ -247,7 +253,7 @@ def make_crops(
     """
     out: dict[str, np.ndarray] = {}
     for column in columns:
-        condition, level = _split_column(column)
+        condition, level = COLUMN_CONDITION[column], COLUMN_LEVEL[column]
         point = points.get(condition, level)
         if point is None:
             continue
@@ -262,8 +268,3 @@ def make_crops(
         )  # fmt: skip
         out[column] = normalize_crop(crop)
     return out
-
-
-def _split_column(column: str) -> tuple[str, str]:
-    level = column[-5:]
-    return column[:-6], level

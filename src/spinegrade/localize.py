@@ -28,7 +28,7 @@ from torch import nn
 
 from spinegrade.cache import CachedStack, project_point
 from spinegrade.config import Config
-from spinegrade.constants import CONDITIONS, LEVELS
+from spinegrade.constants import CONDITION_GROUP, CONDITION_SERIES, CONDITIONS, LEVELS
 from spinegrade.crops import AXIAL, StudyPoints
 
 SAG_T2, SAG_T1 = "Sagittal T2/STIR", "Sagittal T1"
@@ -246,6 +246,7 @@ class Localizer:
     image_size: int
     max_slices: int
     zoom: float = 0.0  # second, zoomed look (fraction of the field of view); 0 = one look
+    fuse_mm: float = 0.0  # canal/foramina consensus tolerance (see fuse_level_points); 0 = off
 
     def save(self, folder: Path, meta: dict | None = None) -> None:
         """``localizer_{task}.safetensors`` (+ sidecar) and ``localizer_geometry.json``."""
@@ -259,6 +260,7 @@ class Localizer:
             "image_size": self.image_size,
             "max_slices": self.max_slices,
             "zoom": self.zoom,
+            "fuse_mm": self.fuse_mm,
             "offsets": {k: v.tolist() for k, v in self.offsets.items()},
         }
         (folder / "localizer_geometry.json").write_text(json.dumps(geometry, indent=1))
@@ -282,7 +284,7 @@ class Localizer:
         offsets = {k: np.asarray(v, dtype=np.float64) for k, v in geometry["offsets"].items()}
         return cls(
             nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),
-            float(geometry.get("zoom", 0.0)),
+            float(geometry.get("zoom", 0.0)), float(geometry.get("fuse_mm", 0.0)),
         )  # fmt: skip
 
 
@@ -311,6 +313,42 @@ def _robust_median(values: np.ndarray, axis: int) -> np.ndarray:
         overall = np.nanmedian(values.reshape(-1, 3), axis=0) if values.size else np.zeros(3)
     overall = np.where(np.isnan(overall), 0.0, overall)
     return np.where(np.isnan(med), overall, med)
+
+
+def fuse_level_points(
+    points: StudyPoints, offsets: Mapping[str, np.ndarray], tol_mm: float
+) -> StudyPoints:
+    """Consensus of the canal and the two foramina of each level (height and depth only).
+
+    The spinal network (sagittal T2) and the foraminal network (sagittal T1) look at different
+    series, so their mistakes are nearly independent, yet anatomy ties their answers together:
+    the two foramina of a level sit beside its disc, at a fixed offset from the canal point
+    (``spinal_from_foramina``). Each of the three points thus gives an estimate of the canal's
+    cranio-caudal and antero-posterior position; a point farther than ``tol_mm`` from their
+    median (typically a level that slid towards its neighbouring disc) is moved onto it. The
+    lateral coordinates are kept: the canal lies on the midline, the foramina where the foraminal
+    network saw them. Levels missing any of the three points are left as they are.
+    """
+    out = points.copy()
+    if tol_mm <= 0:
+        return out
+    xyz, off = out.xyz, offsets["spinal_from_foramina"]
+    i_canal, i_left, i_right = (CONDITIONS.index(c) for c in (SPINAL, LEFT_FOR, RIGHT_FOR))
+    for j in range(len(LEVELS)):
+        trio = xyz[[i_canal, i_left, i_right], j]  # (3, 3) LPS
+        if np.isnan(trio).any():
+            continue
+        # LPS axes 1 and 2 are posterior and superior: the level's depth and height. Each
+        # foramen of a symmetric pair shares them with the pair's midpoint, so foramen + offset
+        # is a canal estimate there; the lateral axis (0) is never touched.
+        estimates = trio[:, 1:].copy()
+        estimates[1:] += off[j, 1:]
+        consensus = np.median(estimates, axis=0)
+        far = np.linalg.norm(estimates - consensus, axis=1) > tol_mm
+        estimates[far] = consensus
+        estimates[1:] -= off[j, 1:]
+        xyz[[i_canal, i_left, i_right], j, 1:] = estimates
+    return out
 
 
 def derive_points(points: StudyPoints, offsets: Mapping[str, np.ndarray]) -> StudyPoints:
@@ -516,6 +554,7 @@ def localize_study(
         found = predict_task_points(net, cand[0], task, localizer)
         for (condition, level), p in found.items():
             points.set(condition, level, p)
+    points = fuse_level_points(points, localizer.offsets, localizer.fuse_mm)
     return derive_points(points, localizer.offsets)
 
 
@@ -530,8 +569,6 @@ def point_errors(
     The slice is judged in the series the condition is graded on (sagittal: the chosen stack;
     axial: the nearest stack and slice after projection).
     """
-    from spinegrade.constants import CONDITION_GROUP, CONDITION_SERIES
-
     rows = []
     for condition in CONDITIONS:
         desc = CONDITION_SERIES[condition]
