@@ -229,6 +229,8 @@ def _echo_cv(cv: dict) -> None:
     terms = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
     typer.echo(f"{'':<16}" + "".join(f"{t[:12]:>13}" for t in terms))
     rows = [("OOF (model)", cv["oof"]), *cv["baselines"].items()]
+    if cv.get("true_probs"):
+        rows.append(("true probs", cv["true_probs"]))
     if cv.get("bayes_limit"):
         rows.append(("Bayes limit", cv["bayes_limit"]))
     for name, res in rows:

@@ -626,8 +626,9 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
 
     cv.json holds the OOF metric terms and score, the uniform, class-prior and best-constant
     baselines on the same folds (priors learned on each fold's training part), the localiser's
-    errors, per-fold results, and the Bayes-limit score when ``DATA_DIR/truth/train_true_probs.csv``
-    exists (synthetic data).
+    errors, per-fold results, and on synthetic data (``DATA_DIR/truth/train_true_probs.csv``) the
+    Bayes limit (the true probabilities reweighted 1/2/4, the best expected score) and the score
+    of the raw true probabilities.
     """
     from spinegrade.data.rsna import load_folds, load_train
     from spinegrade.metrics import (
@@ -675,7 +676,8 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
             "prior": score_frames(labels, pd.concat(prior)),
             "best_constant": score_frames(labels, pd.concat(best)),
         },
-        "bayes_limit": _bayes_limit(data_dir, labels),
+        # Synthetic data only: the best any model can do, and what the true probabilities score.
+        **_truth(data_dir, labels),
         "localizer": summarize_errors(errors.to_dict("records")),
         "per_fold": [
             {"fold": m["fold"], **m["oof"], "time_s": m["timing"]["total_s"]} for m in per_fold
@@ -687,17 +689,11 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
     return cv
 
 
-def _bayes_limit(data_dir: Path, labels: pd.DataFrame) -> dict | None:
-    """Score of the generator's true class probabilities (synthetic data only)."""
-    from spinegrade.metrics import score_frames
+def _truth(data_dir: Path, labels: pd.DataFrame) -> dict[str, dict | None]:
+    from spinegrade.data.synthetic import truth_scores
 
-    path = data_dir / "truth" / "train_true_probs.csv"
-    if not path.is_file():
-        return None
-    truth = pd.read_csv(path)
-    studies = {str(s) for s in labels["study_id"]}
-    truth = truth[truth["row_id"].astype(str).str.split("_").str[0].isin(studies)]
-    return score_frames(labels, truth, strict=False)
+    truth = truth_scores(labels, data_dir / "truth" / "train_true_probs.csv")
+    return {"bayes_limit": truth.get("bayes_limit"), "true_probs": truth.get("true_probs")}
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -103,31 +103,11 @@ def _synthesise(
     return True
 
 
-def truth_scores(labels: pd.DataFrame, true_probs_csv: Path) -> dict[str, dict[str, float]]:
-    """Scores of the phantom's truth on ``labels``: the true probabilities and the Bayes limit.
-
-    The metric weights rows 1/2/4 by their true class, so the submission with the lowest expected
-    score is the true probabilities reweighted the same way: that is the Bayes limit.
-    """
-    from spinegrade.constants import PROB_COLUMNS
-    from spinegrade.data.phantom_labels import weighted_optimal
-    from spinegrade.metrics import score_frames
-
-    if not true_probs_csv.is_file():
-        return {}
-    probs = pd.read_csv(true_probs_csv)
-    best = probs.copy()
-    best[list(PROB_COLUMNS)] = weighted_optimal(probs[list(PROB_COLUMNS)].to_numpy())
-    return {
-        "true_probs": score_frames(labels, probs, strict=False),
-        "bayes_limit": score_frames(labels, best, strict=False),
-    }
-
-
 def score_test(data: Path, submission: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Held-out scores: the model, the constants learned on train, and the truth (Bayes limit)."""
     from spinegrade.constants import LABEL_COLUMNS
     from spinegrade.data.rsna import load_train
+    from spinegrade.data.synthetic import truth_scores
     from spinegrade.metrics import (
         best_constant_submission,
         prior_submission,
@@ -193,11 +173,7 @@ def run_demo(
     t = stage(3, f"train: '{config}' config, {cfg.data.n_folds}-fold CV -> {run}")
     cv = cross_validate(data, cache, run, cfg, progress=progress) or merge_run(run)
     times["train_s"] = time.perf_counter() - t
-    from spinegrade.data.rsna import load_train
-
-    train_truth = truth_scores(
-        load_train(data / "train.csv"), data / "truth" / "train_true_probs.csv"
-    )
+    train_truth = {k: cv[k] for k in ("true_probs", "bayes_limit") if cv.get(k)}
     t = stage(4, "predict the held-out studies with the fold ensemble, write the reports")
     # The work folder is the demo folder, so predict reuses the test split already cached.
     result = predict(

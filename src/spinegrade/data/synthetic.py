@@ -29,7 +29,12 @@ import numpy as np
 
 from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, SEVERITIES, row_id, submission_row_ids
 from spinegrade.data.phantom_anatomy import Anatomy
-from spinegrade.data.phantom_labels import class_probs, sample_grades, sample_latents
+from spinegrade.data.phantom_labels import (
+    class_probs,
+    sample_grades,
+    sample_latents,
+    weighted_optimal,
+)
 from spinegrade.data.phantom_preview import render_preview
 from spinegrade.data.phantom_study import (
     EMPTY,
@@ -48,6 +53,7 @@ __all__ = [
     "load_study_anatomy",
     "render_preview",
     "study_ids",
+    "truth_scores",
 ]
 
 GENERATOR = "spinegrade.data.synthetic"
@@ -287,3 +293,31 @@ def load_study_anatomy(data_dir: str | Path, study_id: int) -> Anatomy:
             return start_study(task)[1]
         index[split] += 1
     raise KeyError(f"study {study_id} is not in {lat_path}")
+
+
+# ----------------------------------------------------------------------- what is achievable
+
+
+def truth_scores(labels, true_probs_csv: Path) -> dict[str, dict[str, float]]:
+    """Scores of the phantom's truth on ``labels`` (wide, one row a study): the true
+    probabilities and the Bayes limit; ``{}`` when ``true_probs_csv`` does not exist.
+
+    The metric weights rows 1/2/4 by their true class, so the submission with the lowest expected
+    score is the true probabilities reweighted the same way: that is the Bayes limit. Rows of
+    studies not in ``labels`` are ignored.
+    """
+    import pandas as pd
+
+    from spinegrade.metrics import score_frames
+
+    if not Path(true_probs_csv).is_file():
+        return {}
+    probs = pd.read_csv(true_probs_csv)
+    studies = {str(s) for s in labels["study_id"]}
+    probs = probs[probs["row_id"].astype(str).str.split("_").str[0].isin(studies)]
+    best = probs.copy()
+    best[list(PROB_COLUMNS)] = weighted_optimal(probs[list(PROB_COLUMNS)].to_numpy())
+    return {
+        "true_probs": score_frames(labels, probs, strict=False),
+        "bayes_limit": score_frames(labels, best, strict=False),
+    }
