@@ -88,6 +88,24 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path, average):
     assert torch.allclose(straight.weight, resumed.weight, atol=1e-6)
 
 
+def test_validation_runs_every_nth_epoch_and_last_without_changing_the_weights():
+    spec = FitSpec("toy", 5, batch_size=8, lr=0.05, optim=OptimConfig(), seed=1, eval_every=2)
+    seen: list[int] = []
+
+    def evaluate(model) -> dict[str, float]:
+        seen.append(len(seen))
+        return {"loss": 0.0}
+
+    torch.manual_seed(0)
+    sparse = torch.nn.Linear(4, 2)
+    history = fit(sparse, _Toy(), _collate, _toy_loss, spec, CPU, evaluate=evaluate)
+    assert [h["epoch"] for h in history if "val_loss" in h] == [2, 4, 5]
+    torch.manual_seed(0)
+    every = torch.nn.Linear(4, 2)
+    fit(every, _Toy(), _collate, _toy_loss, FitSpec("toy", 5, 8, 0.05, OptimConfig(), seed=1), CPU)
+    assert torch.allclose(sparse.weight, every.weight)  # validation is logging only
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return write_world(tmp_path_factory.mktemp("world"), n_studies=6)

@@ -124,6 +124,7 @@ class TrainConfig:
     groups: list[str] = field(default_factory=lambda: ["spinal", "foraminal", "subarticular"])
     folds: list[int] | None = None  # None = all folds
     log_every: int = 50  # steps between log lines
+    eval_every: int = 1  # validate every n-th epoch (and always the last): logging only
     # --- added by the trainer helper (train.py) ---
     weight_average: float = 0.1  # keep an EMA of the weights over ~this fraction of steps (0: off)
     prior_mix: float = 0.2  # prediction: mix this much of the training prior into graded cells

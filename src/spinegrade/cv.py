@@ -76,7 +76,7 @@ GROUPS_ALL: tuple[str, ...] = tuple(GROUP_CONDITIONS)
 RUNTIME_KEYS = frozenset(
     f"train.{k}"
     for k in ("folds", "fold_workers", "num_workers", "accelerator", "devices", "strategy",
-              "amp", "channels_last", "eval_batch_size", "log_every")
+              "amp", "channels_last", "eval_batch_size", "log_every", "eval_every")
 )  # fmt: skip
 
 
@@ -229,7 +229,7 @@ def train_localizer(
         net = build_localizer(cfg, n_targets=len(task.targets))
         spec = FitSpec(
             f"localizer_{name}", c.epochs, c.batch_size, c.lr, cfg.optim, c.weight_decay, seed,
-            average=cfg.train.weight_average,
+            average=cfg.train.weight_average, eval_every=cfg.train.eval_every,
         )  # fmt: skip
         dataset = LocalizerDataset(samples[name], augment=True, zoom=c.zoom, seed=seed)
         val = list(val_samples.get(name, []))
@@ -298,8 +298,9 @@ def train_grader(
     val_set = GraderDataset(val, points, group, cfg.crops, augment=False)
     items = max(1, t.batch_size // len(LEVELS))  # an item holds the five levels of a study
     spec = FitSpec(
-        f"grader_{group}", t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average
-    )
+        f"grader_{group}", t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average,
+        eval_every=t.eval_every,
+    )  # fmt: skip
     loss = _GraderLoss(cfg, group)
     evaluate = (
         (lambda m: _evaluate_grader(m, val_set, loss, runtime, t.eval_batch_size))

@@ -269,6 +269,7 @@ class FitSpec:
     weight_decay: float | None = None
     seed: int = 0
     average: float = 0.0  # horizon of the weight average kept, as a fraction of all steps (0: off)
+    eval_every: int = 1  # run ``evaluate`` after every n-th epoch and after the last
 
 
 def fit(
@@ -285,7 +286,8 @@ def fit(
     """Train ``model`` in place for ``spec.epochs``; resume from ``ckpt_path`` if it exists.
 
     ``step_loss(model, batch)`` returns a dict with a differentiable ``loss`` (other entries are
-    logged); ``evaluate(model)`` (rank 0, after each epoch) returns validation numbers, measured
+    logged); ``evaluate(model)`` (rank 0, after every ``spec.eval_every``-th epoch and the last)
+    returns validation numbers (logged, never used to pick weights), measured
     on the weights that will be kept (the weight average when ``spec.average`` > 0).
     Returns the per-epoch log records.
     """
@@ -315,7 +317,8 @@ def fit(
         torch.manual_seed(spec.seed * 1000 + epoch)
         step = _Stepper(train_model, step_loss, optimizer, scaler, spec, runtime, average)
         record = step.epoch(loader, epoch)
-        if evaluate is not None and runtime.is_main:
+        due = (epoch + 1) % max(1, spec.eval_every) == 0 or epoch + 1 == spec.epochs
+        if evaluate is not None and runtime.is_main and due:
             record.update(_evaluate(model, average, evaluate))
         history.append(record)
         if runtime.is_main:  # checkpoint first: a log consumer may stop the run
