@@ -487,7 +487,7 @@ def cross_validate(
     todo = [k for k in wanted if not fold_done(run_dir, k)]
     workers = _fold_workers(cfg, runtime, len(todo))
     if workers > 1:
-        _train_in_processes(data_dir, cache_dir, run_dir, cfg, todo, workers)
+        _train_in_processes(data_dir, cache_dir, run_dir, cfg, todo, workers, progress)
     elif todo:
         _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime, progress)
     if runtime.is_main and all(fold_done(run_dir, k) for k in all_folds):
@@ -535,7 +535,9 @@ def _fold_workers(cfg: Config, runtime: Runtime, n_todo: int) -> int:
     return n_todo
 
 
-def _train_in_processes(data_dir, cache_dir, run_dir, cfg: Config, todo, workers: int) -> None:
+def _train_in_processes(
+    data_dir, cache_dir, run_dir, cfg: Config, todo, workers: int, progress: bool = True
+) -> None:
     """Train folds in ``workers`` spawned processes, each with its share of the CPU threads.
 
     A bar counts folds as they finish. The first failure, Ctrl-C or SIGTERM terminates the other
@@ -550,7 +552,7 @@ def _train_in_processes(data_dir, cache_dir, run_dir, cfg: Config, todo, workers
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("training folds %s in %d processes x %d thread(s)", todo, workers, threads)
-    show = os.environ.get("SPINEGRADE_PROGRESS", "1") != "0"
+    show = progress and os.environ.get("SPINEGRADE_PROGRESS", "1") != "0"
     with (
         process_pool(workers, mp.get_context("spawn")) as pool,
         tqdm(total=len(todo), desc="folds", unit="fold", disable=not show) as bar,
