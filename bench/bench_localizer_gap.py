@@ -1,0 +1,78 @@
+"""How much of a run's out-of-fold loss is the localiser's: grade the same OOF studies with the
+same fold models at the localised points and at the true (labelled) points; prints a table.
+
+    .venv/bin/python bench/bench_localizer_gap.py RUN_DIR DATA_DIR CACHE_DIR [--folds 0 1]
+    .venv/bin/python bench/bench_localizer_gap.py demo_run/run demo_run/data demo_run/cache
+
+The difference between the two rows is what a perfect localiser would gain with these graders;
+the distance of the true-point row from the Bayes limit (synthetic data) is the graders' share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spinegrade.constants import LABEL_COLUMNS
+from spinegrade.cv import _graded_tta, load_fold_models, predictions_frame
+from spinegrade.data.rsna import load_dataset, normalize_coordinates
+from spinegrade.datasets import load_studies
+from spinegrade.localize import derive_points, localize_study
+from spinegrade.metrics import score_frames
+
+TERMS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("data_dir")
+    ap.add_argument("cache_dir")
+    ap.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    folds = pd.read_csv(os.path.join(args.run_dir, "folds.csv"))
+    wanted = args.folds if args.folds else sorted(folds["fold"].unique())
+    ids = folds.loc[folds["fold"].isin(wanted), "study_id"].astype(int).tolist()
+    ds = load_dataset(args.data_dir)
+    if ds.coordinates is None:
+        raise SystemExit(f"{args.data_dir}: no label coordinates, so there are no true points")
+    coords = normalize_coordinates(ds.coordinates)
+    studies = load_studies(args.cache_dir, ids, ds.labels, coords, progress=False)
+    probs: dict[str, dict[int, np.ndarray]] = {"localised points": {}, "true points": {}}
+    for k in wanted:
+        models = load_fold_models(os.path.join(args.run_dir, f"fold_{k}"))
+        for sid in folds.loc[folds["fold"] == k, "study_id"].astype(int):
+            study = studies[sid]
+            where = {
+                "localised points": localize_study(models.localizer, study.stacks),
+                # Unlabelled recesses come from the canal + offsets, as in training.
+                "true points": derive_points(study.points, models.localizer.offsets),
+            }
+            for name, points in where.items():
+                graded = _graded_tta(models, study.stacks, points)
+                p = models.fallback.copy()
+                for j, col in enumerate(LABEL_COLUMNS):
+                    if col in graded:
+                        w = models.prior_mix
+                        p[j] = (1.0 - w) * graded[col] + w * models.fallback[j]
+                probs[name][sid] = p
+    labels = ds.labels.set_index("study_id").loc[ids].reset_index()
+    print(f"### Localiser gap: {args.run_dir}, folds {list(map(int, wanted))}, {len(ids)} studies")
+    print("| graded at | " + " | ".join(TERMS) + " |")
+    print("|---|" + "---|" * len(TERMS))
+    for name, p in probs.items():
+        s = score_frames(labels, predictions_frame(ids, p))
+        print(f"| {name} | " + " | ".join(f"{s[t]:.3f}" for t in TERMS) + " |")
+
+
+if __name__ == "__main__":
+    main()
