@@ -20,8 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spinegrade.constants import LABEL_COLUMNS
-from spinegrade.cv import _graded_tta, load_fold_models, predictions_frame
+from spinegrade.cv import grade_study, load_fold_models, predictions_frame
 from spinegrade.data.rsna import load_dataset, normalize_coordinates
 from spinegrade.datasets import load_studies
 from spinegrade.localize import derive_points, localize_study
@@ -58,13 +57,7 @@ def main() -> None:
                 "true points": derive_points(study.points, models.localizer.offsets),
             }
             for name, points in where.items():
-                graded = _graded_tta(models, study.stacks, points)
-                p = models.fallback.copy()
-                for j, col in enumerate(LABEL_COLUMNS):
-                    if col in graded:
-                        w = models.prior_mix
-                        p[j] = (1.0 - w) * graded[col] + w * models.fallback[j]
-                probs[name][sid] = p
+                probs[name][sid] = grade_study(models, study.stacks, points).probs
     labels = ds.labels.set_index("study_id").loc[ids].reset_index()
     print(f"### Localiser gap: {args.run_dir}, folds {list(map(int, wanted))}, {len(ids)} studies")
     print("| graded at | " + " | ".join(TERMS) + " |")

@@ -137,6 +137,13 @@ def predict_study(
     (weight 4) costs more than many slightly hedged hits gain.
     """
     points = localize_study(models.localizer, stacks) if stacks else StudyPoints()
+    return grade_study(models, stacks, points)
+
+
+def grade_study(
+    models: FoldModels, stacks: Mapping[str, Sequence[CachedStack]], points: StudyPoints
+) -> StudyPrediction:
+    """Grade a study at given points (localised, or true ones to measure the localiser's cost)."""
     graded = _graded_tta(models, stacks, points) if stacks else {}
     probs = models.fallback.copy()
     mask = np.zeros(len(LABEL_COLUMNS), dtype=bool)

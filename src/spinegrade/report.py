@@ -245,8 +245,8 @@ def _axial_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs) ->
     pl, pr = pred.column(left), pred.column(right)
     title = f"{LEVEL_TITLES[level]} axial\nR: {_grade_label(pr)} | L: {_grade_label(pl)}"
     if img is not None and float(np.ptp(img)) == 0.0:
-        # The located level fell between the axial slabs: the model was shown an empty crop.
-        _placeholder(ax, "empty crop: the level lies\noutside the axial slabs")
+        # The located level fell outside the axial images: the model was shown an empty crop.
+        _placeholder(ax, "empty crop: the level lies\noutside the axial images")
         ax.set_title(title, fontsize=9)
         return
     if img is None:
@@ -269,7 +269,7 @@ def _saliency_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs)
     """Where the model looked for the most severe finding at ``level`` (saliency over the crop)."""
     have = inputs.crops if inputs.saliency_fn is not None else inputs.saliency
     cols = [f"{c}_{level}" for c in CONDITIONS if f"{c}_{level}" in have]
-    # A crop whose centre slice is empty (the level fell between axial slabs) shows nothing.
+    # A crop whose centre slice is empty (the level fell outside the images) shows nothing.
     cols = [c for c in cols if (im := _crop_image(c, inputs)) is not None and float(np.ptp(im)) > 0]
     col = max(cols, key=lambda c: _expected_severity(pred.column(c))) if cols else None
     heat = inputs.saliency_of(col) if col is not None else None
