@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 
 from spinegrade.cv import grade_study, load_fold_models, predictions_frame
-from spinegrade.data.rsna import load_dataset, normalize_coordinates
 from spinegrade.datasets import load_studies
 from spinegrade.localize import derive_points, localize_study
 from spinegrade.metrics import score_frames
+from spinegrade.rsna import load_dataset, normalize_coordinates
 
 TERMS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
 

@@ -32,14 +32,14 @@ import numpy as np
 import pandas as pd
 
 from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, SEVERITIES, submission_row_ids
-from spinegrade.data import phantom_labels as pl
-from spinegrade.data.synthetic import generate_dataset
 from spinegrade.metrics import (
     TERMS,
     best_constant_submission,
     prior_submission,
     score_frames,
 )
+from spinegrade.phantom import labels as pl
+from spinegrade.phantom.generate import generate_dataset
 
 
 def _fmt(result: dict[str, float]) -> str:

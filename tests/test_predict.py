@@ -85,7 +85,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A phantom dataset (4 train + 2 test studies) and a tiny 2-fold run trained on it."""
     from spinegrade.config import load_config
     from spinegrade.cv import cross_validate
-    from spinegrade.data.synthetic import generate_dataset
+    from spinegrade.phantom import generate_dataset
     from spinegrade.preprocess import preprocess_dataset
 
     root = tmp_path_factory.mktemp("predict")

@@ -136,7 +136,7 @@ def test_a_few_grader_steps_reduce_the_loss(world):
 
 
 def _coords(data):
-    from spinegrade.data.rsna import load_coordinates, normalize_coordinates
+    from spinegrade.rsna import load_coordinates, normalize_coordinates
 
     return normalize_coordinates(load_coordinates(data / "train_label_coordinates.csv"))
 

@@ -94,7 +94,7 @@ def folds(
     from rich.console import Console
     from rich.table import Table
 
-    from spinegrade.data.rsna import fold_summary, load_train, make_folds, save_folds
+    from spinegrade.rsna import fold_summary, load_train, make_folds, save_folds
 
     labels = load_train(data_dir / "train.csv")
     fold_table = make_folds(labels, n_folds=n_folds, seed=seed)
@@ -332,8 +332,7 @@ def synth(
     """Generate phantom lumbar MRI studies with known truth (and/or PNG previews)."""
     from rich.progress import Progress
 
-    from spinegrade.data.phantom_preview import render_preview
-    from spinegrade.data.synthetic import generate_dataset
+    from spinegrade.phantom import generate_dataset, render_preview
 
     if out_dir is None and preview is None:
         raise ValueError("give an output folder (OUT_DIR) and/or --preview DIR")

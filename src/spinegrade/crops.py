@@ -74,7 +74,7 @@ class StudyPoints:
 def true_points(coords: pd.DataFrame, stacks: Sequence[CachedStack]) -> StudyPoints:
     """Label points of one study (coordinates in package vocabulary) -> patient-space points.
 
-    ``coords`` are the study's rows of :func:`spinegrade.data.rsna.normalize_coordinates`;
+    ``coords`` are the study's rows of :func:`spinegrade.rsna.normalize_coordinates`;
     ``stacks`` all cached stacks of the study. A label whose series or instance is not in the
     cache is skipped (the point stays NaN): training then derives or skips that target.
     """

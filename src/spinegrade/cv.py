@@ -472,7 +472,7 @@ def cross_validate(
     command can be repeated, or run with ``folds_to_run=[k]`` on different machines sharing the
     run folder (then :func:`merge_run`). Returns the cv.json content once all folds exist.
     """
-    from spinegrade.data.rsna import load_dataset
+    from spinegrade.rsna import load_dataset
 
     runtime = setup_runtime(cfg.train)
     run_dir = Path(run_dir)
@@ -504,7 +504,7 @@ def cross_validate(
 
 def _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime: Runtime, progress: bool) -> None:
     """Train ``todo`` folds one after the other in this process (GPU, DDP or one CPU worker)."""
-    from spinegrade.data.rsna import load_dataset, load_folds, normalize_coordinates
+    from spinegrade.rsna import load_dataset, load_folds, normalize_coordinates
 
     ds = load_dataset(data_dir)
     folds = load_folds(Path(run_dir) / "folds.csv")
@@ -622,7 +622,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _folds(run_dir: Path, labels: pd.DataFrame, cfg: Config, runtime: Runtime) -> pd.DataFrame:
     """The run's folds.csv: made once (seeded, stratified, grouped by study), then reused."""
-    from spinegrade.data.rsna import load_folds, make_folds, save_folds
+    from spinegrade.rsna import load_folds, make_folds, save_folds
 
     path = run_dir / "folds.csv"
     if runtime.is_main and not path.is_file():
@@ -640,13 +640,13 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
     Bayes limit (the true probabilities reweighted 1/2/4, the best expected score) and the score
     of the raw true probabilities.
     """
-    from spinegrade.data.rsna import load_folds, load_train
     from spinegrade.metrics import (
         best_constant_submission,
         prior_submission,
         score_frames,
         uniform_submission,
     )
+    from spinegrade.rsna import load_folds, load_train
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
@@ -700,7 +700,7 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
 
 
 def _truth(data_dir: Path, labels: pd.DataFrame) -> dict[str, dict | None]:
-    from spinegrade.data.synthetic import truth_scores
+    from spinegrade.phantom import truth_scores
 
     truth = truth_scores(labels, data_dir / "truth" / "train_true_probs.csv")
     return {"bayes_limit": truth.get("bayes_limit"), "true_probs": truth.get("true_probs")}

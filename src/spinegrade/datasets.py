@@ -81,10 +81,10 @@ def load_studies(
 ) -> dict[int, StudyData]:
     """Load the chosen stacks (and, for training, true points and labels) of ``study_ids``.
 
-    ``coordinates`` are the rows of :func:`spinegrade.data.rsna.normalize_coordinates`. Studies
+    ``coordinates`` are the rows of :func:`spinegrade.rsna.normalize_coordinates`. Studies
     with no usable cached stack are still returned (empty ``stacks``): they get prior predictions.
     """
-    from spinegrade.data.rsna import label_matrix
+    from spinegrade.rsna import label_matrix
 
     cache_dir = Path(cache_dir)
     index = read_index(cache_dir)

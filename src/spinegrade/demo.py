@@ -76,7 +76,7 @@ def _synthesise(
     """
     from tqdm.auto import tqdm
 
-    from spinegrade.data.synthetic import generate_dataset
+    from spinegrade.phantom import generate_dataset
 
     meta_path = data / "truth" / "phantom.json"
     if meta_path.is_file():
@@ -106,14 +106,14 @@ def _synthesise(
 def score_test(data: Path, submission: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Held-out scores: the model, the constants learned on train, and the truth (Bayes limit)."""
     from spinegrade.constants import LABEL_COLUMNS
-    from spinegrade.data.rsna import load_train
-    from spinegrade.data.synthetic import truth_scores
     from spinegrade.metrics import (
         best_constant_submission,
         prior_submission,
         score_frames,
         uniform_submission,
     )
+    from spinegrade.phantom import truth_scores
+    from spinegrade.rsna import load_train
 
     truth = pd.read_csv(
         data / "truth" / "test_labels.csv", dtype={c: "string" for c in LABEL_COLUMNS}

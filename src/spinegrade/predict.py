@@ -82,7 +82,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
     """Recognise the input kind; for raw DICOM folders build the symlink layout in ``work_dir``."""
-    from spinegrade.data.rsna import load_series_descriptions
+    from spinegrade.rsna import load_series_descriptions
 
     input_dir, work_dir = Path(input_dir), Path(work_dir)
     if not input_dir.is_dir():

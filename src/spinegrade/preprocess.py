@@ -381,7 +381,7 @@ def list_studies(data_dir: Path, split: str) -> tuple[list[StudyTask], list[str]
         )
     notes: list[str] = []
     if csv.is_file():
-        from spinegrade.data.rsna import load_series_descriptions
+        from spinegrade.rsna import load_series_descriptions
 
         table = load_series_descriptions(csv)
         by_study: dict[int, list[tuple[int, str]]] = {}

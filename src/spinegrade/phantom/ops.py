@@ -1,6 +1,6 @@
 """The paint operations of one phantom spine: bones, discs, neural elements and soft tissue.
 
-Each builder turns part of an :class:`~.phantom_anatomy.Anatomy` into :class:`~.phantom_scene.Op`
+Each builder turns part of an :class:`~.anatomy.Anatomy` into :class:`~.scene.Op`
 closures. Priorities encode what hides what: the trunk (fat) first, then viscera and muscle,
 the canal contents, ligaments, discs and, last, bone, so that a bulging disc, a thickened
 ligamentum flavum or an overgrown facet carves into the sac, the recess and the foramen fat.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.data.phantom_anatomy import (
+from spinegrade.phantom.anatomy import (
     FIRST_LABEL_DISC,
     S1_INDEX,
     Anatomy,
@@ -23,7 +23,7 @@ from spinegrade.data.phantom_anatomy import (
     recess_local,
     side_sign,
 )
-from spinegrade.data.phantom_scene import (
+from spinegrade.phantom.scene import (
     Op,
     SliceContext,
     boxy_radius,
@@ -33,7 +33,7 @@ from spinegrade.data.phantom_scene import (
     segment2,
     segment3,
 )
-from spinegrade.data.phantom_soft import centre_s, soft_tissue_ops
+from spinegrade.phantom.soft import centre_s, soft_tissue_ops
 
 P_EPIDURAL = 50
 P_FORAMEN_FIBROUS, P_FORAMEN_FAT, P_CSF, P_CAUDA, P_CORD, P_ROOT = 54, 55, 60, 61, 62, 64

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from spinegrade.data.phantom_anatomy import (
+from spinegrade.phantom.anatomy import (
     LEFT_FORAMEN,
     LEFT_RECESS,
     N_LEVELS,
@@ -23,9 +23,9 @@ from spinegrade.data.phantom_anatomy import (
     label_point,
     sample_anatomy,
 )
-from spinegrade.data.phantom_labels import anatomical_severity
-from spinegrade.data.phantom_ops import build_ops
-from spinegrade.data.phantom_render import (
+from spinegrade.phantom.labels import anatomical_severity
+from spinegrade.phantom.ops import build_ops
+from spinegrade.phantom.render import (
     SagittalGeometry,
     Scanner,
     SeriesPlan,

@@ -14,7 +14,7 @@ coordinate" system (arc length along the canal, posterior and lateral offsets) u
 tissue that follows the whole spine (thecal sac, epidural fat, muscles, skin).
 
 Degeneration enters as anatomical severities ``a`` in [0, 1] per (condition, level) (see
-:func:`spinegrade.data.phantom_labels.anatomical_severity`): disc bulges (posterior for the central
+:func:`spinegrade.phantom.labels.anatomical_severity`): disc bulges (posterior for the central
 canal, posterolateral for the recesses, lateral for the foramina), ligamentum flavum thickening,
 facet (superior articular process) hypertrophy, loss of disc height and of disc water.
 """

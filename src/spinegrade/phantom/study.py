@@ -1,6 +1,6 @@
 """One phantom study: its anatomy, series plan, instance numbers, DICOM files and label points.
 
-:func:`generate_study` is what a worker of :func:`spinegrade.data.synthetic.generate_dataset` runs.
+:func:`generate_study` is what a worker of :func:`.generate.generate_dataset` runs.
 Each study draws everything from its own random stream (seed, split, index), so its bytes do not
 depend on which process generates it or in what order.
 """
@@ -20,17 +20,17 @@ from spinegrade.constants import (
     LEVEL_TITLES,
     LEVELS,
 )
-from spinegrade.data.phantom_anatomy import N_LEVELS, Anatomy, label_point, sample_anatomy
-from spinegrade.data.phantom_labels import LabelModel, anatomical_severity
-from spinegrade.data.phantom_ops import build_ops
-from spinegrade.data.phantom_render import (
+from spinegrade.phantom.anatomy import N_LEVELS, Anatomy, label_point, sample_anatomy
+from spinegrade.phantom.labels import LabelModel, anatomical_severity
+from spinegrade.phantom.ops import build_ops
+from spinegrade.phantom.render import (
     SagittalGeometry,
     Scanner,
     SeriesPlan,
     plan_axial,
     render_slice,
 )
-from spinegrade.data.phantom_writer import SeriesMeta, SeriesWriter, StudyMeta, fmt_float, uid
+from spinegrade.phantom.writer import SeriesMeta, SeriesWriter, StudyMeta, fmt_float, uid
 
 SPLITS = {"train": 0, "test": 1}
 EMPTY = -1  # an empty label cell

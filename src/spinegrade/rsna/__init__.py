@@ -1,11 +1,21 @@
-"""Data tables: the RSNA 2024 CSVs (loading, validation, conversions, folds) and the phantom set.
+"""The real data contract: the RSNA 2024 CSV tables and the cross-validation folds.
 
-The phantom generator lives in :mod:`spinegrade.data.synthetic` and is imported from there.
+- :mod:`.tables`: strict loading and validation of the CSVs, wide <-> long label tables, label
+  matrices, the metric's solution rows, coordinates in package vocabulary;
+- :mod:`.folds`: study-grouped, severity-stratified folds, saved as ``folds.csv`` and reused.
 """
 
-from spinegrade.data.rsna import (
-    COORDINATE_COLUMNS,
+from spinegrade.rsna.folds import (
     FOLD_COLUMNS,
+    fold_strata,
+    fold_summary,
+    load_folds,
+    make_folds,
+    save_folds,
+    severity_profile,
+)
+from spinegrade.rsna.tables import (
+    COORDINATE_COLUMNS,
     LONG_COLUMNS,
     MISSING_LABEL,
     SERIES_COLUMNS,
@@ -13,21 +23,15 @@ from spinegrade.data.rsna import (
     RSNADataset,
     RSNAFormatError,
     coordinates_to_titles,
-    fold_strata,
-    fold_summary,
     join_labels_coordinates,
     label_matrix,
     load_coordinates,
     load_dataset,
-    load_folds,
     load_series_descriptions,
     load_train,
     long_to_wide,
-    make_folds,
     matrix_to_wide,
     normalize_coordinates,
-    save_folds,
-    severity_profile,
     solution_table,
     wide_to_long,
 )

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft as sfft
 
-from spinegrade.data.phantom_anatomy import N_LEVELS, Anatomy, canal_centre_local
-from spinegrade.data.phantom_scene import (
+from spinegrade.phantom.anatomy import N_LEVELS, Anatomy, canal_centre_local
+from spinegrade.phantom.scene import (
     TISSUES,
     Op,
     SliceContext,

@@ -8,7 +8,7 @@ bulge painted after the thecal sac indents it, exactly as the real disc does.
 
 Rigid structures (bones, discs, foramina) are evaluated in their own frames and only inside the
 pixel box where their bounding sphere cuts the slice. Tube-like soft tissue (sac, epidural fat,
-muscles, skin) uses canal coordinates computed once per slice (see :mod:`.phantom_anatomy`).
+muscles, skin) uses canal coordinates computed once per slice (see :mod:`.anatomy`).
 """
 
 from __future__ import annotations

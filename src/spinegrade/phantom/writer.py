@@ -23,7 +23,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from spinegrade.data.phantom_render import SlicePlan
+from spinegrade.phantom.render import SlicePlan
 
 # Sequence parameters by contrast: (ScanningSequence, SequenceVariant, TR, TE, TI or None).
 _SEQUENCE = {

@@ -1,7 +1,7 @@
 """Soft tissue around the spine: skin, fat, abdominal wall and contents, kidneys, muscles, vessels.
 
 These follow the whole spine, so they are drawn in canal coordinates (``s`` along the canal, ``q``
-posterior, ``r`` to the patient's left; see :class:`~.phantom_scene.SliceContext`). They matter
+posterior, ``r`` to the patient's left; see :class:`~.scene.SliceContext`). They matter
 for realism (what surrounds the spine on every slice, and how the coil shading falls on it) and
 for the localiser (landmarks around the levels), not for the grades.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.data.phantom_anatomy import Anatomy
-from spinegrade.data.phantom_scene import Op, SliceContext, ellipse2, ramp
+from spinegrade.phantom.anatomy import Anatomy
+from spinegrade.phantom.scene import Op, SliceContext, ellipse2, ramp
 
 P_TRUNK, P_VISCERA, P_KIDNEY, P_MUSCLE, P_LIGAMENT, P_VESSEL = 10, 20, 25, 30, 31, 40
 Box = tuple[slice, slice]

@@ -1,4 +1,4 @@
-"""The RSNA 2024 CSV tables: strict loading, wide <-> long conversions, label matrices and folds.
+"""The RSNA 2024 CSV tables: strict loading, wide <-> long conversions, label matrices.
 
 Tables are returned in the file's own vocabulary (``Normal/Mild``, ``Spinal Canal Stenosis``,
 ``L4/L5``); the conversions below map them onto the package vocabulary of
@@ -22,11 +22,8 @@ from spinegrade.constants import (
     CLASS_WEIGHTS,
     COLUMN_CONDITION,
     COLUMN_LEVEL,
-    CONDITION_GROUP,
     CONDITION_SIDE,
     CONDITION_TITLES,
-    CONDITIONS,
-    GROUPS,
     LABEL_COLUMNS,
     LEVEL_TITLES,
     PROB_COLUMNS,
@@ -58,7 +55,6 @@ LONG_COLUMNS: tuple[str, ...] = (
     "column",
     "row_id",
 )
-FOLD_COLUMNS: tuple[str, ...] = ("study_id", "fold")
 MISSING_LABEL = -1  # integer code of an empty label cell in label matrices
 _MAX_REPORTED = 20  # problems listed in one error message; the count says how many there were
 
@@ -481,126 +477,3 @@ def join_labels_coordinates(
     extra = [c for c in ("series_description",) if c in joined.columns]
     cols = [*LONG_COLUMNS, "series_id", "instance_number", "x", "y", *extra]
     return joined[cols]
-
-
-# ---------------------------------------------------------------------------------------------
-# Folds: grouped by study (one row per study), stratified by the study's severity profile
-# ---------------------------------------------------------------------------------------------
-def severity_profile(wide: pd.DataFrame) -> pd.DataFrame:
-    """Worst grade (0/1/2) per metric group and study; empty cells are ignored (all empty -> 0)."""
-    codes = label_matrix(wide)
-    profile = pd.DataFrame({"study_id": wide["study_id"].to_numpy(dtype=np.int64)})
-    for group in GROUPS:
-        idx = [
-            i for i, c in enumerate(LABEL_COLUMNS) if CONDITION_GROUP[COLUMN_CONDITION[c]] == group
-        ]
-        profile[group] = np.clip(codes[:, idx].max(axis=1), 0, None)
-    return profile
-
-
-# Stratum keys from fine to coarse. Spinal stays separate longest: the any-severe-spinal term of
-# the metric is decided per study, so each fold needs its share of severe spinal stenosis.
-_STRATUM_KEYS: tuple[Callable[[int, int, int], str], ...] = (
-    lambda sp, fo, su: f"spinal{sp}/foraminal{fo}/subarticular{su}",
-    lambda sp, fo, su: f"spinal{sp}/other{max(fo, su)}",
-    lambda sp, fo, su: f"worst{max(sp, fo, su)}",
-)
-
-
-def fold_strata(wide: pd.DataFrame, n_folds: int) -> pd.Series:
-    """Stratum of every study (index study_id), coarsened until each has >= ``n_folds`` studies.
-
-    Studies in rare strata move to the next coarser key; whatever is still rare after the
-    coarsest key is pooled, and a pool smaller than ``n_folds`` joins the largest stratum.
-    """
-    profile = severity_profile(wide)
-    triples = profile[list(GROUPS)].to_numpy(dtype=np.int64).tolist()
-    keys = [_STRATUM_KEYS[0](*t) for t in triples]
-    for coarser in (*_STRATUM_KEYS[1:], None):
-        counts = pd.Series(keys).value_counts()
-        rare = [i for i, k in enumerate(keys) if counts[k] < n_folds]
-        if not rare:
-            break
-        for i in rare:
-            keys[i] = coarser(*triples[i]) if coarser is not None else "rest"
-    counts = pd.Series(keys).value_counts()
-    if counts.get("rest", n_folds) < n_folds and len(counts) > 1:
-        largest = counts.drop("rest").idxmax()
-        keys = [largest if k == "rest" else k for k in keys]
-    return pd.Series(keys, index=profile["study_id"], name="stratum")
-
-
-def make_folds(wide: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
-    """Assign every study to one of ``n_folds`` folds: DataFrame(study_id, fold), by study_id.
-
-    One row per study makes the split grouped by study (all series and levels of a patient stay
-    together); stratifying by the severity profile keeps rare severe cases in every fold. The
-    result depends only on the labels, ``n_folds`` and ``seed`` (not on the row order).
-    """
-    from sklearn.model_selection import StratifiedKFold
-
-    if n_folds < 2:
-        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
-    dup = wide["study_id"].duplicated()
-    if dup.any():
-        raise ValueError(f"study_id {wide['study_id'][dup].iloc[0]} appears twice; one row a study")
-    if len(wide) < n_folds:
-        raise ValueError(
-            f"{len(wide)} studies cannot fill {n_folds} folds; use --n-folds {max(len(wide), 2)} "
-            "or fewer, or add studies"
-        )
-    ordered = wide.sort_values("study_id", kind="stable").reset_index(drop=True)
-    strata = fold_strata(ordered, n_folds).to_numpy()
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    fold = np.empty(len(ordered), dtype=np.int64)
-    for k, (_, test_idx) in enumerate(splitter.split(np.zeros(len(ordered)), strata)):
-        fold[test_idx] = k
-    return pd.DataFrame({"study_id": ordered["study_id"].to_numpy(np.int64), "fold": fold})
-
-
-def fold_summary(wide: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
-    """Per fold: studies, graded cells by severity, empty cells, studies with severe spinal."""
-    codes = label_matrix(wide)
-    fold_of = folds.set_index("study_id")["fold"]
-    missing = sorted(set(wide["study_id"]) - set(fold_of.index))
-    if missing:
-        raise ValueError(f"studies without a fold, e.g. {missing[:5]}; remake the folds")
-    fold = fold_of.loc[wide["study_id"]].to_numpy()
-    spinal = [i for i, c in enumerate(LABEL_COLUMNS) if COLUMN_CONDITION[c] == CONDITIONS[0]]
-    rows = []
-    for k in sorted(set(fold.tolist())):
-        sel = codes[fold == k]
-        row: dict[str, int] = {"fold": k, "studies": len(sel)}
-        row.update({s: int((sel == i).sum()) for i, s in enumerate(SEVERITIES)})
-        row["missing"] = int((sel == MISSING_LABEL).sum())
-        row["severe_spinal_studies"] = int((sel[:, spinal] == 2).any(axis=1).sum())
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("fold")
-
-
-def save_folds(folds: pd.DataFrame, path: Path | str) -> Path:
-    """Write ``study_id,fold`` as CSV (folds are data: made once, reused by every run)."""
-    path = Path(path)
-    _require_columns(folds, FOLD_COLUMNS, "fold table")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folds[list(FOLD_COLUMNS)].to_csv(path, index=False)
-    return path
-
-
-def load_folds(path: Path | str, study_ids: Sequence[int] | None = None) -> pd.DataFrame:
-    """Read a ``folds.csv``; with ``study_ids``, check that each of them has a fold."""
-    parsers: dict[str, Parser] = {"study_id": _int_cell, "fold": _int_cell}
-    folds, lines = _load(path, parsers, ["study_id"])
-    negative = [
-        f"line {ln}: fold {f} < 0" for ln, f in zip(lines, folds["fold"], strict=True) if f < 0
-    ]
-    if negative:
-        raise RSNAFormatError(path, negative)
-    if study_ids is not None:
-        absent = sorted(set(study_ids) - set(folds["study_id"]))
-        if absent:
-            raise RSNAFormatError(
-                path,
-                [f"{len(absent)} studies have no fold, e.g. {absent[:5]}; remake the folds"],
-            )
-    return folds

@@ -21,10 +21,10 @@ from spinegrade.constants import (
     SEVERITIES,
     submission_row_ids,
 )
-from spinegrade.data import phantom_labels as pl
-from spinegrade.data.phantom_anatomy import SPINAL, label_point
-from spinegrade.data.synthetic import SynthConfig, generate_dataset, load_study_anatomy
 from spinegrade.metrics import prior_submission, score_frames
+from spinegrade.phantom import labels as pl
+from spinegrade.phantom.anatomy import SPINAL, label_point
+from spinegrade.phantom.generate import SynthConfig, generate_dataset, load_study_anatomy
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 COND_INDEX = {title: i for i, title in enumerate(CONDITION_TITLES.values())}
@@ -273,9 +273,9 @@ def test_sides_and_level_order(dataset: Path):
 
 def test_severe_canal_is_darker_than_normal_on_t2(tmp_path: Path):
     """The label spot shows the severity: less CSF (signal) at a severe spinal level."""
-    from spinegrade.data import phantom_anatomy as pa
-    from spinegrade.data.phantom_ops import build_ops
-    from spinegrade.data.phantom_render import SagittalGeometry, Scanner, SeriesPlan, render_slice
+    from spinegrade.phantom import anatomy as pa
+    from spinegrade.phantom.ops import build_ops
+    from spinegrade.phantom.render import SagittalGeometry, Scanner, SeriesPlan, render_slice
 
     sev = np.full((5, 5), 0.1)
     sev[SPINAL, 3] = 0.95
