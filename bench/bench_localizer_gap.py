@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spinegrade.cv import grade_study, load_fold_models, predictions_frame
 from spinegrade.datasets import load_studies
+from spinegrade.inference import grade_study, load_fold_models
 from spinegrade.localize import derive_points, localize_study
 from spinegrade.metrics import score_frames
 from spinegrade.rsna import load_dataset, normalize_coordinates
+from spinegrade.submission import submission_frame
 
 TERMS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
 
@@ -63,7 +64,7 @@ def main() -> None:
     print("| graded at | " + " | ".join(TERMS) + " |")
     print("|---|" + "---|" * len(TERMS))
     for name, p in probs.items():
-        s = score_frames(labels, predictions_frame(ids, p))
+        s = score_frames(labels, submission_frame(p))
         print(f"| {name} | " + " | ".join(f"{s[t]:.3f}" for t in TERMS) + " |")
 
 

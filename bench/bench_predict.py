@@ -37,7 +37,8 @@ def _grader_full_coverage(run_dir: Path, folds: list[int], device: str, repeats:
     this times the full load so the latency above can be read as a lower or upper bound.
     """
     from spinegrade.constants import LABEL_COLUMNS
-    from spinegrade.cv import fold_dir, grade_crops, load_fold_models
+    from spinegrade.inference import grade_crops, load_fold_models
+    from spinegrade.rundir import fold_dir
 
     models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in folds]
     c = models[0].crops

@@ -41,6 +41,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     assert demo.test["true_probs"]["score"] < demo.test["uniform"]["score"]
     assert demo.test["bayes_limit"] != demo.test["true_probs"]
     assert set(demo.train_truth) == {"true_probs", "bayes_limit"}
+    # The demo, not training, puts the phantom's truth into cv.json, right after the baselines.
+    cv_keys = list(json.loads((out / "run" / "cv.json").read_text()))
+    at = cv_keys.index("baselines") + 1
+    assert cv_keys[at : at + 2] == ["bayes_limit", "true_probs"]
+    assert demo.cv["bayes_limit"] == demo.train_truth["bayes_limit"]
     assert demo.cv["oof"]["score"] > 0
     assert demo.index_html.is_file() and len(list((out / "report").glob("*/figure.png"))) == 2
     saved = json.loads((out / "demo.json").read_text())

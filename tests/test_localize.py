@@ -9,7 +9,6 @@ import torch
 from spinegrade.config import load_config
 from spinegrade.constants import LEVELS
 from spinegrade.crops import StudyPoints
-from spinegrade.cv import train_localizer
 from spinegrade.datasets import LocalizerDataset, collate_stacks
 from spinegrade.localize import (
     LOCALIZER_TASKS,
@@ -23,6 +22,7 @@ from spinegrade.localize import (
     sagittal_frame,
     summarize_errors,
 )
+from spinegrade.stages import train_localizer
 from spinegrade.train import Runtime
 from stack_factory import H, L, P, add_blob, level_points, make_stack
 

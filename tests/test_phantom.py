@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,12 @@ from spinegrade.constants import (
     PROB_COLUMNS,
     SERIES_DESCRIPTIONS,
     SEVERITIES,
-    submission_row_ids,
 )
 from spinegrade.metrics import prior_submission, score_frames
 from spinegrade.phantom import labels as pl
 from spinegrade.phantom.anatomy import SPINAL, label_point
 from spinegrade.phantom.generate import SynthConfig, generate_dataset, load_study_anatomy
+from spinegrade.submission import submission_frame
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 COND_INDEX = {title: i for i, title in enumerate(CONDITION_TITLES.values())}
@@ -46,13 +47,7 @@ def _simulate(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarr
 
 
 def _submission(ids, probs: np.ndarray) -> pd.DataFrame:
-    table = {
-        f"{s}_{c}": probs[i, j] for i, s in enumerate(ids) for j, c in enumerate(LABEL_COLUMNS)
-    }
-    rows = submission_row_ids(list(ids))
-    sub = pd.DataFrame([table[r] for r in rows], columns=list(PROB_COLUMNS))
-    sub.insert(0, "row_id", rows)
-    return sub
+    return submission_frame(dict(zip(ids, probs, strict=True)))
 
 
 def test_class_probs_are_a_distribution_and_ordered():
@@ -159,6 +154,34 @@ def test_layout_and_tables(dataset: Path):
             / f"{r['instance_number']}.dcm"
         ).is_file()
     assert not (dataset / "test_label_coordinates.csv").exists()
+
+
+def test_evaluate_prints_the_bayes_limit_of_the_truth(dataset: Path):
+    from typer.testing import CliRunner
+
+    from spinegrade.cli import app
+
+    labels_csv = dataset / "truth" / "test_labels.csv"
+    labels = pd.read_csv(labels_csv, dtype={c: "string" for c in LABEL_COLUMNS})
+    best = pd.read_csv(dataset / "truth" / "test_true_probs.csv")
+    best[list(PROB_COLUMNS)] = pl.weighted_optimal(best[list(PROB_COLUMNS)].to_numpy())
+    want = score_frames(labels, best)
+    args = ["evaluate", str(dataset / "sample_submission.csv"), "--labels", str(labels_csv)]
+    runner = CliRunner()
+    # The data folder, its truth/ folder or the split's CSV: the same limit.
+    for truth in (dataset, dataset / "truth", dataset / "truth" / "test_true_probs.csv"):
+        out = runner.invoke(app, [*args, "--truth", str(truth), "--json"])
+        assert out.exit_code == 0, out.output
+        res = json.loads(out.output)
+        assert res["bayes_limit"] == pytest.approx(want)
+        assert res["bayes_limit"]["score"] < res["score"]  # uniform 1/3 is far from the limit
+    text = runner.invoke(app, [*args, "--truth", str(dataset)])
+    assert text.exit_code == 0 and "Bayes limit" in text.output
+    assert f"{want['score']:.4f}" in text.output
+    # The train split's truth does not know the test studies: a clear error, not a wrong number.
+    wrong = dataset / "truth" / "train_true_probs.csv"
+    bad = runner.invoke(app, [*args, "--truth", str(wrong)])
+    assert bad.exit_code == 2 and "no probabilities for 1 labelled studies" in bad.output
 
 
 def test_dicom_headers(dataset: Path):

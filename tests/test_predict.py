@@ -21,7 +21,6 @@ from spinegrade.predict import (
     parse_folds,
     prepare_input,
     scrub_paths,
-    submission_frame,
 )
 
 TINY = [
@@ -35,17 +34,6 @@ PATIENT_MARKERS = ("PatientName", "PatientID")  # filled in from the phantom's h
 
 
 # ------------------------------------------------------------------------------- unit level
-
-
-def test_submission_rows_follow_the_sample_submission_order() -> None:
-    probs = {sid: np.tile([0.7, 0.2, 0.1], (25, 1)) for sid in (44036939, 4003253, 1000)}
-    probs[1000][LABEL_COLUMNS.index("spinal_canal_stenosis_l4_l5")] = [0.1, 0.1, 0.8]
-    sub = submission_frame(probs)
-    assert list(sub.columns) == ["row_id", *PROB_COLUMNS]
-    assert sub["row_id"].tolist() == submission_row_ids([1000, 4003253, 44036939])
-    assert sub["row_id"].tolist() == sorted(sub["row_id"])  # the sample submission is sorted
-    row = sub.set_index("row_id").loc["1000_spinal_canal_stenosis_l4_l5"]
-    assert row.tolist() == [0.1, 0.1, 0.8]
 
 
 def test_parse_folds_accepts_commas_and_repeats() -> None:

@@ -69,17 +69,28 @@ def evaluate(
         ..., help="Submission CSV: row_id,normal_mild,moderate,severe"
     ),
     labels: Path = typer.Option(..., "--labels", help="train.csv-format labels (wide table)"),
+    truth: Path | None = typer.Option(
+        None, "--truth", help="Phantom data folder or *_true_probs.csv: print its Bayes limit too"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
-    """Score a submission with the exact RSNA 2024 metric."""
+    """Score a submission with the exact RSNA 2024 metric (and a phantom's Bayes limit)."""
     from spinegrade.metrics import evaluate_files
 
     result = evaluate_files(submission, labels)
+    limit = None
+    if truth is not None:
+        from spinegrade.phantom.truth import truth_scores_files
+
+        limit = truth_scores_files(labels, truth)["bayes_limit"]
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(result if limit is None else {**result, "bayes_limit": limit}))
         return
+    if limit is not None:
+        typer.echo(f"{'':<20} {'score':>6}  Bayes limit")
     for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score"):
-        typer.echo(f"{key:<20} {result[key]:.4f}")
+        beside = "" if limit is None else f"  {limit[key]:>11.4f}"
+        typer.echo(f"{key:<20} {result[key]:.4f}{beside}")
 
 
 @app.command()

@@ -103,6 +103,33 @@ def _synthesise(
     return True
 
 
+def add_truth_to_cv(run: Path, data: Path) -> dict:
+    """Put what the phantom's truth scores on the run's studies into ``run/cv.json``.
+
+    ``bayes_limit`` (the true probabilities reweighted 1/2/4, the best expected score) and
+    ``true_probs`` (the raw true probabilities) go right after the baselines, on the same labels
+    as the OOF score. Training itself never reads the truth; only the demo knows it has one.
+    """
+    from spinegrade.phantom import truth_scores
+    from spinegrade.rsna import load_folds, load_train
+
+    path = run / "cv.json"
+    cv = json.loads(path.read_text())
+    folds = load_folds(run / "folds.csv")
+    labels = load_train(data / "train.csv")
+    labels = labels[labels["study_id"].isin(folds["study_id"])].reset_index(drop=True)
+    truth = truth_scores(labels, data / "truth" / "train_true_probs.csv")
+    out: dict = {}
+    for key, value in cv.items():
+        if key not in ("bayes_limit", "true_probs"):
+            out[key] = value
+        if key == "baselines":
+            out["bayes_limit"] = truth.get("bayes_limit")
+            out["true_probs"] = truth.get("true_probs")
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def score_test(data: Path, submission: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Held-out scores: the model, the constants learned on train, and the truth (Bayes limit)."""
     from spinegrade.constants import LABEL_COLUMNS
@@ -172,6 +199,7 @@ def run_demo(
     times["preprocess_s"] = time.perf_counter() - t
     t = stage(3, f"train: '{config}' config, {cfg.data.n_folds}-fold CV -> {run}")
     cv = cross_validate(data, cache, run, cfg, progress=progress) or merge_run(run)
+    cv = add_truth_to_cv(run, data)
     times["train_s"] = time.perf_counter() - t
     train_truth = {k: cv[k] for k in ("true_probs", "bayes_limit") if cv.get(k)}
     t = stage(4, "predict the held-out studies with the fold ensemble, write the reports")

@@ -27,8 +27,8 @@ from spinegrade.constants import (
     PROB_COLUMNS,
     SEVERITY_INDEX,
     row_id,
-    submission_row_ids,
 )
+from spinegrade.submission import submission_frame
 
 EPS = 1e-15
 TERMS: tuple[str, ...] = ("spinal", "foraminal", "subarticular", "any_severe_spinal")
@@ -195,13 +195,7 @@ def _class_counts(labels_wide: pd.DataFrame) -> np.ndarray:
 
 def constant_submission(study_ids: Iterable[int], column_probs: np.ndarray) -> pd.DataFrame:
     """A submission that predicts the same (25, 3) column probabilities for every study."""
-    ids = list(study_ids)
-    table = {c: column_probs[j] for j, c in enumerate(LABEL_COLUMNS)}
-    rows = submission_row_ids(ids)
-    probs = np.stack([table[rid.split("_", 1)[1]] for rid in rows])
-    out = pd.DataFrame(probs, columns=list(PROB_COLUMNS))
-    out.insert(0, "row_id", rows)
-    return out
+    return submission_frame(dict.fromkeys((int(s) for s in study_ids), column_probs))
 
 
 def uniform_submission(study_ids: Iterable[int]) -> pd.DataFrame:

@@ -31,9 +31,8 @@ from spinegrade.constants import (
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
-    PROB_COLUMNS,
-    submission_row_ids,
 )
+from spinegrade.submission import submission_frame
 
 log = logging.getLogger(__name__)
 
@@ -164,19 +163,6 @@ def missing_series_warning(study_id: int, present: set[str]) -> str | None:
     )
 
 
-def submission_frame(probs_by_study: dict[int, np.ndarray]) -> pd.DataFrame:
-    """The submission: 25 rows a study, in the sample submission's row order."""
-    rows = submission_row_ids(sorted(probs_by_study))
-    col_index = {c: j for j, c in enumerate(LABEL_COLUMNS)}
-    values = np.empty((len(rows), 3))
-    for i, rid in enumerate(rows):
-        study, _, column = rid.partition("_")
-        values[i] = probs_by_study[int(study)][col_index[column]]
-    out = pd.DataFrame(values, columns=list(PROB_COLUMNS))
-    out.insert(0, "row_id", rows)
-    return out
-
-
 # --------------------------------------------------------------------------------- ensemble
 
 
@@ -208,7 +194,7 @@ def parse_folds(values: list[str] | None) -> list[int] | None:
 def run_folds(run_dir: Path, folds: list[int] | None = None) -> list[int]:
     """The folds of ``run_dir`` to ensemble: ``folds`` if given (each must be complete), else all
     complete ones (an incomplete fold is skipped with a warning)."""
-    from spinegrade.cv import fold_dir, fold_done
+    from spinegrade.rundir import fold_dir, fold_done
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -263,7 +249,8 @@ class Predictor:
         cls, run_dir: Path | str, folds: list[int] | None = None, device: str = "auto"
     ) -> Predictor:
         """Load the folds' localisers and graders (safetensors + JSON only) from ``run_dir``."""
-        from spinegrade.cv import fold_dir, load_fold_models
+        from spinegrade.inference import load_fold_models
+        from spinegrade.rundir import fold_dir
 
         run_dir, device = Path(run_dir), resolve_device(device)
         chosen = run_folds(run_dir, folds)
@@ -281,7 +268,7 @@ class Predictor:
 
     def predict(self, stacks) -> EnsemblePrediction:
         """Ensemble prediction for one study's chosen stacks (description -> stacks)."""
-        from spinegrade.cv import predict_study
+        from spinegrade.inference import predict_study
 
         preds = [predict_study(m, stacks) for m in self.models]
         graded = np.stack([p.graded for p in preds])  # (F, 25)
@@ -403,8 +390,8 @@ def predict(
     folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
     the input.
     """
-    from spinegrade.cv import load_run_config
     from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.rundir import load_run_config
 
     t0 = time.perf_counter()
     out_csv, input_dir = Path(out_csv), Path(input_dir)

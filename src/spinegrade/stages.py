@@ -1,0 +1,163 @@
+"""The two trained stages of a fold: the localiser (stage 1) and the graders (stage 2).
+
+Each trainer builds its network from the config, wraps its loss for :func:`spinegrade.train.fit`
+and validates on the fold's held-out studies; :mod:`spinegrade.cv` decides which fold trains what
+and where the weights go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spinegrade.config import Config
+from spinegrade.constants import LEVELS
+from spinegrade.crops import StudyPoints
+from spinegrade.datasets import (
+    GraderDataset,
+    LocalizerDataset,
+    StudyData,
+    collate_levels,
+    collate_stacks,
+)
+from spinegrade.localize import LOCALIZER_TASKS, LocalizerSample, evaluate_localizer
+from spinegrade.losses import grading_loss, localizer_loss
+from spinegrade.train import FitSpec, Runtime, fit
+
+# ------------------------------------------------------------------------------ stage-1 training
+
+
+class _LocalizerLoss:
+    """``step_loss`` of :func:`spinegrade.train.fit` for the localiser."""
+
+    def __init__(self, sigma: float) -> None:
+        self.sigma = sigma
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = model(batch["volume"], batch["mask"])
+        return localizer_loss(out, batch["xy"], batch["z"], batch["valid"], sigma=self.sigma)
+
+
+def train_localizer(
+    cfg: Config,
+    samples: Mapping[str, Sequence[LocalizerSample]],
+    val_samples: Mapping[str, Sequence[LocalizerSample]],
+    runtime: Runtime,
+    ckpt_dir: Path | None = None,
+    log_fn=None,
+    seed: int = 0,
+) -> dict[str, nn.Module]:
+    """Train one stage-1 network per task (tasks without samples are skipped)."""
+    from spinegrade.models.registry import build_localizer
+
+    c = cfg.localizer
+    nets: dict[str, nn.Module] = {}
+    for name, task in LOCALIZER_TASKS.items():
+        if not samples.get(name):
+            continue
+        torch.manual_seed(seed)  # the initial weights too: a rerun gives the same fold
+        net = build_localizer(cfg, n_targets=len(task.targets))
+        spec = FitSpec(
+            f"localizer_{name}", c.epochs, c.batch_size, c.lr, cfg.optim, c.weight_decay, seed,
+            average=cfg.train.weight_average, eval_every=cfg.train.eval_every,
+        )  # fmt: skip
+        dataset = LocalizerDataset(samples[name], augment=True, zoom=c.zoom, seed=seed)
+        val = list(val_samples.get(name, []))
+
+        def evaluate(m: nn.Module, v=val) -> dict[str, float]:
+            return evaluate_localizer(m, v, c.zoom)
+
+        ckpt = ckpt_dir / f"localizer_{name}" if ckpt_dir else None
+        loss = _LocalizerLoss(c.sigma)
+        fit(
+            net,
+            dataset,
+            collate_stacks,
+            loss,
+            spec,
+            runtime,
+            ckpt,
+            log_fn,
+            evaluate if val else None,
+        )
+        nets[name] = net.eval()
+    return nets
+
+
+# ------------------------------------------------------------------------------ stage-2 training
+
+
+class _GraderLoss:
+    """``step_loss`` for :func:`spinegrade.train.fit`: weighted CE (+ any-severe for spinal)."""
+
+    def __init__(self, cfg: Config, group: str) -> None:
+        self.loss, self.any_weight = (
+            cfg.loss,
+            cfg.loss.any_severe_weight if group == "spinal" else 0.0,
+        )
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = model(batch["x"], batch["level"])
+        return grading_loss(
+            logits, batch["labels"][:, None], study_index=batch["study"],
+            any_severe_weight=self.any_weight, class_weights=self.loss.class_weights,
+            label_smoothing=self.loss.label_smoothing,
+        )  # fmt: skip
+
+
+def train_grader(
+    cfg: Config,
+    group: str,
+    train: Sequence[StudyData],
+    val: Sequence[StudyData],
+    points: Mapping[int, StudyPoints],
+    runtime: Runtime,
+    ckpt_path: Path | None = None,
+    log_fn=None,
+    seed: int = 0,
+) -> nn.Module:
+    """Train the stage-2 model of one group on crops around the (jittered) true points."""
+    from spinegrade.models.registry import build_grader
+
+    torch.manual_seed(seed)
+    model = build_grader(cfg, n_targets=1)
+    t = cfg.train
+    dataset = GraderDataset(train, points, group, cfg.crops, augment=True, seed=seed)
+    if len(dataset) == 0:
+        raise ValueError(f"no {group} training crops: check the labels and the cache")
+    val_set = GraderDataset(val, points, group, cfg.crops, augment=False)
+    items = max(1, t.batch_size // len(LEVELS))  # an item holds the five levels of a study
+    spec = FitSpec(
+        f"grader_{group}", t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average,
+        eval_every=t.eval_every,
+    )  # fmt: skip
+    loss = _GraderLoss(cfg, group)
+    evaluate = (
+        (lambda m: _evaluate_grader(m, val_set, loss, runtime, t.eval_batch_size))
+        if len(val_set)
+        else None
+    )
+    fit(model, dataset, collate_levels, loss, spec, runtime, ckpt_path, log_fn, evaluate)
+    return model.eval()
+
+
+def _evaluate_grader(
+    model, dataset: GraderDataset, loss, runtime: Runtime, batch_rows: int
+) -> dict:
+    """Validation loss on crops at the true points (no jitter)."""
+    from spinegrade.train import to_device
+
+    per = max(1, batch_rows // len(LEVELS))
+    total, weight = 0.0, 0
+    for i in range(0, len(dataset), per):
+        batch = to_device(
+            collate_levels([dataset[k] for k in range(i, min(i + per, len(dataset)))]), runtime
+        )
+        with runtime.autocast():
+            parts = loss(model, batch)
+        n = int((batch["labels"] >= 0).sum())
+        total, weight = total + float(parts["loss"]) * n, weight + n
+    return {"loss": total / max(weight, 1)}
