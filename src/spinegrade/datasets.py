@@ -29,6 +29,7 @@ from spinegrade.constants import (
 )
 from spinegrade.crops import AXIAL, StudyPoints, make_crops, true_points
 from spinegrade.localize import LocalizerSample
+from spinegrade.progress import progress_bar
 from spinegrade.train import EpochDataset
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ def load_studies(
         codes = dict(zip(labels["study_id"].astype(int), label_matrix(labels), strict=True))
     by_study = dict(iter(coordinates.groupby("study_id"))) if coordinates is not None else {}
     out: dict[int, StudyData] = {}
-    for sid in _progress(study_ids, "loading studies", progress):
+    for sid in progress_bar(
+        study_ids, "loading studies", unit="study", enabled=progress, leave=False
+    ):
         sid = int(sid)
         all_stacks = [load_stack(cache_dir / p) for p in paths.get(sid, [])]
         coords = by_study.get(sid)
@@ -112,14 +115,6 @@ def load_studies(
             cache_dir,
         )
     return out
-
-
-def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------ stage-2 training data
