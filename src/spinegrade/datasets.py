@@ -21,13 +21,14 @@ import torch
 from spinegrade.cache import CachedStack, load_stack, read_index
 from spinegrade.config import CropConfig
 from spinegrade.constants import (
+    AX_T2,
     CONDITION_GROUP,
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
     SERIES_DESCRIPTIONS,
 )
-from spinegrade.crops import AXIAL, StudyPoints, make_crops, true_points
+from spinegrade.crops import StudyPoints, make_crops, true_points
 from spinegrade.localize import LocalizerSample
 from spinegrade.progress import progress_bar
 from spinegrade.train import EpochDataset
@@ -63,7 +64,7 @@ def select_stacks(stacks: Sequence[CachedStack]) -> dict[str, list[CachedStack]]
         of_desc = [s for s in stacks if s.description == desc]
         if not of_desc:
             continue
-        if desc == AXIAL:
+        if desc == AX_T2:
             out[desc] = of_desc
             continue
         first = of_desc[0].series_id
