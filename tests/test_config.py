@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 
+from spinegrade import config
 from spinegrade.config import (
     Config,
     ConfigError,
@@ -129,3 +132,31 @@ def test_every_section_is_a_dataclass_with_typed_fields() -> None:
     a, b = Config(), Config()
     a.train.groups.append("x")
     assert b.train.groups == ["spinal", "foraminal", "subarticular"]
+
+
+def test_default_yaml_lists_every_key() -> None:
+    # "Every key is listed" in default.yaml: a new field must be added there too.
+    text = resources.files("spinegrade").joinpath("configs", "default.yaml").read_text()
+    listed = yaml.safe_load(text)
+    for section, values in Config().to_dict().items():
+        if isinstance(values, dict):
+            assert set(listed[section]) == set(values), section
+        else:
+            assert section in listed
+
+
+def test_old_run_folder_with_removed_key_still_loads(tmp_path: Path, caplog, monkeypatch) -> None:
+    # Run folders written before train.devices was removed hold it in config.yaml and sidecars.
+    monkeypatch.setattr(config, "_warned", set())
+    old = load_config("quick").to_dict()
+    old["train"]["devices"] = 4
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING", logger="spinegrade.config"):
+        assert load_config(path) == load_config("quick")
+        assert config_from_dict(old) == load_config("quick")
+    notes = [r.getMessage() for r in caplog.records if "train.devices" in r.getMessage()]
+    assert len(notes) == 1 and "torchrun" in notes[0]  # warned once, not once per fold
+    # Set anew, it is an error that says how to launch several GPUs.
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
+        load_config("quick", ["train.devices=2"])

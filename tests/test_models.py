@@ -19,10 +19,7 @@ from spinegrade.models import (
     SpineGrader,
     build_grader,
     build_localizer,
-    build_optimizer,
-    build_scheduler,
     load_model,
-    parameter_groups,
 )
 from spinegrade.weights import (
     WeightsError,
@@ -263,36 +260,3 @@ def test_pretrained_path_loads_local_imagenet_style_weights(tmp_path: Path) -> N
 def test_unknown_backbone_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown timm backbone"):
         create_backbone("efficientnet_b99")
-
-
-def test_parameter_groups_optimizer_and_schedule() -> None:
-    cfg = load_config(
-        "quick",
-        ["optim.backbone_lr_scale=0.1", "optim.warmup_frac=0.1", "train.lr=0.01", "crops.slices=3"],
-    )
-    model = build_grader(cfg)
-    groups = parameter_groups(model, 0.01, 0.05, 0.1)
-    # Every trainable parameter lands in exactly one group.
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    by_id = {id(p): g for g in groups for p in g["params"]}
-    assert by_id[id(model.cls_token)]["weight_decay"] == 0.0
-    assert by_id[id(model.level_embed.weight)]["weight_decay"] == 0.0
-    assert by_id[id(model.head[-1].weight)]["weight_decay"] == 0.05
-    stem = model.encoder.conv_stem.weight
-    assert by_id[id(stem)]["lr"] == pytest.approx(0.001) and by_id[id(stem)]["weight_decay"] == 0.05
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, total_steps=100)
-    head_group = next(
-        g for g in opt.param_groups if any(p is model.head[-1].weight for p in g["params"])
-    )
-    seen = []
-    for _ in range(100):
-        seen.append(head_group["lr"])
-        opt.step()
-        sched.step()
-    assert seen[0] == pytest.approx(0.001)  # warm-up: 1/10 of the way
-    assert max(seen) == pytest.approx(0.01)
-    assert seen[-1] < 0.001  # cosine decay towards 0
-    with pytest.raises(ValueError, match=r"optim\.name"):
-        build_optimizer(model, load_config("quick", ["optim.name=lamb"]))

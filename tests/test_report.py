@@ -10,11 +10,8 @@ import pytest
 import torch
 
 from spinegrade.cache import CachedStack
-from spinegrade.constants import CONDITIONS, LABEL_COLUMNS, LEVELS
+from spinegrade.constants import AX_T2, CONDITIONS, LABEL_COLUMNS, LEVELS, SAG_T1, SAG_T2
 from spinegrade.report import (
-    AX_T2,
-    SAG_T1,
-    SAG_T2,
     ReportInputs,
     StudyPrediction,
     grades_payload,

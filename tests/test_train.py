@@ -15,7 +15,17 @@ from spinegrade.cv import cross_validate, merge_run
 from spinegrade.datasets import GraderDataset, collate_levels, load_studies
 from spinegrade.inference import load_fold_models, predict_study
 from spinegrade.localize import derive_points, fit_offsets
-from spinegrade.train import EpochDataset, FitSpec, Runtime, fit, lr_at
+from spinegrade.train import (
+    EpochDataset,
+    FitSpec,
+    Runtime,
+    fit,
+    lr_at,
+    make_optimizer,
+    parameter_groups,
+    set_lr,
+    setup_runtime,
+)
 from stack_factory import write_world
 
 TINY = [
@@ -33,6 +43,65 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [lr_at(s, 100, 1.0, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 0.05
+
+
+def _grader(cfg_overrides=()):
+    from spinegrade.models.registry import build_grader
+
+    return build_grader(load_config("quick", [*TINY, *cfg_overrides]))
+
+
+def test_scale_one_keeps_the_decay_grouping_of_every_run_so_far():
+    # Existing runs must train bit-identically: two groups, [ndim > 1, ndim <= 1], in
+    # parameter order, with the plain learning rate.
+    model = _grader()
+    groups = parameter_groups(model, 0.01, 0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert [g["params"] for g in groups] == [
+        [p for p in params if p.ndim > 1],
+        [p for p in params if p.ndim <= 1],
+    ]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.01, 0.05), (0.01, 0.0)]
+
+
+@pytest.mark.parametrize("kind", ["grader", "localizer"])
+def test_backbone_groups_cover_every_parameter_once_at_a_scaled_lr(kind):
+    from spinegrade.models.registry import build_localizer
+
+    cfg = load_config("quick", [*TINY, "optim.backbone_lr_scale=0.1"])
+    model = _grader() if kind == "grader" else build_localizer(cfg)
+    model.encoder.conv_stem.weight.requires_grad_(False)  # frozen: in no group
+    opt = make_optimizer(model, 0.01, cfg.optim)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(ids) == len(set(ids)) == len(trainable) and set(ids) == {id(p) for p in trainable}
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g = group_of[id(p)]
+            assert g["lr"] == pytest.approx(0.001 if name.startswith("encoder.") else 0.01)
+            assert g["weight_decay"] == (0.05 if p.ndim > 1 else 0.0)
+    base = [g["lr"] for g in opt.param_groups]
+    backbone = next(g for g in opt.param_groups if g["lr"] < 0.01)
+    head = next(g for g in opt.param_groups if g["lr"] == 0.01)
+    cfg.optim.warmup_frac = 0.1
+    for step in (0, 5, 10, 50, 99):  # warm-up, peak, cosine, end: the ratio holds throughout
+        set_lr(opt, base, step, 100, cfg.optim)
+        assert head["lr"] == pytest.approx(lr_at(step, 100, 0.01, cfg.optim))
+        assert backbone["lr"] == pytest.approx(0.1 * head["lr"])
+
+
+def test_optimizer_and_runtime_errors_are_clear(monkeypatch):
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"optim\.name"):
+        make_optimizer(model, 0.1, OptimConfig(name="lamb"))
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        make_optimizer(model, 0.1, OptimConfig(backbone_lr_scale=-1.0))
+    assert isinstance(make_optimizer(model, 0.1, OptimConfig(name="sgd")), torch.optim.SGD)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ddp = load_config("quick", ["train.strategy=ddp"]).train
+    with pytest.raises(RuntimeError, match=r"torchrun --nproc_per_node N -m spinegrade\.cli train"):
+        setup_runtime(ddp)
 
 
 class _Toy(EpochDataset):
@@ -105,6 +174,25 @@ def test_validation_runs_every_nth_epoch_and_last_without_changing_the_weights()
     every = torch.nn.Linear(4, 2)
     fit(every, _Toy(), _collate, _toy_loss, FitSpec("toy", 5, 8, 0.05, OptimConfig(), seed=1), CPU)
     assert torch.allclose(sparse.weight, every.weight)  # validation is logging only
+
+
+def test_step_lines_every_log_every_steps():
+    records: list[dict] = []
+    # 32 samples / batch 8 = 4 steps an epoch, 3 epochs = 12 steps: lines after steps 5 and 10.
+    spec = FitSpec("toy", 3, 8, 0.05, OptimConfig(warmup_frac=0), seed=1, log_every=5)
+    torch.manual_seed(0)
+    fit(torch.nn.Linear(4, 2), _Toy(), _collate, _toy_loss, spec, CPU, log=records.append)
+    steps = [r for r in records if "step" in r]
+    assert [(r["epoch"], r["step"]) for r in steps] == [(2, 5), (3, 10)]
+    assert set(steps[0]) == {"stage", "epoch", "step", "loss", "lr", "samples_per_s"}
+    assert steps[0]["lr"] == pytest.approx(lr_at(4, 12, 0.05, spec.optim))
+    assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in steps)
+    assert [r["epoch"] for r in records if "step" not in r] == [1, 2, 3]
+    # 0 disables them; the epoch lines and the weights stay as they were.
+    quiet: list[dict] = []
+    spec.log_every = 0
+    fit(torch.nn.Linear(4, 2), _Toy(), _collate, _toy_loss, spec, CPU, log=quiet.append)
+    assert [r["epoch"] for r in quiet] == [1, 2, 3] and all("step" not in r for r in quiet)
 
 
 @pytest.fixture(scope="module")

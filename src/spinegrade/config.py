@@ -8,14 +8,17 @@ A config is resolved in three steps, each overriding the one before:
 3. dotted ``key=value`` overrides from the command line, e.g. ``train.epochs=3 model.depth=1``.
 
 Unknown keys are errors that name the file and suggest the closest key, so a typo never silently
-trains the wrong model. The resolved config is written to the run folder with :func:`save_config`
-and read back with :func:`load_config` (prediction never imports a config module by name).
+trains the wrong model. Keys that were removed (:data:`REMOVED_KEYS`) are dropped with a warning
+when a file still holds them, so old run folders keep loading. The resolved config is written to
+the run folder with :func:`save_config` and read back with :func:`load_config` (prediction never
+imports a config module by name).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +29,18 @@ from typing import Any
 import yaml
 
 PACKAGED_CONFIGS: tuple[str, ...] = ("quick", "default")
+
+# Keys older versions wrote into run folders, with why they went. A file (an old run folder's
+# config.yaml, a weights sidecar) that holds one still loads; setting one by override is an error.
+REMOVED_KEYS: dict[str, str] = {
+    "train.devices": (
+        "the number of processes comes from torchrun (WORLD_SIZE); for several GPUs launch "
+        "`torchrun --nproc_per_node N -m spinegrade.cli train ...`"
+    ),
+}
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 class ConfigError(ValueError):
@@ -60,8 +75,10 @@ class CropConfig:
     shift_frac: float = 0.1  # training: shift the centre by up to this fraction of the field
     scale_jitter: float = 0.1  # training: relative zoom range
     rotate_deg: float = 10.0  # training: in-plane rotation range
-    flip_lr: bool = True  # training, axial: mirror left/right and swap the side labels
-    # --- added by the trainer helper (crops.py) ---
+    # Training, spinal (sagittal T2) crops only: reverse the slice order half the time, a
+    # left/right mirror of the canal (stenosis has no side). Foraminal and subarticular crops are
+    # never flipped: their labels are per side.
+    flip_lr: bool = True
     max_project_mm: float = 10.0  # a level farther than this from every axial slice is not cut
     tta: int = 4  # prediction: also grade this many jittered crops and average (0 = centred only)
 
@@ -95,7 +112,7 @@ class OptimConfig:
     scheduler: str = "cosine"  # cosine | constant
     warmup_frac: float = 0.05  # fraction of all steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    backbone_lr_scale: float = 1.0  # lr multiplier for the (pretrained) backbone
+    backbone_lr_scale: float = 1.0  # lr multiplier for the backbones (grader and localiser)
 
 
 @dataclass
@@ -119,13 +136,11 @@ class TrainConfig:
     channels_last: bool = True
     num_workers: int = 4
     accelerator: str = "auto"  # auto | cpu | cuda
-    devices: int = 1
     strategy: str = "auto"  # auto | ddp
     groups: list[str] = field(default_factory=lambda: ["spinal", "foraminal", "subarticular"])
     folds: list[int] | None = None  # None = all folds
-    log_every: int = 50  # steps between log lines
+    log_every: int = 50  # optimiser steps between step lines in a fold's log.jsonl (0: off)
     eval_every: int = 1  # validate every n-th epoch (and always the last): logging only
-    # --- added by the trainer helper (train.py) ---
     weight_average: float = 0.1  # keep an EMA of the weights over ~this fraction of steps (0: off)
     prior_mix: float = 0.2  # prediction: mix this much of the training prior into graded cells
     fold_workers: int = 0  # CPU: folds trained side by side in processes (0 = one per core)
@@ -148,7 +163,6 @@ class LocalizerConfig:
     dropout: float = 0.1
     drop_path: float = 0.1
     sigma: float = 1.5  # target heatmap std in heatmap cells (stride 4)
-    # --- added by the trainer helper (localize.py) ---
     zoom: float = 0.65  # second, zoomed look at this fraction of the field of view (0 = off)
     # A canal or foramen point farther than this from the level's three-point consensus is moved
     # onto it (localize.fuse_level_points); 0 = off.
@@ -261,11 +275,21 @@ def _apply_mapping(obj: Any, mapping: dict[str, Any], source: str, prefix: str =
     """Recursively set the fields of a dataclass tree from a nested mapping."""
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
+        if dotted in REMOVED_KEYS:
+            _note_removed(dotted, source)
+            continue
         current = getattr(obj, key, None) if _has_field(obj, key) else None
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             _apply_mapping(current, value, source, prefix=f"{dotted}.")
         else:
             set_value(obj, key, value, source=source, full_key=dotted)
+
+
+def _note_removed(dotted: str, source: str) -> None:
+    """Warn (once per process: a run folder is read once per fold) that a removed key is ignored."""
+    if dotted not in _warned:
+        _warned.add(dotted)
+        log.warning("%s: ignoring removed config key %r: %s", source, dotted, REMOVED_KEYS[dotted])
 
 
 def _has_field(obj: Any, key: str) -> bool:
@@ -297,6 +321,8 @@ def set_value(
 
 def _check_key(obj: Any, key: str, source: str, dotted: str) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
+    if dotted in REMOVED_KEYS:
+        raise ConfigError(f"{source}: config key {dotted!r} was removed: {REMOVED_KEYS[dotted]}")
     if key not in names:
         close = difflib.get_close_matches(key, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"

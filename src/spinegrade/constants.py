@@ -1,10 +1,13 @@
-"""One vocabulary for the whole package: conditions, levels, severities, columns, row ids, weights.
+"""One vocabulary for the whole package: conditions, levels, severities, columns, row ids, weights,
+series names and the axes of patient space.
 
 Everything that names a target or orders the 25 columns goes through this module, so the CSVs,
 the metric, the model heads and the reports can never disagree about what column 7 means.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 # Conditions in the order of the columns of train.csv.
 CONDITIONS: tuple[str, ...] = (
@@ -65,15 +68,30 @@ LABEL_COLUMNS: tuple[str, ...] = tuple(f"{c}_{lv}" for c in CONDITIONS for lv in
 COLUMN_CONDITION: dict[str, str] = {f"{c}_{lv}": c for c in CONDITIONS for lv in LEVELS}
 COLUMN_LEVEL: dict[str, str] = {f"{c}_{lv}": lv for c in CONDITIONS for lv in LEVELS}
 
-SERIES_DESCRIPTIONS: tuple[str, ...] = ("Sagittal T1", "Sagittal T2/STIR", "Axial T2")
+# The three series of an RSNA study, as train_series_descriptions.csv names them.
+SAG_T1, SAG_T2, AX_T2 = "Sagittal T1", "Sagittal T2/STIR", "Axial T2"
+SERIES_DESCRIPTIONS: tuple[str, ...] = (SAG_T1, SAG_T2, AX_T2)
 # Which series a radiologist reads each condition on (and where the coordinates are labelled).
 CONDITION_SERIES: dict[str, str] = {
-    "spinal_canal_stenosis": "Sagittal T2/STIR",
-    "left_neural_foraminal_narrowing": "Sagittal T1",
-    "right_neural_foraminal_narrowing": "Sagittal T1",
-    "left_subarticular_stenosis": "Axial T2",
-    "right_subarticular_stenosis": "Axial T2",
+    "spinal_canal_stenosis": SAG_T2,
+    "left_neural_foraminal_narrowing": SAG_T1,
+    "right_neural_foraminal_narrowing": SAG_T1,
+    "left_subarticular_stenosis": AX_T2,
+    "right_subarticular_stenosis": AX_T2,
 }
+
+# Patient space is DICOM LPS millimetres: axis 0 runs to the patient's Left, 1 Posterior, 2 Head.
+LPS_LEFT, LPS_POSTERIOR, LPS_HEAD = (np.eye(3)[i] for i in range(3))  # unit vectors
+for _v in (LPS_LEFT, LPS_POSTERIOR, LPS_HEAD):
+    _v.setflags(write=False)  # shared by every module: never changed in place
+del _v
+# Letters at the (negative, positive) end of each LPS axis, as DICOM writes them (H/F for
+# head/foot, e.g. a slice direction "F->H") ...
+AXIS_LETTERS: tuple[tuple[str, str], ...] = (("R", "L"), ("A", "P"), ("F", "H"))
+# ... and as radiologists mark the edges of a displayed image (S/I for superior/inferior).
+DISPLAY_AXIS_LETTERS: tuple[tuple[str, str], ...] = (("R", "L"), ("A", "P"), ("I", "S"))
+# A slice's plane is named after the LPS axis its normal points along most.
+PLANE_OF_AXIS: tuple[str, ...] = ("sagittal", "coronal", "axial")
 
 
 def row_id(study_id: int | str, column: str) -> str:

@@ -29,6 +29,7 @@ from scipy import ndimage
 from spinegrade.cache import CachedStack, find_stack, project_point
 from spinegrade.config import CropConfig
 from spinegrade.constants import (
+    AX_T2,
     COLUMN_CONDITION,
     COLUMN_LEVEL,
     CONDITION_GROUP,
@@ -37,12 +38,10 @@ from spinegrade.constants import (
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
+    LPS_HEAD,
+    LPS_LEFT,
+    LPS_POSTERIOR,
 )
-
-# LPS unit vectors: +X patient left, +Y posterior, +Z head.
-_LEFT, _POSTERIOR, _HEAD = np.eye(3)
-AXIAL = "Axial T2"
-
 
 # ----------------------------------------------------------------------------------- points
 
@@ -112,10 +111,10 @@ def crop_view(condition: str, cfg: CropConfig) -> CropView:
     side = -1.0 if CONDITION_SIDE[condition] == "right" else 1.0
     desc = CONDITION_SERIES[condition]
     if group == "subarticular":  # axial: lateral to the right of the image, posterior down
-        return CropView(desc, cfg.subarticular_mm, side * _LEFT, _POSTERIOR, _HEAD)
+        return CropView(desc, cfg.subarticular_mm, side * LPS_LEFT, LPS_POSTERIOR, LPS_HEAD)
     field_mm = cfg.spinal_mm if group == "spinal" else cfg.foraminal_mm
     # Sagittal: standard display (anterior left, head up); slices go lateral on the graded side.
-    return CropView(desc, field_mm, _POSTERIOR, -_HEAD, side * _LEFT)
+    return CropView(desc, field_mm, LPS_POSTERIOR, -LPS_HEAD, side * LPS_LEFT)
 
 
 def _inplane_axes(stack: CachedStack, want_x: np.ndarray, want_y: np.ndarray):
@@ -232,7 +231,7 @@ def locate_in_series(
     candidates = list(stacks.get(description, []))
     if not candidates:
         return None
-    if description == AXIAL:
+    if description == AX_T2:
         idx, _, _, _, dist = project_point(point, candidates)
         return candidates[idx] if dist <= max_distance_mm else None
     inside = [s for s in candidates if point_in_stack(s, point)]

@@ -21,14 +21,16 @@ import torch
 from spinegrade.cache import CachedStack, load_stack, read_index
 from spinegrade.config import CropConfig
 from spinegrade.constants import (
+    AX_T2,
     CONDITION_GROUP,
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
     SERIES_DESCRIPTIONS,
 )
-from spinegrade.crops import AXIAL, StudyPoints, make_crops, true_points
+from spinegrade.crops import StudyPoints, make_crops, true_points
 from spinegrade.localize import LocalizerSample
+from spinegrade.progress import progress_bar
 from spinegrade.train import EpochDataset
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def select_stacks(stacks: Sequence[CachedStack]) -> dict[str, list[CachedStack]]
         of_desc = [s for s in stacks if s.description == desc]
         if not of_desc:
             continue
-        if desc == AXIAL:
+        if desc == AX_T2:
             out[desc] = of_desc
             continue
         first = of_desc[0].series_id
@@ -95,7 +97,9 @@ def load_studies(
         codes = dict(zip(labels["study_id"].astype(int), label_matrix(labels), strict=True))
     by_study = dict(iter(coordinates.groupby("study_id"))) if coordinates is not None else {}
     out: dict[int, StudyData] = {}
-    for sid in _progress(study_ids, "loading studies", progress):
+    for sid in progress_bar(
+        study_ids, "loading studies", unit="study", enabled=progress, leave=False
+    ):
         sid = int(sid)
         all_stacks = [load_stack(cache_dir / p) for p in paths.get(sid, [])]
         coords = by_study.get(sid)
@@ -112,14 +116,6 @@ def load_studies(
             cache_dir,
         )
     return out
-
-
-def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------ stage-2 training data

@@ -28,13 +28,22 @@ from torch import nn
 
 from spinegrade.cache import CachedStack, project_point
 from spinegrade.config import Config
-from spinegrade.constants import CONDITION_GROUP, CONDITION_SERIES, CONDITIONS, LEVELS
-from spinegrade.crops import AXIAL, StudyPoints
+from spinegrade.constants import (
+    AX_T2,
+    CONDITION_GROUP,
+    CONDITION_SERIES,
+    CONDITIONS,
+    LEVELS,
+    LPS_HEAD,
+    LPS_LEFT,
+    LPS_POSTERIOR,
+    SAG_T1,
+    SAG_T2,
+)
+from spinegrade.crops import StudyPoints
 
-SAG_T2, SAG_T1 = "Sagittal T2/STIR", "Sagittal T1"
 SPINAL, LEFT_FOR, RIGHT_FOR = CONDITIONS[0], CONDITIONS[1], CONDITIONS[2]
 LEFT_SUB, RIGHT_SUB = CONDITIONS[3], CONDITIONS[4]
-_LEFT, _POSTERIOR, _HEAD = np.eye(3)
 
 
 @dataclass(frozen=True)
@@ -148,15 +157,15 @@ def sagittal_frame(stack: CachedStack, size: int, max_slices: int) -> SagittalFr
     """The canonical frame of a sagittal stack (see :class:`SagittalFrame`)."""
     d, h, w = stack.volume.shape
     # Columns should run posterior, rows towards the feet; pick the in-plane axis for each.
-    transpose = abs(stack.row_dir @ _POSTERIOR) < abs(stack.col_dir @ _POSTERIOR)
+    transpose = abs(stack.row_dir @ LPS_POSTERIOR) < abs(stack.col_dir @ LPS_POSTERIOR)
     col_axis, row_axis = (
         (stack.col_dir, stack.row_dir) if transpose else (stack.row_dir, stack.col_dir)
     )
     n = min(d, max_slices)
     return SagittalFrame(
         depth=d, height=h, width=w, size=size, transpose=bool(transpose),
-        flip_x=bool(col_axis @ _POSTERIOR < 0), flip_y=bool(row_axis @ -_HEAD < 0),
-        flip_z=bool(stack.normal @ _LEFT < 0), z0=(d - n) // 2, n_slices=n,
+        flip_x=bool(col_axis @ LPS_POSTERIOR < 0), flip_y=bool(row_axis @ -LPS_HEAD < 0),
+        flip_z=bool(stack.normal @ LPS_LEFT < 0), z0=(d - n) // 2, n_slices=n,
     )  # fmt: skip
 
 
@@ -583,7 +592,7 @@ def point_errors(
             }  # fmt: skip
             if p is not None:
                 row["error_mm"] = float(np.linalg.norm(p - t))
-                row["slice_ok"] = _same_slice(p, t, stacks.get(desc, []), desc == AXIAL)
+                row["slice_ok"] = _same_slice(p, t, stacks.get(desc, []), desc == AX_T2)
             rows.append(row)
     return rows
 

@@ -47,6 +47,7 @@ from spinegrade.cache import (
 )
 from spinegrade.io.types import Stack
 from spinegrade.parallel import process_pool
+from spinegrade.progress import progress_bar
 
 RECORD_NAME = "study.json"
 _MAX_TASKS_PER_CHILD = 64  # recycle workers now and then: keeps their memory from creeping up
@@ -474,11 +475,9 @@ def _inline_outcomes(
             yield _crashed(task, f"{type(err).__name__}: {err}")
 
 
-def _progress(total: int, enabled: bool) -> Callable[[StudyOutcome | None], None]:
+def _study_bar(total: int, enabled: bool) -> Callable[[StudyOutcome | None], None]:
     """A tqdm bar over studies showing slices per second; returns an update(outcome) callable."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="study", disable=not enabled, dynamic_ncols=True)
+    bar = progress_bar(total=total, unit="study", enabled=enabled)
     state = {"slices": 0, "t0": time.perf_counter()}
 
     def update(outcome: StudyOutcome | None) -> None:
@@ -527,7 +526,7 @@ def preprocess_dataset(
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(f"{INDEX_NAME}.tmp-*"):  # an index write that was killed
         stale.unlink(missing_ok=True)
-    update = _progress(len(tasks), progress)
+    update = _study_bar(len(tasks), progress)
     todo: list[StudyTask] = []
     for task in tasks:
         rows = valid_record_rows(cache_dir, task, params)

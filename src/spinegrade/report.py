@@ -26,16 +26,18 @@ import numpy as np
 from spinegrade.constants import (
     CONDITION_SIDE,
     CONDITIONS,
+    DISPLAY_AXIS_LETTERS,
     LABEL_COLUMNS,
     LEVEL_TITLES,
     LEVELS,
+    SAG_T1,
+    SAG_T2,
     SEVERITIES,
 )
 
 if TYPE_CHECKING:
     import torch
 
-SAG_T1, SAG_T2, AX_T2 = "Sagittal T1", "Sagittal T2/STIR", "Axial T2"
 # Green / orange / red, readable on a dark image and for most colour-vision deficiencies as a
 # light-to-dark ramp as well.
 GRADE_COLORS: tuple[str, ...] = ("#4daf4a", "#ff9f1c", "#e41a1c")
@@ -47,8 +49,6 @@ SHORT_CONDITION: dict[str, str] = {
     "left_subarticular_stenosis": "L subarticular",
     "right_subarticular_stenosis": "R subarticular",
 }
-# LPS axis letters (negative end, positive end) in radiology's naming: S/I for head/foot.
-_AXIS_LETTERS: tuple[tuple[str, str], ...] = (("R", "L"), ("A", "P"), ("I", "S"))
 
 
 @dataclass
@@ -111,7 +111,7 @@ def orientation_letters(row_dir: np.ndarray, col_dir: np.ndarray) -> tuple[str, 
 
     def letter(v: np.ndarray) -> str:
         axis = int(np.argmax(np.abs(v)))
-        return _AXIS_LETTERS[axis][1 if v[axis] > 0 else 0]
+        return DISPLAY_AXIS_LETTERS[axis][1 if v[axis] > 0 else 0]
 
     r, c = np.asarray(row_dir, float), np.asarray(col_dir, float)
     return letter(-r), letter(r), letter(-c), letter(c)

@@ -4,9 +4,10 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
 
 * device from ``train.accelerator`` (auto | cpu | cuda); bf16 autocast on CUDA when supported
   (fp16 with a gradient scaler otherwise), channels-last memory format, DataLoader workers;
-* multi-GPU with DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1) or
-  when ``train.strategy: ddp``; every rank trains on its shard (DistributedSampler) and only rank 0
-  writes files;
+* multi-GPU with DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1; the
+  world size is torchrun's, never a config key; ``train.strategy: ddp`` makes a launch without
+  torchrun an error); every rank trains on its shard (DistributedSampler) and only rank 0 writes
+  files;
 * a checkpoint after every epoch (``.safetensors`` for model and optimiser tensors, ``.json`` for
   the epoch, the optimiser's hyper-parameters and the log so far), so an interrupted fold resumes
   where it stopped. The learning-rate schedule is a pure function of the step, and augmentation
@@ -31,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from spinegrade.config import OptimConfig, TrainConfig
+from spinegrade.progress import progress_bar
 
 CKPT_FORMAT = "spinegrade-checkpoint/1"
 
@@ -82,10 +84,11 @@ def setup_runtime(cfg: TrainConfig, threads: int | None = None) -> Runtime:
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if cfg.strategy not in ("auto", "ddp"):
         raise ValueError(f"train.strategy must be auto or ddp, got {cfg.strategy!r}")
-    if cfg.strategy == "ddp" and world == 1 and cfg.devices > 1:
+    if cfg.strategy == "ddp" and "WORLD_SIZE" not in os.environ:
+        # One process per GPU: torchrun starts them and sets WORLD_SIZE, RANK and LOCAL_RANK.
         raise RuntimeError(
-            f"train.strategy=ddp with {cfg.devices} devices: launch with "
-            f"`torchrun --nproc_per_node {cfg.devices} -m spinegrade.cli train ...`"
+            "train.strategy=ddp needs one process per GPU, started by torchrun: launch with "
+            "`torchrun --nproc_per_node N -m spinegrade.cli train ...` (N = number of GPUs)"
         )
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -114,14 +117,50 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------- schedules
 
 
+# SpineGrader and LevelLocalizer both keep their (pretrained) timm backbone in ``self.encoder``.
+BACKBONE_PREFIX = "encoder."
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """Optimiser groups: weight decay on matrices and kernels (ndim > 1), none on biases and norms;
+    ``lr * backbone_lr_scale`` for the backbone's parameters (``encoder.*``), ``lr`` for the rest.
+
+    A pretrained backbone often wants a smaller step than the freshly initialised transformer and
+    heads. With scale 1.0 there are exactly two groups, [decay, no decay], in parameter order.
+    Every trainable parameter is in exactly one group; empty groups are left out.
+    """
+    if backbone_lr_scale < 0:
+        raise ValueError(f"optim.backbone_lr_scale must be >= 0, got {backbone_lr_scale}")
+    split_backbone = backbone_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        in_backbone = split_backbone and name.startswith(BACKBONE_PREFIX)
+        groups.setdefault((in_backbone, param.ndim <= 1), []).append(param)
+    return [
+        {
+            "params": groups[key],
+            "lr": lr * backbone_lr_scale if key[0] else lr,
+            "weight_decay": 0.0 if key[1] else weight_decay,
+        }
+        # head before backbone, decay before no decay
+        for key in ((False, False), (False, True), (True, False), (True, True))
+        if groups.get(key)
+    ]
+
+
 def make_optimizer(
     model: nn.Module, lr: float, cfg: OptimConfig, weight_decay: float | None = None
-):
-    """AdamW or SGD; no weight decay on biases, norms and embeddings (1-D parameters)."""
+) -> torch.optim.Optimizer:
+    """AdamW or SGD over :func:`parameter_groups` (``weight_decay`` overrides ``cfg``'s).
+
+    Each group's ``lr`` is its base learning rate; :func:`set_lr` rescales it every step.
+    """
     wd = cfg.weight_decay if weight_decay is None else weight_decay
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = parameter_groups(model, lr, wd, cfg.backbone_lr_scale)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if cfg.name == "sgd":
@@ -140,6 +179,19 @@ def lr_at(step: int, total: int, base_lr: float, cfg: OptimConfig) -> float:
         raise ValueError(f"optim.scheduler must be cosine or constant, got {cfg.scheduler!r}")
     t = (step - warm) / max(1, total - warm)
     return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def set_lr(
+    optimizer: torch.optim.Optimizer,
+    base_lrs: list[float],
+    step: int,
+    total: int,
+    cfg: OptimConfig,
+) -> None:
+    """Set every group to :func:`lr_at` of its own base lr, so warm-up and decay keep the ratio
+    between backbone and head."""
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = lr_at(step, total, base, cfg)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -270,6 +322,7 @@ class FitSpec:
     seed: int = 0
     average: float = 0.0  # horizon of the weight average kept, as a fraction of all steps (0: off)
     eval_every: int = 1  # run ``evaluate`` after every n-th epoch and after the last
+    log_every: int = 0  # also log a step line every n optimiser steps (0: epoch lines only)
 
 
 def fit(
@@ -289,12 +342,14 @@ def fit(
     logged); ``evaluate(model)`` (rank 0, after every ``spec.eval_every``-th epoch and the last)
     returns validation numbers (logged, never used to pick weights), measured
     on the weights that will be kept (the weight average when ``spec.average`` > 0).
-    Returns the per-epoch log records.
+    ``log`` (rank 0) receives every epoch record and, with ``spec.log_every`` > 0, a step record
+    every ``log_every`` optimiser steps (see :class:`_Stepper`). Returns the per-epoch records.
     """
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, spec.lr, spec.optim, spec.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a checkpoint resets them
     loader, sampler = _loader(dataset, collate, spec, runtime)
     average = None
     if spec.average > 0:  # decay from the horizon: averages ~ the last `average` of the steps
@@ -315,7 +370,9 @@ def fit(
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         torch.manual_seed(spec.seed * 1000 + epoch)
-        step = _Stepper(train_model, step_loss, optimizer, scaler, spec, runtime, average)
+        step = _Stepper(
+            train_model, step_loss, optimizer, base_lrs, scaler, spec, runtime, average, log
+        )
         record = step.epoch(loader, epoch)
         due = (epoch + 1) % max(1, spec.eval_every) == 0 or epoch + 1 == spec.epochs
         if evaluate is not None and runtime.is_main and due:
@@ -349,28 +406,47 @@ def _evaluate(model: nn.Module, average: WeightAverage | None, evaluate) -> dict
 
 @dataclass
 class _Stepper:
-    """One epoch of optimisation steps (learning-rate schedule, AMP, clipping, averaging)."""
+    """One epoch of optimisation steps (learning-rate schedule, AMP, clipping, averaging).
+
+    With ``spec.log_every`` = n > 0, rank 0 also logs a step record every n optimiser steps:
+    ``{"stage", "epoch", "step", "loss", "lr", "samples_per_s"}`` where ``step`` counts from the
+    start of the stage, ``loss`` and ``samples_per_s`` are over the last n steps and ``lr`` is the
+    head's (un-scaled) learning rate of the last step. On long GPU epochs this shows progress and
+    divergence long before the epoch record.
+    """
 
     model: nn.Module
     step_loss: Callable
     optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
     scaler: torch.amp.GradScaler
     spec: FitSpec
     runtime: Runtime
     average: WeightAverage | None
+    log: Callable[[dict], None] | None = None
 
     def epoch(self, loader, epoch: int) -> dict:
         t0, sums, n, rows = time.perf_counter(), {}, 0, 0
         total = self.spec.epochs * len(loader)
+        window = _Window(t0)
         self.model.train()
         desc = f"{self.spec.name} epoch {epoch + 1}/{self.spec.epochs}"
-        for i, batch in enumerate(_progress(loader, desc, self.runtime)):
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(epoch * len(loader) + i, total, self.spec.lr, self.spec.optim)
-            for k, v in self.step(batch).items():
+        show = self.runtime.is_main
+        for i, batch in enumerate(progress_bar(loader, desc=desc, enabled=show, leave=False)):
+            step = epoch * len(loader) + i
+            set_lr(self.optimizer, self.base_lrs, step, total, self.spec.optim)
+            parts = self.step(batch)
+            for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
-            rows += len(next(v for v in batch.values() if torch.is_tensor(v)))
+            batch_rows = len(next(v for v in batch.values() if torch.is_tensor(v)))
+            rows += batch_rows
+            window.add(parts["loss"], batch_rows)
+            every = self.spec.log_every
+            if every > 0 and (step + 1) % every == 0 and self.log is not None and show:
+                lr = lr_at(step, total, self.spec.lr, self.spec.optim)
+                self.log({"stage": self.spec.name, "epoch": epoch + 1, "step": step + 1,
+                          **window.flush(), "lr": lr})  # fmt: skip
         elapsed = time.perf_counter() - t0
         record = {"stage": self.spec.name, "epoch": epoch + 1, "time_s": round(elapsed, 2)}
         record.update({f"train_{k}": round(v / max(n, 1), 5) for k, v in sums.items()})
@@ -398,6 +474,25 @@ class _Stepper:
         if self.average is not None:
             self.average.update(self.model)
         return {k: float(v.detach()) for k, v in parts.items()}
+
+
+class _Window:
+    """Mean loss and throughput over the steps since the last step log line."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0, self.loss, self.steps, self.rows = t0, 0.0, 0, 0
+
+    def add(self, loss: float, rows: int) -> None:
+        self.loss, self.steps, self.rows = self.loss + loss, self.steps + 1, self.rows + rows
+
+    def flush(self) -> dict[str, float]:
+        now = time.perf_counter()
+        out = {
+            "loss": round(self.loss / max(self.steps, 1), 5),
+            "samples_per_s": round(self.rows / max(now - self.t0, 1e-9), 2),
+        }
+        self.__init__(now)
+        return out
 
 
 def _loader(dataset: EpochDataset, collate, spec: FitSpec, runtime: Runtime):
@@ -445,17 +540,9 @@ def to_device(batch: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     return out
 
 
-def _progress(loader, desc: str, runtime: Runtime):
-    """A tqdm bar on rank 0 (stderr); silent elsewhere or when SPINEGRADE_PROGRESS=0."""
-    if not runtime.is_main or os.environ.get("SPINEGRADE_PROGRESS", "1") == "0":
-        return loader
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-
-
 class JsonlLog:
-    """Append JSON lines (one per epoch and stage) to a fold's ``log.jsonl``."""
+    """Append JSON lines to a fold's ``log.jsonl``: one per stage and epoch, plus step lines
+    (records with a ``step`` key) every ``train.log_every`` optimiser steps."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path, self.enabled = Path(path), enabled

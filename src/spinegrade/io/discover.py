@@ -34,11 +34,11 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
+from spinegrade.constants import AX_T2, SAG_T1, SAG_T2
 from spinegrade.io.geometry import plane_name
 
 log = logging.getLogger(__name__)
 
-SAG_T1, SAG_T2, AX_T2 = "Sagittal T1", "Sagittal T2/STIR", "Axial T2"
 # Header elements needed to group and type a series; nothing that identifies the patient.
 _TAGS = [
     "StudyInstanceUID",

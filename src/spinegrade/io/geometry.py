@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Patient axis letters at the negative and positive end of each LPS axis.
-_AXIS_ENDS: tuple[tuple[str, str], ...] = (("R", "L"), ("A", "P"), ("F", "H"))
-# The plane a slice lies in is named after the axis its normal points along.
-_PLANE_OF_AXIS: tuple[str, ...] = ("sagittal", "coronal", "axial")
+from spinegrade.constants import AXIS_LETTERS, PLANE_OF_AXIS
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -58,7 +55,7 @@ def cluster_orientations(rows: np.ndarray, cols: np.ndarray, tol_deg: float) -> 
 
 def plane_name(normal: np.ndarray) -> str:
     """ "sagittal" | "coronal" | "axial", from the LPS axis the slice normal points along most."""
-    return _PLANE_OF_AXIS[int(np.argmax(np.abs(normal)))]
+    return PLANE_OF_AXIS[int(np.argmax(np.abs(normal)))]
 
 
 def direction_name(normal: np.ndarray) -> str:
@@ -69,7 +66,7 @@ def direction_name(normal: np.ndarray) -> str:
     component is positive (x+ is Left, y+ Posterior, z+ Head).
     """
     axis = int(np.argmax(np.abs(normal)))
-    neg, pos = _AXIS_ENDS[axis]
+    neg, pos = AXIS_LETTERS[axis]
     return f"{neg}->{pos}" if normal[axis] > 0 else f"{pos}->{neg}"
 
 

@@ -6,10 +6,7 @@ from spinegrade.models.registry import (
     build_from_spec,
     build_grader,
     build_localizer,
-    build_optimizer,
-    build_scheduler,
     load_model,
-    parameter_groups,
 )
 
 __all__ = [
@@ -19,8 +16,5 @@ __all__ = [
     "build_from_spec",
     "build_grader",
     "build_localizer",
-    "build_optimizer",
-    "build_scheduler",
     "load_model",
-    "parameter_groups",
 ]

@@ -86,6 +86,7 @@ class SpineGrader(nn.Module):
         }  # fmt: skip
         self.in_slices, self.token_grid = in_slices, token_grid
         self.n_targets, self.n_classes, self.n_levels = n_targets, len(SEVERITIES), n_levels
+        # The pretrained part: optim.backbone_lr_scale scales the lr of ``encoder.*``.
         self.encoder = create_backbone(
             backbone,
             in_chans=1,

@@ -87,6 +87,7 @@ class LevelLocalizer(nn.Module):
             ),
         }  # fmt: skip
         self.n_targets, self.context = n_targets, context
+        # The pretrained part: optim.backbone_lr_scale scales the lr of ``encoder.*``.
         self.encoder = create_backbone(
             backbone,
             in_chans=2 * context + 1,

@@ -7,11 +7,9 @@ rebuilds its models without importing any config by name.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from spinegrade.config import Config
@@ -91,62 +89,3 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[s
     model = build_from_spec(sidecar["spec"])
     meta = load_weights(model, path, device=device)
     return model.to(device).eval(), meta
-
-
-def parameter_groups(
-    model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
-) -> list[dict[str, Any]]:
-    """AdamW-style groups: no weight decay on biases, norms and embeddings (1-D or learned tokens),
-    and ``lr * backbone_lr_scale`` for the (pretrained) ``model.encoder``."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        in_backbone = name.startswith("encoder.")
-        no_decay = param.ndim <= 1 or name.endswith(("_embed", "_token", "embed.weight"))
-        groups.setdefault((in_backbone, no_decay), []).append(param)
-    return [
-        {
-            "params": params,
-            "lr": lr * (backbone_lr_scale if in_backbone else 1.0),
-            "weight_decay": 0.0 if no_decay else weight_decay,
-        }
-        for (in_backbone, no_decay), params in sorted(groups.items())
-    ]
-
-
-def build_optimizer(
-    model: nn.Module, cfg: Config, *, lr: float | None = None, weight_decay: float | None = None
-) -> torch.optim.Optimizer:
-    """The optimiser of ``cfg.optim`` at ``cfg.train.lr`` (``lr``/``weight_decay`` override, e.g.
-    with ``cfg.localizer.lr`` for stage 1)."""
-    lr = cfg.train.lr if lr is None else lr
-    wd = cfg.optim.weight_decay if weight_decay is None else weight_decay
-    groups = parameter_groups(model, lr, wd, cfg.optim.backbone_lr_scale)
-    name = cfg.optim.name.lower()
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    raise ValueError(f"optim.name={cfg.optim.name!r} is not supported; use 'adamw' or 'sgd'")
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule of ``cfg.optim``: linear warm-up over ``warmup_frac`` of the steps, then
-    cosine decay to 0 (``cosine``) or flat (``constant``). Call ``scheduler.step()`` every step."""
-    warmup = round(cfg.optim.warmup_frac * total_steps)
-    kind = cfg.optim.scheduler.lower()
-    if kind not in ("cosine", "constant"):
-        raise ValueError(f"optim.scheduler={cfg.optim.scheduler!r}: use 'cosine' or 'constant'")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
