@@ -111,7 +111,8 @@ def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
     if is_rsna_test_layout(input_dir):
         series = load_series_descriptions(input_dir / SERIES_CSV)
         study_ids = [int(s) for s in pd.unique(series["study_id"])]
-        return PreparedInput("rsna", input_dir, series, study_ids, studies=rsna_studies(input_dir))
+        studies = rsna_studies(input_dir, series)
+        return PreparedInput("rsna", input_dir, series, study_ids, studies=studies)
     # A raw folder (or a test_images/ without its CSV): group and type series from the headers.
     from spinegrade.io.discover import discover_studies
 
@@ -128,12 +129,10 @@ def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
     )
 
 
-def rsna_studies(input_dir: Path) -> pd.DataFrame:
+def rsna_studies(input_dir: Path, series: pd.DataFrame) -> pd.DataFrame:
     """The studies.csv table of an RSNA layout: its series CSV with folders and file counts."""
-    from spinegrade.data.rsna import load_series_descriptions
     from spinegrade.io.discover import type_from_description
 
-    series = load_series_descriptions(input_dir / SERIES_CSV)
     rows = []
     for sid, ser, desc in series[["study_id", "series_id", "series_description"]].itertuples(
         index=False
