@@ -181,3 +181,21 @@ def test_header_only_read_leaves_files_untouched(tmp_path: Path) -> None:
     discover_studies(tmp_path)
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert pydicom.dcmread(next(iter(before))).PatientName == "DOE^JANE"
+
+
+# ------------------------------------------------------------------ identifiers in folder names
+
+
+def test_folders_naming_the_patient_are_blanked(tmp_path: Path) -> None:
+    from spinegrade.io.identifiers import REDACTED, patient_identifiers, redact_folder
+
+    folder = tmp_path / "DOE^JANE_PID-0042"
+    write_series(folder, generate_uid(), "SAG T2", SAG_IOP, n=1, patient="DOE^JANE")
+    secrets = patient_identifiers(folder.iterdir())
+    assert {"doe", "jane", "doe jane", "pid-0042"} <= secrets
+    # Any component holding a name part or the id goes, case-insensitively; the rest stays.
+    assert redact_folder("ward3/Doe_Jane/mri 2024", secrets) == f"ward3/{REDACTED}/mri 2024"
+    assert redact_folder("pid-0042/series1", secrets) == f"{REDACTED}/series1"
+    assert redact_folder(".", secrets) == "."
+    # A short id is matched only as a whole folder name, not inside ordinary ones.
+    assert redact_folder("7/exam7", {"7"}) == f"{REDACTED}/exam7"

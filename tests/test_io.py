@@ -503,7 +503,8 @@ def _study(tmp_path: Path) -> Path:
 def test_describe_series_is_json_able(tmp_path: Path) -> None:
     info = describe_series(read_series(_study(tmp_path) / "20"))
     assert json.loads(json.dumps(info)) == info
-    assert [st["instance_numbers"] for st in info["stacks"]] == ["1-3", "4-6"]
+    assert [st["instance_numbers"] for st in info["stacks"]] == [[1, 2, 3], [4, 5, 6]]
+    assert [st["frame_indices"] for st in info["stacks"]] == [[0, 0, 0], [0, 0, 0]]
     assert [st["tilt_deg"] for st in info["stacks"]] == [10.0, 12.0]
     assert info["stacks"][0]["spacing_mm"] == [0.7, 0.7, 4.0]
     assert info["skipped"] == [
@@ -523,9 +524,48 @@ def test_inspect_cli_json(tmp_path: Path) -> None:
     sag, axial, empty = report["series"]
     (stack,) = sag["stacks"]
     assert (stack["plane"], stack["direction"], stack["slices"]) == ("sagittal", "L->R", 6)
-    assert (stack["instance_numbers"], stack["instance_order"]) == ("6-1", "descending")
+    assert stack["instance_numbers"] == [6, 5, 4, 3, 2, 1]
+    assert stack["instance_order"] == "descending"
     assert [st["slices"] for st in axial["stacks"]] == [3, 3]
     assert "no usable DICOM image" in empty["error"]
+
+
+def test_inspect_json_lists_numbers_in_geometric_order(tmp_path: Path) -> None:
+    # Programs index slices with these lists, so they are exact integers in slice order along the
+    # normal, whatever order the scanner numbered them in; only the table shows compact text.
+    study = tmp_path / "study"
+    # Series 20: two disc blocks at different tilts; the upper one numbered out of order, the
+    # lower one counting down against the normal (F->H).
+    write_stack(
+        study / "20", 3, axes=tilted_axial(-10.0), origin=(-80, -90, 40), instances=[3, 1, 2]
+    )
+    write_stack(
+        study / "20", 6, axes=tilted_axial(12.0), origin=(-80, -90, 0), instances=range(10, 4, -1)
+    )
+    # Series 30: one enhanced multi-frame file whose frames are stored out of slice order.
+    order = np.array([2, 0, 3, 1])  # frame k lies at geometric place order[k]
+    frames = np.random.default_rng(2).integers(0, 4096, size=(4, 16, 12)).astype(np.uint16)
+    positions = np.array([(10.0, -50.0, 30.0)]) + np.outer(order * 3.0, np.cross(*SAGITTAL))
+    (study / "30").mkdir()
+    write_enhanced(study / "30" / "emr.dcm", frames, positions)
+
+    result = CliRunner().invoke(app, ["inspect", str(study), "--json"])
+    assert result.exit_code == 0, result.output
+    axial, enhanced = json.loads(result.stdout)["series"]
+    upper, lower = axial["stacks"]
+    assert (upper["instance_numbers"], upper["instance_order"]) == ([3, 1, 2], "mixed")
+    assert (lower["instance_numbers"], lower["instance_order"]) == (
+        [10, 9, 8, 7, 6, 5],
+        "descending",
+    )
+    assert upper["frame_indices"] == [0, 0, 0] and not upper["multi_frame"]
+    (stack,) = enhanced["stacks"]
+    assert stack["multi_frame"] and stack["instance_numbers"] == [7, 7, 7, 7]
+    assert stack["frame_indices"] == [1, 3, 0, 2]  # np.argsort(order): frames by place
+
+    table = CliRunner().invoke(app, ["inspect", str(study)], env={"COLUMNS": "200"}).stdout
+    for text in ("3, 1-2 (mixed)", "10-5 (descending)", "7 (x4) (constant), frames 1, 3, 0, 2"):
+        assert text in table
 
 
 def test_inspect_cli_human(tmp_path: Path) -> None:

@@ -54,16 +54,84 @@ def test_uniform_is_ln3_and_any_term_by_hand() -> None:
 
 
 def test_weighted_log_loss_by_hand_with_normalisation() -> None:
-    # One study; spinal l1_l2 Moderate (w=2) predicted (1, 1, 2) -> normalised (.25, .25, .5).
+    # One study; spinal l1_l2 Moderate (w=2) predicted (.2, .2, .4) -> normalised (.25, .25, .5).
     labels = _labels({7: {"spinal_canal_stenosis_l1_l2": "Moderate"}})
     rid = row_id(7, "spinal_canal_stenosis_l1_l2")
-    sub = _submission([7], {rid: [1.0, 1.0, 2.0]}, default=[0.8, 0.1, 0.1])
+    sub = _submission([7], {rid: [0.2, 0.2, 0.4]}, default=[0.8, 0.1, 0.1])
     res = score_frames(labels, sub)
     spinal = (2 * -math.log(0.25) + 4 * -math.log(0.8)) / (2 + 4)
     assert res["spinal"] == pytest.approx(spinal)
     assert res["foraminal"] == pytest.approx(-math.log(0.8))
-    # No severe spinal level: y=0, weight = max spinal weight = 2, p = max severe = 0.5.
-    assert res["any_severe_spinal"] == pytest.approx(-math.log(0.5))
+    # No severe spinal level: y=0, weight = max spinal weight = 2, p = max SUBMITTED severe = 0.4
+    # (the host does not renormalise for this term; renormalised it would be 0.5).
+    assert res["any_severe_spinal"] == pytest.approx(-math.log(1 - 0.4))
+
+
+def _unnormalised_case() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Study 3: spinal L4/L5 Moderate, left foraminal L5/S1 Severe, the rest Normal/Mild.
+
+    Every row is (.5, .5, .5) (sums to 1.5) except spinal L4/L5, (.6, .3, .3) (sums to 1.2).
+    """
+    labels = _labels(
+        {
+            3: {
+                "spinal_canal_stenosis_l4_l5": "Moderate",
+                "left_neural_foraminal_narrowing_l5_s1": "Severe",
+            }
+        }
+    )
+    rid = row_id(3, "spinal_canal_stenosis_l4_l5")
+    return labels, _submission([3], {rid: [0.6, 0.3, 0.3]}, default=[0.5, 0.5, 0.5])
+
+
+def test_rows_not_summing_to_one_score_as_the_host_metric(tmp_path) -> None:
+    labels, sub = _unnormalised_case()
+    res = score_frames(labels, sub)
+    # Condition terms: rows renormalised, (.5, .5, .5) -> 1/3 each, (.6, .3, .3) -> (.5, .25, .25).
+    spinal = (4 * 1 * -math.log(1 / 3) + 2 * -math.log(0.25)) / (4 * 1 + 2)
+    foraminal = (9 * 1 * -math.log(1 / 3) + 4 * -math.log(1 / 3)) / (9 + 4)  # = ln 3
+    subarticular = -math.log(1 / 3)
+    # any_severe_spinal: no Severe spinal level (y=0); weight = max spinal weight = 2 (Moderate);
+    # p = max over the five spinal rows of the submitted severe, as it is: max(.5, .3) = .5.
+    any_severe = 2 * -math.log(1 - 0.5) / 2
+    expected = {
+        "spinal": spinal,
+        "foraminal": foraminal,
+        "subarticular": subarticular,
+        "any_severe_spinal": any_severe,
+        "score": (spinal + foraminal + subarticular + any_severe) / 4,
+    }
+    assert res == pytest.approx(expected)
+
+    # Renormalising first (what spinegrade used to do) changes only the any-severe term:
+    # p = max(1/3, .25) = 1/3, so -ln(2/3) instead of -ln(1/2).
+    probs = sub[list(PROB_COLUMNS)]
+    renormalised = sub.assign(**(probs.div(probs.sum(axis=1), axis=0)))
+    res_renorm = score_frames(labels, renormalised)
+    assert res_renorm["spinal"] == pytest.approx(spinal)
+    assert res_renorm["any_severe_spinal"] == pytest.approx(-math.log(2 / 3))
+    assert res_renorm["score"] == pytest.approx(
+        expected["score"] - (math.log(2) - math.log(1.5)) / 4
+    )
+
+    # The evaluate command scores the CSV file the same way.
+    labels.to_csv(tmp_path / "train.csv", index=False)
+    sub.to_csv(tmp_path / "sub.csv", index=False)
+    args = ["evaluate", str(tmp_path / "sub.csv"), "--labels", str(tmp_path / "train.csv")]
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == pytest.approx(expected)
+
+
+def test_rows_are_clipped_before_they_are_renormalised() -> None:
+    # sklearn's log_loss clips to [1e-15, 1 - 1e-15] and then divides by the row sum: a value above
+    # 1 is capped first, so (2, 1, 1) scores as (1/3, 1/3, 1/3), not (.5, .25, .25).
+    labels = _labels({5: {}})
+    sub = _submission([5], {}, default=[2.0, 1.0, 1.0])
+    res = score_frames(labels, sub)
+    assert res["spinal"] == pytest.approx(math.log(3))
+    # And the any-severe term clips the raw max severe (1.0) to 1 - 1e-15: confidently wrong.
+    assert res["any_severe_spinal"] == pytest.approx(-math.log(1e-15), rel=1e-3)
 
 
 def test_no_severe_spinal_study_and_exact_zero_one_predictions() -> None:

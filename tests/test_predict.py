@@ -65,6 +65,40 @@ def test_work_dir_never_lies_inside_the_input(tmp_path: Path) -> None:
         prepare_input(inp, inp / "cache")
 
 
+def test_raw_input_lists_each_study_folder_and_series(tmp_path: Path) -> None:
+    from spinegrade.io.discover import stable_id
+    from spinegrade.predict import STUDIES_COLUMNS
+    from test_discover import AX_IOP, SAG_IOP, write_series
+
+    raw = tmp_path / "export"
+    # Two studies in nested folders; the second one's folder is named after its patient.
+    a, b = "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.22"
+    write_series(raw / "ward3" / "case1" / "sag1", a, "SAG T1", SAG_IOP, kind="T1")
+    write_series(raw / "ward3" / "case1" / "sag2", a, "SAG T2", SAG_IOP, n=3)
+    write_series(raw / "ward3" / "case1" / "ax", a, "", AX_IOP)
+    for sub, desc, iop in (("s", "SAG STIR", SAG_IOP), ("t", "AX T2", AX_IOP)):
+        write_series(raw / "ward4" / "SMITH^ANN" / sub, b, desc, iop, patient="SMITH^ANN")
+    prepared = prepare_input(raw, tmp_path / "work")
+    studies = prepared.studies
+    assert list(studies.columns) == STUDIES_COLUMNS
+    assert sorted(set(studies["study_id"])) == sorted([stable_id(a), stable_id(b)])
+    rows_a = studies[studies["study_id"] == stable_id(a)]
+    assert set(rows_a["study_folder"]) == {"ward3/case1"}
+    got = {
+        r.series_folder: (r.series_description, r.type_source, r.guessed, r.n_files)
+        for r in rows_a.itertuples()
+    }
+    assert got == {
+        "ward3/case1/sag1": ("Sagittal T1", "description", False, 4),
+        "ward3/case1/sag2": ("Sagittal T2/STIR", "description", False, 3),
+        "ward3/case1/ax": ("Axial T2", "plane only", True, 4),
+    }
+    rows_b = studies[studies["study_id"] == stable_id(b)]
+    assert set(rows_b["study_folder"]) == {"ward4/[patient]"}
+    assert sorted(rows_b["series_folder"]) == ["ward4/[patient]/s", "ward4/[patient]/t"]
+    assert "SMITH" not in studies.to_csv() and "DOE" not in studies.to_csv()
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -141,6 +175,16 @@ def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Pa
         assert len(located) >= 15  # sagittal points always exist with all series present
     html = (out / "report" / "index.html").read_text()
     assert all(f'src="{sid}/thumb.png"' in html for sid in test_ids)
+    # studies.csv: every study id -> test_images/<id> and the series of the CSV.
+    studies = pd.read_csv(out / "studies.csv")
+    assert result.studies_path == out / "studies.csv"
+    described = pd.read_csv(data / "test_series_descriptions.csv")
+    assert sorted(zip(studies["series_id"], studies["series_description"], strict=True)) == sorted(
+        zip(described["series_id"], described["series_description"], strict=True)
+    )
+    assert (studies["study_folder"] == "test_images/" + studies["study_id"].astype(str)).all()
+    assert (studies["type_source"] == "csv").all() and (studies["n_files"] > 0).all()
+    assert all(f'<td class="folder">test_images/{sid}</td>' in html for sid in test_ids)
     n = assert_no_identifier([out], identifiers(data))
     assert n > 3 * len(test_ids)
 
@@ -153,16 +197,21 @@ def test_raw_folder_is_discovered_typed_and_left_untouched(trained, tmp_path: Pa
 
     data, run = trained
     # A hospital-style export: no CSV, folders named after the patient, files renamed and mixed.
+    # Each study lies in its own nested case folder, under a folder named after the patient.
     raw = tmp_path / "export"
     truth: dict[int, str] = {}
+    folder_of: dict[int, str] = {}
     described = pd.read_csv(data / "test_series_descriptions.csv")
+    cases = {sid: j for j, sid in enumerate(sorted(described["study_id"].unique()))}
     for k, path in enumerate(sorted((data / "test_images").rglob("*.dcm"))):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        dst = raw / str(ds.PatientName) / f"exam{k % 2}" / f"IM{k:05d}"
+        case = f"ward/case{cases[int(path.parent.parent.name)]}"
+        dst = raw / case / str(ds.PatientName) / f"exam{k % 2}" / f"IM{k:05d}"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, dst)
         desc = described.loc[described["series_id"] == int(path.parent.name), "series_description"]
         truth[stable_id(ds.SeriesInstanceUID)] = desc.iloc[0]
+        folder_of[stable_id(ds.StudyInstanceUID)] = f"{case}/[patient]"
     before = sorted((p, p.stat().st_mtime_ns) for p in raw.rglob("*"))
     out = tmp_path / "out"
     result = predict(run, raw, out / "sub.csv", report_dir=out / "report", progress=False)
@@ -171,6 +220,14 @@ def test_raw_folder_is_discovered_typed_and_left_untouched(trained, tmp_path: Pa
     typed = pd.read_csv(result.work_dir / "layout" / "test_series_descriptions.csv")
     assert dict(zip(typed["series_id"], typed["series_description"], strict=True)) == truth
     _check_submission(pd.read_csv(out / "sub.csv"), sorted(set(typed["study_id"])))
+    # studies.csv maps each hashed id to its folder (the patient's name blanked) and its series.
+    studies = pd.read_csv(out / "studies.csv")
+    assert dict(zip(studies["study_id"], studies["study_folder"], strict=False)) == folder_of
+    assert dict(zip(studies["series_id"], studies["series_description"], strict=True)) == truth
+    assert studies["n_files"].sum() == len(list(raw.rglob("IM*")))
+    html = (out / "report" / "index.html").read_text()
+    assert "<th>Input folder</th>" in html
+    assert all(f'<td class="folder">{f}</td>' in html for f in folder_of.values())
     assert_no_identifier([out], identifiers(data))
 
 

@@ -119,3 +119,9 @@ def test_full_report_writes_readable_files(tmp_path: Path) -> None:
     assert 'src="7/thumb.png"' in text and 'href="8/grades.json"' in text
     assert "L4/L5 Spinal canal: Severe" in text
     assert "http" not in text.replace("https://", "")  # no external resources
+    assert "Input folder" not in text  # no folders given, no column
+    with_folders = write_index_html(tmp_path, [make_prediction(), bare], "r", {7: "ward/<case 7>"})
+    text = with_folders.read_text()
+    assert "<th>Input folder</th>" in text
+    assert '<td class="folder">ward/&lt;case 7&gt;</td>' in text  # escaped
+    assert '<td class="folder"></td>' in text  # study 8: no folder known

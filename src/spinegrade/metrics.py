@@ -6,8 +6,12 @@ Score = mean of four terms (lower is better):
 - ``any_severe_spinal``: per study, label 1 if any spinal level is Severe, prediction the max over
   levels of the submitted ``severe`` probability, weight the max sample weight of its spinal rows.
 
-Predictions are aligned to the solution by row id, each row normalised to sum to 1 and clipped to
-``[1e-15, 1 - 1e-15]``; empty label cells are not scored.
+Predictions are aligned to the solution by row id; empty label cells are not scored. Rows need
+not sum to 1, and the two kinds of term treat them as the host's code did (``sklearn.metrics.
+log_loss`` with eps 1e-15): the three condition terms clip each row to ``[1e-15, 1 - 1e-15]`` and
+then divide it by its sum; ``any_severe_spinal`` takes the submitted ``severe`` values as they are
+(no renormalising), their max per study clipped to ``[1e-15, 1 - 1e-15]``. For rows that do sum
+to 1 the two agree.
 """
 
 from __future__ import annotations
@@ -120,9 +124,8 @@ def score_frames(
         raise ValueError("labels table has no labelled cells to score")
     _check_submission(submission, sol["row_id"], strict=strict)
     sub = submission.set_index("row_id").loc[sol["row_id"], list(PROB_COLUMNS)]
-    probs = sub.to_numpy(dtype=float)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    probs = np.clip(probs, EPS, 1 - EPS)
+    submitted = sub.to_numpy(dtype=float)
+    probs = _condition_probs(submitted)
     target = sol["target"].to_numpy()
     weight = sol["weight"].to_numpy()
     p_true = probs[np.arange(len(sol)), target]
@@ -131,15 +134,27 @@ def score_frames(
     for group in GROUPS:
         m = (sol["group"] == group).to_numpy()
         result[group] = _weighted_log_loss(p_true[m], weight[m]) if m.any() else float("nan")
-    result["any_severe_spinal"] = _any_severe_term(sol, probs)
+    result["any_severe_spinal"] = _any_severe_term(sol, submitted[:, 2])
     result["score"] = float(np.nanmean([result[t] for t in TERMS]))
     return result
 
 
-def _any_severe_term(sol: pd.DataFrame, probs: np.ndarray) -> float:
+def _condition_probs(submitted: np.ndarray) -> np.ndarray:
+    """(N, 3) rows as the three condition terms score them: clipped, then divided by their sum.
+
+    This is the order of sklearn's multiclass ``log_loss`` that the host metric calls; a row
+    such as (5, 5, 0) thus scores its third class at 1e-15 / (2 - 1e-15), not at 1e-15.
+    """
+    clipped = np.clip(submitted, EPS, 1 - EPS)
+    return clipped / clipped.sum(axis=1, keepdims=True)
+
+
+def _any_severe_term(sol: pd.DataFrame, severe: np.ndarray) -> float:
     """Binary weighted log loss of 'any spinal level Severe' per study.
 
-    The prediction is the max over levels of the severe probability; the weight is the largest
+    ``severe`` is the submitted severe column as it is, aligned with ``sol``: the host takes its
+    max over the study's spinal rows without renormalising the rows, so a submission whose rows
+    do not sum to 1 scores differently here than in the spinal term. The weight is the largest
     sample weight among the study's spinal rows (so a study with a severe level weighs 4).
     """
     m = (sol["group"] == "spinal").to_numpy()
@@ -150,13 +165,13 @@ def _any_severe_term(sol: pd.DataFrame, probs: np.ndarray) -> float:
             "study_id": sol["study_id"].to_numpy()[m],
             "is_severe": (sol["target"].to_numpy()[m] == 2).astype(float),
             "weight": sol["weight"].to_numpy()[m],
-            "p_severe": probs[m, 2],
+            "p_severe": severe[m],
         }
     )
     per = spinal.groupby("study_id").agg(
         y=("is_severe", "max"), w=("weight", "max"), p=("p_severe", "max")
     )
-    # A row max of clipped probabilities stays inside [EPS, 1 - EPS]; clip again for safety.
+    # Raw values may be 0 or above 1 (rows need not sum to 1): clip as sklearn's binary log_loss.
     p = np.clip(per["p"].to_numpy(), EPS, 1 - EPS)
     y, w = per["y"].to_numpy(), per["w"].to_numpy()
     loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))

@@ -39,6 +39,17 @@ log = logging.getLogger(__name__)
 SPLIT = "test"
 SERIES_CSV = "test_series_descriptions.csv"
 LAYOUT_DIR = "layout"  # inside the work folder: symlinks to a raw input, in the RSNA layout
+STUDIES_CSV = "studies.csv"  # beside the submission: study id -> input folder and series
+# One row per series found. Folders are POSIX paths relative to INPUT ("." for INPUT itself), with
+# any component naming the patient shown as "[patient]". series_description is the RSNA type the
+# model reads the series as ("" when it is not used, e.g. coronal); type_source says where that
+# type came from ("csv" for an RSNA layout, else description / sequence timing / image contrast /
+# elimination / plane only / default) and guessed whether it is a guess. dicom_description is the
+# header's SeriesDescription (or ProtocolName).
+STUDIES_COLUMNS: list[str] = [
+    "study_id", "study_folder", "series_id", "series_folder", "series_description",
+    "type_source", "guessed", "plane", "n_files", "dicom_description", "note",
+]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ input
@@ -54,6 +65,8 @@ class PreparedInput:
     study_ids: list[int]
     warnings: list[str] = field(default_factory=list)
     discovery: pd.DataFrame | None = None  # raw input: every series found and how it was typed
+    # studies.csv: which input folder and series each study id stands for (STUDIES_COLUMNS)
+    studies: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=STUDIES_COLUMNS))
 
 
 def is_rsna_test_layout(path: Path) -> bool:
@@ -97,7 +110,8 @@ def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
     if is_rsna_test_layout(input_dir):
         series = load_series_descriptions(input_dir / SERIES_CSV)
         study_ids = [int(s) for s in pd.unique(series["study_id"])]
-        return PreparedInput("rsna", input_dir, series, study_ids)
+        studies = rsna_studies(input_dir, series)
+        return PreparedInput("rsna", input_dir, series, study_ids, studies=studies)
     # A raw folder (or a test_images/ without its CSV): group and type series from the headers.
     from spinegrade.io.discover import discover_studies
 
@@ -110,7 +124,93 @@ def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
         found.study_ids,
         warnings=list(found.guesses),  # missing series are reported after caching
         discovery=found.table(),
+        studies=discovered_studies(found),
     )
+
+
+def rsna_studies(input_dir: Path, series: pd.DataFrame) -> pd.DataFrame:
+    """The studies.csv table of an RSNA layout: its series CSV with folders and file counts."""
+    from spinegrade.io.discover import type_from_description
+
+    rows = []
+    for sid, ser, desc in series[["study_id", "series_id", "series_description"]].itertuples(
+        index=False
+    ):
+        folder = Path("test_images") / str(sid) / str(ser)
+        files = _visible_files(input_dir / folder)
+        rows.append(
+            {
+                "study_id": int(sid),
+                "study_folder": folder.parent.as_posix(),
+                "series_id": int(ser),
+                "series_folder": folder.as_posix(),
+                "series_description": desc,
+                "type_source": "csv",
+                "guessed": False,
+                "plane": type_from_description(str(desc))[0] or "unknown",
+                "n_files": len(files),
+                "dicom_description": "",
+                "note": "" if files else "folder missing or empty",
+            }
+        )
+    return _studies_frame(rows)
+
+
+def discovered_studies(found) -> pd.DataFrame:
+    """The studies.csv table of a raw input: every series discovery found, where it lies.
+
+    A study's folder is the deepest folder holding all its files, a series' folder likewise.
+    Components that carry the study's patient identifiers are blanked (io.identifiers).
+    """
+    from spinegrade.io.identifiers import patient_identifiers, redact_folder
+
+    root = Path(found.root)
+    by_study: dict[int, list] = {}
+    for s in found.series:
+        by_study.setdefault(s.study_id, []).append(s)
+    rows = []
+    for study_id, series in sorted(by_study.items()):
+        secrets = patient_identifiers(s.files[0] for s in series if s.files)
+
+        def rel(paths: list[Path], secrets: set[str] = secrets) -> str:
+            common = os.path.commonpath([os.path.dirname(os.fspath(p)) for p in paths])
+            return redact_folder(Path(os.path.relpath(common, root)).as_posix(), secrets)
+
+        study_folder = rel([f for s in series for f in s.files])
+        for s in sorted(series, key=lambda s: s.series_id):
+            rows.append(
+                {
+                    "study_id": study_id,
+                    "study_folder": study_folder,
+                    "series_id": s.series_id,
+                    "series_folder": rel(s.files),
+                    "series_description": s.series_description,
+                    "type_source": s.type_source,
+                    "guessed": bool(s.guessed),
+                    "plane": s.plane,
+                    "n_files": len(s.files),
+                    "dicom_description": redact_folder(s.header_description, secrets),
+                    "note": s.note,
+                }
+            )
+    return _studies_frame(rows)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+
+
+def _studies_frame(rows: list[dict]) -> pd.DataFrame:
+    out = pd.DataFrame(rows, columns=STUDIES_COLUMNS)
+    return out.sort_values(["study_id", "series_id"], kind="stable").reset_index(drop=True)
+
+
+def study_folders(studies: pd.DataFrame) -> dict[int, str]:
+    """study_id -> its input folder (relative to INPUT), from a studies.csv table."""
+    first = studies.drop_duplicates("study_id")
+    return dict(zip(first["study_id"].astype(int), first["study_folder"], strict=True))
 
 
 def build_symlink_layout(found, layout_dir: Path) -> Path:
@@ -325,6 +425,7 @@ class PredictResult:
     work_dir: Path
     report_dir: Path | None = None
     index_html: Path | None = None
+    studies_path: Path | None = None  # studies.csv: study id -> input folder and series
     warnings: dict[int, list[str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     per_study_s: list[float] = field(default_factory=list)  # model wall time per study
@@ -385,8 +486,10 @@ def predict(
 ) -> PredictResult:
     """Predict every study of ``input_dir`` with the fold ensemble of ``run_dir``.
 
-    Writes ``out_csv`` (25 rows a study, the competition's row order, rows summing to 1) and,
-    with ``report_dir``, the per-study reports and ``index.html``. ``cache_dir`` is the work
+    Writes ``out_csv`` (25 rows a study, the competition's row order, rows summing to 1),
+    ``studies.csv`` beside it (which input folder and series each study id stands for, see
+    :data:`STUDIES_COLUMNS`) and, with ``report_dir``, the per-study reports and ``index.html``
+    (with each study's input folder). ``cache_dir`` is the work
     folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
     the input.
     """
@@ -395,6 +498,10 @@ def predict(
 
     t0 = time.perf_counter()
     out_csv, input_dir = Path(out_csv), Path(input_dir)
+    if out_csv.name == STUDIES_CSV:
+        raise ValueError(
+            f"--out {out_csv}: {STUDIES_CSV} is written beside the submission; name it otherwise"
+        )
     work = Path(cache_dir) if cache_dir else default_work_dir(out_csv, input_dir)
     predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
     # The cache grid must be the one the models were trained on.
@@ -416,11 +523,13 @@ def predict(
     tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
     result.submission.to_csv(tmp, index=False)
     os.replace(tmp, out_csv)
+    result.studies_path = write_studies_csv(prepared.studies, out_csv.with_name(STUDIES_CSV))
     if result.report_dir is not None:
         from spinegrade.report import write_index_html
 
         title = f"spinegrade report: {len(preds)} studies, {len(predictor.folds)}-fold ensemble"
-        result.index_html = write_index_html(result.report_dir, preds, title)
+        folders = study_folders(prepared.studies)
+        result.index_html = write_index_html(result.report_dir, preds, title, folders)
     t_end = time.perf_counter()
     result.timings = {
         "load_models_s": round(t_load - t0, 2),
@@ -429,6 +538,14 @@ def predict(
         "total_s": round(t_end - t0, 2),
     }
     return result
+
+
+def write_studies_csv(studies: pd.DataFrame, path: Path) -> Path:
+    """Write the studies.csv table atomically; returns ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    studies.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
 
 
 def _predict_all(

@@ -434,14 +434,14 @@ h1{font-size:22px;margin:0 0 4px}p.sub{color:#666;margin:0 0 18px}
 table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:8px;
 vertical-align:top;text-align:left}th{background:#f4f4f4;position:sticky;top:0}
 img.thumb{width:480px;border:1px solid #ccc}td.fig{width:490px}
-td.id{font-weight:bold;font-size:16px}
+td.id{font-weight:bold;font-size:16px}td.folder{font-family:monospace;word-break:break-all}
 span.g1{color:#b36b00;font-weight:bold}span.g2{color:#c40000;font-weight:bold}
 span.g0{color:#2e7d32}span.prior{color:#888}ul{margin:0;padding-left:18px}li.warn{color:#8a6d00}
 .note{color:#777;font-size:12px;margin-top:16px}
 """
 
 
-def _index_row(pred: StudyPrediction) -> str:
+def _index_row(pred: StudyPrediction, folder: str | None) -> str:
     sid = int(pred.study_id)
     findings = _findings(pred)
     items = "".join(
@@ -454,16 +454,31 @@ def _index_row(pred: StudyPrediction) -> str:
     n_prior = sum(s != "model" for s in pred.source)
     warns = "".join(f'<li class="warn">{html.escape(w)}</li>' for w in pred.warnings)
     prior = f"<p>{n_prior} of 25 grades from the training prior</p>" if n_prior else ""
+    where = "" if folder is None else f'<td class="folder">{html.escape(folder)}</td>'
     return (
-        f'<tr><td class="id">{sid}<br><a href="{sid}/grades.json">grades.json</a></td>'
+        f'<tr><td class="id">{sid}<br><a href="{sid}/grades.json">grades.json</a></td>{where}'
         f'<td class="fig"><a href="{sid}/figure.png"><img class="thumb" src="{sid}/thumb.png" '
         f'alt="study {sid}"></a></td><td><ul>{items}</ul>{prior}<ul>{warns}</ul></td></tr>'
     )
 
 
-def write_index_html(report_dir: Path, preds: Sequence[StudyPrediction], title: str) -> Path:
-    """``index.html``: every study with its thumbnail and findings; opens without a server."""
-    rows = "\n".join(_index_row(p) for p in sorted(preds, key=lambda p: p.study_id))
+def write_index_html(
+    report_dir: Path,
+    preds: Sequence[StudyPrediction],
+    title: str,
+    input_folders: Mapping[int, str] | None = None,
+) -> Path:
+    """``index.html``: every study with its thumbnail and findings; opens without a server.
+
+    ``input_folders`` (study id -> folder relative to the input, as in studies.csv) adds an
+    "input folder" column, so a hashed study id can be traced back to the files it came from.
+    """
+    folders = None if input_folders is None else {int(k): v for k, v in input_folders.items()}
+    rows = "\n".join(
+        _index_row(p, None if folders is None else folders.get(int(p.study_id), ""))
+        for p in sorted(preds, key=lambda p: p.study_id)
+    )
+    folder_head = "" if folders is None else "<th>Input folder</th>"
     doc = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
@@ -471,7 +486,8 @@ def write_index_html(report_dir: Path, preds: Sequence[StudyPrediction], title: 
         "for the full figure. Grades are the most probable class of the fold ensemble; the "
         "models are trained on the competition's weighted loss (Moderate x2, Severe x4), so their "
         "probabilities lean towards the worse grades.</p>"
-        "<table><thead><tr><th>Study</th><th>Figure</th><th>Findings (Moderate or worse)</th>"
+        f"<table><thead><tr><th>Study</th>{folder_head}<th>Figure</th>"
+        "<th>Findings (Moderate or worse)</th>"
         f"</tr></thead><tbody>\n{rows}\n</tbody></table>"
         "<p class='note'>Research software, not for diagnostic use.</p></body></html>"
     )

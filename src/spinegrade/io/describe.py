@@ -64,8 +64,11 @@ def _tilt(normal: np.ndarray) -> float:
 
 
 def describe_stack(stack: Stack, index: int) -> dict[str, Any]:
-    """One stack as JSON-able values (spacing in mm: row, column, slice)."""
-    multi_frame = len(set(stack.files)) < len(stack.files)
+    """One stack as JSON-able values (spacing in mm: row, column, slice).
+
+    ``instance_numbers`` and ``frame_indices`` are lists of integers, one per slice in geometric
+    order (along the stack normal), for programs to index with; only the table view compacts them.
+    """
     return {
         "index": index,
         "plane": stack.plane,
@@ -79,9 +82,11 @@ def describe_stack(stack: Stack, index: int) -> dict[str, Any]:
         ],
         "orientation": [round(float(v), 4) for v in (*stack.row_dir, *stack.col_dir)],
         "tilt_deg": _tilt(stack.normal),
-        "instance_numbers": compact_numbers(stack.instance_numbers),
+        "instance_numbers": [int(v) for v in stack.instance_numbers],
         "instance_order": _instance_order(stack.instance_numbers),
-        "frames": compact_numbers(stack.frame_indices) if multi_frame else "",
+        # A multi-frame file gives several slices; frame_indices tells them apart (0 otherwise).
+        "multi_frame": len(set(stack.files)) < len(stack.files),
+        "frame_indices": [int(v) for v in stack.frame_indices],
         "has_geometry": bool(stack.has_geometry),
         "series_description": stack.series_description,
         "value_range": [float(stack.pixels.min()), float(stack.pixels.max())],
@@ -166,9 +171,10 @@ def print_inspection(report: dict[str, Any], console: Any = None) -> None:
 
 
 def _numbers_cell(st: dict[str, Any]) -> str:
-    text = f"{st['instance_numbers']} ({st['instance_order']})"
-    if st["frames"]:
-        text += f", frames {st['frames']}"
+    """The compact text of the table view: ``6-1 (descending), frames 0-5``."""
+    text = f"{compact_numbers(st['instance_numbers'])} ({st['instance_order']})"
+    if st["multi_frame"]:
+        text += f", frames {compact_numbers(st['frame_indices'])}"
     if not st["has_geometry"]:
         text += " [red]no geometry[/]"
     return text
