@@ -10,15 +10,9 @@ import pytest
 
 from spinegrade.constants import submission_row_ids
 from spinegrade.demo import print_summary, run_demo, summary_rows
+from tiny_config import TINY_RUN
 
-# A tiny but complete run: 2 folds, one epoch, tiny models (what is checked is the plumbing).
-TINY = [
-    "crops.size=32", "crops.slices=3", "model.backbone=test_efficientnet", "model.dim=32",
-    "model.depth=1", "model.heads=2", "model.token_grid=1", "train.batch_size=10",
-    "train.epochs=1", "localizer.image_size=64", "localizer.epochs=1",
-    "localizer.decoder_channels=8", "localizer.batch_size=4", "data.n_folds=2",
-    "data.cache_size=96",
-]  # fmt: skip
+TINY = TINY_RUN  # 2 folds, one epoch, tiny models: the plumbing is checked
 
 
 def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:

@@ -222,19 +222,19 @@ def _to_patient(path: Path, x: float, y: float) -> np.ndarray:
     return pos + x * dx * row + y * dy * col
 
 
+def _label_file(dataset: Path, study_id: int, row) -> Path:
+    """The DICOM file a coordinate row points at."""
+    series = dataset / "train_images" / str(study_id) / str(row.series_id)
+    return series / f"{row.instance_number}.dcm"
+
+
 def test_label_points_sit_on_their_structures(dataset: Path):
     """(instance, x, y) -> patient space lands on the anatomy's landmark (jitter + half a slice)."""
     coords = pd.read_csv(dataset / "train_label_coordinates.csv")
     for study_id, rows in coords.groupby("study_id"):
         anat = load_study_anatomy(dataset, int(study_id))
         for r in rows.itertuples():
-            path = (
-                dataset
-                / "train_images"
-                / str(study_id)
-                / str(r.series_id)
-                / f"{r.instance_number}.dcm"
-            )
+            path = _label_file(dataset, int(study_id), r)
             p = _to_patient(path, r.x, r.y)
             truth = anat.to_patient(
                 label_point(anat, COND_INDEX[r.condition], LEVEL_INDEX[r.level])
@@ -250,13 +250,7 @@ def test_points_project_onto_the_axial_stack_of_their_level(dataset: Path):
         axial = dataset / "train_images" / str(study_id) / str(sub["series_id"].iloc[0])
         geo = {int(f.stem): _geometry(f) for f in axial.glob("*.dcm")}
         for r in rows[rows["condition"] == "Spinal Canal Stenosis"].itertuples():
-            path = (
-                dataset
-                / "train_images"
-                / str(study_id)
-                / str(r.series_id)
-                / f"{r.instance_number}.dcm"
-            )
+            path = _label_file(dataset, int(study_id), r)
             p = _to_patient(path, r.x, r.y)
             dist = {k: abs((p - g[0]) @ np.cross(g[1], g[2])) for k, g in geo.items()}
             nearest = min(dist, key=dist.get)

@@ -22,14 +22,9 @@ from spinegrade.predict import (
     prepare_input,
     scrub_paths,
 )
+from tiny_config import TINY_RUN
 
-TINY = [
-    "crops.size=32", "crops.slices=3", "model.backbone=test_efficientnet", "model.dim=32",
-    "model.depth=1", "model.heads=2", "model.token_grid=1", "train.batch_size=10",
-    "train.epochs=1", "localizer.image_size=64", "localizer.epochs=1",
-    "localizer.decoder_channels=8", "localizer.batch_size=4", "data.n_folds=2",
-    "data.cache_size=96",
-]  # fmt: skip
+TINY = TINY_RUN
 PATIENT_MARKERS = ("PatientName", "PatientID")  # filled in from the phantom's headers below
 
 

@@ -88,10 +88,11 @@ def test_grades_payload_has_every_target() -> None:
 def test_saliency_points_at_the_informative_pixels() -> None:
     crop = np.random.default_rng(0).standard_normal((3, 16, 16)).astype(np.float32)
     # A "model" that only reads the top-left quarter of the middle slice.
+    grad_before = torch.is_grad_enabled()
     heat = input_saliency(lambda x: (x[:, 1, :8, :8] ** 2).sum(), crop, sigma_px=0)
     assert heat.shape == (16, 16)
     assert heat[8:, :].max() == 0 and heat[:8, 8:].max() == 0 and heat[:8, :8].sum() > 0
-    assert not torch.is_grad_enabled() or True  # the helper does not leave state behind
+    assert torch.is_grad_enabled() == grad_before  # the helper does not leave state behind
 
 
 def test_full_report_writes_readable_files(tmp_path: Path) -> None:

@@ -214,6 +214,7 @@ def predict(
         f"{n_warn} studies with warnings"
     )
     typer.echo(f"submission: {result.submission_path}")
+    typer.echo(f"studies:    {result.studies_path}")
     if result.index_html is not None:
         typer.echo(f"report:     {result.index_html}")
 

@@ -156,16 +156,14 @@ def _train_in_processes(
     import multiprocessing as mp
     from concurrent.futures import as_completed
 
-    from tqdm.auto import tqdm
-
     from spinegrade.parallel import process_pool
+    from spinegrade.progress import progress_bar
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("training folds %s in %d processes x %d thread(s)", todo, workers, threads)
-    show = progress and os.environ.get("SPINEGRADE_PROGRESS", "1") != "0"
     with (
         process_pool(workers, mp.get_context("spawn")) as pool,
-        tqdm(total=len(todo), desc="folds", unit="fold", disable=not show) as bar,
+        progress_bar(total=len(todo), desc="folds", unit="fold", enabled=progress) as bar,
     ):
         futures = {
             pool.submit(_fold_process, (data_dir, cache_dir, run_dir, cfg, [k], threads)): k
@@ -184,7 +182,9 @@ def _fold_process(args) -> None:
     """Entry point of a fold-training process (spawned: a fresh interpreter, one fold)."""
     data_dir, cache_dir, run_dir, cfg, todo, threads = args
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ["SPINEGRADE_PROGRESS"] = "0"  # bars of parallel folds would interleave
+    from spinegrade.progress import ENV_VAR
+
+    os.environ[ENV_VAR] = "0"  # bars of parallel folds would interleave
     runtime = setup_runtime(cfg.train, threads=threads)
     _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime, progress=False)
 

@@ -74,9 +74,8 @@ def _synthesise(
     ``truth/phantom.json`` is written last by the generator, so its presence (with the asked-for
     sizes and seed) marks a complete dataset; anything else is regenerated from scratch.
     """
-    from tqdm.auto import tqdm
-
     from spinegrade.phantom import generate_dataset
+    from spinegrade.progress import progress_bar
 
     meta_path = data / "truth" / "phantom.json"
     if meta_path.is_file():
@@ -88,7 +87,9 @@ def _synthesise(
             f"studies (seed {meta.get('seed')}), not {n_studies} + {n_test} (seed {seed}); use "
             "another --out folder or the same sizes to resume"
         )
-    bar = tqdm(total=n_studies + n_test, desc="synthesising", unit="study", disable=not progress)
+    bar = progress_bar(
+        total=n_studies + n_test, desc="synthesising", unit="study", enabled=progress
+    )
 
     def tick(done: int, total: int) -> None:
         bar.update(done - bar.n)

@@ -557,14 +557,13 @@ def _predict_all(
     progress: bool,
 ) -> list:
     """Predict (and report) study by study, so memory holds one study's stacks at a time."""
-    from tqdm.auto import tqdm
-
     from spinegrade.datasets import load_studies
+    from spinegrade.progress import progress_bar
     from spinegrade.report import StudyPrediction
 
     has_index = (cache / "index.csv").is_file()
     preds = []
-    for sid in tqdm(prepared.study_ids, desc="predicting", unit="study", disable=not progress):
+    for sid in progress_bar(prepared.study_ids, desc="predicting", unit="study", enabled=progress):
         t, c = time.perf_counter(), time.process_time()
         errors: list[str] = []
         try:

@@ -10,7 +10,10 @@ import os
 from collections.abc import Iterable
 from typing import Any, TypeVar, overload
 
-from tqdm.auto import tqdm
+# Plain tqdm, not tqdm.auto: the latter (tqdm.asyncio) calls iter() on its iterable when it is
+# built, which on a DataLoader starts an extra epoch of workers and draws from the random stream,
+# so results depended on whether a bar was shown.
+from tqdm import tqdm
 
 T = TypeVar("T")
 

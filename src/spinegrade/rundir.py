@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # between the calls that train the folds of one run folder.
 RUNTIME_KEYS = frozenset(
     f"train.{k}"
-    for k in ("folds", "fold_workers", "num_workers", "accelerator", "devices", "strategy",
+    for k in ("folds", "fold_workers", "num_workers", "accelerator", "strategy",
               "amp", "channels_last", "eval_batch_size", "log_every", "eval_every")
 )  # fmt: skip
 

@@ -63,6 +63,7 @@ def train_localizer(
         spec = FitSpec(
             f"localizer_{name}", c.epochs, c.batch_size, c.lr, cfg.optim, c.weight_decay, seed,
             average=cfg.train.weight_average, eval_every=cfg.train.eval_every,
+            log_every=cfg.train.log_every,
         )  # fmt: skip
         dataset = LocalizerDataset(samples[name], augment=True, zoom=c.zoom, seed=seed)
         val = list(val_samples.get(name, []))
@@ -132,7 +133,7 @@ def train_grader(
     items = max(1, t.batch_size // len(LEVELS))  # an item holds the five levels of a study
     spec = FitSpec(
         f"grader_{group}", t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average,
-        eval_every=t.eval_every,
+        eval_every=t.eval_every, log_every=t.log_every,
     )  # fmt: skip
     loss = _GraderLoss(cfg, group)
     evaluate = (

@@ -14,11 +14,15 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from spinegrade.constants import (
+    AX_T2,
     CONDITION_SERIES,
     CONDITION_TITLES,
     CONDITIONS,
     LEVEL_TITLES,
     LEVELS,
+    SAG_T1,
+    SAG_T2,
+    SERIES_DESCRIPTIONS,
 )
 from spinegrade.phantom.anatomy import N_LEVELS, Anatomy, label_point, sample_anatomy
 from spinegrade.phantom.labels import LabelModel, anatomical_severity
@@ -111,10 +115,10 @@ def _draw_quirks(rng: np.random.Generator, scale: float = 1.0) -> _Quirks:
     if chance(0.09):
         q.axial_skip_top = 1 if rng.random() < 0.7 else 2
     if chance(0.02):
-        q.missing = str(rng.choice(["Sagittal T1", "Sagittal T2/STIR", "Axial T2"]))
+        q.missing = str(rng.choice(list(SERIES_DESCRIPTIONS)))
     if chance(0.01):
         q.empty_condition = int(rng.integers(0, len(CONDITIONS)))
-    for desc in ("Sagittal T1", "Sagittal T2/STIR", "Axial T2"):
+    for desc in SERIES_DESCRIPTIONS:
         if chance(0.12):
             q.offsets[desc] = int(rng.choice([rng.integers(1, 40), 100 * rng.integers(1, 50)]))
     q.compress = chance(0.1)
@@ -198,15 +202,15 @@ def _plan_series(rng, anat, cfg: SynthConfig, quirks: _Quirks, task: StudyTask) 
     levels = list(range(quirks.axial_skip_top, N_LEVELS))
     axial = plan_axial(rng, anat, levels, per_level)
     plans = [
-        (SeriesPlan("Sagittal T1", "T1", geo_t1.slices(matrix_t1)), 0),
-        (SeriesPlan("Sagittal T2/STIR", t2_contrast, geo_t2.slices(matrix_t2)), 0 if shared else 1),
+        (SeriesPlan(SAG_T1, "T1", geo_t1.slices(matrix_t1)), 0),
+        (SeriesPlan(SAG_T2, t2_contrast, geo_t2.slices(matrix_t2)), 0 if shared else 1),
     ]
     if quirks.axial_split:
         cut = levels[len(levels) // 2]
         parts = [[s for s in axial if s.level < cut], [s for s in axial if s.level >= cut]]
     else:
         parts = [axial]
-    plans += [(SeriesPlan("Axial T2", "T2", part), 2 + k) for k, part in enumerate(parts)]
+    plans += [(SeriesPlan(AX_T2, "T2", part), 2 + k) for k, part in enumerate(parts)]
     plans = [p for p in plans if p[0].description != quirks.missing]
     ids = _distinct_ids(rng, len(plans))
     out = []
@@ -260,9 +264,7 @@ def _instance_numbers(rng: np.random.Generator, plan: SeriesPlan, offset: int) -
 def _empty_cells(grades: np.ndarray, quirks: _Quirks, series: list[_Series]) -> np.ndarray:
     """Blank the cells a reader could not grade: levels no axial stack reached, lost conditions."""
     grades = grades.astype(int)
-    covered = {
-        s.level for ser in series if ser.plan.description == "Axial T2" for s in ser.plan.slices
-    }
+    covered = {s.level for ser in series if ser.plan.description == AX_T2 for s in ser.plan.slices}
     for ci, cond in enumerate(CONDITIONS):
         for li in range(N_LEVELS):
             j = ci * N_LEVELS + li
