@@ -1,9 +1,9 @@
-"""Models: shape tables, learnability, weights round trip, pretrained loading and its fallback."""
+"""Models: shape tables, learnability, weights round trip, pretrained loading or a clear error."""
 
 from __future__ import annotations
 
-import logging
-import os
+import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from spinegrade.models import (
     load_model,
 )
 from spinegrade.weights import (
+    PretrainedUnavailable,
     WeightsError,
     create_backbone,
     load_weights,
@@ -221,40 +222,74 @@ def test_build_from_config_matches_config() -> None:
     assert loc(torch.rand(1, 4, 32, 32))["heatmaps"].shape == (1, 10, 4, 8, 8)
 
 
-@pytest.mark.skipif(
-    os.environ.get("HF_HUB_OFFLINE", "1").lower() not in ("1", "true", "yes", "on"),
-    reason="the offline fallback is tested only with HF_HUB_OFFLINE=1",
-)
-def test_offline_pretrained_falls_back_with_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("offline", [True, False])
+def test_pretrained_requested_and_unavailable_is_a_clear_error_within_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: bool
 ) -> None:
-    monkeypatch.setattr(weights, "_WARNED_PRETRAINED", set())
-    caplog.set_level(logging.WARNING, logger="spinegrade.weights")
-    # An empty hub cache: the weights cannot be found offline.
-    for _ in range(2):
-        model = tiny_grader(pretrained=True, backbone_kwargs={"cache_dir": str(tmp_path)})
-        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 3)
-    warnings = [r for r in caplog.records if "No ImageNet weights" in r.getMessage()]
-    assert len(warnings) == 1
-    assert "random initialisation" in warnings[0].getMessage()
-    assert "pretrained_path" in warnings[0].getMessage()
+    from huggingface_hub import constants
+
+    # Offline by HF_HUB_OFFLINE, or "online" with a hub that refuses connections: both must fail
+    # fast (no retries) with the ways out, never fall back to random weights.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    cfg = load_config("quick", ["model.pretrained=true", "localizer.pretrained=true"])
+    cache = {"cache_dir": str(tmp_path)}  # an empty hub cache
+    for build, key in ((build_grader, "model"), (build_localizer, "localizer")):
+        getattr(cfg, key).backbone_kwargs = cache
+        t0 = time.perf_counter()
+        with pytest.raises(PretrainedUnavailable) as err:
+            build(cfg)
+        assert time.perf_counter() - t0 < 10
+        msg = str(err.value)
+        assert f"{key}.backbone 'test_efficientnet'" in msg and "timm/test_efficientnet" in msg
+        assert "internet" in msg and f"{key}.pretrained_path=FILE" in msg
+        assert f"{key}.pretrained=false" in msg
+        assert ("HF_HUB_OFFLINE is set" in msg) == offline
+    assert constants.HF_HUB_OFFLINE is offline  # restored after the attempt
+
+
+def _imagenet_style_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A 3-channel classifier checkpoint, as timm publishes them, saved as safetensors."""
+    source = timm.create_model(TINY, pretrained=False, num_classes=1000)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    file = tmp_path / "tiny_in1k.safetensors"
+    save_file(state, str(file))
+    return file, state
 
 
 def test_pretrained_path_loads_local_imagenet_style_weights(tmp_path: Path) -> None:
-    # A 3-channel classifier checkpoint, as timm publishes them.
-    source = timm.create_model(TINY, pretrained=False, num_classes=1000)
-    file = tmp_path / "tiny_in1k.safetensors"
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(file))
+    file, source = _imagenet_style_file(tmp_path)
     backbone = create_backbone(TINY, in_chans=1, pretrained=True, pretrained_path=file)
     state = backbone.state_dict()
     # timm folds the RGB stem into one grey channel by summing the colour filters.
-    stem = source.state_dict()["conv_stem.weight"]
-    assert torch.allclose(state["conv_stem.weight"], stem.sum(1, keepdim=True))
-    shared = [k for k in state if k in source.state_dict() and k != "conv_stem.weight"]
+    assert torch.allclose(
+        state["conv_stem.weight"], source["conv_stem.weight"].sum(1, keepdim=True)
+    )
+    shared = [k for k in state if k in source and k != "conv_stem.weight"]
     assert len(shared) > 20
-    assert all(torch.equal(state[k], source.state_dict()[k]) for k in shared)
-    with pytest.raises(WeightsError, match="does not exist"):
+    assert all(torch.equal(state[k], source[k]) for k in shared)
+    with pytest.raises(PretrainedUnavailable, match="does not exist"):
         create_backbone(TINY, pretrained=True, pretrained_path=tmp_path / "missing.safetensors")
+
+
+def test_both_backbones_load_pretrained_path_and_record_it(tmp_path: Path) -> None:
+    file, source = _imagenet_style_file(tmp_path)
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    keys = [f"{k}.pretrained_path={file}" for k in ("model", "localizer")]
+    cfg = load_config("quick", [*keys, "model.pretrained=true", "localizer.pretrained=true"])
+    cfg.localizer.backbone_kwargs = {}  # the file's architecture (quick narrows the localiser)
+    expected = {"source": "file", "path": str(file.resolve()), "sha256": digest}
+    assert weights.require_pretrained(cfg) == {"model": expected, "localizer": expected}
+    for model in (build_grader(cfg), build_localizer(cfg)):
+        state = model.encoder.state_dict()
+        shared = [k for k in state if k in source and not k.startswith("conv_stem")]
+        assert len(shared) > 20 and all(torch.equal(state[k], source[k]) for k in shared)
+        assert weights.init_source(model) == expected
+        # The sidecar records it, and a reloaded model reports it.
+        path = save_weights(model, tmp_path / f"{type(model).__name__}.safetensors")
+        assert read_sidecar(path)["init"] == expected
+        assert weights.init_source(load_model(path)[0]) == expected
+    assert weights.init_source(build_grader(load_config("quick"))) == {"source": "random"}
 
 
 def test_unknown_backbone_is_a_clear_error() -> None:

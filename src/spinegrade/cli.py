@@ -195,6 +195,9 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     workers: int = typer.Option(1, "--workers", min=1, help="Preprocessing processes"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars"),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail (exit 2) if any target of any study falls back to the prior"
+    ),
 ) -> None:
     """Predict new studies with a run's fold ensemble: submission.csv (+ reports)."""
     _passive_openmp()
@@ -203,7 +206,7 @@ def predict(
 
     result = run_predict(
         run_dir, input_dir, out, report_dir=report, folds=parse_folds(folds), cache_dir=cache,
-        device=device, workers=workers, progress=progress,
+        device=device, workers=workers, progress=progress, strict=strict,
     )  # fmt: skip
     n_warn = sum(bool(w) for w in result.warnings.values())
     n = max(len(result.per_study_s), 1)
@@ -213,6 +216,8 @@ def predict(
         f"{result.device}: {per:.0f} ms/study, {graded:.1f} of 25 targets graded a study; "
         f"{n_warn} studies with warnings"
     )
+    for line in result.weights_init:
+        typer.echo(line)
     typer.echo(f"submission: {result.submission_path}")
     typer.echo(f"studies:    {result.studies_path}")
     if result.index_html is not None:

@@ -222,11 +222,10 @@ def config_from_dict(mapping: dict[str, Any], source: str = "dict") -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the fully resolved config as YAML (no ``base:``), so it reloads alone."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from spinegrade.atomic import write_text
+
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
-    path.write_text(f"# resolved spinegrade config\n{text}")
-    return path
+    return write_text(path, f"# resolved spinegrade config\n{text}")
 
 
 def _packaged_text(name: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
+from spinegrade.atomic import crash_point, write_csv, write_json
 from spinegrade.config import Config
 from spinegrade.datasets import StudyData, load_studies
 from spinegrade.inference import FoldModels, predict_study, write_fallback
@@ -54,6 +55,12 @@ from spinegrade.rundir import (
 from spinegrade.stages import train_grader, train_localizer
 from spinegrade.submission import submission_frame
 from spinegrade.train import JsonlLog, Runtime, setup_runtime
+from spinegrade.weights import (
+    init_source,
+    require_pretrained,
+    summarize_init,
+    weights_complete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,8 @@ def cross_validate(
     run folder (then :func:`merge_run`). Returns the cv.json content once all folds exist.
     """
     runtime = setup_runtime(cfg.train)
+    # Pretrained weights or a clear error now, not after minutes of loading data.
+    require_pretrained(cfg)
     run_dir = Path(run_dir)
     cfg.data.data_dir, cfg.data.cache_dir = (
         str(Path(data_dir).resolve()),
@@ -225,7 +234,7 @@ def run_fold(
     for group in cfg.train.groups:
         t1 = time.perf_counter()
         path = out / f"grader_{group}.safetensors"
-        if path.is_file():
+        if weights_complete(path):
             from spinegrade.models.registry import load_model
 
             graders[group] = load_model(path, device=str(runtime.device))[0]
@@ -252,7 +261,12 @@ def run_fold(
     metrics.update(
         {"fold": fold, "n_train": len(train_ids), "n_val": len(val_ids), "timing": timing}
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    # Where each network's backbone started: ImageNet (hub id or file + sha256) or random.
+    nets = {f"localizer_{k}": v for k, v in localizer.nets.items()}
+    nets.update({f"grader_{g}": m for g, m in graders.items()})
+    metrics["init"] = {name: init_source(net) for name, net in nets.items()}
+    crash_point("fold_metrics")
+    write_json(out / "metrics.json", metrics)  # last: it marks the fold complete
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
 
@@ -286,10 +300,10 @@ def _write_oof(models: FoldModels, fold: int, val_ids, studies, labels, out: Pat
         n_fallback += int((~pred.graded & (study.labels >= 0)).sum())
         errors += point_errors(sid, pred.points, study.points, study.stacks)
     oof = submission_frame(probs)
-    oof.to_csv(out / "oof.csv", index=False)
+    write_csv(out / "oof.csv", oof)
     err = pd.DataFrame(errors)
     err.insert(0, "fold", fold)
-    err.to_csv(out / "localizer_errors.csv", index=False)
+    write_csv(out / "localizer_errors.csv", err)
     scores = score_frames(labels[labels["study_id"].isin(val_ids)], oof)
     return {"oof": scores, "localizer": summarize_errors(errors), "fallback_cells": n_fallback}
 
@@ -320,11 +334,11 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
     labels = labels[labels["study_id"].isin(folds["study_id"])].reset_index(drop=True)
     oof = pd.concat([pd.read_csv(fold_dir(run_dir, k) / "oof.csv") for k in all_folds])
     oof = oof.sort_values("row_id", kind="stable").reset_index(drop=True)
-    oof.to_csv(run_dir / "oof.csv", index=False)
+    write_csv(run_dir / "oof.csv", oof)
     errors = pd.concat(
         [pd.read_csv(fold_dir(run_dir, k) / "localizer_errors.csv") for k in all_folds]
     )
-    errors.to_csv(run_dir / "localizer_errors.csv", index=False)
+    write_csv(run_dir / "localizer_errors.csv", errors)
     prior, best = [], []
     for k in all_folds:
         val = folds.loc[folds["fold"] == k, "study_id"].tolist()
@@ -344,10 +358,12 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
         },
         "localizer": summarize_errors(errors.to_dict("records")),
         "per_fold": [
-            {"fold": m["fold"], **m["oof"], "time_s": m["timing"]["total_s"]} for m in per_fold
+            {"fold": m["fold"], **m["oof"], "time_s": m["timing"]["total_s"], "init": m.get("init")}
+            for m in per_fold
         ],
         "fallback_cells": int(sum(m["fallback_cells"] for m in per_fold)),
         "train_time_s": round(sum(m["timing"]["total_s"] for m in per_fold), 1),
+        "init": summarize_init(m.get("init") for m in per_fold),
     }
-    (run_dir / "cv.json").write_text(json.dumps(cv, indent=1))
+    write_json(run_dir / "cv.json", cv)
     return cv

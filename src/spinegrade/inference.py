@@ -126,7 +126,8 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
     graders = {}
     for group in GROUPS:
         path = fold_dir / f"grader_{group}.safetensors"
-        if path.is_file():
+        # A group the run trains must have its weights: never a silent prior for its targets.
+        if group in cfg.train.groups or path.is_file():
             graders[group] = load_model(path, device=device)[0]
     fallback = _read_fallback(fold_dir / "fallback.json")
     localizer = Localizer.load(fold_dir, device)
@@ -144,5 +145,7 @@ def _read_fallback(path: Path) -> np.ndarray:
 
 
 def write_fallback(path: Path, probs: np.ndarray) -> None:
-    """Write a fold's fallback: (25, 3) probabilities keyed by the 25 label columns."""
-    path.write_text(json.dumps({"columns": list(LABEL_COLUMNS), "probs": probs.tolist()}, indent=1))
+    """Write a fold's fallback (atomically): (25, 3) probabilities keyed by the label columns."""
+    from spinegrade.atomic import write_json
+
+    write_json(path, {"columns": list(LABEL_COLUMNS), "probs": probs.tolist()})

@@ -258,7 +258,12 @@ class Localizer:
     fuse_mm: float = 0.0  # canal/foramina consensus tolerance (see fuse_level_points); 0 = off
 
     def save(self, folder: Path, meta: dict | None = None) -> None:
-        """``localizer_{task}.safetensors`` (+ sidecar) and ``localizer_geometry.json``."""
+        """``localizer_{task}.safetensors`` (+ sidecar), then ``localizer_geometry.json``.
+
+        The geometry file, written last and atomically, commits the localiser; it lists the tasks
+        whose nets were saved so that :meth:`load` can refuse a fold with one missing.
+        """
+        from spinegrade.atomic import write_json
         from spinegrade.weights import save_weights
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -271,8 +276,9 @@ class Localizer:
             "zoom": self.zoom,
             "fuse_mm": self.fuse_mm,
             "offsets": {k: v.tolist() for k, v in self.offsets.items()},
+            "tasks": sorted(self.nets),
         }
-        (folder / "localizer_geometry.json").write_text(json.dumps(geometry, indent=1))
+        write_json(folder / "localizer_geometry.json", geometry)
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> Localizer:
@@ -286,10 +292,12 @@ class Localizer:
             )
         geometry = json.loads(geometry_path.read_text())
         nets = {}
-        for name in LOCALIZER_TASKS:
+        # Runs older than the "tasks" entry: the nets present are the nets trained.
+        tasks = geometry.get("tasks")
+        for name in LOCALIZER_TASKS if tasks is None else tasks:
             path = Path(folder) / f"localizer_{name}.safetensors"
-            if path.is_file():
-                nets[name] = load_model(path, device=device)[0]
+            if tasks is not None or path.is_file():
+                nets[name] = load_model(path, device=device)[0]  # missing: an error naming it
         offsets = {k: np.asarray(v, dtype=np.float64) for k, v in geometry["offsets"].items()}
         return cls(
             nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),

@@ -358,6 +358,28 @@ class Predictor:
         return cls(run_dir, chosen, models, device)
 
     @property
+    def init(self) -> dict[str, list[dict]]:
+        """Where the ensemble's backbones started training (see :func:`.weights.summarize_init`):
+        ``{"model": [...], "localizer": [...]}``, each a list of distinct sources."""
+        from spinegrade.weights import init_source, summarize_init
+
+        def nets(m) -> dict[str, dict]:
+            out = {f"localizer_{k}": init_source(v) for k, v in m.localizer.nets.items()}
+            return out | {f"grader_{k}": init_source(v) for k, v in m.graders.items()}
+
+        return summarize_init(nets(m) for m in self.models)
+
+    def describe_init(self) -> list[str]:
+        """One line per backbone for reports, e.g. ``model backbone: ImageNet, hub timm/...``."""
+        from spinegrade.weights import describe_source
+
+        return [
+            f"{role} backbone: {'; '.join(describe_source(s) for s in sources)}"
+            for role, sources in self.init.items()
+            if sources
+        ]
+
+    @property
     def crop_config(self):
         return self.models[0].crops
 
@@ -431,6 +453,7 @@ class PredictResult:
     per_study_s: list[float] = field(default_factory=list)  # model wall time per study
     per_study_cpu_s: list[float] = field(default_factory=list)  # its CPU time (all threads)
     graded_per_study: list[int] = field(default_factory=list)  # targets a model saw (of 25)
+    weights_init: list[str] = field(default_factory=list)  # where the backbones started training
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
@@ -483,6 +506,7 @@ def predict(
     device: str = "auto",
     workers: int = 1,
     progress: bool = True,
+    strict: bool = False,
 ) -> PredictResult:
     """Predict every study of ``input_dir`` with the fold ensemble of ``run_dir``.
 
@@ -492,6 +516,9 @@ def predict(
     (with each study's input folder). ``cache_dir`` is the work
     folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
     the input.
+
+    Raises ValueError (after writing the outputs, for inspection) when every study fell back to
+    the training prior, or, with ``strict``, when any target of any study did.
     """
     from spinegrade.preprocess import preprocess_dataset
     from spinegrade.rundir import load_run_config
@@ -517,6 +544,7 @@ def predict(
         out_csv, pd.DataFrame(), prepared.study_ids, predictor.folds, predictor.device,
         prepared.kind, work, Path(report_dir) if report_dir else None,
     )  # fmt: skip
+    result.weights_init = predictor.describe_init()
     preds = _predict_all(predictor, prepared, work / "cache", summary.failures, result, progress)
     result.submission = submission_frame({p.study_id: p.probs for p in preds})
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -529,7 +557,9 @@ def predict(
 
         title = f"spinegrade report: {len(preds)} studies, {len(predictor.folds)}-fold ensemble"
         folders = study_folders(prepared.studies)
-        result.index_html = write_index_html(result.report_dir, preds, title, folders)
+        result.index_html = write_index_html(
+            result.report_dir, preds, title, folders, predictor.describe_init()
+        )
     t_end = time.perf_counter()
     result.timings = {
         "load_models_s": round(t_load - t0, 2),
@@ -537,7 +567,28 @@ def predict(
         "predict_and_report_s": round(t_end - t_pre, 2),
         "total_s": round(t_end - t0, 2),
     }
+    _check_fallbacks(result, strict)
     return result
+
+
+def _check_fallbacks(result: PredictResult, strict: bool) -> None:
+    """A run whose models graded nothing is an error, not a submission of priors."""
+    ids = result.study_ids
+    prior_only = [s for s, n in zip(ids, result.graded_per_study, strict=True) if n == 0]
+    some_prior = [s for s, n in zip(ids, result.graded_per_study, strict=True) if n < 25]
+    written = f"{result.submission_path} was written for inspection"
+    if ids and len(prior_only) == len(ids):
+        raise ValueError(
+            f"every study ({len(ids)}) fell back to the training prior: no model graded any "
+            f"target (first warnings: {result.warnings.get(ids[0], [])[:2]}); {written}. Check "
+            "that the input holds lumbar MRI series the run was trained on"
+        )
+    if strict and some_prior:
+        raise ValueError(
+            f"--strict: {len(some_prior)} of {len(ids)} studies use the training prior for some "
+            f"targets (e.g. study {some_prior[0]}: {result.warnings.get(some_prior[0], [])[:2]}); "
+            f"{written}"
+        )
 
 
 def write_studies_csv(studies: pd.DataFrame, path: Path) -> Path:
@@ -606,5 +657,5 @@ def _report_study(predictor: Predictor, pred, stacks: dict, report_dir: Path) ->
     points = StudyPoints(pred.points.copy())
     crops = make_crops(stacks, points, predictor.crop_config, columns=graded) if stacks else {}
     inputs = ReportInputs(stacks=stacks, crops=crops, saliency_fn=predictor.saliency)
-    info = {"folds": predictor.folds, "device": predictor.device}
+    info = {"folds": predictor.folds, "device": predictor.device, "init": predictor.init}
     write_study_report(report_dir, pred, inputs, info)

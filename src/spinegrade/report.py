@@ -467,11 +467,13 @@ def write_index_html(
     preds: Sequence[StudyPrediction],
     title: str,
     input_folders: Mapping[int, str] | None = None,
+    model_lines: Sequence[str] = (),
 ) -> Path:
     """``index.html``: every study with its thumbnail and findings; opens without a server.
 
     ``input_folders`` (study id -> folder relative to the input, as in studies.csv) adds an
     "input folder" column, so a hashed study id can be traced back to the files it came from.
+    ``model_lines`` describe the models (e.g. where their backbones' weights came from).
     """
     folders = None if input_folders is None else {int(k): v for k, v in input_folders.items()}
     rows = "\n".join(
@@ -486,14 +488,15 @@ def write_index_html(
         "for the full figure. Grades are the most probable class of the fold ensemble; the "
         "models are trained on the competition's weighted loss (Moderate x2, Severe x4), so their "
         "probabilities lean towards the worse grades.</p>"
-        f"<table><thead><tr><th>Study</th>{folder_head}<th>Figure</th>"
+        + "".join(f"<p class='sub'>{html.escape(line)}</p>" for line in model_lines)
+        + f"<table><thead><tr><th>Study</th>{folder_head}<th>Figure</th>"
         "<th>Findings (Moderate or worse)</th>"
         f"</tr></thead><tbody>\n{rows}\n</tbody></table>"
         "<p class='note'>Research software, not for diagnostic use.</p></body></html>"
     )
-    path = Path(report_dir) / "index.html"
-    path.write_text(doc, encoding="utf-8")
-    return path
+    from spinegrade.atomic import write_text
+
+    return write_text(Path(report_dir) / "index.html", doc)
 
 
 def write_study_report(

@@ -9,9 +9,10 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
   torchrun an error); every rank trains on its shard (DistributedSampler) and only rank 0 writes
   files;
 * a checkpoint after every epoch (``.safetensors`` for model and optimiser tensors, ``.json`` for
-  the epoch, the optimiser's hyper-parameters and the log so far), so an interrupted fold resumes
-  where it stopped. The learning-rate schedule is a pure function of the step, and augmentation
-  randomness a pure function of (seed, epoch, sample), so a resumed run continues identically.
+  the epoch, the optimiser's hyper-parameters and the log so far; the JSON, written last, commits
+  the pair), so an interrupted fold resumes where it stopped. The learning-rate schedule is a
+  pure function of the step, and augmentation randomness a pure function of (seed, epoch,
+  sample), so a resumed run continues identically.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from spinegrade.atomic import atomic_path, crash_point, write_json
 from spinegrade.config import OptimConfig, TrainConfig
 from spinegrade.progress import progress_bar
 
@@ -218,13 +220,16 @@ def save_checkpoint(
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     meta = {"format": CKPT_FORMAT, "param_groups": opt["param_groups"], "scalars": scalars, **state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path.with_suffix(".safetensors"))
-    json_tmp = path.with_name(path.name + ".json.tmp")
-    json_tmp.write_text(json.dumps(meta))
-    os.replace(json_tmp, path.with_suffix(".json"))
+    # The JSON file is the commit point: it names the tensor file it goes with (one per epoch), so
+    # a kill between the two writes leaves the previous epoch's pair intact and in use.
+    tensor_path = path.with_name(f"{path.stem}.e{state.get('epoch', 0)}.safetensors")
+    with atomic_path(tensor_path) as tmp:
+        save_file(tensors, str(tmp))
+    crash_point(f"checkpoint_write:{path.stem}")
+    write_json(path.with_suffix(".json"), {**meta, "tensors": tensor_path.name}, indent=None)
+    for old in path.parent.glob(f"{path.stem}.e*.safetensors"):
+        if old.name != tensor_path.name:
+            old.unlink(missing_ok=True)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -238,13 +243,19 @@ def load_checkpoint(
     average: WeightAverage | None = None,
 ) -> dict | None:
     """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none."""
-    tensor_path, json_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not (tensor_path.is_file() and json_path.is_file()):
+    json_path = path.with_suffix(".json")
+    if not json_path.is_file():
         return None
     meta = json.loads(json_path.read_text())
-    if meta.get("format") != CKPT_FORMAT:
+    if meta.get("format") != CKPT_FORMAT or "tensors" not in meta:
         raise ValueError(
             f"{json_path}: not a spinegrade checkpoint; delete it to start the stage over"
+        )
+    tensor_path = path.parent / meta["tensors"]
+    if not tensor_path.is_file():
+        raise ValueError(
+            f"{json_path} names {tensor_path.name}, which is missing; delete {path.parent} to "
+            "start the stage over"
         )
     tensors = load_file(str(tensor_path))
     unwrap(model).load_state_dict(_with_prefix(tensors, "model."))
@@ -382,6 +393,7 @@ def fit(
             if ckpt_path is not None:
                 state = {"epoch": epoch + 1, "history": history}
                 save_checkpoint(ckpt_path, model, optimizer, state, average)
+                crash_point(f"fit_epoch:{spec.name}")
             if log is not None:
                 log(record)
         runtime.barrier()

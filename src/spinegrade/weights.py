@@ -3,38 +3,47 @@
 * :func:`save_weights` / :func:`load_weights`: ``model.safetensors`` plus a ``model.json`` sidecar
   (format tag, the model's build spec, and caller metadata such as the resolved config and fold).
   Safetensors holds only tensors, so loading a file a user handed us never runs pickled code.
-* :func:`create_backbone`: a timm EfficientNet feature extractor for 1-channel MRI slices, with
-  ImageNet weights when they are available (timm's hub cache or a local file) and otherwise random
-  initialisation plus ONE warning per backbone name. timm itself adapts the 3-channel RGB stem to
-  ``in_chans`` (it sums the stem filters over colour channels), which suits grey MRI.
+* :func:`create_backbone`: a timm EfficientNet feature extractor for 1-channel MRI slices. With
+  ``pretrained`` it starts from ImageNet weights (a local file, or timm's usual Hugging Face hub
+  download and cache) or raises :class:`PretrainedUnavailable`: never a silent random start.
+  Where the weights came from is kept on the backbone (:func:`init_source`) and recorded in every
+  run. timm adapts the 3-channel RGB stem to ``in_chans`` (it sums the stem filters over colour
+  channels), which suits grey MRI.
+* :func:`require_pretrained`: the check that training runs before it loads any data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-# Offline machines (and the hidden-test notebook) must not wait on network retries before falling
-# back to random init. Set before huggingface_hub is imported; a user who wants downloads sets
-# HF_HUB_OFFLINE=0 explicitly.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from urllib.parse import urlparse
 
 import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spinegrade.atomic import atomic_path, crash_point, write_json
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = "spinegrade-weights/1"
-_WARNED_PRETRAINED: set[str] = set()  # backbone names already warned about (one warning each)
+HUB_CHECK_TIMEOUT_S = 3.0  # one TCP connect; an unreachable hub is not retried for a minute
+RANDOM_INIT = {"source": "random"}
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ValueError):
     """A weights file or sidecar that is missing, malformed or does not fit the model."""
+
+
+class PretrainedUnavailable(ValueError):
+    """Pretrained weights were asked for and cannot be had (a ValueError: one CLI error line)."""
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -48,13 +57,16 @@ def create_backbone(
     pretrained: bool = False,
     pretrained_path: str | Path | None = None,
     drop_path: float = 0.0,
+    config_key: str = "model",
     **kwargs: Any,
 ) -> nn.Module:
     """A timm ``features_only`` backbone returning the feature maps of ``out_indices``.
 
     With ``pretrained`` the ImageNet weights come from ``pretrained_path`` (a ``.safetensors`` or
-    torch state-dict file, loaded with ``weights_only``) or from timm's hub cache. When neither is
-    available the model is randomly initialised and one warning per backbone name is logged.
+    torch state-dict file, loaded with ``weights_only``) or from timm's hub download/cache; when
+    neither works, :class:`PretrainedUnavailable` names the backbone, what was tried and the ways
+    out (``config_key`` is the config section to name: ``model`` or ``localizer``). The result
+    carries ``init_source`` (see :func:`init_source`).
     """
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         raise ValueError(
@@ -68,50 +80,163 @@ def create_backbone(
         drop_path_rate=drop_path,
         **kwargs,
     )
-    if pretrained and pretrained_path:
+    if not pretrained:
+        model = timm.create_model(name, pretrained=False, **build)
+        model.init_source = dict(RANDOM_INIT)
+        return model
+    if pretrained_path:
         path = Path(pretrained_path)
         if not path.is_file():
-            raise WeightsError(
-                f"pretrained_path {str(path)!r} does not exist; download the backbone's weights "
-                "(safetensors) there or set model.pretrained_path=null"
+            raise PretrainedUnavailable(
+                f"{config_key}.pretrained_path {str(path)!r} does not exist (backbone {name!r}); "
+                f"download the backbone's ImageNet weights (safetensors) there, or set "
+                f"{config_key}.pretrained=false to train from random initialisation"
             )
         overlay = dict(file=str(path))
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **build)
-    if pretrained:
-        _sync_hub_offline()
         try:
-            return timm.create_model(name, pretrained=True, **build)
-        except (OSError, RuntimeError, ValueError) as err:
-            _warn_no_pretrained(name, err)
-    return timm.create_model(name, pretrained=False, **build)
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=overlay, **build
+            )
+        except (RuntimeError, ValueError, OSError) as err:
+            raise PretrainedUnavailable(
+                f"{config_key}.pretrained_path {str(path)!r} does not fit backbone {name!r} "
+                f"with {config_key}.backbone_kwargs ({str(err).splitlines()[0][:200]}); use "
+                "ImageNet weights of exactly that architecture"
+            ) from err
+        model.init_source = {"source": "file", "path": str(path.resolve()), "sha256": sha256(path)}
+        return model
+    return _from_hub(name, build, config_key)
 
 
-def _sync_hub_offline() -> None:
-    """Make huggingface_hub honour HF_HUB_OFFLINE even if it was imported before we set it.
+def _from_hub(name: str, build: dict[str, Any], config_key: str) -> nn.Module:
+    """timm's own pretrained download (or its cache); offline, the cache only, without retries."""
+    from huggingface_hub import constants
 
-    huggingface_hub reads the variable once, at import; timm imports it, so a program that imported
-    timm first would otherwise retry the network for about a minute before the fallback.
-    """
+    hub_id = _hub_id(name)
+    was_offline = constants.HF_HUB_OFFLINE
+    reachable = was_offline is False and hub_reachable()
+    constants.HF_HUB_OFFLINE = was_offline or not reachable  # offline: the local cache only
     try:
-        from huggingface_hub import constants
-    except ImportError:
-        return
-    value = os.environ.get("HF_HUB_OFFLINE", "1").strip().lower()
-    constants.HF_HUB_OFFLINE = value in ("1", "true", "yes", "on")
+        model = timm.create_model(name, pretrained=True, **build)
+    except (OSError, RuntimeError, ValueError) as err:
+        if was_offline:
+            tried = f"the local hub cache only (HF_HUB_OFFLINE is set): {err.__class__.__name__}"
+        elif not reachable:
+            host = urlparse(constants.ENDPOINT).hostname
+            tried = f"the local hub cache; {host} is not reachable from this machine"
+        else:
+            tried = f"the hub download ({err.__class__.__name__}: {str(err)[:160]})"
+        raise PretrainedUnavailable(
+            f"{config_key}.backbone {name!r}: ImageNet weights were requested "
+            f"({config_key}.pretrained=true) but could not be loaded. Tried {hub_id or name!r} "
+            f"from {tried} (cache: {constants.HF_HUB_CACHE}). Ways out: (1) run once with internet "
+            f"access (unset HF_HUB_OFFLINE) so timm downloads and caches them; (2) download the "
+            f"weights file and set {config_key}.pretrained_path=FILE; (3) set "
+            f"{config_key}.pretrained=false to train from random initialisation (far less "
+            "accurate on real data)."
+        ) from err
+    finally:
+        constants.HF_HUB_OFFLINE = was_offline
+    model.init_source = {"source": "hub", "id": hub_id or name}
+    return model
 
 
-def _warn_no_pretrained(name: str, err: Exception) -> None:
-    if name in _WARNED_PRETRAINED:
-        return
-    _WARNED_PRETRAINED.add(name)
-    log.warning(
-        "No ImageNet weights for backbone %r (%s: %s). Continuing from random initialisation. "
-        "To use pretrained weights, set HF_HUB_OFFLINE=0 with internet access, or download the "
-        "weights and set model.pretrained_path=FILE (or localizer.pretrained_path).",
-        name,
-        type(err).__name__,
-        str(err).splitlines()[0][:120] if str(err) else "",
-    )
+def _hub_id(name: str) -> str | None:
+    """The hub repo (``timm/NAME.TAG``) timm downloads ``name``'s pretrained weights from."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # an unknown tag: timm's own create_model will say so
+        return None
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    hub = cfg.hf_hub_id
+    return hub if "." in hub.split("/")[-1] or not cfg.tag else f"{hub}.{cfg.tag}"
+
+
+def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub's host (``HF_ENDPOINT``), bounded by ``timeout`` seconds.
+
+    huggingface_hub retries an unreachable host for about a minute (BENCHMARKS.md); this check
+    lets an offline machine go straight to the local cache (and a clear error).
+    """
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    t0 = time.perf_counter()
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        log.info(
+            "%s unreachable (%.1f s): using the local hub cache",
+            url.hostname,
+            time.perf_counter() - t0,
+        )
+        return False
+
+
+def init_source(model: nn.Module) -> dict[str, Any]:
+    """Where a model's backbone (``model.encoder``, or ``model`` itself) started from.
+
+    ``{"source": "hub", "id"}``, ``{"source": "file", "path", "sha256"}`` or
+    ``{"source": "random"}``.
+    """
+    encoder = getattr(model, "encoder", model)
+    return dict(getattr(encoder, "init_source", RANDOM_INIT))
+
+
+def describe_source(src: dict[str, Any] | None) -> str:
+    """One line for reports: ``hub timm/...``, ``file PATH (sha256 abc123...)`` or ``random``."""
+    if not src:
+        return "unknown"
+    if src.get("source") == "hub":
+        return f"ImageNet, hub {src.get('id')}"
+    if src.get("source") == "file":
+        return f"ImageNet, file {src.get('path')} (sha256 {str(src.get('sha256'))[:12]})"
+    return "random initialisation"
+
+
+def summarize_init(per_fold: Iterable[Mapping[str, dict] | None]) -> dict[str, list[dict]]:
+    """The distinct starts of each backbone (``model``: the graders', ``localizer``) over folds.
+
+    Each item maps network names (``grader_spinal``, ``localizer_spinal``...) to their
+    :func:`init_source`; a fold recorded before this existed (None) counts as ``unknown``.
+    """
+    out: dict[str, list[dict]] = {"model": [], "localizer": []}
+    for nets in per_fold:
+        for net, src in (nets or {"grader": {"source": "unknown"}}).items():
+            seen = out["localizer" if net.startswith("localizer") else "model"]
+            if src not in seen:
+                seen.append(src)
+    return out
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def require_pretrained(cfg: Any) -> dict[str, dict[str, Any]]:
+    """Load every pretrained backbone ``cfg`` asks for once, before any data is read.
+
+    Returns ``{"model": source, "localizer": source}``; raises :class:`PretrainedUnavailable`
+    (with the ways out) when one cannot be had. Online this also fills timm's cache, so the
+    folds' models then load from it.
+    """
+    out = {}
+    for key in ("model", "localizer"):
+        section = getattr(cfg, key)
+        net = create_backbone(
+            section.backbone, pretrained=section.pretrained, config_key=key,
+            pretrained_path=section.pretrained_path, **dict(section.backbone_kwargs),
+        )  # fmt: skip
+        out[key] = init_source(net)
+    return out
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -129,20 +254,32 @@ def save_weights(model: nn.Module, path: str | Path, meta: dict[str, Any] | None
     """Write ``model``'s state dict as safetensors plus a JSON sidecar; return the tensor file.
 
     The sidecar holds the format tag, the model's build spec (``model.spec`` when it has one, so
-    :func:`spinegrade.models.registry.load_model` can rebuild it) and ``meta`` (JSON-serialisable:
-    resolved config, fold, group, metrics...). Both files are written atomically.
+    :func:`spinegrade.models.registry.load_model` can rebuild it), where its backbone started
+    (``init``, see :func:`init_source`) and ``meta`` (JSON-serialisable: resolved config, fold,
+    group, metrics...). The sidecar is the commit point: it is removed before the tensor file is
+    replaced and written (atomically) after it, so a pair with a sidecar is always whole
+    (:func:`weights_complete`).
     """
     tensor_path, sidecar_path = weights_paths(path)
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar_path.unlink(missing_ok=True)
     state = _unique_contiguous(model.state_dict())
-    tmp = tensor_path.with_name(tensor_path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": WEIGHTS_FORMAT})
-    os.replace(tmp, tensor_path)
-    sidecar = {"format": WEIGHTS_FORMAT, "spec": getattr(model, "spec", None), "meta": meta or {}}
-    tmp_json = sidecar_path.with_name(sidecar_path.name + ".tmp")
-    tmp_json.write_text(json.dumps(sidecar, indent=2, default=_json_default))
-    os.replace(tmp_json, sidecar_path)
+    with atomic_path(tensor_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": WEIGHTS_FORMAT})
+    crash_point(f"weights_write:{tensor_path.stem}")
+    sidecar = {
+        "format": WEIGHTS_FORMAT,
+        "spec": getattr(model, "spec", None),
+        "init": init_source(model),
+        "meta": meta or {},
+    }
+    write_json(sidecar_path, sidecar, indent=2, default=_json_default)
     return tensor_path
+
+
+def weights_complete(path: str | Path) -> bool:
+    """Both files of a weights pair exist (the sidecar, written last, commits the pair)."""
+    tensor_path, sidecar_path = weights_paths(path)
+    return tensor_path.is_file() and sidecar_path.is_file()
 
 
 def _unique_contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

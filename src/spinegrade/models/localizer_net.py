@@ -95,6 +95,7 @@ class LevelLocalizer(nn.Module):
             pretrained=pretrained,
             pretrained_path=pretrained_path,
             drop_path=drop_path,
+            config_key="localizer",
             **(backbone_kwargs or {}),
         )
         channels = self.encoder.feature_info.channels()

@@ -88,4 +88,6 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[s
         raise WeightsError(f"{path}: the sidecar has no model spec; it was not saved by spinegrade")
     model = build_from_spec(sidecar["spec"])
     meta = load_weights(model, path, device=device)
+    # Where the trained backbone started (runs older than this record say "unknown").
+    model.encoder.init_source = sidecar.get("init", {"source": "unknown"})
     return model.to(device).eval(), meta

@@ -127,11 +127,10 @@ def fold_summary(wide: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
 
 def save_folds(folds: pd.DataFrame, path: Path | str) -> Path:
     """Write ``study_id,fold`` as CSV (folds are data: made once, reused by every run)."""
-    path = Path(path)
+    from spinegrade.atomic import write_csv
+
     _require_columns(folds, FOLD_COLUMNS, "fold table")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folds[list(FOLD_COLUMNS)].to_csv(path, index=False)
-    return path
+    return write_csv(path, folds[list(FOLD_COLUMNS)])
 
 
 def load_folds(path: Path | str, study_ids: Sequence[int] | None = None) -> pd.DataFrame:

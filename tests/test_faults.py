@@ -1,0 +1,130 @@
+"""Long runs survive faults: training killed (SIGKILL) at named points resumes to a complete,
+loadable run; pretrained weights that cannot be had stop `train` before any work; a run folder
+with a missing weights file is an error naming it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spinegrade.atomic import CRASH_ENV, write_json
+from stack_factory import write_world
+from test_train import TINY
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "SPINEGRADE_PROGRESS": "0"}
+    env.pop(CRASH_ENV, None)
+    env.update(extra)
+    return env
+
+
+def _train(data: Path, cache: Path, run: Path, *overrides: str, **env: str):
+    # One process trains the folds (fold_workers=1): the kill stops the run, as on a GPU node.
+    args = [sys.executable, "-m", "spinegrade.cli", "train", str(data), "--cache", str(cache),
+            "--out", str(run), "--no-progress", *TINY, "train.fold_workers=1",
+            *overrides]  # fmt: skip
+    return subprocess.run(args, env=_env(**env), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("faults"), n_studies=4)
+
+
+def test_killed_training_resumes_to_a_complete_loadable_run(world, tmp_path: Path) -> None:
+    from spinegrade.datasets import load_studies
+    from spinegrade.predict import Predictor
+
+    data, cache = world
+    run = tmp_path / "run"
+    # Each kill lands further on; every rerun resumes from what the previous one left.
+    points = [
+        "checkpoint_write:localizer_foraminal",  # localiser training, mid checkpoint write
+        "fit_epoch:grader_spinal",  # grader training, after an epoch's checkpoint
+        "weights_write:grader_foraminal",  # between a fold's final weights and their sidecar
+        "fold_metrics",  # a fold's weights and OOF written, its metrics.json not
+    ]
+    for point in points:
+        res = _train(data, cache, run, **{CRASH_ENV: point})
+        assert res.returncode == -signal.SIGKILL, (point, res.stderr[-2000:])
+        assert not (run / "cv.json").exists()
+    fold0 = run / "fold_0"
+    # The last kill left fold 0 with every weights file but no completion marker.
+    assert (fold0 / "oof.csv").is_file() and not (fold0 / "metrics.json").exists()
+    res = _train(data, cache, run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cv = json.loads((run / "cv.json").read_text())
+    assert cv["n_folds"] == 2 and np.isfinite(cv["oof"]["score"])
+    assert cv["init"] == {"model": [{"source": "random"}], "localizer": [{"source": "random"}]}
+    for k in (0, 1):
+        log = [json.loads(x) for x in (run / f"fold_{k}" / "log.jsonl").read_text().splitlines()]
+        epochs = [(r["stage"], r["epoch"]) for r in log if "step" not in r]
+        # Resumed, not restarted: no stage's epoch was logged twice. (An epoch killed after its
+        # checkpoint but before its log line is not logged again: its record is in the checkpoint.)
+        assert len(set(epochs)) == len(epochs) >= 4, epochs
+        metrics = json.loads((run / f"fold_{k}" / "metrics.json").read_text())
+        assert set(metrics["init"]) >= {"grader_spinal", "localizer_spinal"}
+    predictor = Predictor.from_run_dir(run, device="cpu")
+    assert predictor.folds == [0, 1]
+    study = load_studies(cache, [1000], progress=False)[1000]
+    pred = predictor.predict(study.stacks)
+    assert pred.probs.shape == (25, 3) and np.allclose(pred.probs.sum(axis=1), 1)
+    assert pred.graded.any()
+    assert predictor.describe_init() == [
+        "model backbone: random initialisation",
+        "localizer backbone: random initialisation",
+    ]
+    # A fold with a weights file gone is an error that names it, not a silent prior.
+    (fold0 / "grader_subarticular.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"grader_subarticular\.safetensors does not exist"):
+        Predictor.from_run_dir(run, device="cpu")
+    (run / "fold_1" / "localizer_spinal.json").unlink()
+    with pytest.raises(ValueError, match=r"localizer_spinal\.json is missing"):
+        Predictor.from_run_dir(run, folds=[1], device="cpu")
+
+
+def test_checkpoint_killed_between_tensors_and_json_keeps_the_previous_epoch(tmp_path: Path):
+    from spinegrade.train import CKPT_FORMAT, load_checkpoint
+
+    # The state save_checkpoint leaves when killed at checkpoint_write: a new epoch's tensors
+    # beside the previous epoch's committed JSON. The JSON names its own tensors.
+    ckpt = tmp_path / "grader_spinal"
+    (tmp_path / "grader_spinal.e2.safetensors").write_bytes(b"half-written")
+    write_json(ckpt.with_suffix(".json"), {"format": CKPT_FORMAT, "tensors": "gone.safetensors"})
+    with pytest.raises(ValueError, match=r"gone\.safetensors, which is missing"):
+        load_checkpoint(ckpt, None, None)  # type: ignore[arg-type]
+    ckpt.with_suffix(".json").unlink()
+    assert load_checkpoint(ckpt, None, None) is None  # type: ignore[arg-type]
+
+
+def test_train_stops_within_seconds_when_pretrained_weights_are_missing(tmp_path: Path) -> None:
+    # No data is needed: the check runs before anything is read. The hub refuses connections
+    # (an offline machine), the hub cache is empty, HF_HUB_OFFLINE is not set.
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    os_env = _env(**env)
+    os_env.pop("HF_HUB_OFFLINE", None)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "spinegrade.cli", "train", str(tmp_path / "no-data"),
+            "--cache", str(tmp_path / "no-cache"), "--out", str(run),
+            "model.pretrained=true"]  # fmt: skip
+    t0 = time.perf_counter()
+    res = subprocess.run(args, env=os_env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = res.stderr
+    assert "model.backbone 'test_efficientnet'" in err and "127.0.0.1 is not reachable" in err
+    assert "internet" in err and "model.pretrained_path=FILE" in err
+    assert "model.pretrained=false" in err and "Traceback" not in err
+    assert not run.exists()  # stopped before the run folder was made
+    assert elapsed < 60, f"{elapsed:.0f} s"  # python + torch import dominate; no network retries
