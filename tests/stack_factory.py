@@ -6,6 +6,7 @@ directions, so tests can put a bright blob at a known patient point and check wh
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,23 @@ def world_stacks(study_id: int, grades: np.ndarray) -> list[CachedStack]:
     return [t2, t1, ax]
 
 
-def write_world(root: Path, n_studies: int = 6, seed: int = 0) -> tuple[Path, Path]:
-    """An RSNA-layout data folder (CSVs only) and a matching cache; returns (data, cache)."""
+def truncated_copy(stack: CachedStack, series_id: int, keep: slice) -> CachedStack:
+    """A repeat of ``stack`` under another series id that holds only the slices ``keep``
+    (e.g. a scan stopped early): same geometry, smaller through-plane coverage."""
+    return replace(
+        stack, volume=stack.volume[keep].copy(), positions=stack.positions[keep].copy(),
+        instance_numbers=stack.instance_numbers[keep].copy(), series_id=series_id,
+    )  # fmt: skip
+
+
+def write_world(
+    root: Path, n_studies: int = 6, seed: int = 0, duplicates: bool = False
+) -> tuple[Path, Path]:
+    """An RSNA-layout data folder (CSVs only) and a matching cache; returns (data, cache).
+
+    With ``duplicates`` every study also holds truncated, unlabelled repeats of its sagittal T2
+    and axial series, under lower series ids (the order a naive "first series" rule would pick).
+    """
     rng = np.random.default_rng(seed)
     data, cache = root / "data", root / "cache"
     data.mkdir(parents=True)
@@ -125,7 +141,12 @@ def write_world(root: Path, n_studies: int = 6, seed: int = 0) -> tuple[Path, Pa
             }
         )
         pts = level_points(sid)
-        for stack in world_stacks(sid, grades):
+        stacks = world_stacks(sid, grades)
+        labelled = {s.series_id for s in stacks}
+        if duplicates:
+            stacks += [truncated_copy(stacks[0], sid * 10 - 1, slice(0, 4)),
+                       truncated_copy(stacks[2], sid * 10 - 2, slice(10, 20))]  # fmt: skip
+        for stack in stacks:
             series.append(
                 {
                     "study_id": sid,
@@ -145,7 +166,10 @@ def write_world(root: Path, n_studies: int = 6, seed: int = 0) -> tuple[Path, Pa
                      slice_spacing=stack.slice_spacing, status="ok", reason="", path=rel)
             )  # fmt: skip
             for condition in CONDITIONS:
-                if CONDITION_SERIES[condition] != stack.description:
+                if (
+                    CONDITION_SERIES[condition] != stack.description
+                    or stack.series_id not in labelled
+                ):
                     continue
                 for lv in LEVELS:
                     z, y, x = stack.patient_to_voxel(pts[(condition, lv)])

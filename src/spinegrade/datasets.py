@@ -1,8 +1,9 @@
 """Studies in memory, and the stage-2 training dataset (crops around true points, jittered).
 
-A study's series are chosen once: per sagittal description the first series of the cache index
-(its largest stack), and every stack of every axial series (the projection picks the stack that
-passes through a level, so a second axial series covering the upper discs is used, not wasted).
+A study's series are chosen once (:func:`select_stacks`): per sagittal description the series
+the coordinates were labelled on, else the one covering the spine best, and every stack of every
+axial series (the projection picks the stack that passes through a level, so a second axial
+series covering the upper discs is used, not wasted).
 All chosen stacks are preloaded: crops are cut on the fly (about 0.5 ms each), so every epoch sees
 fresh shifts, slice offsets, zooms and rotations without storing augmented copies.
 """
@@ -10,7 +11,7 @@ fresh shifts, slice offsets, zooms and rotations without storing augmented copie
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,20 +58,58 @@ class StudyData:
     labels: np.ndarray  # int64 (25,): 0/1/2, -1 where the cell is empty
 
 
-def select_stacks(stacks: Sequence[CachedStack]) -> dict[str, list[CachedStack]]:
-    """Description -> stacks to use, first = the one to read (see module doc)."""
+def select_stacks(
+    stacks: Sequence[CachedStack], labelled: Collection[int] = ()
+) -> dict[str, list[CachedStack]]:
+    """Description -> stacks to use, first = the one to read.
+
+    Real studies can hold two sagittal T1 or T2 series (a repeat after motion, a truncated
+    scout). Per sagittal description one series is kept: the one the coordinates were labelled
+    on (``labelled`` series ids, in training), else the one that covers the lumbar spine best
+    (:func:`series_coverage`). Axial series all stay (a second series often covers the upper
+    discs), labelled ones first, then by cranio-caudal coverage.
+    """
+    labelled = {int(s) for s in labelled}
     out: dict[str, list[CachedStack]] = {}
     for desc in SERIES_DESCRIPTIONS:
-        of_desc = [s for s in stacks if s.description == desc]
-        if not of_desc:
+        by_series: dict[int, list[CachedStack]] = {}
+        for s in stacks:
+            if s.description == desc:
+                by_series.setdefault(int(s.series_id), []).append(s)
+        if not by_series:
             continue
+
+        def rank(sid: int, by_series=by_series) -> tuple:
+            return (sid not in labelled, -series_coverage(by_series[sid]), sid)
+
+        order = sorted(by_series, key=rank)
         if desc == AX_T2:
-            out[desc] = of_desc
-            continue
-        first = of_desc[0].series_id
-        series = [s for s in of_desc if s.series_id == first]
-        out[desc] = sorted(series, key=lambda s: -s.volume.shape[0])
+            out[desc] = [s for sid in order for s in by_series[sid]]
+        else:
+            out[desc] = sorted(by_series[order[0]], key=lambda s: -s.volume.shape[0])
     return out
+
+
+def series_coverage(stacks: Sequence[CachedStack]) -> float:
+    """Millimetres a series spans through its slices, summed over its stacks.
+
+    Sagittal slices step left-right, so this is the width across the spine (foramina on both
+    sides need it); axial slices step head-feet, so it is the cranio-caudal reach over the five
+    discs. A truncated repeat spans less than the full series.
+    """
+    total = 0.0
+    for s in stacks:
+        d = len(s.positions)
+        if d == 0:
+            continue
+        span = float(np.linalg.norm(s.positions[-1] - s.positions[0])) if d > 1 else 0.0
+        total += span * d / max(d - 1, 1)  # + one slice gap: a single slice still covers some
+    return total
+
+
+def used_series(stacks: Mapping[str, Sequence[CachedStack]]) -> dict[str, list[int]]:
+    """Description -> the series ids a study was read from, in the order they are used."""
+    return {d: list(dict.fromkeys(int(s.series_id) for s in v)) for d, v in stacks.items() if v}
 
 
 def load_studies(
@@ -105,7 +144,10 @@ def load_studies(
         coords = by_study.get(sid)
         pts = true_points(coords, all_stacks) if coords is not None else StudyPoints()
         lab = codes.get(sid, np.full(len(LABEL_COLUMNS), -1, dtype=np.int64))
-        out[sid] = StudyData(sid, select_stacks(all_stacks), pts, np.asarray(lab, dtype=np.int64))
+        # Training reads the series the labels were drawn on; prediction the best-covering one.
+        labelled = () if coords is None else coords["series_id"].astype(int).tolist()
+        chosen = select_stacks(all_stacks, labelled)
+        out[sid] = StudyData(sid, chosen, pts, np.asarray(lab, dtype=np.int64))
     missing = [s for s, d in out.items() if not d.stacks]
     if missing:
         log.warning(

@@ -608,7 +608,7 @@ def _predict_all(
     progress: bool,
 ) -> list:
     """Predict (and report) study by study, so memory holds one study's stacks at a time."""
-    from spinegrade.datasets import load_studies
+    from spinegrade.datasets import load_studies, used_series
     from spinegrade.progress import progress_bar
     from spinegrade.report import StudyPrediction
 
@@ -632,7 +632,7 @@ def _predict_all(
         result.graded_per_study.append(int(ens.graded.sum()))
         warns = errors + study_warnings(sid, stacks, ens.graded, failures, prepared.warnings)
         source = ["model" if g else "prior" for g in ens.graded]
-        pred = StudyPrediction(sid, ens.probs, source, ens.points, warns)
+        pred = StudyPrediction(sid, ens.probs, source, ens.points, warns, used_series(stacks))
         if result.report_dir is not None:
             try:
                 _report_study(predictor, pred, stacks, result.report_dir)

@@ -58,6 +58,7 @@ class StudyPrediction:
     ``probs`` rows follow :data:`spinegrade.constants.LABEL_COLUMNS`; ``source`` says per column
     whether the model saw it (``"model"``) or the training prior filled it in (``"prior"``).
     ``points`` is ``(5 conditions, 5 levels, 3)`` LPS mm with NaN where not located.
+    ``series`` names the series each description was read from (a study may hold duplicates).
     """
 
     study_id: int
@@ -65,6 +66,7 @@ class StudyPrediction:
     source: list[str]
     points: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    series: dict[str, list[int]] = field(default_factory=dict)  # description -> series read
 
     def column(self, name: str) -> np.ndarray:
         return self.probs[LABEL_COLUMNS.index(name)]
@@ -411,6 +413,7 @@ def grades_payload(pred: StudyPrediction, model_info: Mapping[str, object] | Non
         "study_id": int(pred.study_id),
         "coordinates": "DICOM patient coordinates (LPS: +x left, +y posterior, +z head), mm",
         "model": dict(model_info or {}),
+        "series": {d: list(v) for d, v in pred.series.items()},
         "targets": targets,
         "warnings": list(pred.warnings),
     }
@@ -454,6 +457,10 @@ def _index_row(pred: StudyPrediction, folder: str | None) -> str:
     n_prior = sum(s != "model" for s in pred.source)
     warns = "".join(f'<li class="warn">{html.escape(w)}</li>' for w in pred.warnings)
     prior = f"<p>{n_prior} of 25 grades from the training prior</p>" if n_prior else ""
+    if pred.series:
+        used = "; ".join(f"{d} {', '.join(map(str, v))}" for d, v in pred.series.items())
+        prior += f'<p class="series">series used: {html.escape(used)}</p>'
+
     where = "" if folder is None else f'<td class="folder">{html.escape(folder)}</td>'
     return (
         f'<tr><td class="id">{sid}<br><a href="{sid}/grades.json">grades.json</a></td>{where}'
