@@ -28,6 +28,12 @@ def test_quick_is_a_cpu_variant_of_default() -> None:
     quick, default = load_config("quick"), load_config("default")
     assert quick.name == "quick"
     assert quick.train.accelerator == "cpu" and quick.model.pretrained is False
+    # The demo and the tests (quick + tiny overrides) never ask for downloadable weights.
+    from tiny_config import TINY_RUN
+
+    for cfg in (quick, load_config("quick", TINY_RUN)):
+        assert cfg.model.pretrained is False and cfg.localizer.pretrained is False
+    assert default.model.pretrained and default.localizer.pretrained
     assert quick.crops.size < default.crops.size
     # Keys quick does not set are inherited from default.
     assert quick.optim == default.optim and quick.loss == default.loss

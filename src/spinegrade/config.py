@@ -89,7 +89,7 @@ class ModelConfig:
 
     backbone: str = "tf_efficientnetv2_s"  # any timm EfficientNet name
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {channel_multiplier: 0.5}
-    pretrained: bool = True  # ImageNet weights when available, else random init + one warning
+    pretrained: bool = True  # ImageNet weights (pretrained_path or timm's hub), else an error
     pretrained_path: str | None = None  # local weights file (safetensors or torch) for the backbone
     feature_index: int = -1  # which backbone stage gives the tokens (-1 = last, stride 32)
     token_grid: int = 4  # tokens per slice = token_grid**2 (adaptive pooling of the feature map)
