@@ -168,8 +168,15 @@ def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Pa
         assert list(grades["targets"]) == list(LABEL_COLUMNS)
         located = [t for t in grades["targets"].values() if t["point_lps_mm"] is not None]
         assert len(located) >= 15  # sagittal points always exist with all series present
+        # The series each type was read from, among the study's own series.
+        own = set(pd.read_csv(data / "test_series_descriptions.csv").query("study_id == @sid")[
+            "series_id"])  # fmt: skip
+        assert {int(v) for ids in grades["series"].values() for v in ids} <= own
+        assert {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} == set(grades["series"])
+        assert grades["model"]["init"]["model"] == [{"source": "random"}]
     html = (out / "report" / "index.html").read_text()
     assert all(f'src="{sid}/thumb.png"' in html for sid in test_ids)
+    assert "series used: Sagittal T1" in html and "model backbone: random initialisation" in html
     # studies.csv: every study id -> test_images/<id> and the series of the CSV.
     studies = pd.read_csv(out / "studies.csv")
     assert result.studies_path == out / "studies.csv"
@@ -286,3 +293,35 @@ def test_one_failing_study_gets_the_prior_and_the_batch_goes_on(
     _check_submission(pd.read_csv(tmp_path / "sub.csv"), test_ids)
     assert "simulated failure" in " ".join(result.warnings[test_ids[0]])
     assert not any("failed" in w for w in result.warnings[test_ids[1]])
+
+
+def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
+    trained, tmp_path: Path, monkeypatch
+) -> None:
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from spinegrade.cli import app
+    from spinegrade.predict import Predictor
+
+    data, run = trained
+    original = Predictor.predict
+    args = ["predict", str(run), str(data), "--cache", str(tmp_path / "w"), "--no-progress"]
+
+    def one_prior(self, stacks):  # every study: one target left to the prior
+        pred = original(self, stacks)
+        graded = pred.graded.copy()
+        graded[0] = False
+        return replace(pred, graded=graded)
+
+    monkeypatch.setattr(Predictor, "predict", one_prior)
+    ok = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.csv")])
+    assert ok.exit_code == 0, ok.output
+    assert "model backbone: random initialisation" in ok.output
+    strict = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.csv"), "--strict"])
+    assert strict.exit_code == 2 and "--strict: 2 of 2 studies" in strict.output
+    monkeypatch.setattr(Predictor, "predict", lambda self, stacks: self.prior_prediction())
+    none = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.csv")])
+    assert none.exit_code == 2 and "every study (2) fell back to the training prior" in none.output
+    assert (tmp_path / "c.csv").is_file()  # written, for inspection

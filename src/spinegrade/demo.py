@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from spinegrade.atomic import write_json
+
 log = logging.getLogger(__name__)
 
 TERMS: tuple[str, ...] = ("spinal", "foraminal", "subarticular", "any_severe_spinal")
@@ -127,7 +129,7 @@ def add_truth_to_cv(run: Path, data: Path) -> dict:
         if key == "baselines":
             out["bayes_limit"] = truth.get("bayes_limit")
             out["true_probs"] = truth.get("true_probs")
-    path.write_text(json.dumps(out, indent=1))
+    write_json(path, out)
     return out
 
 
@@ -239,8 +241,7 @@ def _write_summary(demo: DemoResult) -> Path:
         "stage_seconds": demo.stage_seconds,
         "predict_ms_per_study": round(demo.per_study_ms, 1),
     }
-    path.write_text(json.dumps(payload, indent=1))
-    return path
+    return write_json(path, payload)
 
 
 def summary_rows(demo: DemoResult) -> list[tuple[str, str, dict | None]]:

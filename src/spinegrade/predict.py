@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinegrade.atomic import write_csv
 from spinegrade.constants import (
     COLUMN_CONDITION,
     CONDITION_SERIES,
@@ -230,7 +231,7 @@ def build_symlink_layout(found, layout_dir: Path) -> Path:
         for k, src in enumerate(found.files_of(int(study_id), int(series_id))):
             _link(Path(src).resolve(), folder / f"{k:05d}.dcm")
     images.mkdir(parents=True, exist_ok=True)
-    table.to_csv(layout_dir / SERIES_CSV, index=False)
+    write_csv(layout_dir / SERIES_CSV, table)
     return layout_dir
 
 
@@ -548,9 +549,7 @@ def predict(
     preds = _predict_all(predictor, prepared, work / "cache", summary.failures, result, progress)
     result.submission = submission_frame({p.study_id: p.probs for p in preds})
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
-    result.submission.to_csv(tmp, index=False)
-    os.replace(tmp, out_csv)
+    write_csv(out_csv, result.submission)
     result.studies_path = write_studies_csv(prepared.studies, out_csv.with_name(STUDIES_CSV))
     if result.report_dir is not None:
         from spinegrade.report import write_index_html
@@ -593,10 +592,7 @@ def _check_fallbacks(result: PredictResult, strict: bool) -> None:
 
 def write_studies_csv(studies: pd.DataFrame, path: Path) -> Path:
     """Write the studies.csv table atomically; returns ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    studies.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return write_csv(path, studies)
 
 
 def _predict_all(

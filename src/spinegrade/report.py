@@ -14,8 +14,6 @@ is written into any output (hospital folder names often contain patient names).
 from __future__ import annotations
 
 import html
-import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,7 +519,7 @@ def write_study_report(
     with Image.open(figure) as im:
         im.thumbnail((560, 560))
         im.save(folder / "thumb.png")
-    tmp = folder / f".grades.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(grades_payload(pred, model_info), indent=1), encoding="utf-8")
-    os.replace(tmp, folder / "grades.json")
+    from spinegrade.atomic import write_json
+
+    write_json(folder / "grades.json", grades_payload(pred, model_info))
     return folder
