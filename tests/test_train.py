@@ -144,8 +144,10 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path, average):
     torch.manual_seed(0)
     with pytest.raises(_Interrupt):  # killed after epoch 2 (its checkpoint is on disk)
         fit(torch.nn.Linear(4, 2), _Toy(), _collate, _toy_loss, spec, CPU, ckpt, _stop_after(2))
-    assert json.loads((tmp_path / "ckpt.json").read_text())["epoch"] == 2
-    assert (tmp_path / "ckpt.safetensors").is_file()
+    meta = json.loads((tmp_path / "ckpt.json").read_text())
+    # The JSON (the commit point) names its epoch's tensors; older epochs' files are gone.
+    assert meta["epoch"] == 2 and meta["tensors"] == "ckpt.e2.safetensors"
+    assert [p.name for p in tmp_path.glob("ckpt*.safetensors")] == ["ckpt.e2.safetensors"]
     # A new process: fresh model, same checkpoint -> only the missing epoch runs.
     torch.manual_seed(123)
     resumed = torch.nn.Linear(4, 2)

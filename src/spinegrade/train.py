@@ -247,11 +247,12 @@ def load_checkpoint(
     if not json_path.is_file():
         return None
     meta = json.loads(json_path.read_text())
-    if meta.get("format") != CKPT_FORMAT or "tensors" not in meta:
+    if meta.get("format") != CKPT_FORMAT:
         raise ValueError(
             f"{json_path}: not a spinegrade checkpoint; delete it to start the stage over"
         )
-    tensor_path = path.parent / meta["tensors"]
+    # Checkpoints written before the JSON named its tensors sit at PATH.safetensors.
+    tensor_path = path.parent / meta.get("tensors", path.with_suffix(".safetensors").name)
     if not tensor_path.is_file():
         raise ValueError(
             f"{json_path} names {tensor_path.name}, which is missing; delete {path.parent} to "

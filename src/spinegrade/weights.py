@@ -231,6 +231,9 @@ def require_pretrained(cfg: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for key in ("model", "localizer"):
         section = getattr(cfg, key)
+        if not section.pretrained:
+            out[key] = dict(RANDOM_INIT)
+            continue
         net = create_backbone(
             section.backbone, pretrained=section.pretrained, config_key=key,
             pretrained_path=section.pretrained_path, **dict(section.backbone_kwargs),
