@@ -51,7 +51,6 @@ def test_killed_training_resumes_to_a_complete_loadable_run(world, tmp_path: Pat
     # Each kill lands further on; every rerun resumes from what the previous one left.
     points = [
         "checkpoint_write:localizer_foraminal",  # localiser training, mid checkpoint write
-        "fit_epoch:grader_spinal",  # grader training, after an epoch's checkpoint
         "weights_write:grader_foraminal",  # between a fold's final weights and their sidecar
         "fold_metrics",  # a fold's weights and OOF written, its metrics.json not
     ]
