@@ -36,6 +36,7 @@ from spinegrade.localize import (
     point_errors,
     summarize_errors,
 )
+from spinegrade.preprocess import check_cache
 from spinegrade.metrics import (
     best_constant_probs,
     best_constant_submission,
@@ -75,6 +76,7 @@ def cross_validate(
     command can be repeated, or run with ``folds_to_run=[k]`` on different machines sharing the
     run folder (then :func:`merge_run`). Returns the cv.json content once all folds exist.
     """
+    check_cache(cache_dir, cfg.data, data_dir)  # before anything is written or trained
     runtime = setup_runtime(cfg.train)
     run_dir = Path(run_dir)
     cfg.data.data_dir, cfg.data.cache_dir = (

@@ -493,7 +493,7 @@ def predict(
     folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
     the input.
     """
-    from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.preprocess import preprocess_dataset, refuse_other_cache
     from spinegrade.rundir import load_run_config
 
     t0 = time.perf_counter()
@@ -504,13 +504,15 @@ def predict(
         )
     work = Path(cache_dir) if cache_dir else default_work_dir(out_csv, input_dir)
     predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
-    # The cache grid must be the one the models were trained on.
-    size = load_run_config(run_dir).data.cache_size
+    # The cache grid must be the one the models were trained on; a cache folder made for other
+    # settings is the user's: refused, never rebuilt in place.
+    data_cfg = load_run_config(run_dir).data
+    refuse_other_cache(work / "cache", data_cfg, run_dir)
     t_load = time.perf_counter()
     prepared = prepare_input(input_dir, work)
     summary = preprocess_dataset(
-        prepared.data_dir, work / "cache", split=SPLIT, workers=workers, size=size,
-        progress=progress,
+        prepared.data_dir, work / "cache", split=SPLIT, workers=workers, size=data_cfg.cache_size,
+        mm=data_cfg.cache_mm, progress=progress,
     )  # fmt: skip
     t_pre = time.perf_counter()
     result = PredictResult(
