@@ -318,11 +318,10 @@ def check_cache_settings(cache_dir: str | Path, wanted: dict, fix: str) -> None:
             f"finished; {fix}"
         )
     have = manifest.get("settings", {})
-    diff = [
-        f"{k}: cache {have.get(k)!r}, run {v!r}" for k, v in sorted(wanted.items()) if have.get(k) != v
-    ]
+    diff = [f"{k}: cache {have.get(k)!r}, run {v!r}" for k, v in wanted.items() if have.get(k) != v]
     if manifest.get("format") != FORMAT_VERSION:
-        diff.insert(0, f"format: cache {manifest.get('format')!r}, this spinegrade {FORMAT_VERSION}")
+        fmt = manifest.get("format")
+        diff.insert(0, f"format: cache {fmt!r}, this spinegrade {FORMAT_VERSION}")
     if diff:
         raise ValueError(
             f"the cache {cache_dir} was made with other settings than this run's config "

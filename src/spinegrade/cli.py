@@ -347,11 +347,17 @@ def synth(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier phantom set"),
     preview: Path | None = typer.Option(None, "--preview", help="Also write PNG previews here"),
+    profile: str = typer.Option(
+        "default", "--profile", help="Series sizes: default (the demo's) | rsna (the real data's)"
+    ),
 ) -> None:
     """Generate phantom lumbar MRI studies with known truth (and/or PNG previews)."""
     from rich.progress import Progress
 
     from spinegrade.phantom import generate_dataset, render_preview
+    from spinegrade.phantom.study import synth_profile
+
+    synth_cfg = synth_profile(profile)
 
     if out_dir is None and preview is None:
         raise ValueError("give an output folder (OUT_DIR) and/or --preview DIR")
@@ -365,7 +371,8 @@ def synth(
         try:
             meta = generate_dataset(
                 out_dir, studies, test_studies, seed=seed, workers=workers, quirks=quirks,
-                overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done),
+                config=synth_cfg, overwrite=overwrite,
+                progress=lambda done, total: bar.update(task, completed=done),
             )  # fmt: skip
         except FileExistsError as exc:  # an existing dataset: one line, not a traceback
             raise ValueError(str(exc)) from exc

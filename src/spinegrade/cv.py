@@ -36,7 +36,6 @@ from spinegrade.localize import (
     point_errors,
     summarize_errors,
 )
-from spinegrade.preprocess import check_cache
 from spinegrade.metrics import (
     best_constant_probs,
     best_constant_submission,
@@ -44,6 +43,7 @@ from spinegrade.metrics import (
     score_frames,
     uniform_submission,
 )
+from spinegrade.preprocess import check_cache
 from spinegrade.rsna import load_dataset, load_folds, load_train, normalize_coordinates
 from spinegrade.rundir import (
     ensure_folds,

@@ -45,15 +45,15 @@ from PIL import Image
 
 from spinegrade.cache import (
     FORMAT_VERSION,
-    MANIFEST_NAME,
     INDEX_COLUMNS,
     INDEX_NAME,
+    MANIFEST_NAME,
     CachedStack,
     atomic_open,
+    check_cache_settings,
     save_stack,
     stack_bytes,
     write_index,
-    check_cache_settings,
     write_manifest,
 )
 from spinegrade.io.types import Stack
@@ -417,9 +417,8 @@ def valid_record_rows(cache_dir: Path, task: StudyTask, params: CacheParams) -> 
     if record.get("source") != source_fingerprint(task):
         return None
     for row in record.get("rows", []):
-        if row.get("status") == "ok":
-            if stack_bytes(Path(cache_dir) / row["path"]) != row.get("bytes"):
-                return None
+        if row.get("status") == "ok" and stack_bytes(Path(cache_dir) / row["path"]) != row.get("bytes"):
+            return None
     return record["rows"]
 
 
