@@ -417,7 +417,9 @@ def valid_record_rows(cache_dir: Path, task: StudyTask, params: CacheParams) -> 
     if record.get("source") != source_fingerprint(task):
         return None
     for row in record.get("rows", []):
-        if row.get("status") == "ok" and stack_bytes(Path(cache_dir) / row["path"]) != row.get("bytes"):
+        if row.get("status") == "ok" and stack_bytes(Path(cache_dir) / row["path"]) != row.get(
+            "bytes"
+        ):
             return None
     return record["rows"]
 
