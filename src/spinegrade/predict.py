@@ -503,11 +503,12 @@ def predict(
             f"--out {out_csv}: {STUDIES_CSV} is written beside the submission; name it otherwise"
         )
     work = Path(cache_dir) if cache_dir else default_work_dir(out_csv, input_dir)
-    predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
     # The cache grid must be the one the models were trained on; a cache folder made for other
     # settings is the user's: refused, never rebuilt in place.
+    if (Path(run_dir) / "config.yaml").is_file():  # not a run folder: the Predictor says so
+        refuse_other_cache(work / "cache", load_run_config(run_dir).data, run_dir)
+    predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
     data_cfg = load_run_config(run_dir).data
-    refuse_other_cache(work / "cache", data_cfg, run_dir)
     t_load = time.perf_counter()
     prepared = prepare_input(input_dir, work)
     summary = preprocess_dataset(

@@ -304,20 +304,23 @@ def _plan_series(rng, anat, cfg: SynthConfig, quirks: _Quirks, task: StudyTask) 
 def _plan_axial_blocks(
     rng: np.random.Generator, anat: Anatomy, levels: list[int], cfg: SynthConfig
 ) -> list[SlicePlan]:
-    """Axial T2 as 1-3 blocks of parallel slices, each covering neighbouring levels.
+    """Axial T2 as 1-3 blocks of parallel slices, each covering neighbouring levels (or, in
+    ``axial_long_fraction`` of studies, one thin-sliced block of 100+ slices).
 
-    Each block is tilted to the mean of its discs' normals and runs from 8 mm below its lowest
-    to 8 mm above its highest disc; every slice is tagged with its nearest level (what a reader
+    Each block is tilted to the mean of its discs' normals and runs from 7-15 mm below its lowest
+    to as far above its highest disc; every slice is tagged with its nearest level (what a reader
     would grade on it). Slices run inferior -> superior within a block, as in :func:`plan_axial`.
     """
     rot = anat.rotation
     matrix = int(rng.choice([320, 384, 448]))
     fov = rng.uniform(180.0, 230.0)
     thin = rng.random() < cfg.axial_long_fraction
-    spacing = rng.uniform(1.2, 1.5) if thin else rng.uniform(3.5, 5.0)
+    spacing = rng.uniform(1.0, 1.3) if thin else rng.uniform(3.0, 5.5)
+    margin = rng.uniform(7.0, 15.0)  # coverage beyond the outer discs of a block
     thickness = spacing * rng.uniform(0.8, 1.0)
     shift = rng.normal(0, 6, 2)
     n_blocks = min(len(levels), int(rng.integers(cfg.axial_blocks[0], cfg.axial_blocks[1] + 1)))
+    n_blocks = 1 if thin else n_blocks  # a thin-sliced axial is one contiguous volume
     slices: list[SlicePlan] = []
     for group in np.array_split(np.asarray(levels), n_blocks):
         discs = [anat.label_disc(int(li)) for li in group]
@@ -329,7 +332,7 @@ def _plan_axial_blocks(
         row, col = _orthonormal(normal, rot[:, 0])
         centre = centres.mean(axis=0)
         heights = (centres - centre) @ normal
-        offsets = np.arange(heights.min() - 8.0, heights.max() + 8.0 + 1e-6, spacing)
+        offsets = np.arange(heights.min() - margin, heights.max() + margin + 1e-6, spacing)
         block = _stack(
             centre + row * shift[0] + col * (shift[1] - 15.0), normal, row, col, offsets,
             matrix, fov, thickness,
