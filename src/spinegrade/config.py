@@ -57,7 +57,7 @@ class DataConfig:
     # and until the longer side fits cache_size pixels. `spinegrade preprocess` takes both from
     # the config; train and predict refuse a cache made with other values (its manifest.json).
     cache_size: int = 512
-    cache_mm: float = 0.6
+    cache_mm: float = 0.7
     n_folds: int = 5
 
 
