@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.cache import CachedStack, index_frame, save_stack, write_index
+from spinegrade.cache import CachedStack, index_frame, save_stack, write_index, write_manifest
+from spinegrade.config import load_config
 from spinegrade.constants import (
     CONDITION_SERIES,
     CONDITION_TITLES,
@@ -22,6 +23,7 @@ from spinegrade.constants import (
     LEVELS,
     SEVERITIES,
 )
+from spinegrade.preprocess import CacheParams
 
 L, P, H = np.eye(3)  # LPS: patient left, posterior, head
 
@@ -183,4 +185,7 @@ def write_world(
     pd.DataFrame(series).to_csv(data / "train_series_descriptions.csv", index=False)
     pd.DataFrame(coords).to_csv(data / "train_label_coordinates.csv", index=False)
     write_index(cache, index_frame(index).to_dict("records"))
+    # Label the cache with the settings of the `quick` config the training tests use (train
+    # checks them against its config).
+    write_manifest(cache, CacheParams.from_config(load_config("quick").data).settings(), "test")
     return data, cache

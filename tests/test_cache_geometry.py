@@ -116,8 +116,10 @@ def test_orig_cached_xy_round_trip_and_edges():
     cs = cached([sagittal(shape=(80, 64))], size=40)[0]
     x, y = np.array([-0.5, 0.0, 10.3, 63.5]), np.array([-0.5, 0.0, 41.7, 79.5])
     xc, yc = cs.orig_to_cached_xy(x, y)
-    # Pixel edges map onto pixel edges: the whole field of view is kept.
-    assert xc[0] == pytest.approx(-0.5) and xc[-1] == pytest.approx(39.5)
+    # 72 x 51.2 mm at 0.9 x 0.8 mm: the longer side fits 40 px (1.8 mm), the other keeps the
+    # aspect (51.2 / 1.8 -> 28 px). Pixel edges map onto pixel edges: the whole field is kept.
+    assert cs.volume.shape[1:] == (40, 28)
+    assert xc[0] == pytest.approx(-0.5) and xc[-1] == pytest.approx(27.5)
     assert yc[0] == pytest.approx(-0.5) and yc[-1] == pytest.approx(39.5)
     xb, yb = cs.cached_to_orig_xy(xc, yc)
     np.testing.assert_allclose(xb, x, atol=1e-12)
@@ -157,7 +159,7 @@ def test_voxel_patient_round_trip_oblique_uneven_spacing():
 
 def test_single_slice_stack_round_trip():
     cs = cached([sagittal(gaps=[])], size=32)[0]
-    assert cs.volume.shape == (1, 32, 32) and cs.slice_spacing == 0.0
+    assert cs.volume.shape == (1, 32, 23) and cs.slice_spacing == 0.0
     p = cs.voxel_to_patient(0.0, 5.5, 7.25)
     z, y, x = cs.patient_to_voxel(p)
     assert (float(z), float(y), float(x)) == pytest.approx((0.0, 5.5, 7.25))
@@ -220,11 +222,15 @@ def test_sagittal_label_lands_on_the_same_anatomy_in_axial_series():
 def test_save_load_round_trip_is_exact(tmp_path: Path):
     cs = cached(axial_stacks(), size=32, series_id=5)[2]
     nbytes = save_stack(cs, tmp_path / "5_2.npz")
-    assert nbytes == (tmp_path / "5_2.npz").stat().st_size
-    assert [p.name for p in tmp_path.iterdir()] == ["5_2.npz"]  # no temporary left behind
+    assert nbytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    # Geometry and raw volume; no temporary left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5_2.npy", "5_2.npz"]
     back = load_stack(tmp_path / "5_2.npz")
-    assert back.volume.dtype == np.uint8
+    assert isinstance(back.volume, np.memmap) and back.volume.dtype == np.uint8
     np.testing.assert_array_equal(back.volume, cs.volume)
+    eager = load_stack(tmp_path / "5_2.npz", mmap=False)
+    assert not isinstance(eager.volume, np.memmap)
+    np.testing.assert_array_equal(eager.volume, cs.volume)
     np.testing.assert_array_equal(back.instance_numbers, cs.instance_numbers)
     for name in ("positions", "row_dir", "col_dir"):
         np.testing.assert_array_equal(getattr(back, name), getattr(cs, name))

@@ -109,7 +109,10 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     data = root / "data"
     generate_dataset(data, n_train=4, n_test=2, seed=3, workers=1)
     cfg = load_config("quick", TINY)
-    preprocess_dataset(data, root / "cache", "train", size=cfg.data.cache_size, progress=False)
+    preprocess_dataset(
+        data, root / "cache", "train", size=cfg.data.cache_size, mm=cfg.data.cache_mm,
+        progress=False,
+    )  # fmt: skip
     cross_validate(data, root / "cache", root / "run", cfg, progress=False)
     return data, root / "run"
 

@@ -164,14 +164,17 @@ def test_cache_of_a_dataset_files_index_and_geometry(dataset: Path, tmp_path: Pa
     ax = index[index["description"] == "Axial T2"]
     assert ax["stack"].tolist() == [0, 1, 0, 1] and set(ax["plane"]) == {"axial"}
     sag = index[index["description"] != "Axial T2"].iloc[0]
-    assert (sag.plane, sag.n_slices, sag.height, sag.width) == ("sagittal", 6, SIZE, SIZE)
+    # 32 x 33.6 mm (40 x 48 px at 0.8 x 0.7 mm): the longer side fits SIZE = 32 px at 1.05 mm,
+    # the rows keep the aspect (32 mm / 1.05 -> 30 px).
+    assert (sag.plane, sag.n_slices, sag.height, sag.width) == ("sagittal", 6, 30, SIZE)
     assert (sag.orig_rows, sag.orig_cols) == (40, 48)
-    assert (sag.spacing_row, sag.spacing_col) == pytest.approx((0.8 * 40 / SIZE, 0.7 * 48 / SIZE))
+    assert (sag.spacing_row, sag.spacing_col) == pytest.approx((0.8 * 40 / 30, 0.7 * 48 / SIZE))
     assert sag.slice_spacing == pytest.approx(4.0)
 
     for row in index.itertuples():
         cs = load_stack(tmp_path / "cache" / row.path)
-        assert cs.volume.shape == (row.n_slices, SIZE, SIZE) and cs.volume.dtype == np.uint8
+        assert cs.volume.shape == (row.n_slices, row.height, row.width)
+        assert max(row.height, row.width) == SIZE and cs.volume.dtype == np.uint8
         series = dataset / f"train_images/{row.study_id}/{row.series_id}"
         # Every cached slice maps back to its DICOM file's own geometry (pixel 0,0 and 10,5).
         for n in cs.instance_numbers:
@@ -366,8 +369,10 @@ def test_peak_memory_does_not_grow_with_the_number_of_studies(tmp_path: Path):
 
 
 def test_cli_prints_the_summary(dataset: Path, tmp_path: Path):
-    args = ["preprocess", str(dataset), "--cache", str(tmp_path / "c"), "--size", "24"]
+    args = ["preprocess", str(dataset), "--cache", str(tmp_path / "c")]
+    args += ["--set", "data.cache_size=24"]
     result = CliRunner().invoke(app, [*args, "--limit", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "1 cached" in result.output and "4 stacks ok" in result.output
-    assert read_index(tmp_path / "c")["height"].eq(24).all()
+    index = read_index(tmp_path / "c")
+    assert index[["height", "width"]].max(axis=1).eq(24).all()

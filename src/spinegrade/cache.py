@@ -1,8 +1,12 @@
 """The preprocessing cache: cached stacks with their patient-space geometry, the index, projections.
 
 A cached stack is the pixels of one DICOM stack after intensity rescaling (uint8) and in-plane
-resizing, plus everything needed to go from a cached voxel to patient coordinates (DICOM LPS, mm)
-and back. Conventions:
+resampling (native spacing, capped: see :class:`spinegrade.preprocess.CacheParams`), plus everything
+needed to go from a cached voxel to patient coordinates (DICOM LPS, mm) and back. On disk a stack
+is two files: ``NAME.npz`` (geometry, small) and ``NAME.npy`` (the raw uint8 volume). The volume is
+memory-mapped when read, so the pixels of every study live in the OS page cache, shared by fold
+processes, DataLoader workers and DDP ranks, and a process's private memory does not grow with the
+number of studies. ``manifest.json`` records the settings the cache was made with. Conventions:
 
 * voxel ``(z, y, x)``: slice ``z`` (geometric order, increasing along ``normal``), row ``y``,
   column ``x``; integer values are pixel *centres*.
@@ -16,6 +20,7 @@ and back. Conventions:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -28,8 +33,12 @@ import pandas as pd
 
 from spinegrade.geometry import SliceGeometry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: volume in a raw .npy beside the geometry .npz (memory-mappable)
 INDEX_NAME = "index.csv"
+MANIFEST_NAME = "manifest.json"
+# Memory maps kept open at once (each holds a file descriptor): enough for the stacks a batch
+# touches, far below the usual 1024-descriptor limit even with ~10 stacks a study.
+_OPEN_VOLUMES = 128
 INDEX_COLUMNS: tuple[str, ...] = (
     "split", "study_id", "series_id", "stack", "description", "plane", "direction",
     "n_slices", "height", "width", "orig_rows", "orig_cols", "has_geometry",
@@ -43,7 +52,7 @@ _INT_COLUMNS += ("orig_rows", "orig_cols")
 class CachedStack(SliceGeometry):
     """One cached stack: uint8 volume ``(D, H, W)`` plus per-slice geometry (see module doc)."""
 
-    volume: np.ndarray  # uint8 (D, H, W)
+    volume: np.ndarray  # uint8 (D, H, W); None with volume_path: memory-mapped on use
     positions: np.ndarray  # float64 (D, 3): LPS centre of cached voxel (z, 0, 0)
     row_dir: np.ndarray  # (3,) direction of increasing x
     col_dir: np.ndarray  # (3,) direction of increasing y
@@ -59,6 +68,8 @@ class CachedStack(SliceGeometry):
     # False when the DICOM files had no patient geometry: slices are then on a nominal grid and
     # points must not be mapped to other series.
     has_geometry: bool = True
+    # The .npy the volume is read from on demand (memory-mapped) when ``volume`` is None.
+    volume_path: str = ""
     _by_instance: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -143,8 +154,46 @@ class CachedStack(SliceGeometry):
         return self.voxel_to_patient(*self.label_to_voxel(instance_number, x, y))
 
 
+@functools.lru_cache(maxsize=_OPEN_VOLUMES)
+def _mapped_volume(path: str) -> np.ndarray:
+    """A read-only memory map of a cached volume (a few at a time: see ``_OPEN_VOLUMES``)."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _get_volume(self: CachedStack) -> np.ndarray:
+    v = self.__dict__.get("_volume")
+    if v is None:
+        if not self.volume_path:
+            raise ValueError(f"cached stack {self.series_id}_{self.stack} has no volume")
+        v = _mapped_volume(self.volume_path)
+    return v
+
+
+def _set_volume(self: CachedStack, value: np.ndarray | None) -> None:
+    self.__dict__["_volume"] = value
+
+
+# ``volume`` is a dataclass field (so ``CachedStack(volume=...)`` works) backed by a property: a
+# stack read from the cache holds only its file name, pickles as such (a spawned DataLoader worker
+# or rank maps the same file instead of receiving a copy) and maps the pixels when used.
+CachedStack.volume = property(_get_volume, _set_volume)  # type: ignore[assignment]
+
+
+def volume_file(path: str | Path) -> Path:
+    """The raw volume file of the cached stack whose geometry is at ``path`` (``.npz``)."""
+    return Path(path).with_suffix(".npy")
+
+
+def stack_bytes(path: str | Path) -> int:
+    """Bytes of a cached stack on disk (geometry + volume), -1 when either file is missing."""
+    try:
+        return Path(path).stat().st_size + volume_file(path).stat().st_size
+    except OSError:
+        return -1
+
+
 def stack_to_npz_payload(stack: CachedStack) -> dict[str, np.ndarray]:
-    """Arrays stored for a cached stack (no pickled objects: strings are unicode arrays)."""
+    """Geometry arrays stored for a cached stack (no pickled objects: strings are unicode)."""
     meta = {
         "format": FORMAT_VERSION,
         "study_id": int(stack.study_id),
@@ -156,9 +205,9 @@ def stack_to_npz_payload(stack: CachedStack) -> dict[str, np.ndarray]:
         "has_geometry": bool(stack.has_geometry),
         "spacing": [float(v) for v in stack.spacing],
         "orig_shape": [int(v) for v in stack.orig_shape],
+        "shape": [int(v) for v in stack.volume.shape],
     }
     return {
-        "volume": np.ascontiguousarray(stack.volume, dtype=np.uint8),
         "positions": np.asarray(stack.positions, dtype=np.float64),
         "row_dir": np.asarray(stack.row_dir, dtype=np.float64),
         "col_dir": np.asarray(stack.col_dir, dtype=np.float64),
@@ -186,15 +235,28 @@ def atomic_open(path: Path) -> Iterator[io.BufferedWriter]:
 
 
 def save_stack(stack: CachedStack, path: Path) -> int:
-    """Write a cached stack atomically (uncompressed npz: fastest to load); returns its bytes."""
+    """Write a cached stack atomically (volume .npy first, then the geometry .npz at ``path``;
+    uncompressed: memory-mappable and fastest to load); returns its bytes on disk."""
+    with atomic_open(volume_file(path)) as f:
+        np.save(f, np.ascontiguousarray(stack.volume, dtype=np.uint8), allow_pickle=False)
     with atomic_open(path) as f:
         np.savez(f, **stack_to_npz_payload(stack))
-    return Path(path).stat().st_size
+    return stack_bytes(path)
 
 
-def load_stack(path: str | Path) -> CachedStack:
-    """Read a cached stack written by :func:`save_stack`."""
+def load_stack(path: str | Path, mmap: bool = True) -> CachedStack:
+    """Read a cached stack written by :func:`save_stack`.
+
+    ``mmap=True`` (default) keeps only the geometry in memory; the volume is memory-mapped from
+    its ``.npy`` when used. ``mmap=False`` reads the volume into private memory.
+    """
     path = Path(path)
+    vol_path = volume_file(path)
+    if not vol_path.is_file():
+        raise FileNotFoundError(
+            f"{vol_path} not found (the volume of cached stack {path}): rerun `spinegrade "
+            "preprocess` to rebuild the cache"
+        )
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         if meta.get("format") != FORMAT_VERSION:
@@ -203,7 +265,7 @@ def load_stack(path: str | Path) -> CachedStack:
                 f"{FORMAT_VERSION}; rerun `spinegrade preprocess` to rebuild the cache"
             )
         return CachedStack(
-            volume=z["volume"],
+            volume=None if mmap else np.load(vol_path, allow_pickle=False),
             positions=z["positions"],
             row_dir=z["row_dir"],
             col_dir=z["col_dir"],
@@ -217,6 +279,53 @@ def load_stack(path: str | Path) -> CachedStack:
             plane=meta["plane"],
             direction=meta.get("direction", ""),
             has_geometry=bool(meta.get("has_geometry", True)),
+            volume_path=str(vol_path),
+        )
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def write_manifest(cache_dir: Path, settings: dict, version: str) -> Path:
+    """Record how the cache was made (settings, format, spinegrade version), atomically."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    record = {"format": FORMAT_VERSION, "spinegrade": version, "settings": settings}
+    with atomic_open(path) as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
+    return path
+
+
+def read_manifest(cache_dir: str | Path) -> dict | None:
+    """The cache's manifest, or None when it has none (made by an older spinegrade)."""
+    try:
+        return json.loads((Path(cache_dir) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_cache_settings(cache_dir: str | Path, wanted: dict, fix: str) -> None:
+    """Raise ValueError unless the cache was made with ``wanted`` settings (and this format).
+
+    ``fix`` says what to do (e.g. the command that rebuilds the cache as the run needs it); the
+    message names every setting that differs, so a model is never trained or applied on pixels
+    of another grid.
+    """
+    manifest = read_manifest(cache_dir)
+    path = Path(cache_dir) / MANIFEST_NAME
+    if manifest is None:
+        raise ValueError(
+            f"{path} not found: the cache {cache_dir} was made by an older spinegrade or not "
+            f"finished; {fix}"
+        )
+    have = manifest.get("settings", {})
+    diff = [f"{k}: cache {have.get(k)!r}, run {v!r}" for k, v in wanted.items() if have.get(k) != v]
+    if manifest.get("format") != FORMAT_VERSION:
+        fmt = manifest.get("format")
+        diff.insert(0, f"format: cache {fmt!r}, this spinegrade {FORMAT_VERSION}")
+    if diff:
+        raise ValueError(
+            f"the cache {cache_dir} was made with other settings than this run's config "
+            f"({'; '.join(diff)}; see {path}): {fix}"
         )
 
 

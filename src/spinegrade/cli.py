@@ -147,16 +147,23 @@ def preprocess(
     cache: Path = typer.Option(..., "--cache", help="Cache folder (index.csv + volumes)"),
     split: str = typer.Option("train", "--split", help="train | test"),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes; 1 runs inline"),
-    size: int = typer.Option(256, "--size", min=8, help="In-plane grid, size x size pixels"),
     limit: int = typer.Option(0, "--limit", min=0, help="Only the first N studies (0 = all)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
+    config: str = typer.Option(
+        "quick", "--config", help="The run config whose data.cache_size/cache_mm the cache uses"
+    ),
+    overrides: list[str] | None = typer.Option(
+        None, "--set", help="Config override key=value (repeat), e.g. --set data.cache_mm=0.8"
+    ),
 ) -> None:
     """Cache every series once (rescaled uint8 volumes + geometry + index); resumable."""
+    from spinegrade.config import load_config
     from spinegrade.preprocess import preprocess_dataset, print_summary
 
+    data = load_config(config, overrides or []).data
     summary = preprocess_dataset(
-        data_dir, cache, split=split, workers=workers, size=size, limit=limit or None,
-        progress=progress,
+        data_dir, cache, split=split, workers=workers, size=data.cache_size, limit=limit or None,
+        progress=progress, mm=data.cache_mm,
     )  # fmt: skip
     print_summary(summary)
     raise typer.Exit(summary.exit_code)
@@ -345,11 +352,17 @@ def synth(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier phantom set"),
     preview: Path | None = typer.Option(None, "--preview", help="Also write PNG previews here"),
+    profile: str = typer.Option(
+        "default", "--profile", help="Series sizes: default (the demo's) | rsna (the real data's)"
+    ),
 ) -> None:
     """Generate phantom lumbar MRI studies with known truth (and/or PNG previews)."""
     from rich.progress import Progress
 
     from spinegrade.phantom import generate_dataset, render_preview
+    from spinegrade.phantom.study import synth_profile
+
+    synth_cfg = synth_profile(profile)
 
     if out_dir is None and preview is None:
         raise ValueError("give an output folder (OUT_DIR) and/or --preview DIR")
@@ -363,7 +376,8 @@ def synth(
         try:
             meta = generate_dataset(
                 out_dir, studies, test_studies, seed=seed, workers=workers, quirks=quirks,
-                overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done),
+                config=synth_cfg, overwrite=overwrite,
+                progress=lambda done, total: bar.update(task, completed=done),
             )  # fmt: skip
         except FileExistsError as exc:  # an existing dataset: one line, not a traceback
             raise ValueError(str(exc)) from exc

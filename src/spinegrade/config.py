@@ -52,8 +52,12 @@ class DataConfig:
     """Where the data and the cache live, and how studies are split."""
 
     data_dir: str = "data"  # RSNA layout root (train.csv, train_images/, ...)
-    cache_dir: str = "cache"  # preprocess output (index.csv + npz volumes)
-    cache_size: int = 256  # in-plane grid of cached volumes (pixels)
+    cache_dir: str = "cache"  # preprocess output (index.csv, manifest.json, stacks)
+    # Cached in-plane grid: native spacing, coarsened to at least cache_mm (mm a pixel, 0 = native)
+    # and until the longer side fits cache_size pixels. `spinegrade preprocess` takes both from
+    # the config; train and predict refuse a cache made with other values (its manifest.json).
+    cache_size: int = 512
+    cache_mm: float = 0.7
     n_folds: int = 5
 
 

@@ -44,6 +44,7 @@ from spinegrade.metrics import (
     score_frames,
     uniform_submission,
 )
+from spinegrade.preprocess import check_cache
 from spinegrade.rsna import load_dataset, load_folds, load_train, normalize_coordinates
 from spinegrade.rundir import (
     ensure_folds,
@@ -82,6 +83,7 @@ def cross_validate(
     command can be repeated, or run with ``folds_to_run=[k]`` on different machines sharing the
     run folder (then :func:`merge_run`). Returns the cv.json content once all folds exist.
     """
+    check_cache(cache_dir, cfg.data, data_dir)  # before anything is written or trained
     runtime = setup_runtime(cfg.train)
     # Pretrained weights or a clear error now, not after minutes of loading data.
     require_pretrained(cfg)

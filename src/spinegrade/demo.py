@@ -195,8 +195,9 @@ def run_demo(
     t = stage(2, f"preprocess: train and test splits -> {cache}")
     for split in ("train", "test"):
         summary = preprocess_dataset(
-            data, cache, split=split, workers=workers, size=cfg.data.cache_size, progress=progress
-        )
+            data, cache, split=split, workers=workers, size=cfg.data.cache_size,
+            mm=cfg.data.cache_mm, progress=progress,
+        )  # fmt: skip
         if summary.failures:
             echo(f"      {split}: {len(summary.failures)} series could not be cached")
     times["preprocess_s"] = time.perf_counter() - t

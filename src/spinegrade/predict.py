@@ -521,7 +521,7 @@ def predict(
     Raises ValueError (after writing the outputs, for inspection) when every study fell back to
     the training prior, or, with ``strict``, when any target of any study did.
     """
-    from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.preprocess import preprocess_dataset, refuse_other_cache
     from spinegrade.rundir import load_run_config
 
     t0 = time.perf_counter()
@@ -531,14 +531,17 @@ def predict(
             f"--out {out_csv}: {STUDIES_CSV} is written beside the submission; name it otherwise"
         )
     work = Path(cache_dir) if cache_dir else default_work_dir(out_csv, input_dir)
+    # The cache grid must be the one the models were trained on; a cache folder made for other
+    # settings is the user's: refused, never rebuilt in place.
+    if (Path(run_dir) / "config.yaml").is_file():  # not a run folder: the Predictor says so
+        refuse_other_cache(work / "cache", load_run_config(run_dir).data, run_dir)
     predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
-    # The cache grid must be the one the models were trained on.
-    size = load_run_config(run_dir).data.cache_size
+    data_cfg = load_run_config(run_dir).data
     t_load = time.perf_counter()
     prepared = prepare_input(input_dir, work)
     summary = preprocess_dataset(
-        prepared.data_dir, work / "cache", split=SPLIT, workers=workers, size=size,
-        progress=progress,
+        prepared.data_dir, work / "cache", split=SPLIT, workers=workers, size=data_cfg.cache_size,
+        mm=data_cfg.cache_mm, progress=progress,
     )  # fmt: skip
     t_pre = time.perf_counter()
     result = PredictResult(

@@ -1,15 +1,22 @@
-"""Build the preprocessing cache: each series read once, rescaled, resized, stored with geometry.
+"""Build the preprocessing cache: each series read once, rescaled, resampled, stored with geometry.
 
 Layout written under ``CACHE_DIR`` (see :mod:`spinegrade.cache` for the stack format)::
 
     index.csv                                  one row per stack and per failed series
-    {split}/{study_id}/{series_id}_{stack}.npz a cached stack (uint8 volume + geometry)
+    manifest.json                              the settings the cache was made with
+    {split}/{study_id}/{series_id}_{stack}.npz a cached stack's geometry
+    {split}/{study_id}/{series_id}_{stack}.npy its uint8 volume (memory-mapped when read)
     {split}/{study_id}/study.json              the study's record: its index rows, the parameters
                                                and a fingerprint of its DICOM folders
 
 Every file is written under a temporary name and renamed, and ``study.json`` is written last, so a
 study is complete exactly when its record exists and is valid. The index is rebuilt from all
 records at the end of a run: a run that was killed and resumed ends with a complete index.
+
+In-plane grid: the native pixel spacing, coarsened only to ``CacheParams.mm`` (finest spacing
+kept) and so the longer side fits ``CacheParams.size`` pixels; the aspect ratio is kept. Crops
+are then cut at their own mm per pixel from it (:mod:`spinegrade.crops`): a 40 mm crop of a
+300 mm sagittal field keeps the ~70 native pixels it spans instead of the ~34 of a 256 px grid.
 
 Storage choice: uint8. After a robust per-series percentile window (1st..99.5th -> 0..255) one
 grey level is 0.4 % of the window, finer than the noise of clinical MR images (SNR ~ 20-50, i.e.
@@ -40,10 +47,14 @@ from spinegrade.cache import (
     FORMAT_VERSION,
     INDEX_COLUMNS,
     INDEX_NAME,
+    MANIFEST_NAME,
     CachedStack,
     atomic_open,
+    check_cache_settings,
     save_stack,
+    stack_bytes,
     write_index,
+    write_manifest,
 )
 from spinegrade.io.types import Stack
 from spinegrade.parallel import process_pool
@@ -59,9 +70,34 @@ _NO_GEOMETRY = "no patient geometry in the files: nominal grid, points cannot be
 class CacheParams:
     """What the cached pixels depend on; a study cached with other parameters is redone."""
 
-    size: int = 256
+    size: int = 256  # the longer in-plane side is at most this many pixels
     low_pct: float = 1.0
     high_pct: float = 99.5
+    mm: float = 0.0  # finest in-plane spacing kept (mm a pixel); 0 = the native spacing
+
+    @classmethod
+    def from_config(cls, data) -> CacheParams:
+        """The parameters a run's ``data`` config (:class:`spinegrade.config.DataConfig`) needs."""
+        return cls(size=int(data.cache_size), mm=float(data.cache_mm))
+
+    def settings(self) -> dict:
+        """The manifest's settings, named as config keys (what a run compares against)."""
+        return {
+            "data.cache_size": self.size,
+            "data.cache_mm": self.mm,
+            "low_pct": self.low_pct,
+            "high_pct": self.high_pct,
+        }
+
+    def grid(self, shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[int, int]:
+        """Cached (H, W) of a slice of ``shape`` pixels at ``spacing`` (dy, dx) mm.
+
+        One square spacing for both axes: the native finest spacing, coarsened to ``mm`` and
+        until the longer side fits ``size``; never finer than native (no upsampling).
+        """
+        (h0, w0), (dy0, dx0) = shape, (float(v) for v in spacing)
+        step = max(min(dy0, dx0), self.mm, max(h0 * dy0, w0 * dx0) / self.size)
+        return max(1, round(h0 * dy0 / step)), max(1, round(w0 * dx0 / step))
 
 
 @dataclass
@@ -110,23 +146,51 @@ class Summary:
         return 0 if self.n_stacks > 0 else 1
 
 
+def check_cache(cache_dir: str | Path, data_cfg, data_dir: str | Path = "DATA_DIR") -> None:
+    """Raise ValueError unless ``cache_dir`` was made with the run config's ``data`` settings.
+
+    The error names the differing settings and the exact `spinegrade preprocess` to rerun.
+    """
+    params = CacheParams.from_config(data_cfg)
+    fix = (
+        f"rerun `spinegrade preprocess {data_dir} --cache {cache_dir} --set data.cache_size="
+        f"{params.size} --set data.cache_mm={params.mm}` (or train with a config matching the "
+        "cache)"
+    )
+    check_cache_settings(cache_dir, params.settings(), fix)
+
+
+def refuse_other_cache(cache_dir: Path, data_cfg, run_dir: str | Path) -> None:
+    """Prediction: refuse an existing cache folder made with settings other than the run's
+    (it is the user's, maybe a training cache: never rebuilt in place)."""
+    if not (Path(cache_dir) / MANIFEST_NAME).is_file():
+        return  # a new (or unfinished) work folder: preprocessing writes it with the run's settings
+    fix = (
+        f"the run {run_dir} needs data.cache_size={data_cfg.cache_size} data.cache_mm="
+        f"{data_cfg.cache_mm}; give `spinegrade predict` another --cache work folder (or delete "
+        f"{cache_dir}), it is not rebuilt in place"
+    )
+    check_cache_settings(cache_dir, CacheParams.from_config(data_cfg).settings(), fix)
+
+
 # ----------------------------------------------------------------------------- pixels
 
 
-def resize_volume(volume: np.ndarray, size: int) -> np.ndarray:
-    """Resize every slice of a float32 ``(D, H, W)`` volume to ``(size, size)``.
+def resize_volume(volume: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize every slice of a float32 ``(D, H, W)`` volume to ``size`` (H, W; an int: square).
 
     PIL's bilinear resize widens its triangle filter by the reduction factor, so downsampling is
     antialiased (no aliasing of fine texture such as the disc annulus); it was the fastest good
     method measured here (torch ``interpolate(antialias=True)`` 1.5-2x slower, scipy zoom 5x).
     """
     d, h, w = volume.shape
-    if (h, w) == (size, size):
+    th, tw = (size, size) if isinstance(size, int) else size
+    if (h, w) == (th, tw):
         return np.ascontiguousarray(volume, dtype=np.float32)
-    out = np.empty((d, size, size), dtype=np.float32)
+    out = np.empty((d, th, tw), dtype=np.float32)
     for i in range(d):
         img = Image.fromarray(np.ascontiguousarray(volume[i], dtype=np.float32), mode="F")
-        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
+        out[i] = np.asarray(img.resize((tw, th), Image.Resampling.BILINEAR))
     return out
 
 
@@ -159,7 +223,7 @@ def to_uint8(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def cache_geometry(
-    stack: Stack, size: int
+    stack: Stack, size: int | tuple[int, int]
 ) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
     """Positions of cached voxel (z, 0, 0), cached (dy, dx) spacing and original (rows, cols).
 
@@ -169,7 +233,8 @@ def cache_geometry(
     """
     h0, w0 = stack.pixels.shape[1:]
     dy0, dx0 = (float(v) for v in stack.pixel_spacing)
-    sy, sx = h0 / size, w0 / size  # original pixels per cached pixel
+    h, w = (size, size) if isinstance(size, int) else size
+    sy, sx = h0 / h, w0 / w  # original pixels per cached pixel
     offset = (0.5 * sx - 0.5) * dx0 * np.asarray(stack.row_dir) + (0.5 * sy - 0.5) * dy0 * (
         np.asarray(stack.col_dir)
     )
@@ -181,11 +246,12 @@ def cache_series(
     stacks: Sequence[Stack], params: CacheParams, study_id: int, series_id: int, description: str
 ) -> list[CachedStack]:
     """Turn the stacks of one series into cached stacks; the intensity window is per series."""
-    resized = [resize_volume(s.pixels, params.size) for s in stacks]
+    grids = [params.grid(s.pixels.shape[1:], s.pixel_spacing) for s in stacks]
+    resized = [resize_volume(s.pixels, g) for s, g in zip(stacks, grids, strict=True)]
     lo, hi = robust_range(resized, params.low_pct, params.high_pct)
     out = []
     for k, (stack, vol) in enumerate(zip(stacks, resized, strict=True)):
-        positions, spacing, orig_shape = cache_geometry(stack, params.size)
+        positions, spacing, orig_shape = cache_geometry(stack, grids[k])
         out.append(
             CachedStack(
                 volume=to_uint8(vol, lo, hi),
@@ -287,7 +353,8 @@ def _remove_stale(study_dir: Path, keep: set[str]) -> None:
         if (
             p.name != RECORD_NAME
             and p.name not in keep
-            and (".tmp-" in p.name or p.suffix == ".npz")
+            and Path(p.name).with_suffix(".npz").name not in keep
+            and (".tmp-" in p.name or p.suffix in (".npz", ".npy"))
         ):
             p.unlink(missing_ok=True)
 
@@ -350,22 +417,33 @@ def valid_record_rows(cache_dir: Path, task: StudyTask, params: CacheParams) -> 
     if record.get("source") != source_fingerprint(task):
         return None
     for row in record.get("rows", []):
-        if row.get("status") == "ok":
-            f = Path(cache_dir) / row["path"]
-            if not f.is_file() or f.stat().st_size != row.get("bytes"):
-                return None
+        if row.get("status") == "ok" and stack_bytes(Path(cache_dir) / row["path"]) != row.get(
+            "bytes"
+        ):
+            return None
     return record["rows"]
 
 
-def collect_records(cache_dir: Path) -> list[dict]:
-    """Index rows of every study record in the cache (all splits)."""
+def collect_records(cache_dir: Path, params: CacheParams | None = None) -> list[dict]:
+    """Index rows of every study record in the cache (all splits); with ``params``, only of
+    studies cached with them (the manifest then describes every stack the index lists)."""
     rows: list[dict] = []
     for path in sorted(Path(cache_dir).glob(f"*/*/{RECORD_NAME}")):
         try:
-            rows += json.loads(path.read_text())["rows"]
+            record = json.loads(path.read_text())
+            if params is None or (
+                record.get("params") == asdict(params) and record.get("format") == FORMAT_VERSION
+            ):
+                rows += record["rows"]
         except (OSError, ValueError, KeyError):
             continue  # unreadable: the study will be redone by the next run
     return rows
+
+
+def _version() -> str:
+    from spinegrade import __version__
+
+    return str(__version__)
 
 
 # ----------------------------------------------------------------------------- study list
@@ -502,9 +580,13 @@ def preprocess_dataset(
     low_pct: float = 1.0,
     high_pct: float = 99.5,
     progress: bool = True,
+    mm: float = 0.0,
 ) -> Summary:
     """Cache every series of ``split`` under ``data_dir`` into ``cache_dir``; resumable.
 
+    ``size`` and ``mm`` are a run config's ``data.cache_size`` and ``data.cache_mm`` (see
+    :meth:`CacheParams.grid`); they are recorded in ``manifest.json``, which train and predict
+    check against their config.
     ``workers=1`` runs inline; more use a process pool over studies. ``limit`` takes the first N
     studies (by study id). Studies already cached with the same parameters and unchanged DICOM
     folders are skipped. The index is rebuilt from all study records at the end.
@@ -515,8 +597,10 @@ def preprocess_dataset(
         )
     if size < 8:
         raise ValueError(f"--size {size} is too small for a useful grid (use e.g. 256)")
+    if mm < 0:
+        raise ValueError(f"data.cache_mm must be >= 0 (0 = native spacing), got {mm}")
     t0 = time.perf_counter()
-    params, cache_dir = CacheParams(size, low_pct, high_pct), Path(cache_dir)
+    params, cache_dir = CacheParams(size, low_pct, high_pct, mm), Path(cache_dir)
     tasks, notes = list_studies(Path(data_dir), split)
     tasks = tasks[:limit] if limit is not None else tasks
     summary = Summary(split, cache_dir, None, n_studies=len(tasks), notes=notes)
@@ -548,7 +632,8 @@ def preprocess_dataset(
     finally:
         runner.close()  # interrupted between studies: stop the workers before writing the index
         update(None)
-        summary.index_path = write_index(cache_dir, collect_records(cache_dir))
+        summary.index_path = write_index(cache_dir, collect_records(cache_dir, params))
+        write_manifest(cache_dir, params.settings(), _version())
         summary.seconds = time.perf_counter() - t0
     return summary
 

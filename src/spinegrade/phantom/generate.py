@@ -15,7 +15,7 @@ import json
 import multiprocessing
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,7 @@ def generate_dataset(
         "seed": seed,
         "n_train": n_train,
         "n_test": n_test,
-        "config": asdict(cfg),
+        "config": cfg.to_dict(),
         "files": int(sum(r.n_files for r in records)),
     }
     (out / "truth" / "phantom.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -7,7 +7,7 @@ depend on which process generates it or in what order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +24,23 @@ from spinegrade.constants import (
     SAG_T2,
     SERIES_DESCRIPTIONS,
 )
-from spinegrade.phantom.anatomy import N_LEVELS, Anatomy, label_point, sample_anatomy
+from spinegrade.phantom.anatomy import (
+    N_LEVELS,
+    Anatomy,
+    canal_centre_local,
+    label_point,
+    sample_anatomy,
+)
 from spinegrade.phantom.labels import LabelModel, anatomical_severity
 from spinegrade.phantom.ops import build_ops
 from spinegrade.phantom.render import (
     SagittalGeometry,
     Scanner,
     SeriesPlan,
+    SlicePlan,
+    _orthonormal,
+    _stack,
+    _tilt,
     plan_axial,
     render_slice,
 )
@@ -52,6 +62,13 @@ class SynthConfig:
     quirks: bool = False  # real-data oddities: extra/missing series, empty cells, offsets
     quirk_scale: float = 1.0  # multiplies every quirk's frequency (tests use a large value)
     labels: LabelModel = field(default_factory=LabelModel)
+    # Sizes (the defaults draw exactly what the demo's phantom always drew; see PROFILES["rsna"]).
+    sagittal_matrices: tuple[int, ...] = (384, 448, 512)  # display matrix choices, sagittal
+    # (0, 0): one short angled axial stack per level; (lo, hi): lo..hi parallel blocks that
+    # together cover the levels, as many real axial T2 series are acquired.
+    axial_blocks: tuple[int, int] = (0, 0)
+    axial_long_fraction: float = 0.0  # share of studies whose axial blocks are thin (>100 slices)
+    duplicate_fraction: float = 0.0  # share of studies with a repeated (re-acquired) series
 
     def __post_init__(self) -> None:
         lo, hi = self.sagittal_slices
@@ -64,6 +81,52 @@ class SynthConfig:
             raise ValueError(
                 f"axial_per_level must satisfy 1 <= lo <= hi <= 15: {self.axial_per_level}"
             )
+        lo, hi = self.axial_blocks
+        if (lo, hi) != (0, 0) and not 1 <= lo <= hi <= N_LEVELS:
+            raise ValueError(
+                f"axial_blocks must be (0, 0) or 1 <= lo <= hi <= {N_LEVELS}: {self.axial_blocks}"
+            )
+        if not self.sagittal_matrices or min(self.sagittal_matrices) < 32:
+            raise ValueError(f"sagittal_matrices must be sizes >= 32: {self.sagittal_matrices}")
+
+    def to_dict(self) -> dict:
+        """The config as recorded in ``truth/phantom.json``; size options at their defaults are
+        left out, so the default phantom's record stays byte for byte what it always was."""
+        out = asdict(self)
+        for name in _SIZE_OPTIONS:
+            if getattr(self, name) == _SIZE_DEFAULTS[name]:
+                del out[name]
+        return out
+
+
+_SIZE_OPTIONS = ("sagittal_matrices", "axial_blocks", "axial_long_fraction", "duplicate_fraction")
+_SIZE_DEFAULTS = {f.name: f.default for f in fields(SynthConfig) if f.name in _SIZE_OPTIONS}
+
+
+# Named size profiles for `spinegrade synth --profile`. "default" is the demo's phantom (its bytes
+# must not change); "rsna" has the real training set's series sizes (rsna-format.md): sagittal
+# 15-20 slices at 384-640 px, axial T2 as 1-3 stacks of 20-60 slices in all (a few thin-sliced
+# ones past 100) and occasional repeated series.
+PROFILES: dict[str, SynthConfig] = {
+    "default": SynthConfig(),
+    "rsna": SynthConfig(
+        sagittal_slices=(15, 20),
+        sagittal_matrices=(384, 448, 512, 640),
+        axial_blocks=(1, 3),
+        axial_long_fraction=0.05,
+        duplicate_fraction=0.1,
+    ),
+}
+
+
+def synth_profile(name: str) -> SynthConfig:
+    """The :class:`SynthConfig` of a named profile (see :data:`PROFILES`)."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown phantom profile {name!r}: choose one of {sorted(PROFILES)}"
+        ) from None
 
 
 @dataclass
@@ -193,14 +256,17 @@ def _plan_series(rng, anat, cfg: SynthConfig, quirks: _Quirks, task: StudyTask) 
     """Sagittal T1, Sagittal T2/STIR and one or two Axial T2 series, with instance numbers."""
     n_sag = int(rng.integers(cfg.sagittal_slices[0], cfg.sagittal_slices[1] + 1))
     geo_t1 = SagittalGeometry.plan(rng, anat, n_sag)
-    matrix_t1 = int(rng.choice([384, 448, 512]))
+    matrix_t1 = int(rng.choice(list(cfg.sagittal_matrices)))
     shared = rng.random() < cfg.shared_sagittal
     geo_t2 = geo_t1 if shared else SagittalGeometry.plan(rng, anat, n_sag)
-    matrix_t2 = matrix_t1 if shared else int(rng.choice([384, 448, 512]))
+    matrix_t2 = matrix_t1 if shared else int(rng.choice(list(cfg.sagittal_matrices)))
     t2_contrast = "STIR" if rng.random() < cfg.stir_fraction else "T2"
     per_level = int(rng.integers(cfg.axial_per_level[0], cfg.axial_per_level[1] + 1))
     levels = list(range(quirks.axial_skip_top, N_LEVELS))
-    axial = plan_axial(rng, anat, levels, per_level)
+    if cfg.axial_blocks == (0, 0):
+        axial = plan_axial(rng, anat, levels, per_level)
+    else:
+        axial = _plan_axial_blocks(rng, anat, levels, cfg)
     plans = [
         (SeriesPlan(SAG_T1, "T1", geo_t1.slices(matrix_t1)), 0),
         (SeriesPlan(SAG_T2, t2_contrast, geo_t2.slices(matrix_t2)), 0 if shared else 1),
@@ -212,6 +278,10 @@ def _plan_series(rng, anat, cfg: SynthConfig, quirks: _Quirks, task: StudyTask) 
         parts = [axial]
     plans += [(SeriesPlan(AX_T2, "T2", part), 2 + k) for k, part in enumerate(parts)]
     plans = [p for p in plans if p[0].description != quirks.missing]
+    if cfg.duplicate_fraction > 0 and plans and rng.random() < cfg.duplicate_fraction:
+        # A re-acquired series (e.g. after patient motion): same plan, its own noise and id.
+        plan, _ = plans[int(rng.integers(len(plans)))]
+        plans.append((SeriesPlan(plan.description, plan.contrast, list(plan.slices)), 9))
     ids = _distinct_ids(rng, len(plans))
     out = []
     for number, ((plan, group), sid) in enumerate(zip(plans, ids, strict=True), start=1):
@@ -229,6 +299,47 @@ def _plan_series(rng, anat, cfg: SynthConfig, quirks: _Quirks, task: StudyTask) 
         )
         out.append(_Series(int(sid), plan, meta, group))
     return out
+
+
+def _plan_axial_blocks(
+    rng: np.random.Generator, anat: Anatomy, levels: list[int], cfg: SynthConfig
+) -> list[SlicePlan]:
+    """Axial T2 as 1-3 blocks of parallel slices, each covering neighbouring levels (or, in
+    ``axial_long_fraction`` of studies, one thin-sliced block of 100+ slices).
+
+    Each block is tilted to the mean of its discs' normals and runs from 7-15 mm below its lowest
+    to as far above its highest disc; every slice is tagged with its nearest level (what a reader
+    would grade on it). Slices run inferior -> superior within a block, as in :func:`plan_axial`.
+    """
+    rot = anat.rotation
+    matrix = int(rng.choice([320, 384, 448]))
+    fov = rng.uniform(180.0, 230.0)
+    thin = rng.random() < cfg.axial_long_fraction
+    spacing = rng.uniform(1.0, 1.3) if thin else rng.uniform(3.0, 5.5)
+    margin = rng.uniform(7.0, 15.0)  # coverage beyond the outer discs of a block
+    thickness = spacing * rng.uniform(0.8, 1.0)
+    shift = rng.normal(0, 6, 2)
+    n_blocks = min(len(levels), int(rng.integers(cfg.axial_blocks[0], cfg.axial_blocks[1] + 1)))
+    n_blocks = 1 if thin else n_blocks  # a thin-sliced axial is one contiguous volume
+    slices: list[SlicePlan] = []
+    for group in np.array_split(np.asarray(levels), n_blocks):
+        discs = [anat.label_disc(int(li)) for li in group]
+        centres = np.array(
+            [anat.to_patient(d.frame.to_body(canal_centre_local(anat, d))) for d in discs]
+        )
+        mean_normal = np.mean([rot @ d.frame.axes[2] for d in discs], axis=0)
+        normal = _tilt(rng, mean_normal / np.linalg.norm(mean_normal), 2.0)
+        row, col = _orthonormal(normal, rot[:, 0])
+        centre = centres.mean(axis=0)
+        heights = (centres - centre) @ normal
+        offsets = np.arange(heights.min() - margin, heights.max() + margin + 1e-6, spacing)
+        block = _stack(
+            centre + row * shift[0] + col * (shift[1] - 15.0), normal, row, col, offsets,
+            matrix, fov, thickness,
+        )  # fmt: skip
+        nearest = [int(group[np.argmin(np.abs(heights - o))]) for o in offsets]
+        slices += [replace(sl, level=lv) for sl, lv in zip(block, nearest, strict=True)]
+    return slices
 
 
 def _distinct_ids(rng: np.random.Generator, n: int) -> list[int]:
