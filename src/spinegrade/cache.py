@@ -23,7 +23,6 @@ import contextlib
 import functools
 import io
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinegrade.atomic import atomic_path
 from spinegrade.geometry import SliceGeometry
 
 FORMAT_VERSION = 2  # 2: volume in a raw .npy beside the geometry .npz (memory-mappable)
@@ -218,20 +218,13 @@ def stack_to_npz_payload(stack: CachedStack) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[io.BufferedWriter]:
-    """Open ``path`` for writing through a temporary name in the same folder, renamed on success.
+    """Open ``path`` for binary writing through :func:`spinegrade.atomic.atomic_path`.
 
     A reader never sees a half-written file under the final name: a killed writer leaves only a
-    ``.tmp-<pid>`` file, which no later stage globs for and the next run removes.
+    ``.NAME.tmp-<pid>`` file, which no later stage globs for and the next run removes.
     """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def save_stack(stack: CachedStack, path: Path) -> int:

@@ -608,7 +608,7 @@ def preprocess_dataset(
         summary.notes.append(f"no studies found for split {split!r} under {data_dir}")
         return summary
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.glob(f"{INDEX_NAME}.tmp-*"):  # an index write that was killed
+    for stale in cache_dir.glob(f".{INDEX_NAME}.tmp-*"):  # an index write that was killed
         stale.unlink(missing_ok=True)
     update = _study_bar(len(tasks), progress)
     todo: list[StudyTask] = []
