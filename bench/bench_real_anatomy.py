@@ -33,13 +33,15 @@ import torch
 from spinegrade.constants import LEVEL_TITLES, LEVELS, SAG_T2, TITLE_TO_LEVEL
 from spinegrade.inference import load_fold_models
 from spinegrade.io import read_series
-from spinegrade.localize import localize_study
+from spinegrade.localize import DECODERS, localize_study
 from spinegrade.predict import run_folds
 from spinegrade.preprocess import CacheParams, cache_series
 from spinegrade.rundir import fold_dir, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REAL = REPO.parent / "shared" / "real" / "spider-t2space"
+# ../shared beside the repository (a worktree one level deeper finds it one folder further up)
+_CANDIDATES = [base / "shared" / "real" / "spider-t2space" for base in REPO.parents[:2]]
+DEFAULT_REAL = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
 def spine_axes(centres: np.ndarray) -> np.ndarray:
@@ -131,6 +133,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="pictures (default RUN_DIR/real_bench)")
     ap.add_argument("--csv", type=Path, default=None, help="also write the per-level rows here")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decoder", choices=DECODERS, default=None, help="default: the run's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     truth_path = args.real_dir / "truth.csv"
@@ -140,6 +143,8 @@ def main() -> None:
     cfg = load_run_config(args.run_dir)
     folds = run_folds(args.run_dir, args.folds)
     localizers = [load_fold_models(fold_dir(args.run_dir, k)).localizer for k in folds]
+    for loc in localizers:
+        loc.decoder = args.decoder or loc.decoder
     params = CacheParams(size=cfg.data.cache_size)
     out_dir = args.out or args.run_dir / "real_bench"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +170,10 @@ def main() -> None:
     if args.csv:
         df.to_csv(args.csv, index=False)
     n_cases = df["case"].nunique()
-    print(f"run {args.run_dir} folds {folds}; {n_cases} real cases from {args.real_dir}")
+    print(
+        f"run {args.run_dir} folds {folds} (decoder {localizers[0].decoder}); "
+        f"{n_cases} real cases from {args.real_dir}"
+    )
     print("distance of the located canal point to its disc's mid-plane (mm, along the spine axis)")
     print(summarise(df).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     bad = df[(~df["found"]) | (df["nearest"] != df["level"])]

@@ -147,6 +147,29 @@ class TrainConfig:
 
 
 @dataclass
+class LocalizerAugmentConfig:
+    """Stage-1 training augmentation: what differs between sites and scanners, not anatomy.
+
+    Geometry: the whole look is cut from a window of the field of view that is rescaled
+    (``scale``: relative range), stretched (``aspect``), moved (``shift``: fraction of the field,
+    so a look may lose the sacrum or gain thoracic levels; the labelled levels stay in view) and
+    rotated in-plane (``rotate_deg``). Intensity: gamma (``gamma``: log range), contrast,
+    Gaussian noise (``noise``: largest SD, image range 0-1), in-plane blur (``blur``: largest
+    sigma in pixels) and a smooth multiplicative bias field (``bias``: log amplitude). 0 = off.
+    """
+
+    scale: float = 0.25
+    aspect: float = 0.2
+    shift: float = 0.15
+    rotate_deg: float = 12.0
+    gamma: float = 0.4
+    contrast: float = 0.3
+    noise: float = 0.05
+    blur: float = 1.2
+    bias: float = 0.35
+
+
+@dataclass
 class LocalizerConfig:
     """Stage 1 (see :class:`spinegrade.models.localizer_net.LevelLocalizer`)."""
 
@@ -167,10 +190,14 @@ class LocalizerConfig:
     # A canal or foramen point farther than this from the level's three-point consensus is moved
     # onto it (localize.fuse_level_points); 0 = off.
     fuse_mm: float = 10.0
+    # Level naming (localize.DECODERS): "ordered" = each level's best peak, head to feet;
+    # "chain" = the five levels on consecutive discs (a run of the discs seen, moved as one).
+    decoder: str = "ordered"
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.01
+    augment: LocalizerAugmentConfig = field(default_factory=LocalizerAugmentConfig)
 
 
 @dataclass
