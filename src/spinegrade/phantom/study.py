@@ -47,6 +47,7 @@ class SynthConfig:
     sagittal_slices: tuple[int, int] = (15, 17)  # inclusive range per sagittal series
     axial_per_level: tuple[int, int] = (3, 5)  # slices in each angled axial stack
     stir_fraction: float = 0.2  # share of "Sagittal T2/STIR" series acquired as STIR
+    fatsat_fraction: float = 0.15  # share acquired as fat-suppressed T2 (FS or Dixon water)
     shared_sagittal: float = 0.6  # share of studies whose T1 and T2 share slice positions
     label_jitter_mm: float = 0.8  # annotators' click scatter around the true structure
     quirks: bool = False  # real-data oddities: extra/missing series, empty cells, offsets
@@ -197,7 +198,12 @@ def _plan_series(rng, anat, cfg: SynthConfig, quirks: _Quirks, task: StudyTask) 
     shared = rng.random() < cfg.shared_sagittal
     geo_t2 = geo_t1 if shared else SagittalGeometry.plan(rng, anat, n_sag)
     matrix_t2 = matrix_t1 if shared else int(rng.choice([384, 448, 512]))
-    t2_contrast = "STIR" if rng.random() < cfg.stir_fraction else "T2"
+    u = rng.random()
+    t2_contrast = (
+        "STIR" if u < cfg.stir_fraction
+        else "T2FS" if u < cfg.stir_fraction + cfg.fatsat_fraction
+        else "T2"
+    )  # fmt: skip
     per_level = int(rng.integers(cfg.axial_per_level[0], cfg.axial_per_level[1] + 1))
     levels = list(range(quirks.axial_skip_top, N_LEVELS))
     axial = plan_axial(rng, anat, levels, per_level)
