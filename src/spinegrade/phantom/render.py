@@ -247,8 +247,9 @@ def render_slice(
 ) -> list[np.ndarray]:
     """uint16 pixels (Rows x Columns) of one slice position, one image per contrast."""
     rows, cols = plan.shape
-    hi = max(round(rows * plan.spacing[0] / ACQ_SPACING_MM), 16)
-    wi = max(round(cols * plan.spacing[1] / ACQ_SPACING_MM), 16)
+    # (a display matrix coarser than the acquisition one, e.g. 256 over 400 mm, is acquired as is)
+    hi = min(max(round(rows * plan.spacing[0] / ACQ_SPACING_MM), 16), rows)
+    wi = min(max(round(cols * plan.spacing[1] / ACQ_SPACING_MM), 16), cols)
     # Acquisition samples sit on display pixels 0, F, 2F, ... (what k-space zero-filling assumes).
     fy, fx = rows / hi, cols / wi
     rot_t = anat.rotation.T
