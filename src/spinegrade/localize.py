@@ -453,20 +453,23 @@ def _disc_chain(
     """Levels named by counting discs: ``len(group)`` neighbouring disc candidates, head to feet.
 
     Candidates are the peaks of the levels' pooled map ("a disc is here"), at distinct heights
-    (at least ``min_gap / 2`` apart). Adjacent labels are adjacent discs, so the levels take a
-    run of consecutive candidates, the run whose per-level maps agree best. A level thus never
+    at least ``1.4 * min_gap`` apart (~21 mm: neighbouring discs are a vertebral body, >= 20 mm,
+    apart; a disc and its endplates or the body beside it must not count as two discs).
+    Adjacent labels are adjacent discs, so the levels take a run of consecutive candidates, the
+    run whose per-level maps agree best. A level thus never
     skips a disc or shares one, and the names follow the order of the discs in the image (the
     whole chain moves together) rather than each level's own guess of its height. None when
     fewer candidates than levels are found.
     """
     pooled = inplane[list(group)].sum(0)
-    peaks = _local_maxima(pooled, 3 * len(group), max(window, int(0.5 * min_gap)))
+    spacing = 1.4 * min_gap
+    peaks = _local_maxima(pooled, 3 * len(group), max(window, int(0.7 * min_gap)))
     if not peaks:
         return None
     floor = 0.02 * pooled[peaks[0]]
     kept: list[tuple[int, int]] = []
     for c in peaks:  # strongest first
-        if pooled[c] >= floor and all(abs(c[0] - k[0]) >= 0.5 * min_gap for k in kept):
+        if pooled[c] >= floor and all(abs(c[0] - k[0]) >= spacing for k in kept):
             kept.append(c)
     if len(kept) < len(group):
         return None
