@@ -192,7 +192,7 @@ class LocalizerConfig:
     fuse_mm: float = 10.0
     # Level naming (localize.DECODERS): "ordered" = each level's best peak, head to feet;
     # "chain" = the five levels on consecutive discs (a run of the discs seen, moved as one).
-    decoder: str = "ordered"
+    decoder: str = "chain"
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4
