@@ -281,7 +281,7 @@ def test_whole_look_keeps_every_level_in_view():
 
 def test_intensity_augmentation_stays_in_range_and_varies():
     sample = _blob_sample([(0.0, 5.0, 5.0)])
-    aug = LocalizerAugmentConfig(scale=0, aspect=0, shift=0, rotate_deg=0)  # intensity defaults
+    aug = LocalizerAugmentConfig(gamma=0.4, contrast=0.3, noise=0.05, blur=1.2, bias=0.35)
     ds = LocalizerDataset([sample], augment=True, zoom=0.0, seed=2, aug=aug)
     plain = sample.view(sample.frame)["volume"]
     looks = []

@@ -156,17 +156,20 @@ class LocalizerAugmentConfig:
     rotated in-plane (``rotate_deg``). Intensity: gamma (``gamma``: log range), contrast,
     Gaussian noise (``noise``: largest SD, image range 0-1), in-plane blur (``blur``: largest
     sigma in pixels) and a smooth multiplicative bias field (``bias``: log amplitude). 0 = off.
+    Off by default: at the strengths tried (scale 0.25, aspect 0.2, shift 0.15, rotate_deg 12,
+    gamma 0.4, contrast 0.3, noise 0.05, blur 1.2, bias 0.35) the quick recipe's localiser got
+    worse on the phantom and on real spines (BENCHMARKS.md, "Real anatomy").
     """
 
-    scale: float = 0.25
-    aspect: float = 0.2
-    shift: float = 0.15
-    rotate_deg: float = 12.0
-    gamma: float = 0.4
-    contrast: float = 0.3
-    noise: float = 0.05
-    blur: float = 1.2
-    bias: float = 0.35
+    scale: float = 0.0
+    aspect: float = 0.0
+    shift: float = 0.0
+    rotate_deg: float = 0.0
+    gamma: float = 0.0
+    contrast: float = 0.0
+    noise: float = 0.0
+    blur: float = 0.0
+    bias: float = 0.0
 
 
 @dataclass

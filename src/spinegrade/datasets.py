@@ -320,8 +320,11 @@ def _intensity(vol: np.ndarray, rng: np.random.Generator, a: LocalizerAugmentCon
         coarse = torch.from_numpy(rng.normal(0, a.bias, (1, 1, 3, 3)).astype(np.float32))
         field = F.interpolate(coarse, size=vol.shape[-2:], mode="bicubic", align_corners=True)
         vol = vol * np.exp(field[0, 0].numpy())
-    gain = np.exp(rng.uniform(-1, 1) * np.log1p(a.contrast)) if a.contrast > 0 else 1.0
-    vol = (vol - 0.5) * gain + 0.5 + rng.uniform(-0.1, 0.1)
+    if a.contrast > 0:  # about mid-grey, so the background stays dark
+        vol = (vol - 0.5) * np.exp(rng.uniform(-1, 1) * np.log1p(a.contrast)) + 0.5
+    else:  # the mild jitter every look gets (with everything off: the draws of before #12)
+        vol = vol * rng.uniform(0.8, 1.2)
+    vol = vol + rng.uniform(-0.1, 0.1)
     if a.noise > 0:
         vol = vol + rng.normal(0, rng.uniform(0, a.noise), vol.shape)
     vol = np.clip(vol, 0, 1)
