@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from spinegrade.config import load_config
+from spinegrade.config import LocalizerAugmentConfig, load_config
 from spinegrade.constants import LEVELS
 from spinegrade.crops import StudyPoints
 from spinegrade.datasets import LocalizerDataset, collate_stacks
 from spinegrade.localize import (
     LOCALIZER_TASKS,
+    Localizer,
     canonical_volume,
     decode_levels,
     derive_points,
@@ -234,3 +235,79 @@ def test_dataset_augmentation_keeps_targets_on_the_blob():
         x, y = item["xy"][0]
         cy, cx = _centroid(item["volume"][int(item["z"][0])])
         assert abs(cy - y) <= 0.75 and abs(cx - x) <= 0.75
+
+
+def _blob_sample(points_mm):
+    stack = make_stack(P, -H, (0, 0, 0), (7, 64, 64), (1.0, 1.0), 4.0)
+    pts = StudyPoints()
+    for lv, p in zip(LEVELS, points_mm, strict=False):
+        add_blob(stack, np.asarray(p, dtype=float), 255, 2.0)
+        pts.set("spinal_canal_stenosis", lv, np.asarray(p, dtype=float))
+    return localizer_sample(stack, pts, LOCALIZER_TASKS["spinal"], 32, 24)
+
+
+def test_geometric_augmentation_moves_targets_with_the_image():
+    # Scale, stretch, shift and rotation of the whole look: the target must stay on its blob,
+    # and the labelled level must stay in view (the window never cuts a target off).
+    sample = _blob_sample([(0.0, 5.0, 5.0)])
+    aug = LocalizerAugmentConfig(
+        scale=0.3, aspect=0.3, shift=0.2, rotate_deg=25.0, gamma=0, contrast=0, noise=0, blur=0,
+        bias=0,
+    )  # fmt: skip
+    ds = LocalizerDataset([sample], augment=True, zoom=0.5, zoom_prob=0.3, seed=5, aug=aug)
+    moved = []
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert item["valid"][0]
+        x, y = item["xy"][0]
+        cy, cx = _centroid(item["volume"][int(item["z"][0])])
+        assert abs(cy - y) <= 1.0 and abs(cx - x) <= 1.0
+        moved.append((round(float(x), 1), round(float(y), 1)))
+    assert len(set(moved)) > 6  # the looks really differ
+
+
+def test_whole_look_keeps_every_level_in_view():
+    sample = _blob_sample([(0.0, 5.0, z) for z in (-20.0, -10.0, 0.0, 10.0, 20.0)])
+    aug = LocalizerAugmentConfig(scale=0.4, aspect=0.3, shift=0.3, rotate_deg=0, gamma=0,
+                                 contrast=0, noise=0, blur=0, bias=0)  # fmt: skip
+    ds = LocalizerDataset([sample], augment=True, zoom=0.0, seed=1, aug=aug)
+    for epoch in range(10):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert item["valid"].all()
+        assert (item["xy"] >= 0).all() and (item["xy"] < 32).all()
+
+
+def test_intensity_augmentation_stays_in_range_and_varies():
+    sample = _blob_sample([(0.0, 5.0, 5.0)])
+    aug = LocalizerAugmentConfig(gamma=0.4, contrast=0.3, noise=0.05, blur=1.2, bias=0.35)
+    ds = LocalizerDataset([sample], augment=True, zoom=0.0, seed=2, aug=aug)
+    plain = sample.view(sample.frame)["volume"]
+    looks = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        vol = ds[0]["volume"]
+        assert vol.dtype == np.float32 and vol.min() >= 0 and vol.max() <= 1
+        looks.append(vol)
+    assert all(np.abs(v - plain).max() > 0.02 for v in looks)
+    assert np.abs(looks[0] - looks[1]).max() > 0.02
+
+
+def test_chain_decoder_names_consecutive_discs():
+    # Six discs in view (a thoracic one on top). The level maps are bunched, as on a real spine
+    # seen through a phantom-trained net: L1/L2's map peaks on the L2/L3 disc, and the
+    # others each one disc too high except L5/S1. Ordered per-level decoding keeps the bunching
+    # error at L1/L2 (it jumps to the thoracic disc); the chain takes five neighbouring discs.
+    ys = [3, 10, 17, 24, 31, 38]  # disc rows, head to feet; the labelled five are ys[1:]
+    peaks = {j: [(1, ys[j + 1], 6, 6.0)] for j in range(5)}
+    for j in range(5):
+        peaks[j].append((1, ys[j + 1] - 7 if j < 4 else ys[j + 1], 6, 7.0 if j < 4 else 6.0))
+    logits = _logits(peaks, h=44)
+    _, y_chain, _ = decode_levels(logits, [list(range(5))], min_gap=3.0, chain=True)
+    assert np.allclose(np.diff(y_chain), 7, atol=0.3)  # neighbouring discs, none skipped
+    assert y_chain[-1] == pytest.approx(38, abs=0.3)  # anchored where L5/S1's map is sure
+    _, y_ord, _ = decode_levels(logits, [list(range(5))], min_gap=3.0)
+    assert y_ord[0] == pytest.approx(3, abs=0.3) and y_ord[3] == pytest.approx(24, abs=0.3)
+    with pytest.raises(ValueError, match="decoder"):
+        Localizer({}, {}, 32, 8, decoder="nearest")

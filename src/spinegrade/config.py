@@ -151,6 +151,32 @@ class TrainConfig:
 
 
 @dataclass
+class LocalizerAugmentConfig:
+    """Stage-1 training augmentation: what differs between sites and scanners, not anatomy.
+
+    Geometry: the whole look is cut from a window of the field of view that is rescaled
+    (``scale``: relative range), stretched (``aspect``), moved (``shift``: fraction of the field,
+    so a look may lose the sacrum or gain thoracic levels; the labelled levels stay in view) and
+    rotated in-plane (``rotate_deg``). Intensity: gamma (``gamma``: log range), contrast,
+    Gaussian noise (``noise``: largest SD, image range 0-1), in-plane blur (``blur``: largest
+    sigma in pixels) and a smooth multiplicative bias field (``bias``: log amplitude). 0 = off.
+    Off by default: at the strengths tried (scale 0.25, aspect 0.2, shift 0.15, rotate_deg 12,
+    gamma 0.4, contrast 0.3, noise 0.05, blur 1.2, bias 0.35) the quick recipe's localiser got
+    worse on the phantom and on real spines (BENCHMARKS.md, "Real anatomy").
+    """
+
+    scale: float = 0.0
+    aspect: float = 0.0
+    shift: float = 0.0
+    rotate_deg: float = 0.0
+    gamma: float = 0.0
+    contrast: float = 0.0
+    noise: float = 0.0
+    blur: float = 0.0
+    bias: float = 0.0
+
+
+@dataclass
 class LocalizerConfig:
     """Stage 1 (see :class:`spinegrade.models.localizer_net.LevelLocalizer`)."""
 
@@ -171,10 +197,14 @@ class LocalizerConfig:
     # A canal or foramen point farther than this from the level's three-point consensus is moved
     # onto it (localize.fuse_level_points); 0 = off.
     fuse_mm: float = 10.0
+    # Level naming (localize.DECODERS): "ordered" = each level's best peak, head to feet;
+    # "chain" = the five levels on consecutive discs (a run of the discs seen, moved as one).
+    decoder: str = "chain"
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.01
+    augment: LocalizerAugmentConfig = field(default_factory=LocalizerAugmentConfig)
 
 
 @dataclass

@@ -10,6 +10,7 @@ fresh shifts, slice offsets, zooms and rotations without storing augmented copie
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from spinegrade.cache import CachedStack, load_stack, read_index
-from spinegrade.config import CropConfig
+from spinegrade.config import CropConfig, LocalizerAugmentConfig
 from spinegrade.constants import (
     AX_T2,
     CONDITION_GROUP,
@@ -30,7 +32,7 @@ from spinegrade.constants import (
     SERIES_DESCRIPTIONS,
 )
 from spinegrade.crops import StudyPoints, make_crops, true_points
-from spinegrade.localize import LocalizerSample
+from spinegrade.localize import LocalizerSample, SagittalFrame
 from spinegrade.progress import progress_bar
 from spinegrade.train import EpochDataset
 
@@ -232,12 +234,21 @@ def collate_levels(batch: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor
 # ------------------------------------------------------------------------ stage-1 training data
 
 
+NO_LOCALIZER_AUGMENT = LocalizerAugmentConfig(
+    **{f.name: 0.0 for f in dataclasses.fields(LocalizerAugmentConfig)}
+)
+
+
 class LocalizerDataset(EpochDataset):
-    """Sagittal stacks seen whole or zoomed (as the two looks of prediction), intensity-jittered.
+    """Sagittal stacks seen whole or zoomed (as the two looks of prediction), augmented.
 
     A zoomed view is centred near the middle of the targets with a random offset of up to
     ``shift_frac`` of the window and a +-15 % scale change, so the second look of prediction,
-    centred on the first look's estimate, sees what training showed it.
+    centred on the first look's estimate, sees what training showed it. With ``aug`` (see
+    :class:`~spinegrade.config.LocalizerAugmentConfig`) a whole look is also rescaled, stretched,
+    shifted and rotated, and every look gets scanner-like intensity changes: real series differ
+    from the phantom's in field of view, spine position, contrast, noise and shading, and the
+    network must find discs by what they look like, not where they sit in the image.
     """
 
     def __init__(
@@ -248,9 +259,11 @@ class LocalizerDataset(EpochDataset):
         zoom_prob: float = 0.5,
         shift_frac: float = 0.1,
         seed: int = 0,
+        aug: LocalizerAugmentConfig | None = None,
     ) -> None:
         self.samples, self.augment, self.seed = list(samples), augment, seed
         self.zoom, self.zoom_prob, self.shift_frac = zoom, zoom_prob, shift_frac
+        self.aug = aug if aug is not None else NO_LOCALIZER_AUGMENT
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -268,11 +281,97 @@ class LocalizerDataset(EpochDataset):
             cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
             cy += rng.uniform(-1, 1) * self.shift_frac * frac * h
             cx += rng.uniform(-1, 1) * self.shift_frac * frac * w
-            frame = frame.zoomed(cy, cx, frac)
+            frame = _stretched(frame.zoomed(cy, cx, frac), rng, self.aug.aspect)
+        else:
+            frame = _whole_look(s, rng, self.aug)
         item = s.view(frame)
-        vol = np.clip(item["volume"] * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1), 0, 1)
-        item["volume"] = (vol ** rng.uniform(0.8, 1.25)).astype(np.float32)
+        a = self.aug
+        if a.rotate_deg > 0:
+            _rotate(item, rng.uniform(-a.rotate_deg, a.rotate_deg))
+        item["volume"] = _intensity(item["volume"], rng, a)
         return item
+
+
+def _stretched(frame: SagittalFrame, rng: np.random.Generator, aspect: float) -> SagittalFrame:
+    """The same window with its height/width ratio changed by up to ``aspect`` (same centre)."""
+    if aspect <= 0 or frame.window is None:
+        return frame
+    y0, x0, lh, lw = frame.window
+    r = float(np.exp(rng.uniform(-1, 1) * np.log1p(aspect)))
+    nh, nw = max(8, round(lh * np.sqrt(r))), max(8, round(lw / np.sqrt(r)))
+    return dataclasses.replace(
+        frame, window=(round(y0 + (lh - nh) / 2), round(x0 + (lw - nw) / 2), nh, nw)
+    )
+
+
+def _whole_look(
+    s: LocalizerSample, rng: np.random.Generator, a: LocalizerAugmentConfig
+) -> SagittalFrame:
+    """A rescaled, stretched, shifted window of the whole field that keeps every target in view.
+
+    Up to 8 draws; if none keeps the labelled levels inside (with a 4% margin), the plain frame.
+    """
+    frame = s.frame
+    if a.scale <= 0 and a.aspect <= 0 and a.shift <= 0:
+        return frame
+    h, w = frame.inplane_hw()
+    ys, xs = s.zyx[s.valid, 1], s.zyx[s.valid, 2]
+    for _ in range(8):
+        k = float(np.exp(rng.uniform(-1, 1) * np.log1p(a.scale)))
+        r = float(np.exp(rng.uniform(-1, 1) * np.log1p(a.aspect)))
+        lh, lw = max(8, round(h * k * np.sqrt(r))), max(8, round(w * k / np.sqrt(r)))
+        cy = h / 2 + rng.uniform(-1, 1) * a.shift * h
+        cx = w / 2 + rng.uniform(-1, 1) * a.shift * w
+        y0, x0 = round(cy - lh / 2), round(cx - lw / 2)
+        my, mx = 0.04 * lh, 0.04 * lw
+        if (
+            (ys >= y0 + my).all() and (ys <= y0 + lh - my).all()
+            and (xs >= x0 + mx).all() and (xs <= x0 + lw - mx).all()
+        ):  # fmt: skip
+            return dataclasses.replace(frame, window=(y0, x0, lh, lw))
+    return frame
+
+
+def _rotate(item: dict[str, np.ndarray], degrees: float) -> None:
+    """Rotate the volume and its target points in-plane about the image centre (in place)."""
+    vol = torch.from_numpy(item["volume"])[None]  # (1, S, H, W): slices as channels
+    size = vol.shape[-1]
+    t = np.deg2rad(degrees)
+    c, sn = float(np.cos(t)), float(np.sin(t))
+    theta = torch.tensor([[[c, -sn, 0.0], [sn, c, 0.0]]], dtype=vol.dtype)
+    grid = F.affine_grid(theta, list(vol.shape), align_corners=False)
+    item["volume"] = F.grid_sample(vol, grid, align_corners=False)[0].numpy()
+    # affine_grid maps output -> input: p_in = R p_out, so targets move by R^T (normalised coords).
+    half = size / 2
+    u, v = (item["xy"][:, 0] + 0.5) / half - 1, (item["xy"][:, 1] + 0.5) / half - 1
+    uo, vo = c * u + sn * v, -sn * u + c * v
+    xy = np.stack([(uo + 1) * half - 0.5, (vo + 1) * half - 0.5], axis=-1).astype(np.float32)
+    inside = (xy >= 0).all(-1) & (xy < size).all(-1)
+    item["xy"], item["valid"] = xy, item["valid"] & inside
+
+
+def _intensity(vol: np.ndarray, rng: np.random.Generator, a: LocalizerAugmentConfig) -> np.ndarray:
+    """Scanner-like intensity changes of a (S, H, W) look in [0, 1]."""
+    from scipy.ndimage import gaussian_filter
+
+    if a.blur > 0:  # thicker slices, smoother reconstructions
+        sigma = rng.uniform(0, a.blur)
+        if sigma > 0.3:
+            vol = gaussian_filter(vol, (0, sigma, sigma), mode="nearest")
+    if a.bias > 0:  # receive-coil shading: a smooth field from a 3 x 3 grid of log gains
+        coarse = torch.from_numpy(rng.normal(0, a.bias, (1, 1, 3, 3)).astype(np.float32))
+        field = F.interpolate(coarse, size=vol.shape[-2:], mode="bicubic", align_corners=True)
+        vol = vol * np.exp(field[0, 0].numpy())
+    if a.contrast > 0:  # about mid-grey, so the background stays dark
+        vol = (vol - 0.5) * np.exp(rng.uniform(-1, 1) * np.log1p(a.contrast)) + 0.5
+    else:  # the mild jitter every look gets (with everything off: the draws of before #12)
+        vol = vol * rng.uniform(0.8, 1.2)
+    vol = vol + rng.uniform(-0.1, 0.1)
+    if a.noise > 0:
+        vol = vol + rng.normal(0, rng.uniform(0, a.noise), vol.shape)
+    vol = np.clip(vol, 0, 1)
+    g = np.exp(rng.uniform(-1, 1) * a.gamma) if a.gamma > 0 else rng.uniform(0.8, 1.25)
+    return (vol**g).astype(np.float32)
 
 
 def collate_stacks(batch: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -245,6 +245,10 @@ def localizer_sample(
 
 # ----------------------------------------------------------------------------- the localiser
 
+# How the five level maps become five named points (see decode_levels): "ordered" gives each level
+# its best peak, head to feet and apart; "chain" names consecutive discs as a run.
+DECODERS: tuple[str, ...] = ("ordered", "chain")
+
 
 @dataclass
 class Localizer:
@@ -256,6 +260,11 @@ class Localizer:
     max_slices: int
     zoom: float = 0.0  # second, zoomed look (fraction of the field of view); 0 = one look
     fuse_mm: float = 0.0  # canal/foramina consensus tolerance (see fuse_level_points); 0 = off
+    decoder: str = "ordered"  # level naming, see DECODERS
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"localizer decoder {self.decoder!r}: use one of {list(DECODERS)}")
 
     def save(self, folder: Path, meta: dict | None = None) -> None:
         """``localizer_{task}.safetensors`` (+ sidecar), then ``localizer_geometry.json``.
@@ -275,6 +284,7 @@ class Localizer:
             "max_slices": self.max_slices,
             "zoom": self.zoom,
             "fuse_mm": self.fuse_mm,
+            "decoder": self.decoder,
             "offsets": {k: v.tolist() for k, v in self.offsets.items()},
             "tasks": sorted(self.nets),
         }
@@ -302,6 +312,7 @@ class Localizer:
         return cls(
             nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),
             float(geometry.get("zoom", 0.0)), float(geometry.get("fuse_mm", 0.0)),
+            str(geometry.get("decoder", "ordered")),
         )  # fmt: skip
 
 
@@ -444,8 +455,46 @@ def _ordered_assignment(score: np.ndarray, ys: np.ndarray, min_gap: float) -> li
     return path[::-1]
 
 
+def _disc_chain(
+    inplane: np.ndarray, group: Sequence[int], min_gap: float, window: int
+) -> list[tuple[int, int]] | None:
+    """Levels named by counting discs: ``len(group)`` neighbouring disc candidates, head to feet.
+
+    Candidates are the peaks of the levels' pooled map ("a disc is here"), at distinct heights
+    at least ``1.4 * min_gap`` apart (~21 mm: neighbouring discs are a vertebral body, >= 20 mm,
+    apart; a disc and its endplates or the body beside it must not count as two discs).
+    Adjacent labels are adjacent discs, so the levels take a run of consecutive candidates, the
+    run whose per-level maps agree best. A level thus never
+    skips a disc or shares one, and the names follow the order of the discs in the image (the
+    whole chain moves together) rather than each level's own guess of its height. None when
+    fewer candidates than levels are found.
+    """
+    pooled = inplane[list(group)].sum(0)
+    spacing = 1.4 * min_gap
+    peaks = _local_maxima(pooled, 3 * len(group), max(window, int(0.7 * min_gap)))
+    if not peaks:
+        return None
+    floor = 0.02 * pooled[peaks[0]]
+    kept: list[tuple[int, int]] = []
+    for c in peaks:  # strongest first
+        if pooled[c] >= floor and all(abs(c[0] - k[0]) >= spacing for k in kept):
+            kept.append(c)
+    if len(kept) < len(group):
+        return None
+    kept.sort()
+    score = np.log(np.array([[_window_sum(inplane[j], c, 1) for c in kept] for j in group]) + 1e-12)
+    n = len(group)
+    totals = [sum(score[i, k + i] for i in range(n)) for k in range(len(kept) - n + 1)]
+    k = int(np.argmax(totals))
+    return kept[k : k + n]
+
+
 def decode_levels(
-    logits: np.ndarray, groups: Sequence[Sequence[int]], min_gap: float, window: int = 2
+    logits: np.ndarray,
+    groups: Sequence[Sequence[int]],
+    min_gap: float,
+    window: int = 2,
+    chain: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Joint logits (T, S, h, w) -> (slice, y, x) per target in heatmap cells.
 
@@ -453,7 +502,9 @@ def decode_levels(
     of every level's in-plane map, and the levels are assigned to distinct candidates in
     head-to-feet order at least ``min_gap`` cells apart (a disc cannot be two levels, and L1/L2
     lies above L2/L3). Without this, a level whose own map is unsure tends to fall onto the
-    neighbouring disc, the commonest large error of a heatmap localiser.
+    neighbouring disc, the commonest large error of a heatmap localiser. With ``chain`` the
+    levels take consecutive discs (:func:`_disc_chain`), falling back to the ordered assignment
+    when too few discs are seen.
     """
     t, s, h, w = logits.shape
     flat = logits.reshape(t, -1)
@@ -462,6 +513,11 @@ def decode_levels(
     inplane = prob.sum(1)  # (T, h, w): each level's map, slices marginalised
     z, y, x = np.zeros(t), np.zeros(t), np.zeros(t)
     for group in groups:
+        run = _disc_chain(inplane, group, min_gap, window) if chain else None
+        if run is not None:
+            for j, c in zip(group, run, strict=True):
+                z[j], y[j], x[j] = _refine(prob[j], c, window)
+            continue
         cands = sorted({p for j in group for p in _local_maxima(inplane[j], 3, window)})
         ys = np.array([c[0] for c in cands], dtype=np.float64)
         score = np.log(
@@ -494,7 +550,12 @@ def _refine(prob: np.ndarray, c, r: int) -> tuple[float, float, float]:
 
 @torch.no_grad()
 def locate_in_stack(
-    net: nn.Module, stack: CachedStack, frame: SagittalFrame, zoom: float, min_gap_mm: float = 15.0
+    net: nn.Module,
+    stack: CachedStack,
+    frame: SagittalFrame,
+    zoom: float,
+    min_gap_mm: float = 15.0,
+    decoder: str = "ordered",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Targets' full-resolution canonical (z, y, x), each (T,): a whole look, then a zoomed one.
 
@@ -520,7 +581,8 @@ def locate_in_stack(
         hh, ww = heat.shape[-2:]
         lh, lw = look.window[2:] if look.window else look.inplane_hw()
         cell_y, cell_x = lh / hh, lw / ww  # full-resolution pixels per heatmap cell
-        zc, yc, xc = decode_levels(heat, groups, min_gap_mm / (mm_y * cell_y))
+        gap = min_gap_mm / (mm_y * cell_y)
+        zc, yc, xc = decode_levels(heat, groups, gap, chain=decoder == "chain")
         z, y, x = zc + look.z0, (yc + 0.5) * cell_y - 0.5, (xc + 0.5) * cell_x - 0.5
         if look.window:
             y, x = y + look.window[0], x + look.window[1]
@@ -532,18 +594,18 @@ def predict_task_points(
 ) -> dict[tuple[str, str], np.ndarray]:
     """Patient-space points of one task's targets in one sagittal stack."""
     frame = sagittal_frame(stack, localizer.image_size, localizer.max_slices)
-    z, y, x = locate_in_stack(net, stack, frame, localizer.zoom)
+    z, y, x = locate_in_stack(net, stack, frame, localizer.zoom, decoder=localizer.decoder)
     lps = stack.voxel_to_patient(*frame.from_full(z, y, x))
     return {target: lps[i] for i, target in enumerate(task.targets)}
 
 
 def evaluate_localizer(
-    net: nn.Module, samples: Sequence[LocalizerSample], zoom: float
+    net: nn.Module, samples: Sequence[LocalizerSample], zoom: float, decoder: str = "ordered"
 ) -> dict[str, float]:
     """Validation as prediction does it: right-slice rate, median and 90th percentile error (mm)."""
     hits, errs = [], []
     for s in samples:
-        z, y, x = locate_in_stack(net, s.stack, s.frame, zoom)
+        z, y, x = locate_in_stack(net, s.stack, s.frame, zoom, decoder=decoder)
         lps = s.stack.voxel_to_patient(*s.frame.from_full(z, y, x))
         hits.append((np.rint(z) == np.rint(s.zyx[:, 0]))[s.valid])
         errs.append(np.linalg.norm(lps - s.points, axis=-1)[s.valid])

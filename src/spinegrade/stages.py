@@ -65,11 +65,13 @@ def train_localizer(
             average=cfg.train.weight_average, eval_every=cfg.train.eval_every,
             log_every=cfg.train.log_every,
         )  # fmt: skip
-        dataset = LocalizerDataset(samples[name], augment=True, zoom=c.zoom, seed=seed)
+        dataset = LocalizerDataset(
+            samples[name], augment=True, zoom=c.zoom, seed=seed, aug=c.augment
+        )
         val = list(val_samples.get(name, []))
 
         def evaluate(m: nn.Module, v=val) -> dict[str, float]:
-            return evaluate_localizer(m, v, c.zoom)
+            return evaluate_localizer(m, v, c.zoom, c.decoder)
 
         ckpt = ckpt_dir / f"localizer_{name}" if ckpt_dir else None
         loss = _LocalizerLoss(c.sigma)

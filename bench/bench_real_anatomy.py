@@ -1,0 +1,186 @@
+"""Does the localiser find real discs? A run's spinal localiser on real sagittal T2 series.
+
+    .venv/bin/python bench/bench_real_anatomy.py RUN_DIR [REAL_DIR] [--folds 0] [--out DIR]
+
+REAL_DIR (default ``../shared/real/spider-t2space`` relative to the repository) holds
+``series/<case_id>/*.dcm`` and ``truth.csv`` (disc centres L1/L2..L5/S1 in patient LPS mm), e.g.
+the SPIDER T2-SPACE validation set (CC BY 4.0, see its README). It is for validation only: never
+train on it or tune the phantom against its figures.
+
+Every series is read and cached as ``predict`` does (``io.read_series`` -> ``cache_series``) and
+located by every chosen fold's localiser (points averaged over folds, as the ensemble does). The
+located spinal point lies in the canal, ~2 cm behind its disc centre, so it is scored by its
+distance to the disc's mid-plane along the local spine axis (the line through the neighbouring
+disc centres), not by the 3D distance. A level is "misnamed" when it lies nearer another disc's
+mid-plane than its own. Prints per level and overall: median and 90th percentile distance, the
+share within 5 and 10 mm, and misnamed levels; writes a PNG per case (mid slice, truth = circles,
+located = crosses) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spinegrade.constants import LEVEL_TITLES, LEVELS, SAG_T2, TITLE_TO_LEVEL
+from spinegrade.inference import load_fold_models
+from spinegrade.io import read_series
+from spinegrade.localize import DECODERS, localize_study
+from spinegrade.predict import run_folds
+from spinegrade.preprocess import CacheParams, cache_series
+from spinegrade.rundir import fold_dir, load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared beside the repository (a worktree one level deeper finds it one folder further up)
+_CANDIDATES = [base / "shared" / "real" / "spider-t2space" for base in REPO.parents[:2]]
+DEFAULT_REAL = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
+
+
+def spine_axes(centres: np.ndarray) -> np.ndarray:
+    """(5, 3) unit local spine axes at the discs (head first) from the disc centres (head first).
+
+    At a disc the axis runs through its two neighbours (one-sided at the ends), so a canal point
+    behind the disc is measured along the spine, not across it.
+    """
+    n = len(centres)
+    out = np.zeros_like(centres)
+    for i in range(n):
+        a, b = centres[max(i - 1, 0)], centres[min(i + 1, n - 1)]
+        v = a - b
+        out[i] = v / np.linalg.norm(v)
+    return out
+
+
+def plane_distances(point: np.ndarray, centres: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """Signed distance (mm, + = towards the head) of ``point`` to every disc's mid-plane."""
+    return np.einsum("ij,ij->i", point[None, :] - centres, axes)
+
+
+def score_case(located: np.ndarray, centres: np.ndarray) -> list[dict]:
+    """Per level: signed mid-plane distance, and the disc whose mid-plane is nearest."""
+    axes = spine_axes(centres)
+    rows = []
+    for j, level in enumerate(LEVELS):
+        p = located[j]
+        if not np.isfinite(p).all():
+            rows.append({"level": level, "dist_mm": np.nan, "nearest": None, "found": False})
+            continue
+        d = plane_distances(p, centres, axes)
+        rows.append(
+            {
+                "level": level,
+                "dist_mm": float(d[j]),
+                "nearest": LEVELS[int(np.argmin(np.abs(d)))],
+                "found": True,
+            }
+        )
+    return rows
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per level and overall: n, median / p90 |distance|, within 5 / 10 mm, misnamed, bias."""
+    out = []
+    for name, g in [*((lv, df[df["level"] == lv]) for lv in LEVELS), ("all", df)]:
+        a = g["dist_mm"].abs()
+        misnamed = (~g["found"]) | (g["nearest"] != g["level"])
+        out.append(
+            {
+                "level": LEVEL_TITLES.get(name, name) if name != "all" else "all",
+                "n": len(g),
+                "median_mm": a.median(),
+                "p90_mm": a.quantile(0.9),
+                "within_5mm": (a <= 5).mean(),
+                "within_10mm": (a <= 10).mean(),
+                "misnamed": int(misnamed.sum()),
+                "mean_signed_mm": g["dist_mm"].mean(),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def draw_case(path: Path, stack, truth_lps: np.ndarray, located: np.ndarray) -> None:
+    """Mid slice (the one nearest the truth points) with truth circles and located crosses."""
+    from PIL import Image, ImageDraw
+
+    z_t = np.array([stack.patient_to_voxel(p)[0] for p in truth_lps])
+    k = int(np.clip(np.rint(np.median(z_t)), 0, stack.volume.shape[0] - 1))
+    img = Image.fromarray(stack.volume[k]).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    colours = [(0, 200, 255), (40, 220, 120), (255, 230, 0), (255, 150, 0), (255, 60, 60)]
+    for j in range(len(LEVELS)):
+        _, y, x = stack.patient_to_voxel(truth_lps[j])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colours[j], width=2)
+        if np.isfinite(located[j]).all():
+            _, y, x = stack.patient_to_voxel(located[j])
+            draw.line([x - 4, y - 4, x + 4, y + 4], fill=colours[j], width=2)
+            draw.line([x - 4, y + 4, x + 4, y - 4], fill=colours[j], width=2)
+    img.save(path, optimize=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("real_dir", type=Path, nargs="?", default=DEFAULT_REAL)
+    ap.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold")
+    ap.add_argument("--out", type=Path, default=None, help="pictures (default RUN_DIR/real_bench)")
+    ap.add_argument("--csv", type=Path, default=None, help="also write the per-level rows here")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decoder", choices=DECODERS, default=None, help="default: the run's")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    truth_path = args.real_dir / "truth.csv"
+    if not truth_path.is_file():
+        raise SystemExit(f"{truth_path} not found: give REAL_DIR (series/ + truth.csv)")
+    truth = pd.read_csv(truth_path)
+    cfg = load_run_config(args.run_dir)
+    folds = run_folds(args.run_dir, args.folds)
+    localizers = [load_fold_models(fold_dir(args.run_dir, k)).localizer for k in folds]
+    for loc in localizers:
+        loc.decoder = args.decoder or loc.decoder
+    params = CacheParams(size=cfg.data.cache_size)
+    out_dir = args.out or args.run_dir / "real_bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case, g in truth.groupby("case_id", sort=False):
+        g = g.assign(lv=g["level"].map(TITLE_TO_LEVEL)).set_index("lv").reindex(list(LEVELS))
+        if g["x_mm"].isna().any():
+            print(f"{case}: skipped, truth does not name all five levels")
+            continue
+        centres = g[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+        read = read_series(args.real_dir / "series" / str(case))
+        if not read.stacks:
+            print(f"{case}: skipped, no readable stack in {args.real_dir / 'series' / str(case)}")
+            continue
+        stack = cache_series(read.stacks, params, 0, 0, SAG_T2)[0]
+        located = np.nanmean(
+            [localize_study(loc, {SAG_T2: [stack]}).xyz[0] for loc in localizers], axis=0
+        )
+        for r in score_case(located, centres):
+            rows.append({"case": case, **r})
+        draw_case(out_dir / f"{case}.png", stack, centres, located)
+    df = pd.DataFrame(rows)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    n_cases = df["case"].nunique()
+    print(
+        f"run {args.run_dir} folds {folds} (decoder {localizers[0].decoder}); "
+        f"{n_cases} real cases from {args.real_dir}"
+    )
+    print("distance of the located canal point to its disc's mid-plane (mm, along the spine axis)")
+    print(summarise(df).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    bad = df[(~df["found"]) | (df["nearest"] != df["level"])]
+    if len(bad):
+        print("misnamed:", ", ".join(f"{r.case} {r.level}->{r.nearest}" for r in bad.itertuples()))
+    print(f"pictures: {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
