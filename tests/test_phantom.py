@@ -311,50 +311,6 @@ def test_severe_canal_is_darker_than_normal_on_t2(tmp_path: Path):
     assert means[1] < 0.75 * means[0], means
 
 
-def test_sagittal_fields_vary_but_keep_the_five_levels_in_view():
-    # Real sites use 220-400 mm fields, often rectangular, with the spine anywhere in them; the
-    # labelled levels must stay inside (the localiser is asked for all five).
-    from spinegrade.phantom import anatomy as pa
-    from spinegrade.phantom.render import SagittalGeometry
-
-    rng = np.random.default_rng(4)
-    fovs, shapes, rows_of_l1 = [], set(), []
-    for _ in range(40):
-        anat = pa.sample_anatomy(rng, np.zeros((5, 5)))
-        geo = SagittalGeometry.plan(rng, anat, 15)
-        sl = geo.slices(384)[7]
-        fovs.append(sl.shape[0] * sl.spacing[0])
-        shapes.add(sl.shape)
-        for level in range(5):
-            x, y, _ = sl.to_pixel(anat.to_patient(label_point(anat, SPINAL, level)))
-            assert 10 / sl.spacing[0] <= y <= sl.shape[0] - 10 / sl.spacing[0]
-            assert 0 <= x < sl.shape[1]
-        rows_of_l1.append(sl.to_pixel(anat.to_patient(label_point(anat, SPINAL, 0)))[1] / 384)
-    assert min(fovs) >= 220 - 1e-6 and max(fovs) <= 400 + 1e-6 and np.ptp(fovs) > 80
-    assert any(h != w for h, w in shapes)  # rectangular fields occur
-    assert np.ptp(rows_of_l1) > 0.25  # L1/L2 is not always at the same height of the image
-
-
-def test_fat_suppressed_t2_darkens_fat_but_keeps_csf():
-    from spinegrade.phantom import anatomy as pa
-    from spinegrade.phantom.ops import build_ops
-    from spinegrade.phantom.render import SagittalGeometry, Scanner, SeriesPlan, render_slice
-
-    rng = np.random.default_rng(1)
-    anat = pa.sample_anatomy(rng, np.zeros((5, 5)))
-    scanner = Scanner.random(rng)
-    scanner.noise = 0.0
-    plan = SeriesPlan("Sagittal T2/STIR", "T2", SagittalGeometry.plan(rng, anat, 9).slices(256))
-    t2, fs = (
-        im.astype(float)
-        for im in render_slice(rng, anat, build_ops(anat), scanner, plan.slices[4], ("T2", "T2FS"))
-    )
-    bright = t2 > np.percentile(t2, 90)  # fat and CSF on T2
-    kept = fs[bright] / np.maximum(t2[bright], 1)
-    assert np.mean(kept < 0.3) > 0.2  # fat (most of the bright area) goes dark
-    assert np.mean(kept > 0.9) > 0.02  # CSF stays as bright
-
-
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path: Path):
     def digest(root: Path) -> dict[str, str]:
         return {

@@ -25,30 +25,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# T9 and T10 are there so that a tall field of view shows thoracic levels above L1 (real sagittal
-# series often reach T10-T11), and the top of the spine is no landmark for counting discs.
-VERTEBRAE: tuple[str, ...] = (
-    "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3"
-)  # fmt: skip
-FIRST_LABEL_DISC = 4  # disc index of L1/L2 (disc i lies between VERTEBRAE[i] and VERTEBRAE[i+1])
+VERTEBRAE: tuple[str, ...] = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3")
+FIRST_LABEL_DISC = 2  # disc index of L1/L2 (disc i lies between VERTEBRAE[i] and VERTEBRAE[i+1])
 N_LEVELS = 5
 # Rows of the severity matrix (the order of constants.CONDITIONS).
 SPINAL, LEFT_FORAMEN, RIGHT_FORAMEN, LEFT_RECESS, RIGHT_RECESS = range(5)
 
-# Mean body sizes (mm) T9..S3: height, AP depth, width; disc heights T9/T10..S2/S3.
-_HEIGHT = (21.0, 22.0, 23.0, 24.0, 25.5, 26.5, 27.0, 27.0, 26.0, 24.0, 19.0, 15.0)
-_DEPTH = (27.0, 28.0, 29.0, 30.0, 31.0, 32.5, 33.5, 34.0, 34.0, 32.0, 26.0, 20.0)
-_WIDTH = (35.0, 36.5, 38.0, 40.0, 42.0, 45.0, 47.0, 49.0, 50.0, 46.0, 38.0, 30.0)
-_DISC = (5.0, 5.5, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 10.5, 2.0, 1.5)
-# Disc wedge T9/T10..L5/S1 and body wedge T9..L5 (deg, anterior taller; negative = kyphotic).
-_DISC_WEDGE = (-3.0, -2.5, -2.0, 0.0, 3.0, 5.0, 7.5, 10.0, 13.0)
-_BODY_WEDGE = (-4.5, -4.5, -4.0, -3.5, -3.0, -1.0, 0.0, 1.0, 4.0)
+# Mean body sizes (mm) T11..S3: height, AP depth, width; disc heights T11/T12..S2/S3.
+_HEIGHT = (23.0, 24.0, 25.5, 26.5, 27.0, 27.0, 26.0, 24.0, 19.0, 15.0)
+_DEPTH = (29.0, 30.0, 31.0, 32.5, 33.5, 34.0, 34.0, 32.0, 26.0, 20.0)
+_WIDTH = (38.0, 40.0, 42.0, 45.0, 47.0, 49.0, 50.0, 46.0, 38.0, 30.0)
+_DISC = (6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 10.5, 2.0, 1.5)
+# Disc wedge T11/T12..L5/S1 and body wedge T11..L5 (deg, anterior taller; negative = kyphotic).
+_DISC_WEDGE = (-2.0, 0.0, 3.0, 5.0, 7.5, 10.0, 13.0)
+_BODY_WEDGE = (-4.0, -3.5, -3.0, -1.0, 0.0, 1.0, 4.0)
 _SACRAL_CURVE = 11.0  # deg per sacral segment: the sacrum curves anteriorly going down
 # Half interpedicular distance (canal half width at the pedicles), pedicle width, transverse
 # process length, mm; sacral values describe the narrow sacral canal.
-_CANAL_HW = (8.5, 9.0, 9.5, 10.0, 10.5, 11.0, 11.5, 12.0, 13.0, 12.0, 9.0, 7.0)
-_PEDICLE_W = (6.0, 6.5, 7.0, 7.5, 8.0, 8.5, 9.5, 11.0, 13.0, 0.0, 0.0, 0.0)
-_TRANSVERSE = (10.0, 11.0, 12.0, 14.0, 18.0, 24.0, 28.0, 24.0, 20.0, 0.0, 0.0, 0.0)
+_CANAL_HW = (9.5, 10.0, 10.5, 11.0, 11.5, 12.0, 13.0, 12.0, 9.0, 7.0)
+_PEDICLE_W = (7.0, 7.5, 8.0, 8.5, 9.5, 11.0, 13.0, 0.0, 0.0, 0.0)
+_TRANSVERSE = (12.0, 14.0, 18.0, 24.0, 28.0, 24.0, 20.0, 0.0, 0.0, 0.0)
 S1_INDEX = FIRST_LABEL_DISC + N_LEVELS  # vertebra index of S1
 
 
@@ -195,8 +191,7 @@ def sample_anatomy(rng: np.random.Generator, severity: np.ndarray) -> Anatomy:
 
 def _disc_heights(rng: np.random.Generator, severity: np.ndarray) -> np.ndarray:
     """Disc heights; degenerate discs (mean severity of their level) lose up to ~35% height."""
-    # Real disc heights vary a lot between people and levels (L4/L5 8-14 mm in healthy adults).
-    h = np.asarray(_DISC) * rng.normal(1.0, 0.12) * rng.normal(1.0, 0.09, len(_DISC))
+    h = np.asarray(_DISC) * rng.normal(1.0, 0.08) * rng.normal(1.0, 0.06, len(_DISC))
     degeneration = severity.mean(axis=0)
     for li in range(N_LEVELS):
         h[FIRST_LABEL_DISC + li] *= 1.0 - 0.35 * degeneration[li]
@@ -207,21 +202,15 @@ def _build_vertebrae(
     rng: np.random.Generator, disc_h: np.ndarray, canal_scale: float
 ) -> list[Vertebra]:
     """Place the vertebrae: the sacrum down from S1's upper endplate, the rest upwards from it."""
-    # Body size: adult lumbar vertebrae differ by about +-10% (stature, sex); the L1/L2-L5/S1
-    # span follows. Heights get their own factor on top (long and short spines of equal width).
-    size = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.22))
-    tall = size * float(np.clip(rng.normal(1.0, 0.05), 0.88, 1.12))
-    # Sacral slope (tilt of the S1 endplate): 20-60 deg in adults, most 30-50; kept below 52 so
-    # that an axial stack angled along L5/S1 still reads as axial (a radiographer's limit too).
-    slope_deg = float(np.clip(rng.normal(39.0, 6.0), 25.0, 52.0))
+    size = float(rng.normal(1.0, 0.05))
+    slope_deg = rng.uniform(32.0, 46.0)  # sacral slope: tilt of the S1 endplate
     slope = np.deg2rad(slope_deg)
     # Lumbar lordosis (L1-S1) follows the sacral slope plus 2-18 deg (spino-pelvic balance):
     # scale the lordotic wedges of the lumbar discs and bodies to reach it.
     lumbar = range(FIRST_LABEL_DISC, S1_INDEX)
     pos = sum(max(_DISC_WEDGE[i], 0) + max(_BODY_WEDGE[i], 0) for i in lumbar)
     neg = sum(min(_DISC_WEDGE[i], 0) + min(_BODY_WEDGE[i], 0) for i in lumbar)
-    # (flat backs of the elderly reach ~0-5 deg beyond the slope, hyperlordosis ~25)
-    lordosis = (slope_deg + rng.uniform(-2.0, 24.0) - neg) / pos
+    lordosis = (slope_deg + rng.uniform(2.0, 18.0) - neg) / pos
     verts: list[Vertebra | None] = [None] * len(VERTEBRAE)
 
     def make(i: int, centre: np.ndarray, theta: float, h: float, wedge: float) -> Vertebra:
@@ -243,7 +232,7 @@ def _build_vertebrae(
         if i > S1_INDEX:  # fused sacral segments with a vestigial disc
             theta -= np.deg2rad(_SACRAL_CURVE)
             top = top - axes(theta)[2] * disc_h[i - 1]
-        h = _HEIGHT[i] * tall * rng.normal(1.0, 0.03)
+        h = _HEIGHT[i] * size * rng.normal(1.0, 0.03)
         centre = top - axes(theta)[2] * h / 2
         verts[i] = make(i, centre, theta, h, 0.0)
         top = centre - axes(theta)[2] * h / 2
@@ -253,7 +242,7 @@ def _build_vertebrae(
         gamma = np.deg2rad(_BODY_WEDGE[i] * (lordosis if _BODY_WEDGE[i] > 0 else 1.0))
         lower_pt = e_pt + axes(e_theta - beta / 2)[2] * disc_h[i]
         body_theta = e_theta - beta - gamma / 2
-        h = _HEIGHT[i] * tall * rng.normal(1.0, 0.04)
+        h = _HEIGHT[i] * size * rng.normal(1.0, 0.03)
         centre = lower_pt + axes(body_theta)[2] * h / 2
         verts[i] = make(i, centre, body_theta, h, gamma)
         e_pt, e_theta = lower_pt + axes(body_theta)[2] * h, e_theta - beta - gamma
@@ -333,8 +322,7 @@ def _zones(
 
 def _place_patient(rng: np.random.Generator, anat: Anatomy) -> None:
     """Small patient rotations (yaw, pitch, roll) and a shift in the scanner."""
-    # Pitch covers how patients lie (knees up or flat); roll and yaw the slight twist on the table.
-    yaw, roll, pitch = np.deg2rad(rng.normal(0.0, [2.5, 2.5, 3.5]))
+    yaw, roll, pitch = np.deg2rad(rng.normal(0.0, [2.5, 2.0, 3.0]))
     cz, sz = np.cos(yaw), np.sin(yaw)
     cy, sy = np.cos(roll), np.sin(roll)
     cx, sx = np.cos(pitch), np.sin(pitch)

@@ -67,7 +67,7 @@ class SeriesPlan:
     """One series: its description, contrast and slices in geometric order (along the normal)."""
 
     description: str
-    contrast: str  # "T1", "T2", "STIR" or "T2FS" (fat-suppressed T2)
+    contrast: str  # "T1", "T2" or "STIR"
     slices: list[SlicePlan]
     instance_numbers: list[int] = field(default_factory=list)
 
@@ -106,16 +106,14 @@ def _stack(
     fov: float,
     thickness: float,
     level: int | None = None,
-    cols_frac: float = 1.0,
 ) -> list[SlicePlan]:
-    """Slices centred on ``centre`` + offset * normal: ``matrix`` rows over ``fov`` mm, square
-    pixels, and ``cols_frac`` of that across (a rectangular field, e.g. 80% phase FOV)."""
+    """Slices centred on ``centre`` + offset * normal, square matrix over a square FOV."""
     sp = fov / matrix
-    n_cols = max(16, round(matrix * cols_frac / 2) * 2)
-    corner = centre - (n_cols - 1) / 2 * sp * row - (matrix - 1) / 2 * sp * col
+    half = (matrix - 1) / 2 * sp
+    corner = centre - half * row - half * col
     n = normal / np.linalg.norm(normal)
     return [
-        SlicePlan(corner + o * n, row, col, (sp, sp), (matrix, n_cols), thickness, level)
+        SlicePlan(corner + o * n, row, col, (sp, sp), (matrix, matrix), thickness, level)
         for o in offsets
     ]
 
@@ -129,46 +127,26 @@ class SagittalGeometry:
     row: np.ndarray
     col: np.ndarray
     offsets: np.ndarray
-    fov: float  # head-foot field of view (mm)
+    fov: float
     thickness: float
-    cols_frac: float = 1.0  # antero-posterior field as a fraction of ``fov``
 
     @classmethod
     def plan(cls, rng: np.random.Generator, anat: Anatomy, n_slices: int) -> SagittalGeometry:
-        """Aligned with the patient's midline (+-1.5 deg), placed as radiographers do.
-
-        Sites use 220-400 mm head-foot fields, often with a reduced (70-100%) antero-posterior
-        field. The lumbar spine is in view but not always centred: some fields stop just below
-        the sacral promontory, taller ones show the thoracic spine down to T9. Only the five
-        labelled levels are kept at least ~12 mm inside the field.
-        """
+        """Aligned with the patient's midline (+-1.5 deg), centred near the canal at L3/L4."""
         rot = anat.rotation
         normal = _tilt(rng, -rot[:, 0], 1.5)  # DICOM sagittal normal points to the patient's right
         row, col = _orthonormal(normal, rot[:, 1])  # columns run posterior, rows inferior
         disc = anat.label_disc(2)
         centre = anat.to_patient(disc.frame.to_body(canal_centre_local(anat, disc)))
-        fov = float(np.clip(rng.normal(300.0, 40.0), 220.0, 400.0))
-        cols_frac = float(rng.choice([1.0, 1.0, 0.9, 0.8, 0.75, 0.7]))
-        # Head-foot: the L1/L2 and L5/S1 canal points must stay inside; within that, anywhere.
-        ends = [
-            anat.to_patient(d.frame.to_body(canal_centre_local(anat, d)))
-            for d in (anat.label_disc(0), anat.label_disc(N_LEVELS - 1))
-        ]
-        top, bottom = ((e - centre) @ col for e in ends)  # rows grow towards the feet
-        margin = 12.0
-        lo, hi = bottom - fov / 2 + margin, top + fov / 2 - margin
-        shift = rng.uniform(lo, hi) if lo < hi else 0.5 * (lo + hi)
-        centre = centre + col * shift
-        # Antero-posterior: the canal sits a little behind the middle of the field, +- a bit.
-        ap = rng.normal(-15, 8) - 0.15 * (1.0 - cols_frac) * fov * rng.uniform(-1, 1)
-        centre = centre + row * ap + normal * rng.normal(0, 1.5)
+        centre = centre + row * rng.normal(-15, 8) + col * rng.normal(0, 12)
+        centre = centre + normal * rng.normal(0, 1.5)
         spacing = rng.uniform(3.3, 4.0)
         offsets = (np.arange(n_slices) - (n_slices - 1) / 2) * spacing
         thickness = spacing * rng.uniform(0.85, 1.0)
-        return cls(centre, normal, row, col, offsets, fov, thickness, cols_frac)
+        return cls(centre, normal, row, col, offsets, rng.uniform(280.0, 320.0), thickness)
 
     def slices(self, matrix: int) -> list[SlicePlan]:
-        """The stack on a grid of ``matrix`` rows, ordered along the normal (left to right)."""
+        """The stack on a ``matrix`` x ``matrix`` grid, ordered along the normal (left to right)."""
         return _stack(
             self.centre,
             self.normal,
@@ -178,7 +156,6 @@ class SagittalGeometry:
             matrix,
             self.fov,
             self.thickness,
-            cols_frac=self.cols_frac,
         )
 
 
@@ -215,25 +192,20 @@ class Scanner:
     scale: float  # stored value of a unit signal at full coil sensitivity
     textures: dict[str, Texture]
     tissue_gain: dict[str, float] = field(default_factory=dict)
-    bias: float = 0.0  # amplitude (log scale) of the smooth intensity inhomogeneity
 
     @classmethod
     def random(cls, rng: np.random.Generator) -> Scanner:
         tex = {
             "fine": Texture.random(rng, 40, (1.5, 10.0)),
             "coarse": Texture.random(rng, 48, (6.0, 60.0)),
-            # B1 / coil-array inhomogeneity: a few waves of 15-50 cm, coherent across slices.
-            "bias": Texture.random(rng, 4, (150.0, 500.0)),
         }
         gains = {t: float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2)) for t in TISSUES}
         return cls(
-            coil_decay=float(rng.uniform(60.0, 180.0)),
-            # SNR of clinical sagittal series: fast 1.5 T scans are grainy, 3 T ones clean.
-            noise=float(np.exp(rng.uniform(np.log(0.015), np.log(0.08)))),
+            coil_decay=float(rng.uniform(80.0, 160.0)),
+            noise=float(rng.uniform(0.025, 0.05)),
             scale=float(rng.uniform(500.0, 2500.0)),
             textures=tex,
             tissue_gain=gains,
-            bias=float(rng.uniform(0.05, 0.3)),
         )
 
 
@@ -247,9 +219,8 @@ def render_slice(
 ) -> list[np.ndarray]:
     """uint16 pixels (Rows x Columns) of one slice position, one image per contrast."""
     rows, cols = plan.shape
-    # (a display matrix coarser than the acquisition one, e.g. 256 over 400 mm, is acquired as is)
-    hi = min(max(round(rows * plan.spacing[0] / ACQ_SPACING_MM), 16), rows)
-    wi = min(max(round(cols * plan.spacing[1] / ACQ_SPACING_MM), 16), cols)
+    hi = max(round(rows * plan.spacing[0] / ACQ_SPACING_MM), 16)
+    wi = max(round(cols * plan.spacing[1] / ACQ_SPACING_MM), 16)
     # Acquisition samples sit on display pixels 0, F, 2F, ... (what k-space zero-filling assumes).
     fy, fx = rows / hi, cols / wi
     rot_t = anat.rotation.T
@@ -261,8 +232,6 @@ def render_slice(
     )
     ctx = SliceContext(grid, anat.planes, anat.canal_points, scanner.textures, scanner.tissue_gain)
     signal = render_signal(ops, grid, contrasts, ctx) * _coil(ctx, anat, scanner)
-    if scanner.bias > 0 and "bias" in scanner.textures:
-        signal *= np.exp(np.float32(scanner.bias) * scanner.textures["bias"].sample_grid(grid))
     out = []
     for sig in signal:
         noisy = sig + scanner.noise * (

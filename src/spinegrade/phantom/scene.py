@@ -24,7 +24,7 @@ import numpy as np
 TISSUES: dict[str, tuple[float, float, float, float]] = {
     "fat": (1.00, 0.64, 0.06, 0.06),
     "muscle": (0.32, 0.20, 0.24, 0.16),
-    "viscera": (0.38, 0.26, 0.35, 0.28),  # bowel: mixed, darker than fat on T2 (real images)
+    "viscera": (0.38, 0.32, 0.35, 0.40),
     "vessel": (0.05, 0.04, 0.04, 0.0),
     "kidney": (0.45, 0.55, 0.62, 0.15),
     "marrow": (0.74, 0.52, 0.16, 0.16),
@@ -37,11 +37,7 @@ TISSUES: dict[str, tuple[float, float, float, float]] = {
     "ligament": (0.07, 0.06, 0.06, 0.0),
     "fibrous": (0.36, 0.30, 0.32, 0.08),
 }
-CONTRASTS: dict[str, int] = {"T1": 0, "T2": 1, "STIR": 2, "T2FS": 1}
-# Fat-suppressed T2 (spectral fat saturation or Dixon water-only): T2 signal with fat and the fat
-# fraction of marrow removed; the fluid and disc contrast of T2 stays (unlike STIR, whose inversion
-# also flattens the other tissues).
-FAT_SUPPRESSED: dict[str, dict[str, float]] = {"T2FS": {"fat": 0.12, "marrow": 0.45}}
+CONTRASTS: dict[str, int] = {"T1": 0, "T2": 1, "STIR": 2}
 COARSE_TEXTURE = ("viscera",)  # bowel loops: large blobs; everything else: fine grain
 EDGE_MM = 1.0  # width of the partial-volume ramp
 
@@ -243,7 +239,6 @@ def render_signal(
 ) -> np.ndarray:
     """Noise-free MR signal of one slice for each contrast (C, h, w): paint every op in order."""
     ci = [CONTRASTS[c] for c in contrasts]
-    suppress = [FAT_SUPPRESSED.get(c, {}) for c in contrasts]
     img = np.zeros((len(ci), *grid.shape), dtype=np.float32)
     whole = (slice(0, grid.shape[0]), slice(0, grid.shape[1]))
     for op in ops:
@@ -262,12 +257,7 @@ def render_signal(
             kind = "coarse" if op.tissue in COARSE_TEXTURE else "fine"
             tex = 1 + np.float32(spec[3]) * ctx.texture(kind)[bb]
         for k, c in enumerate(ci):
-            value = np.float32(
-                spec[c]
-                * op.gain[c]
-                * ctx.tissue_gain.get(op.tissue, 1.0)
-                * suppress[k].get(op.tissue, 1.0)
-            )
+            value = np.float32(spec[c] * op.gain[c] * ctx.tissue_gain.get(op.tissue, 1.0))
             sub = img[(k, *bb)]
             sub += cover * ((value * tex if tex is not None else value) - sub)
     return img

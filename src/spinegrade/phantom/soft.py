@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.phantom.anatomy import FIRST_LABEL_DISC, S1_INDEX, VERTEBRAE, Anatomy
+from spinegrade.phantom.anatomy import Anatomy
 from spinegrade.phantom.scene import Op, SliceContext, ellipse2, ramp
 
 P_TRUNK, P_VISCERA, P_KIDNEY, P_MUSCLE, P_LIGAMENT, P_VESSEL = 10, 20, 25, 30, 31, 40
 Box = tuple[slice, slice]
-_L4, _L5 = VERTEBRAE.index("L4"), VERTEBRAE.index("L5")  # aorta and IVC end there
-# Psoas size along the spine (T9..S3): absent above T12, largest at L4/L5.
-_PSOAS_GROWTH = np.array([0.0, 0.0, 0.0, 0.1, 0.35, 0.55, 0.8, 1.0, 1.05, 0.95, 0.8, 0.6])
+# Psoas size along the spine (T11..S3): absent above T12, largest at L4/L5.
+_PSOAS_GROWTH = np.array([0.0, 0.1, 0.35, 0.55, 0.8, 1.0, 1.05, 0.95, 0.8, 0.6])
 
 
 def plane_s(anat: Anatomy) -> np.ndarray:
@@ -41,8 +40,8 @@ def soft_tissue_ops(anat: Anatomy) -> list[Op]:
     rng = np.random.default_rng(anat.texture_seed + 1)
     geo = {
         "qc": anat.back_q - anat.trunk_hd,  # trunk ellipse centre
-        "depth": float(np.mean([v.depth for v in anat.vertebrae[FIRST_LABEL_DISC:S1_INDEX]])),
-        "width": float(np.mean([v.width for v in anat.vertebrae[FIRST_LABEL_DISC:S1_INDEX]])),
+        "depth": float(np.mean([v.depth for v in anat.vertebrae[2:7]])),
+        "width": float(np.mean([v.width for v in anat.vertebrae[2:7]])),
         "sub_fat": float(rng.uniform(12.0, 30.0)),  # subcutaneous fat, front and sides
         "wall": float(rng.uniform(12.0, 22.0)),  # abdominal wall and flank muscles
         "kidney_dx": float(rng.uniform(-6.0, 6.0)),
@@ -128,7 +127,7 @@ def _muscle_ops(anat: Anatomy, geo: dict[str, float]) -> list[Op]:
         "r_max": width / 2 + 2 * 19.0 * ms * 1.05,
         "q_min": q_body - psoas_max,
         "q_max": q_body + psoas_max,
-        "s_range": (float(s_c[VERTEBRAE.index("T12")]) - 20.0, float(np.inf)),
+        "s_range": (float(s_c[1]) - 20.0, float(np.inf)),
     }
     quad_box = {
         "r_max": 64.0 * ms + 17.0 * ms,
@@ -163,7 +162,7 @@ def _organ_ops(anat: Anatomy, geo: dict[str, float]) -> list[Op]:
     q_front, q_body = geo["q_front"], geo["q_body"]
     ops: list[Op] = []
     for sg, ds in ((1.0, -8.0), (-1.0, 8.0)):  # the left kidney sits a little higher
-        s_k = (s_c[VERTEBRAE.index("L1")] + s_c[VERTEBRAE.index("L2")]) / 2 + ds + geo["kidney_dx"]
+        s_k = (s_c[2] + s_c[3]) / 2 + ds + geo["kidney_dx"]
         r_k = sg * (geo["width"] / 2 + 42.0)
 
         def kidney(ctx, bb, s_k=s_k, r_k=r_k):
@@ -187,7 +186,7 @@ def _organ_ops(anat: Anatomy, geo: dict[str, float]) -> list[Op]:
         r, q = _rq(ctx, bb)
         return ramp(
             np.maximum(
-                ellipse2(r - 10.0, q - (q_front - 13.0), 10.5, 10.5), ctx.get("s")[bb] - s_c[_L4]
+                ellipse2(r - 10.0, q - (q_front - 13.0), 10.5, 10.5), ctx.get("s")[bb] - s_c[5]
             )
         )
 
@@ -195,7 +194,7 @@ def _organ_ops(anat: Anatomy, geo: dict[str, float]) -> list[Op]:
         r, q = _rq(ctx, bb)
         return ramp(
             np.maximum(
-                ellipse2(r + 20.0, q - (q_front - 11.0), 12.0, 8.0), ctx.get("s")[bb] - s_c[_L5]
+                ellipse2(r + 20.0, q - (q_front - 11.0), 12.0, 8.0), ctx.get("s")[bb] - s_c[6]
             )
         )
 

@@ -30,9 +30,7 @@ _SEQUENCE = {
     "T1": ("SE", "SK", 550.0, 10.0, None),
     "T2": ("SE", "SK", 3500.0, 105.0, None),
     "STIR": ("IR", "SK", 4200.0, 60.0, 150.0),
-    "T2FS": ("SE", "SK", 3800.0, 90.0, None),
 }
-_SCAN_OPTIONS = {"T2FS": "FS"}  # fat saturation
 
 
 def uid(*parts: object) -> str:
@@ -138,8 +136,7 @@ def _series(ds: Dataset, series: SeriesMeta) -> None:
     ds.AcquisitionNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
     seq, variant, tr, te, ti = _SEQUENCE[series.contrast]
-    ds.ScanningSequence, ds.SequenceVariant = seq, variant
-    ds.ScanOptions = _SCAN_OPTIONS.get(series.contrast, "")
+    ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = seq, variant, ""
     ds.MRAcquisitionType = "2D"
     ds.RepetitionTime, ds.EchoTime = f"{tr:g}", f"{te:g}"
     if ti is not None:
