@@ -7,7 +7,11 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
 * multi-GPU with DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1; the
   world size is torchrun's, never a config key; ``train.strategy: ddp`` makes a launch without
   torchrun an error); every rank trains on its shard (DistributedSampler) and only rank 0 writes
-  files;
+  files. The configured batch is the *global* batch: each of W ranks takes ``batch // W`` rows a
+  step, and the sampler drops the last ``N mod W`` samples of its shuffled order (no padding with
+  repeated samples), so W processes make exactly the optimiser steps of one process over the same
+  epoch when W divides the batch. A collective that waits longer than ``train.ddp_timeout_s`` (a
+  rank died or hangs) fails with :class:`DistributedFailure` instead of hanging;
 * a checkpoint after every epoch (``.safetensors`` for model and optimiser tensors, ``.json`` for
   the epoch, the optimiser's hyper-parameters and the log so far), so an interrupted fold resumes
   where it stopped. The learning-rate schedule is a pure function of the step, and augmentation
@@ -17,14 +21,15 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,6 +40,7 @@ from spinegrade.config import OptimConfig, TrainConfig
 from spinegrade.progress import progress_bar
 
 CKPT_FORMAT = "spinegrade-checkpoint/1"
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -67,9 +73,69 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def barrier(self) -> None:
+    def barrier(self, where: str = "a barrier") -> None:
         if self.distributed:
-            torch.distributed.barrier()
+            with collective(self, where):
+                torch.distributed.barrier()
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's share of ``items`` (every ``world_size``-th from ``rank``): each item is
+        handled by exactly one rank."""
+        return list(items[self.rank :: self.world_size])
+
+    def gather(self, obj: Any, where: str = "gathering results") -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` alone."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        with collective(self, where):
+            torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """How this run trains, for log.jsonl and metrics.json."""
+        amp = None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"world_size": self.world_size, "device": str(self.device), "device_name": name,
+                "amp": amp, "channels_last": self.channels_last}  # fmt: skip
+
+
+class DistributedFailure(RuntimeError):
+    """Another rank died, hung or failed: this rank stops instead of waiting for ever."""
+
+
+# Collective errors come from gloo/NCCL as plain RuntimeErrors (DistBackendError on newer torch);
+# these fragments tell them from a model's own RuntimeError.
+_COLLECTIVE_HINTS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+
+
+@contextlib.contextmanager
+def collective(runtime: Runtime, where: str) -> Iterator[None]:
+    """Turn a failed collective (a dead or stuck rank) into a clear :class:`DistributedFailure`."""
+    if not runtime.distributed:
+        yield
+        return
+    try:
+        yield
+    except DistributedFailure:
+        raise
+    except RuntimeError as err:
+        dist_error = getattr(torch.distributed, "DistError", ())
+        text = str(err).lower()
+        if not (isinstance(err, dist_error) or any(h in text for h in _COLLECTIVE_HINTS)):
+            raise
+        raise DistributedFailure(
+            f"rank {runtime.rank}/{runtime.world_size}: lost the other ranks while {where} "
+            f"(a rank died or stalled beyond train.ddp_timeout_s); see the other ranks' output "
+            f"for the first error, fix it and rerun: finished stages resume. ({err})"
+        ) from err
+
+
+def fault_point(point: str, runtime: Runtime) -> None:
+    """``SPINEGRADE_TEST_DIE=point:rank`` kills that rank at that point (tests of lost ranks)."""
+    want = os.environ.get("SPINEGRADE_TEST_DIE", "")
+    if want and want == f"{point}:{runtime.rank}":
+        os._exit(17)
 
 
 def setup_runtime(cfg: TrainConfig, threads: int | None = None) -> Runtime:
@@ -91,7 +157,11 @@ def setup_runtime(cfg: TrainConfig, threads: int | None = None) -> Runtime:
             "`torchrun --nproc_per_node N -m spinegrade.cli train ...` (N = number of GPUs)"
         )
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # The timeout bounds every collective: a dead rank fails the others, never hangs them.
+        timeout = datetime.timedelta(seconds=float(cfg.ddp_timeout_s))
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=timeout
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -339,11 +409,13 @@ def fit(
     """Train ``model`` in place for ``spec.epochs``; resume from ``ckpt_path`` if it exists.
 
     ``step_loss(model, batch)`` returns a dict with a differentiable ``loss`` (other entries are
-    logged); ``evaluate(model)`` (rank 0, after every ``spec.eval_every``-th epoch and the last)
+    logged); ``evaluate(model)`` (every rank, after every ``spec.eval_every``-th epoch and the
+    last; under DDP it grades its :meth:`Runtime.shard` and combines with :meth:`Runtime.gather`)
     returns validation numbers (logged, never used to pick weights), measured
     on the weights that will be kept (the weight average when ``spec.average`` > 0).
     ``log`` (rank 0) receives every epoch record and, with ``spec.log_every`` > 0, a step record
-    every ``log_every`` optimiser steps (see :class:`_Stepper`). Returns the per-epoch records.
+    every ``log_every`` optimiser steps (see :class:`_Stepper`). Returns the per-epoch records,
+    each with ``steps`` (optimiser steps of the epoch) and ``world_size``.
     """
     model.to(runtime.device)
     if runtime.channels_last:
@@ -373,10 +445,14 @@ def fit(
         step = _Stepper(
             train_model, step_loss, optimizer, base_lrs, scaler, spec, runtime, average, log
         )
-        record = step.epoch(loader, epoch)
+        with collective(runtime, f"training {spec.name} epoch {epoch + 1}"):
+            record = step.epoch(loader, epoch)
+        record["world_size"] = runtime.world_size
+        fault_point(f"{spec.name}:epoch", runtime)
         due = (epoch + 1) % max(1, spec.eval_every) == 0 or epoch + 1 == spec.epochs
-        if evaluate is not None and runtime.is_main and due:
-            record.update(_evaluate(model, average, evaluate))
+        if evaluate is not None and due:
+            with collective(runtime, f"validating {spec.name}"):
+                record.update(_evaluate(model, average, evaluate))
         history.append(record)
         if runtime.is_main:  # checkpoint first: a log consumer may stop the run
             if ckpt_path is not None:
@@ -384,7 +460,7 @@ def fit(
                 save_checkpoint(ckpt_path, model, optimizer, state, average)
             if log is not None:
                 log(record)
-        runtime.barrier()
+        runtime.barrier(f"the end of {spec.name} epoch {epoch + 1}")
     if average is not None:
         average.copy_to(model)
     return history
@@ -448,7 +524,8 @@ class _Stepper:
                 self.log({"stage": self.spec.name, "epoch": epoch + 1, "step": step + 1,
                           **window.flush(), "lr": lr})  # fmt: skip
         elapsed = time.perf_counter() - t0
-        record = {"stage": self.spec.name, "epoch": epoch + 1, "time_s": round(elapsed, 2)}
+        record = {"stage": self.spec.name, "epoch": epoch + 1, "steps": n,
+                  "time_s": round(elapsed, 2)}  # fmt: skip
         record.update({f"train_{k}": round(v / max(n, 1), 5) for k, v in sums.items()})
         # Rows of the batch's first tensor: crops for graders, stacks for localisers.
         record["samples_per_s"] = round(rows / max(elapsed, 1e-9), 2)
@@ -495,16 +572,31 @@ class _Window:
         return out
 
 
+def rank_batch_size(batch_size: int, world_size: int) -> int:
+    """Rows one rank takes a step: the configured (global) batch split over the ranks.
+
+    With W dividing the batch, the global batch and the steps an epoch are those of one process;
+    otherwise the global batch is ``W * (batch // W)`` (at least one row a rank).
+    """
+    return max(1, batch_size // max(1, world_size))
+
+
 def _loader(dataset: EpochDataset, collate, spec: FitSpec, runtime: Runtime):
+    """Batches of this rank; ``len(loader)`` = optimiser steps an epoch, the same for W ranks as
+    for one (``floor(N / batch)``, or one partial step when the whole set fits in a batch)."""
+    batch = rank_batch_size(spec.batch_size, runtime.world_size)
     if runtime.distributed:
-        sampler = DistributedSampler(
-            dataset, num_replicas=runtime.world_size, rank=runtime.rank, seed=spec.seed
-        )
+        # drop_last: each rank takes floor(N / W) of the shuffled order; with W | batch this gives
+        # floor(floor(N / W) / (batch / W)) = floor(N / batch) steps, as one process does.
+        sampler: Sampler[int] = DistributedSampler(
+            dataset, num_replicas=runtime.world_size, rank=runtime.rank, seed=spec.seed,
+            drop_last=len(dataset) >= runtime.world_size,
+        )  # fmt: skip
     else:
         sampler = _EpochRandomSampler(dataset, spec.seed)
     loader = DataLoader(
         dataset,
-        batch_size=spec.batch_size,
+        batch_size=batch,
         sampler=sampler,
         collate_fn=collate,
         num_workers=runtime.num_workers,
