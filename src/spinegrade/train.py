@@ -6,12 +6,13 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
   (fp16 with a gradient scaler otherwise), channels-last memory format, DataLoader workers;
 * multi-GPU with DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1; the
   world size is torchrun's, never a config key; ``train.strategy: ddp`` makes a launch without
-  torchrun an error); every rank trains on its shard (DistributedSampler) and only rank 0 writes
-  files. The configured batch is the *global* batch: each of W ranks takes ``batch // W`` rows a
-  step, and the sampler drops the last ``N mod W`` samples of its shuffled order (no padding with
-  repeated samples), so W processes make exactly the optimiser steps of one process over the same
-  epoch when W divides the batch. A collective that waits longer than ``train.ddp_timeout_s`` (a
-  rank died or hangs) fails with :class:`DistributedFailure` instead of hanging;
+  torchrun an error); every rank trains on its share of each batch and only rank 0 writes
+  files. The configured batch is the *global* batch: each of W ranks takes its ``batch // W``
+  rows of every batch of the one-process order (:class:`_GlobalBatches`: nothing padded or
+  repeated, the incomplete last batch dropped as one process does), so W processes make the
+  optimiser steps of one process over the same batches when W divides the batch. A collective
+  that waits longer than ``train.ddp_timeout_s`` (a rank died or hangs) fails with
+  :class:`DistributedFailure` instead of hanging;
 * a checkpoint after every epoch (``.safetensors`` for model and optimiser tensors, ``.json`` for
   the epoch, the optimiser's hyper-parameters and the log so far), so an interrupted fold resumes
   where it stopped. The learning-rate schedule is a pure function of the step, and augmentation
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spinegrade.config import OptimConfig, TrainConfig
 from spinegrade.progress import progress_bar
@@ -422,7 +423,7 @@ def fit(
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, spec.lr, spec.optim, spec.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a checkpoint resets them
-    loader, sampler = _loader(dataset, collate, spec, runtime)
+    loader, _ = _loader(dataset, collate, spec, runtime)
     average = None
     if spec.average > 0:  # decay from the horizon: averages ~ the last `average` of the steps
         horizon = max(1.0, spec.average * spec.epochs * len(loader))
@@ -438,9 +439,7 @@ def fit(
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
     for epoch in range(start, spec.epochs):
-        dataset.set_epoch(epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)  # the batch order follows the dataset's epoch
         torch.manual_seed(spec.seed * 1000 + epoch)
         step = _Stepper(
             train_model, step_loss, optimizer, base_lrs, scaler, spec, runtime, average, log
@@ -582,28 +581,51 @@ def rank_batch_size(batch_size: int, world_size: int) -> int:
 
 
 def _loader(dataset: EpochDataset, collate, spec: FitSpec, runtime: Runtime):
-    """Batches of this rank; ``len(loader)`` = optimiser steps an epoch, the same for W ranks as
-    for one (``floor(N / batch)``, or one partial step when the whole set fits in a batch)."""
-    batch = rank_batch_size(spec.batch_size, runtime.world_size)
-    if runtime.distributed:
-        # drop_last: each rank takes floor(N / W) of the shuffled order; with W | batch this gives
-        # floor(floor(N / W) / (batch / W)) = floor(N / batch) steps, as one process does.
-        sampler: Sampler[int] = DistributedSampler(
-            dataset, num_replicas=runtime.world_size, rank=runtime.rank, seed=spec.seed,
-            drop_last=len(dataset) >= runtime.world_size,
-        )  # fmt: skip
-    else:
-        sampler = _EpochRandomSampler(dataset, spec.seed)
+    """This rank's batches; ``len(loader)`` = optimiser steps an epoch, the same for W ranks as
+    for one process (see :class:`_GlobalBatches`)."""
+    batches = _GlobalBatches(dataset, spec.seed, spec.batch_size, runtime.rank, runtime.world_size)
     loader = DataLoader(
         dataset,
-        batch_size=batch,
-        sampler=sampler,
+        batch_sampler=batches,
         collate_fn=collate,
         num_workers=runtime.num_workers,
         pin_memory=runtime.device.type == "cuda",
-        drop_last=len(dataset) > spec.batch_size,
     )
-    return loader, sampler
+    return loader, batches
+
+
+class _GlobalBatches(Sampler[list[int]]):
+    """This rank's rows of each global batch of the one-process order (a batch sampler).
+
+    The epoch's order is :class:`_EpochRandomSampler`'s (a function of seed and epoch); it is cut
+    into global batches of ``W * (batch // W)`` rows, the last incomplete one dropped (a single
+    partial batch when the whole set is smaller than a batch), and rank r takes rows
+    ``[r * b, (r + 1) * b)`` of each, b = ``batch // W``. So W ranks make the same optimiser
+    steps over the same samples, with the same global batches, as one process: nothing is padded
+    or repeated, and DDP's gradient average over the ranks is the step of the whole batch (up to
+    losses that normalise per batch, e.g. class-weighted means).
+    """
+
+    def __init__(self, dataset: EpochDataset, seed: int, batch: int, rank: int, world: int):
+        self.order = _EpochRandomSampler(dataset, seed)
+        self.rank, self.world = rank, world
+        self.per_rank = rank_batch_size(batch, world)
+        self.batch = self.per_rank * world
+
+    def __len__(self) -> int:
+        n = len(self.order)
+        return n // self.batch if n > self.batch else 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = list(self.order)
+        if len(perm) <= self.batch:  # one partial step: spread the rows, each rank at least one
+            part = perm[self.rank :: self.world] or perm[:1]
+            yield part
+            return
+        b = self.per_rank
+        for k in range(len(self)):
+            start = k * self.batch + self.rank * b
+            yield perm[start : start + b]
 
 
 class _EpochRandomSampler(Sampler[int]):
