@@ -90,8 +90,13 @@ def test_a_rank_that_dies_fails_the_other_with_a_clear_error(world, tmp_path):
               "LOCAL_RANK": "0", "SPINEGRADE_TEST_DIE": "localizer_spinal:epoch:1"}  # fmt: skip
     args = [sys.executable, *_train_args(data, cache, tmp_path / "run"), "train.ddp_timeout_s=8"]
     procs = [
-        subprocess.Popen(args, env=_env(**common, RANK=str(r)), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            args,
+            env=_env(**common, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in (0, 1)
     ]
     try:
