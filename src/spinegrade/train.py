@@ -643,15 +643,17 @@ class _EpochRandomSampler(Sampler[int]):
 
 
 def to_device(batch: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
-    """Move the tensors of a batch (4-D images channels-last where configured)."""
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(runtime.device, non_blocking=True)
-            if runtime.channels_last and v.ndim == 4 and v.is_floating_point():
-                v = v.contiguous(memory_format=torch.channels_last)
-        out[k] = v
-    return out
+    """Move the tensors of a batch to the device.
+
+    Inputs stay as they are even with ``channels_last``: axis 1 of a (B, S, H, W) batch holds
+    slices, not channels, and the models fold it into the batch (grader) or into neighbour
+    channels (localiser) before the first convolution. Channels-last is a property of the conv
+    weights (:func:`fit`), whose outputs then carry it through the backbone.
+    """
+    return {
+        k: v.to(runtime.device, non_blocking=True) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }
 
 
 class JsonlLog:
