@@ -41,6 +41,7 @@ import torch
 
 from measure import (
     RSNA_STUDIES,
+    fold_models,
     load_fold,
     peak_gpu_mib,
     prepare_phantom,
@@ -119,9 +120,7 @@ def run(cfg, runtime, studies, labels, samples, offsets, args) -> dict:
     """Time grader and localiser training, then out-of-fold grading; project to RSNA."""
     from spinegrade.constants import LEVELS
     from spinegrade.datasets import GraderDataset, LocalizerDataset, collate_levels, collate_stacks
-    from spinegrade.inference import FoldModels
-    from spinegrade.localize import Localizer, derive_points
-    from spinegrade.metrics import best_constant_probs
+    from spinegrade.localize import derive_points
     from spinegrade.models.registry import build_grader, build_localizer
     from spinegrade.stages import _GraderLoss, _LocalizerLoss
 
@@ -148,16 +147,11 @@ def run(cfg, runtime, studies, labels, samples, offsets, args) -> dict:
                        _LocalizerLoss(c.sigma), runtime, c.batch_size, args.localizer_steps,
                        cfg, c.lr)  # fmt: skip
 
-    for net in nets.values():
-        net.to(runtime.device).eval()
-    grader.eval()
-    localizer = Localizer(nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm)
-    fallback = best_constant_probs(labels[labels["study_id"].isin(train)])
-    graders = {group: grader for group in cfg.train.groups}  # one network's speed, three uses
-    models = FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix)
+    models = fold_models(cfg, grader, nets, offsets, labels, train, runtime)
     stacks = {s: studies[s].stacks for s in val}
     time_oof(models, dict(list(stacks.items())[:1]), runtime, cfg.train.eval_batch_size, 0)
     inf = time_oof(models, stacks, runtime, cfg.train.eval_batch_size, runtime.num_workers)
+    inf.pop("preds")
     proj = project_fold(cfg, g, lt, inf["s_per_study"], inf["crops_per_s"])
     return {
         "grader_train": {"crops_per_s": round(g.rows_per_s, 1),

@@ -132,7 +132,7 @@ def _sync(runtime: Runtime) -> None:
 
 def time_oof(models, stacks: dict, runtime: Runtime, batch: int, workers: int, old: bool = False):
     """Seconds a study and graded crops a second of out-of-fold grading (``old``: one study
-    at a time through ``predict_study``, as before batching)."""
+    at a time through ``predict_study``, as before batching); ``preds`` holds the predictions."""
     from spinegrade.inference import predict_studies, predict_study
 
     _sync(runtime)
@@ -145,7 +145,7 @@ def time_oof(models, stacks: dict, runtime: Runtime, batch: int, workers: int, o
     secs = time.perf_counter() - t0
     crops = sum(int(p.graded.sum()) for p in preds.values()) * (1 + models.crops.tta)
     return {"s_per_study": secs / len(stacks), "crops_per_s": crops / secs, "seconds": secs,
-            "studies": len(stacks)}  # fmt: skip
+            "studies": len(stacks), "preds": preds}  # fmt: skip
 
 
 def project_fold(cfg: Config, grader: TrainTiming, loc: TrainTiming, oof_s_per_study: float,
@@ -190,3 +190,19 @@ def crops_cut_per_s(studies, points, cfg: Config, n: int = 40) -> float:
     t0 = time.perf_counter()
     rows = sum(int((ds[i % len(ds)]["labels"] >= 0).sum()) for i in range(n))
     return rows / (time.perf_counter() - t0) if rows else float(np.nan)
+
+
+def fold_models(cfg: Config, grader: nn.Module, nets: dict, offsets, labels, train, runtime):
+    """FoldModels from one grader network (used for all three groups: the same architecture,
+    so the same speed) and the two sagittal localiser networks."""
+    from spinegrade.inference import FoldModels
+    from spinegrade.localize import Localizer
+    from spinegrade.metrics import best_constant_probs
+
+    for net in nets.values():
+        net.to(runtime.device).eval()
+    c = cfg.localizer
+    localizer = Localizer(nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm)
+    fallback = best_constant_probs(labels[labels["study_id"].isin(train)])
+    graders = {group: grader.to(runtime.device).eval() for group in cfg.train.groups}
+    return FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix)
