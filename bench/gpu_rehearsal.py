@@ -152,7 +152,7 @@ def run(cfg, runtime, studies, labels, samples, offsets, args) -> dict:
     time_oof(models, dict(list(stacks.items())[:1]), runtime, cfg.train.eval_batch_size, 0)
     inf = time_oof(models, stacks, runtime, cfg.train.eval_batch_size, runtime.num_workers)
     inf.pop("preds")
-    proj = project_fold(cfg, g, lt, inf["s_per_study"], inf["crops_per_s"])
+    proj = project_fold(cfg, g, lt, inf["s_per_study_all_cells"], inf["grade_crops_per_s"])
     return {
         "grader_train": {"crops_per_s": round(g.rows_per_s, 1),
                          "stall_frac": round(g.stall_frac, 3), "steps": g.steps,
