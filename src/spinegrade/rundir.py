@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 RUNTIME_KEYS = frozenset(
     f"train.{k}"
     for k in ("folds", "fold_workers", "num_workers", "accelerator", "strategy",
-              "amp", "channels_last", "eval_batch_size", "log_every", "eval_every")
+              "amp", "channels_last", "eval_batch_size", "log_every", "eval_every", "ddp_timeout_s")
 )  # fmt: skip
 
 
