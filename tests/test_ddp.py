@@ -113,3 +113,24 @@ def test_a_rank_that_dies_fails_the_other_with_a_clear_error(world, tmp_path):
     assert "DistributedFailure" in err and "lost the other ranks" in err, err[-2000:]
     assert "ddp_timeout_s" in err
     assert waited < 8 + 10, waited  # within the timeout (8 s), plus the exit
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(11, 4, 2), (10, 4, 2), (9, 6, 3), (3, 4, 2),
+                                                    (40, 8, 4), (7, 10, 2)])  # fmt: skip
+def test_ranks_split_each_one_process_batch_without_padding(n, batch, world):
+    from spinegrade.train import EpochDataset, _GlobalBatches
+
+    class Items(EpochDataset):
+        def __len__(self) -> int:
+            return n
+
+    data = Items()
+    data.set_epoch(3)
+    one = list(_GlobalBatches(data, 5, batch, 0, 1))
+    ranks = [list(_GlobalBatches(data, 5, batch, r, world)) for r in range(world)]
+    assert all(len(r) == len(one) == len(_GlobalBatches(data, 5, batch, 0, world)) for r in ranks)
+    for step, whole in enumerate(one):
+        parts = [r[step] for r in ranks]
+        assert all(parts)  # no rank ever gets an empty step (DDP would wait for it)
+        # The ranks' rows of a step are the one-process batch, each sample once.
+        assert sorted(i for p in parts for i in p) == sorted(whole)
