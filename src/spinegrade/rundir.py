@@ -8,7 +8,8 @@ Run folder (self-contained: prediction rebuilds everything from it)::
         localizer_{spinal,foraminal}.safetensors + .json, localizer_geometry.json
         grader_{spinal,foraminal,subarticular}.safetensors + .json
         fallback.json              training-fold constant for targets no series can show
-        log.jsonl                  one JSON line per stage and epoch (loss, val metrics, speed)
+        log.jsonl                  a runtime line (world size, device), then one line per stage
+                                   and epoch (loss, val metrics, speed, steps)
         oof.csv, localizer_errors.csv, metrics.json
         checkpoints/               per-epoch checkpoints while a stage trains (removed after)
     RUN_DIR/oof.csv, localizer_errors.csv, cv.json   written by :func:`.cv.merge_run`
