@@ -148,6 +148,7 @@ class TrainConfig:
     weight_average: float = 0.1  # keep an EMA of the weights over ~this fraction of steps (0: off)
     prior_mix: float = 0.2  # prediction: mix this much of the training prior into graded cells
     fold_workers: int = 0  # CPU: folds trained side by side in processes (0 = one per core)
+    ddp_timeout_s: float = 600.0  # DDP: a collective waiting longer than this fails the run
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import nn
 from spinegrade.atomic import crash_point, write_csv, write_json
 from spinegrade.config import Config
 from spinegrade.datasets import StudyData, load_studies
-from spinegrade.inference import FoldModels, predict_study, write_fallback
+from spinegrade.inference import FoldModels, predict_studies, write_fallback
 from spinegrade.localize import (
     Localizer,
     LocalizerSample,
@@ -55,7 +55,7 @@ from spinegrade.rundir import (
 )
 from spinegrade.stages import train_grader, train_localizer
 from spinegrade.submission import submission_frame
-from spinegrade.train import JsonlLog, Runtime, setup_runtime
+from spinegrade.train import JsonlLog, Runtime, fault_point, setup_runtime
 from spinegrade.weights import (
     init_source,
     require_pretrained,
@@ -223,6 +223,7 @@ def run_fold(
     train_ids = [int(s) for s in folds.loc[folds["fold"] != fold, "study_id"] if int(s) in studies]
     val_ids = [int(s) for s in folds.loc[folds["fold"] == fold, "study_id"] if int(s) in studies]
     log_fn = JsonlLog(out / "log.jsonl", enabled=runtime.is_main)
+    log_fn({"event": "runtime", **runtime.describe()})  # how this (part of the) fold trained
     ckpt = out / "checkpoints"
     timing: dict[str, float] = {}
 
@@ -249,20 +250,26 @@ def run_fold(
             save_weights(model, path, meta={"fold": fold, "group": group, "config": cfg.to_dict()})
         graders[group] = model
         timing[f"grader_{group}_s"] = round(time.perf_counter() - t1, 1)
-    runtime.barrier()
-    if not runtime.is_main:
-        return None
+    runtime.barrier("waiting for every rank to finish training")
     train_wide = labels[labels["study_id"].isin(train_ids)]
     fallback = best_constant_probs(train_wide)
-    write_fallback(out / "fallback.json", fallback)
+    if runtime.is_main:
+        write_fallback(out / "fallback.json", fallback)
     t2 = time.perf_counter()
     models = FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix)
-    metrics = _write_oof(models, fold, val_ids, studies, labels, out)
+    # Every rank grades its share of the validation studies; rank 0 gathers and writes.
+    part = _grade_oof(models, runtime.shard(val_ids), studies, runtime, cfg)
+    fault_point("oof", runtime)
+    parts = runtime.gather(part, "gathering the out-of-fold predictions")
+    if not runtime.is_main:
+        return None
+    metrics = _write_oof(parts, fold, val_ids, labels, out)
     timing["oof_s"] = round(time.perf_counter() - t2, 1)
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     metrics.update(
-        {"fold": fold, "n_train": len(train_ids), "n_val": len(val_ids), "timing": timing}
-    )
+        {"fold": fold, "n_train": len(train_ids), "n_val": len(val_ids), "timing": timing,
+         "runtime": {**runtime.describe(), "steps_per_epoch": _steps_per_epoch(out)}}
+    )  # fmt: skip
     # Where each network's backbone started: ImageNet (hub id or file + sha256) or random.
     nets = {f"localizer_{k}": v for k, v in localizer.nets.items()}
     nets.update({f"grader_{g}": m for g, m in graders.items()})
@@ -292,15 +299,47 @@ def _stage1(
     return localizer
 
 
-def _write_oof(models: FoldModels, fold: int, val_ids, studies, labels, out: Path) -> dict:
-    """Out-of-fold predictions (predicted points), localiser errors, fold metrics."""
+def _grade_oof(models: FoldModels, ids, studies, runtime: Runtime, cfg: Config) -> dict:
+    """Out-of-fold probabilities, localiser errors and fallback count of ``ids`` (one rank's)."""
+    preds = predict_studies(
+        models, {sid: studies[sid].stacks for sid in ids}, runtime,
+        batch_size=cfg.train.eval_batch_size, workers=runtime.num_workers,
+    )  # fmt: skip
     probs, errors, n_fallback = {}, [], 0
-    for sid in val_ids:
+    for sid, pred in preds.items():
         study = studies[sid]
-        pred = predict_study(models, study.stacks)
         probs[sid] = pred.probs
         n_fallback += int((~pred.graded & (study.labels >= 0)).sum())
         errors += point_errors(sid, pred.points, study.points, study.stacks)
+    return {"probs": probs, "errors": errors, "fallback": n_fallback}
+
+
+def _steps_per_epoch(out: Path) -> dict[str, int]:
+    """Optimiser steps an epoch of each stage, from the fold's log (stages resumed included)."""
+    steps: dict[str, int] = {}
+    path = out / "log.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        if "steps" in rec and "stage" in rec:
+            steps[rec["stage"]] = int(rec["steps"])
+    return steps
+
+
+def _write_oof(parts: Sequence[dict], fold: int, val_ids, labels, out: Path) -> dict:
+    """Out-of-fold predictions (predicted points), localiser errors, fold metrics."""
+    probs: dict[int, object] = {}
+    for p in parts:
+        dup = set(probs) & set(p["probs"])
+        if dup:  # sharding guarantees one grade a study; a second would bias the score
+            raise RuntimeError(f"fold {fold}: studies {sorted(dup)[:5]} were graded twice")
+        probs.update(p["probs"])
+    missing = set(val_ids) - set(probs)
+    if missing:
+        raise RuntimeError(f"fold {fold}: validation studies {sorted(missing)[:5]} not graded")
+    probs = {sid: probs[sid] for sid in val_ids}
+    order = {sid: i for i, sid in enumerate(val_ids)}
+    errors = sorted((e for p in parts for e in p["errors"]), key=lambda e: order[e["study_id"]])
+    n_fallback = sum(p["fallback"] for p in parts)
     oof = submission_frame(probs)
     write_csv(out / "oof.csv", oof)
     err = pd.DataFrame(errors)

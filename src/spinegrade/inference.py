@@ -10,6 +10,7 @@ prediction on new studies with every fold.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from spinegrade.cache import CachedStack
 from spinegrade.config import CropConfig, load_config
@@ -30,6 +32,7 @@ from spinegrade.constants import (
 )
 from spinegrade.crops import StudyPoints, make_crops
 from spinegrade.localize import Localizer, localize_study
+from spinegrade.train import Runtime
 
 
 @dataclass
@@ -96,6 +99,11 @@ def grade_study(
 ) -> StudyPrediction:
     """Grade a study at given points (localised, or true ones to measure the localiser's cost)."""
     graded = _graded_tta(models, stacks, points) if stacks else {}
+    return _mix(models, graded, points)
+
+
+def _mix(models: FoldModels, graded: Mapping[str, np.ndarray], points: StudyPoints):
+    """Graded columns shrunk towards the fallback by ``prior_mix``; the fallback elsewhere."""
     probs = models.fallback.copy()
     mask = np.zeros(len(LABEL_COLUMNS), dtype=bool)
     for j, col in enumerate(LABEL_COLUMNS):
@@ -107,14 +115,112 @@ def grade_study(
 
 def _graded_tta(models: FoldModels, stacks, points: StudyPoints) -> dict[str, np.ndarray]:
     """Mean probabilities over the centred crop and ``crops.tta`` jittered ones (seeded)."""
-    rng = np.random.default_rng(0)  # the same jitters for every study and run
-    views = [make_crops(stacks, points, models.crops)]
-    views += [make_crops(stacks, points, models.crops, rng=rng) for _ in range(models.crops.tta)]
+    views = crop_views(stacks, points, models.crops)
     sums: dict[str, np.ndarray] = {}
     for view in views:
         for col, p in grade_crops(models.graders, view).items():
             sums[col] = sums.get(col, 0.0) + p
     return {col: s / len(views) for col, s in sums.items()}
+
+
+def crop_views(
+    stacks: Mapping[str, Sequence[CachedStack]], points: StudyPoints, cfg: CropConfig
+) -> list[dict[str, np.ndarray]]:
+    """The centred crops of a study and ``cfg.tta`` jittered sets (seeded per study)."""
+    rng = np.random.default_rng(0)  # the same jitters for every study and run
+    views = [make_crops(stacks, points, cfg)]
+    return views + [make_crops(stacks, points, cfg, rng=rng) for _ in range(cfg.tta)]
+
+
+# --------------------------------------------------------------------- many studies at once
+
+
+class _StudyViews(Dataset):
+    """Item i: (study id, :func:`crop_views` of study i), cut in DataLoader worker processes."""
+
+    def __init__(self, items: Sequence[tuple[int, Mapping, StudyPoints]], cfg: CropConfig) -> None:
+        self.items, self.cfg = list(items), cfg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, list[dict[str, np.ndarray]]]:
+        sid, stacks, points = self.items[i]
+        return sid, (crop_views(stacks, points, self.cfg) if stacks else [])
+
+
+class _GroupQueue:
+    """Crops of one grader's group from many studies, graded ``batch_size`` at a time."""
+
+    def __init__(self, model: nn.Module, batch_size: int, runtime: Runtime) -> None:
+        self.model, self.batch_size, self.runtime = model.eval(), batch_size, runtime
+        self.keys: list[tuple[int, str]] = []
+        self.crops: list[np.ndarray] = []
+
+    def add(self, key: tuple[int, str], crop: np.ndarray, sums: dict) -> None:
+        self.keys.append(key)
+        self.crops.append(crop)
+        if len(self.keys) >= self.batch_size:
+            self.flush(sums)
+
+    @torch.no_grad()
+    def flush(self, sums: dict[tuple[int, str], np.ndarray]) -> None:
+        if not self.keys:
+            return
+        device = self.runtime.device
+        x = torch.from_numpy(np.stack(self.crops)).to(device, non_blocking=True)
+        lv = [LEVELS.index(COLUMN_LEVEL[c]) for _, c in self.keys]
+        with self.runtime.autocast():
+            logits = self.model(x, torch.tensor(lv, device=device))
+        probs = logits[:, 0].float().softmax(-1).cpu().numpy()
+        for key, p in zip(self.keys, probs, strict=True):
+            sums[key] = sums.get(key, 0.0) + p
+        self.keys, self.crops = [], []
+
+
+def predict_studies(
+    models: FoldModels,
+    studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
+    runtime: Runtime | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> dict[int, StudyPrediction]:
+    """:func:`predict_study` for many studies, batched across them (the same numbers up to float
+    rounding; under autocast on CUDA they are bf16/fp16 numbers).
+
+    The localiser decodes every study (:func:`spinegrade.localize.localize_studies`, batched
+    forward passes), ``workers`` DataLoader processes cut each study's crop views, and each
+    group's grader sees ``batch_size`` crops of several studies a forward pass: on a GPU the
+    per-study batches of 5-10 crops would leave it mostly idle.
+    """
+    from spinegrade.localize import localize_studies
+
+    if runtime is None:
+        nets = [*models.graders.values(), *models.localizer.nets.values()]
+        runtime = Runtime(next(nets[0].parameters()).device if nets else torch.device("cpu"))
+    points = localize_studies(models.localizer, studies, batch_size=max(1, batch_size // 8))
+    items = [(sid, studies[sid], points[sid]) for sid in studies]
+    ctx = "fork" if workers and "fork" in mp.get_all_start_methods() else None
+    loader = DataLoader(
+        _StudyViews(items, models.crops), batch_size=None, num_workers=workers,
+        multiprocessing_context=ctx,
+    )  # fmt: skip
+    queues = {g: _GroupQueue(m, batch_size, runtime) for g, m in models.graders.items()}
+    sums: dict[tuple[int, str], np.ndarray] = {}
+    n_views: dict[int, int] = {}
+    for sid, views in loader:
+        n_views[sid] = len(views)
+        for view in views:
+            for col, crop in view.items():
+                queue = queues.get(CONDITION_GROUP[COLUMN_CONDITION[col]])
+                if queue is not None:
+                    queue.add((sid, col), crop, sums)
+    for queue in queues.values():
+        queue.flush(sums)
+    graded: dict[int, dict[str, np.ndarray]] = {sid: {} for sid in studies}
+    for (sid, col), total in sums.items():
+        graded[sid][col] = total / n_views[sid]
+    return {sid: _mix(models, graded[sid], points[sid]) for sid in studies}
 
 
 def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:

@@ -578,15 +578,67 @@ def locate_in_stack(
         vol = torch.from_numpy(canonical_volume(stack, look))[None].to(device)
         out = net.eval()(vol)
         heat = out["heatmaps"][0].float().cpu().numpy()
-        hh, ww = heat.shape[-2:]
-        lh, lw = look.window[2:] if look.window else look.inplane_hw()
-        cell_y, cell_x = lh / hh, lw / ww  # full-resolution pixels per heatmap cell
-        gap = min_gap_mm / (mm_y * cell_y)
-        zc, yc, xc = decode_levels(heat, groups, gap, chain=decoder == "chain")
-        z, y, x = zc + look.z0, (yc + 0.5) * cell_y - 0.5, (xc + 0.5) * cell_x - 0.5
-        if look.window:
-            y, x = y + look.window[0], x + look.window[1]
+        z, y, x = _decode_look(heat, look, groups, mm_y, min_gap_mm, decoder)
     return z, y, x
+
+
+def _decode_look(
+    heat: np.ndarray,
+    look: SagittalFrame,
+    groups,
+    mm_y: float,
+    min_gap_mm: float,
+    decoder: str = "ordered",
+):
+    """Heatmaps (T, S, h, w) of one look -> full-resolution canonical (z, y, x) per target."""
+    hh, ww = heat.shape[-2:]
+    lh, lw = look.window[2:] if look.window else look.inplane_hw()
+    cell_y, cell_x = lh / hh, lw / ww  # full-resolution pixels per heatmap cell
+    zc, yc, xc = decode_levels(heat, groups, min_gap_mm / (mm_y * cell_y), chain=decoder == "chain")
+    z, y, x = zc + look.z0, (yc + 0.5) * cell_y - 0.5, (xc + 0.5) * cell_x - 0.5
+    if look.window:
+        y, x = y + look.window[0], x + look.window[1]
+    return z, y, x
+
+
+@torch.no_grad()
+def locate_in_stacks(
+    net: nn.Module,
+    stacks: Sequence[CachedStack],
+    frames: Sequence[SagittalFrame],
+    zoom: float,
+    batch_size: int = 8,
+    min_gap_mm: float = 15.0,
+    decoder: str = "ordered",
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`locate_in_stack` for many stacks: each look's volumes of equal shape go through
+    the network ``batch_size`` at a time (the same numbers; a batch only shares the pass)."""
+    device = next(net.parameters()).device
+    n_targets = int(net.n_targets)
+    groups = [list(range(i, i + len(LEVELS))) for i in range(0, n_targets, len(LEVELS))]
+    mm_y = [
+        s.spacing[1] if f.transpose else s.spacing[0] for s, f in zip(stacks, frames, strict=True)
+    ]
+    looks = list(frames)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(np.zeros(0),) * 3] * len(stacks)
+    for k in range(2 if 0 < zoom < 1 else 1):
+        if k == 1:
+            looks = [
+                look.zoomed(*(float(np.min(v) + np.max(v)) / 2 for v in found[i][1:]), zoom)
+                for i, look in enumerate(looks)
+            ]
+        vols = [canonical_volume(s, look) for s, look in zip(stacks, looks, strict=True)]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, v in enumerate(vols):
+            by_shape.setdefault(v.shape, []).append(i)
+        for idx in by_shape.values():
+            for j in range(0, len(idx), batch_size):
+                part = idx[j : j + batch_size]
+                x = torch.from_numpy(np.stack([vols[i] for i in part])).to(device)
+                heat = net.eval()(x)["heatmaps"].float().cpu().numpy()
+                for i, h in zip(part, heat, strict=True):
+                    found[i] = _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
+    return found
 
 
 def predict_task_points(
@@ -599,19 +651,30 @@ def predict_task_points(
     return {target: lps[i] for i, target in enumerate(task.targets)}
 
 
-def evaluate_localizer(
+def localizer_hits_errors(
     net: nn.Module, samples: Sequence[LocalizerSample], zoom: float, decoder: str = "ordered"
-) -> dict[str, float]:
-    """Validation as prediction does it: right-slice rate, median and 90th percentile error (mm)."""
-    hits, errs = [], []
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-slice flags and errors (mm) of the labelled targets of ``samples`` (concatenated)."""
+    hits, errs = [np.zeros(0, dtype=bool)], [np.zeros(0)]
     for s in samples:
         z, y, x = locate_in_stack(net, s.stack, s.frame, zoom, decoder=decoder)
         lps = s.stack.voxel_to_patient(*s.frame.from_full(z, y, x))
         hits.append((np.rint(z) == np.rint(s.zyx[:, 0]))[s.valid])
         errs.append(np.linalg.norm(lps - s.points, axis=-1)[s.valid])
-    err = np.concatenate(errs)
+    return np.concatenate(hits), np.concatenate(errs)
+
+
+def evaluate_localizer(
+    net: nn.Module, samples: Sequence[LocalizerSample], zoom: float, decoder: str = "ordered"
+) -> dict[str, float]:
+    """Validation as prediction does it: right-slice rate, median and 90th percentile error (mm)."""
+    return summarize_hits_errors(*localizer_hits_errors(net, samples, zoom, decoder))
+
+
+def summarize_hits_errors(hits: np.ndarray, err: np.ndarray) -> dict[str, float]:
+    """Slice accuracy, median and 90th percentile error of :func:`localizer_hits_errors`."""
     return {
-        "slice_acc": float(np.concatenate(hits).mean()),
+        "slice_acc": float(hits.mean()),
         "median_mm": float(np.median(err)),
         "p90_mm": float(np.quantile(err, 0.9)),
     }
@@ -635,6 +698,36 @@ def localize_study(
             points.set(condition, level, p)
     points = fuse_level_points(points, localizer.offsets, localizer.fuse_mm)
     return derive_points(points, localizer.offsets)
+
+
+def localize_studies(
+    localizer: Localizer,
+    studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
+    batch_size: int = 8,
+) -> dict[int, StudyPoints]:
+    """:func:`localize_study` for many studies, the network passes batched across studies."""
+    found: dict[int, StudyPoints] = {sid: StudyPoints() for sid in studies}
+    for name, task in LOCALIZER_TASKS.items():
+        net = localizer.nets.get(name)
+        todo = [(sid, st[task.description][0]) for sid, st in studies.items()
+                if net is not None and st.get(task.description)]  # fmt: skip
+        if not todo:
+            continue
+        frames = [sagittal_frame(s, localizer.image_size, localizer.max_slices) for _, s in todo]
+        stacks = [s for _, s in todo]
+        located = locate_in_stacks(
+            net, stacks, frames, localizer.zoom, batch_size, decoder=localizer.decoder
+        )
+        for (sid, stack), frame, (z, y, x) in zip(todo, frames, located, strict=True):
+            lps = stack.voxel_to_patient(*frame.from_full(z, y, x))
+            for i, (condition, level) in enumerate(task.targets):
+                found[sid].set(condition, level, lps[i])
+    return {
+        sid: derive_points(
+            fuse_level_points(p, localizer.offsets, localizer.fuse_mm), localizer.offsets
+        )
+        for sid, p in found.items()
+    }
 
 
 # ----------------------------------------------------------------------------------- errors

@@ -8,7 +8,8 @@ Run folder (self-contained: prediction rebuilds everything from it)::
         localizer_{spinal,foraminal}.safetensors + .json, localizer_geometry.json
         grader_{spinal,foraminal,subarticular}.safetensors + .json
         fallback.json              training-fold constant for targets no series can show
-        log.jsonl                  one JSON line per stage and epoch (loss, val metrics, speed)
+        log.jsonl                  a runtime line (world size, device), then one line per stage
+                                   and epoch (loss, val metrics, speed, steps)
         oof.csv, localizer_errors.csv, metrics.json
         checkpoints/               per-epoch checkpoints while a stage trains (removed after)
     RUN_DIR/oof.csv, localizer_errors.csv, cv.json   written by :func:`.cv.merge_run`
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 RUNTIME_KEYS = frozenset(
     f"train.{k}"
     for k in ("folds", "fold_workers", "num_workers", "accelerator", "strategy",
-              "amp", "channels_last", "eval_batch_size", "log_every", "eval_every")
+              "amp", "channels_last", "eval_batch_size", "log_every", "eval_every", "ddp_timeout_s")
 )  # fmt: skip
 
 

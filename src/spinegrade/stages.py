@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +24,12 @@ from spinegrade.datasets import (
     collate_levels,
     collate_stacks,
 )
-from spinegrade.localize import LOCALIZER_TASKS, LocalizerSample, evaluate_localizer
+from spinegrade.localize import (
+    LOCALIZER_TASKS,
+    LocalizerSample,
+    localizer_hits_errors,
+    summarize_hits_errors,
+)
 from spinegrade.losses import grading_loss, localizer_loss
 from spinegrade.train import FitSpec, Runtime, fit
 
@@ -71,7 +77,9 @@ def train_localizer(
         val = list(val_samples.get(name, []))
 
         def evaluate(m: nn.Module, v=val) -> dict[str, float]:
-            return evaluate_localizer(m, v, c.zoom, c.decoder)
+            # Each rank decodes its share of the validation stacks; all see the same numbers.
+            parts = runtime.gather(localizer_hits_errors(m, runtime.shard(v), c.zoom, c.decoder))
+            return summarize_hits_errors(*(np.concatenate(p) for p in zip(*parts, strict=True)))
 
         ckpt = ckpt_dir / f"localizer_{name}" if ckpt_dir else None
         loss = _LocalizerLoss(c.sigma)
@@ -150,17 +158,18 @@ def train_grader(
 def _evaluate_grader(
     model, dataset: GraderDataset, loss, runtime: Runtime, batch_rows: int
 ) -> dict:
-    """Validation loss on crops at the true points (no jitter)."""
+    """Validation loss on crops at the true points (no jitter); each rank takes its share of the
+    items and the label-weighted sums are combined."""
     from spinegrade.train import to_device
 
     per = max(1, batch_rows // len(LEVELS))
+    mine = runtime.shard(range(len(dataset)))
     total, weight = 0.0, 0
-    for i in range(0, len(dataset), per):
-        batch = to_device(
-            collate_levels([dataset[k] for k in range(i, min(i + per, len(dataset)))]), runtime
-        )
+    for i in range(0, len(mine), per):
+        batch = to_device(collate_levels([dataset[k] for k in mine[i : i + per]]), runtime)
         with runtime.autocast():
             parts = loss(model, batch)
         n = int((batch["labels"] >= 0).sum())
         total, weight = total + float(parts["loss"]) * n, weight + n
-    return {"loss": total / max(weight, 1)}
+    sums = runtime.gather((total, weight), "validating the grader")
+    return {"loss": sum(t for t, _ in sums) / max(sum(w for _, w in sums), 1)}

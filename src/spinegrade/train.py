@@ -6,8 +6,13 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
   (fp16 with a gradient scaler otherwise), channels-last memory format, DataLoader workers;
 * multi-GPU with DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1; the
   world size is torchrun's, never a config key; ``train.strategy: ddp`` makes a launch without
-  torchrun an error); every rank trains on its shard (DistributedSampler) and only rank 0 writes
-  files;
+  torchrun an error); every rank trains on its share of each batch and only rank 0 writes
+  files. The configured batch is the *global* batch: each of W ranks takes its ``batch // W``
+  rows of every batch of the one-process order (:class:`_GlobalBatches`: nothing padded or
+  repeated, the incomplete last batch dropped as one process does), so W processes make the
+  optimiser steps of one process over the same batches when W divides the batch. A collective
+  that waits longer than ``train.ddp_timeout_s`` (a rank died or hangs) fails with
+  :class:`DistributedFailure` instead of hanging;
 * a checkpoint after every epoch (``.safetensors`` for model and optimiser tensors, ``.json`` for
   the epoch, the optimiser's hyper-parameters and the log so far; the JSON, written last, commits
   the pair), so an interrupted fold resumes where it stopped. The learning-rate schedule is a
@@ -18,25 +23,27 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spinegrade.atomic import atomic_path, crash_point, write_json
 from spinegrade.config import OptimConfig, TrainConfig
 from spinegrade.progress import progress_bar
 
 CKPT_FORMAT = "spinegrade-checkpoint/1"
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -69,9 +76,69 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def barrier(self) -> None:
+    def barrier(self, where: str = "a barrier") -> None:
         if self.distributed:
-            torch.distributed.barrier()
+            with collective(self, where):
+                torch.distributed.barrier()
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's share of ``items`` (every ``world_size``-th from ``rank``): each item is
+        handled by exactly one rank."""
+        return list(items[self.rank :: self.world_size])
+
+    def gather(self, obj: Any, where: str = "gathering results") -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` alone."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        with collective(self, where):
+            torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """How this run trains, for log.jsonl and metrics.json."""
+        amp = None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"world_size": self.world_size, "device": str(self.device), "device_name": name,
+                "amp": amp, "channels_last": self.channels_last}  # fmt: skip
+
+
+class DistributedFailure(RuntimeError):
+    """Another rank died, hung or failed: this rank stops instead of waiting for ever."""
+
+
+# Collective errors come from gloo/NCCL as plain RuntimeErrors (DistBackendError on newer torch);
+# these fragments tell them from a model's own RuntimeError.
+_COLLECTIVE_HINTS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+
+
+@contextlib.contextmanager
+def collective(runtime: Runtime, where: str) -> Iterator[None]:
+    """Turn a failed collective (a dead or stuck rank) into a clear :class:`DistributedFailure`."""
+    if not runtime.distributed:
+        yield
+        return
+    try:
+        yield
+    except DistributedFailure:
+        raise
+    except RuntimeError as err:
+        dist_error = getattr(torch.distributed, "DistError", ())
+        text = str(err).lower()
+        if not (isinstance(err, dist_error) or any(h in text for h in _COLLECTIVE_HINTS)):
+            raise
+        raise DistributedFailure(
+            f"rank {runtime.rank}/{runtime.world_size}: lost the other ranks while {where} "
+            f"(a rank died or stalled beyond train.ddp_timeout_s); see the other ranks' output "
+            f"for the first error, fix it and rerun: finished stages resume. ({err})"
+        ) from err
+
+
+def fault_point(point: str, runtime: Runtime) -> None:
+    """``SPINEGRADE_TEST_DIE=point:rank`` kills that rank at that point (tests of lost ranks)."""
+    want = os.environ.get("SPINEGRADE_TEST_DIE", "")
+    if want and want == f"{point}:{runtime.rank}":
+        os._exit(17)
 
 
 def setup_runtime(cfg: TrainConfig, threads: int | None = None) -> Runtime:
@@ -93,7 +160,11 @@ def setup_runtime(cfg: TrainConfig, threads: int | None = None) -> Runtime:
             "`torchrun --nproc_per_node N -m spinegrade.cli train ...` (N = number of GPUs)"
         )
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # The timeout bounds every collective: a dead rank fails the others, never hangs them.
+        timeout = datetime.timedelta(seconds=float(cfg.ddp_timeout_s))
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=timeout
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -351,18 +422,20 @@ def fit(
     """Train ``model`` in place for ``spec.epochs``; resume from ``ckpt_path`` if it exists.
 
     ``step_loss(model, batch)`` returns a dict with a differentiable ``loss`` (other entries are
-    logged); ``evaluate(model)`` (rank 0, after every ``spec.eval_every``-th epoch and the last)
+    logged); ``evaluate(model)`` (every rank, after every ``spec.eval_every``-th epoch and the
+    last; under DDP it grades its :meth:`Runtime.shard` and combines with :meth:`Runtime.gather`)
     returns validation numbers (logged, never used to pick weights), measured
     on the weights that will be kept (the weight average when ``spec.average`` > 0).
     ``log`` (rank 0) receives every epoch record and, with ``spec.log_every`` > 0, a step record
-    every ``log_every`` optimiser steps (see :class:`_Stepper`). Returns the per-epoch records.
+    every ``log_every`` optimiser steps (see :class:`_Stepper`). Returns the per-epoch records,
+    each with ``steps`` (optimiser steps of the epoch) and ``world_size``.
     """
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, spec.lr, spec.optim, spec.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a checkpoint resets them
-    loader, sampler = _loader(dataset, collate, spec, runtime)
+    loader, _ = _loader(dataset, collate, spec, runtime)
     average = None
     if spec.average > 0:  # decay from the horizon: averages ~ the last `average` of the steps
         horizon = max(1.0, spec.average * spec.epochs * len(loader))
@@ -378,17 +451,19 @@ def fit(
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
     for epoch in range(start, spec.epochs):
-        dataset.set_epoch(epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)  # the batch order follows the dataset's epoch
         torch.manual_seed(spec.seed * 1000 + epoch)
         step = _Stepper(
             train_model, step_loss, optimizer, base_lrs, scaler, spec, runtime, average, log
         )
-        record = step.epoch(loader, epoch)
+        with collective(runtime, f"training {spec.name} epoch {epoch + 1}"):
+            record = step.epoch(loader, epoch)
+        record["world_size"] = runtime.world_size
+        fault_point(f"{spec.name}:epoch", runtime)
         due = (epoch + 1) % max(1, spec.eval_every) == 0 or epoch + 1 == spec.epochs
-        if evaluate is not None and runtime.is_main and due:
-            record.update(_evaluate(model, average, evaluate))
+        if evaluate is not None and due:
+            with collective(runtime, f"validating {spec.name}"):
+                record.update(_evaluate(model, average, evaluate))
         history.append(record)
         if runtime.is_main:  # checkpoint first: a log consumer may stop the run
             if ckpt_path is not None:
@@ -397,7 +472,7 @@ def fit(
                 crash_point(f"fit_epoch:{spec.name}")
             if log is not None:
                 log(record)
-        runtime.barrier()
+        runtime.barrier(f"the end of {spec.name} epoch {epoch + 1}")
     if average is not None:
         average.copy_to(model)
     return history
@@ -461,7 +536,8 @@ class _Stepper:
                 self.log({"stage": self.spec.name, "epoch": epoch + 1, "step": step + 1,
                           **window.flush(), "lr": lr})  # fmt: skip
         elapsed = time.perf_counter() - t0
-        record = {"stage": self.spec.name, "epoch": epoch + 1, "time_s": round(elapsed, 2)}
+        record = {"stage": self.spec.name, "epoch": epoch + 1, "steps": n,
+                  "time_s": round(elapsed, 2)}  # fmt: skip
         record.update({f"train_{k}": round(v / max(n, 1), 5) for k, v in sums.items()})
         # Rows of the batch's first tensor: crops for graders, stacks for localisers.
         record["samples_per_s"] = round(rows / max(elapsed, 1e-9), 2)
@@ -508,23 +584,61 @@ class _Window:
         return out
 
 
+def rank_batch_size(batch_size: int, world_size: int) -> int:
+    """Rows one rank takes a step: the configured (global) batch split over the ranks.
+
+    With W dividing the batch, the global batch and the steps an epoch are those of one process;
+    otherwise the global batch is ``W * (batch // W)`` (at least one row a rank).
+    """
+    return max(1, batch_size // max(1, world_size))
+
+
 def _loader(dataset: EpochDataset, collate, spec: FitSpec, runtime: Runtime):
-    if runtime.distributed:
-        sampler = DistributedSampler(
-            dataset, num_replicas=runtime.world_size, rank=runtime.rank, seed=spec.seed
-        )
-    else:
-        sampler = _EpochRandomSampler(dataset, spec.seed)
+    """This rank's batches; ``len(loader)`` = optimiser steps an epoch, the same for W ranks as
+    for one process (see :class:`_GlobalBatches`)."""
+    batches = _GlobalBatches(dataset, spec.seed, spec.batch_size, runtime.rank, runtime.world_size)
     loader = DataLoader(
         dataset,
-        batch_size=spec.batch_size,
-        sampler=sampler,
+        batch_sampler=batches,
         collate_fn=collate,
         num_workers=runtime.num_workers,
         pin_memory=runtime.device.type == "cuda",
-        drop_last=len(dataset) > spec.batch_size,
     )
-    return loader, sampler
+    return loader, batches
+
+
+class _GlobalBatches(Sampler[list[int]]):
+    """This rank's rows of each global batch of the one-process order (a batch sampler).
+
+    The epoch's order is :class:`_EpochRandomSampler`'s (a function of seed and epoch); it is cut
+    into global batches of ``W * (batch // W)`` rows, the last incomplete one dropped (a single
+    partial batch when the whole set is smaller than a batch), and rank r takes rows
+    ``[r * b, (r + 1) * b)`` of each, b = ``batch // W``. So W ranks make the same optimiser
+    steps over the same samples, with the same global batches, as one process: nothing is padded
+    or repeated, and DDP's gradient average over the ranks is the step of the whole batch (up to
+    losses that normalise per batch, e.g. class-weighted means).
+    """
+
+    def __init__(self, dataset: EpochDataset, seed: int, batch: int, rank: int, world: int):
+        self.order = _EpochRandomSampler(dataset, seed)
+        self.rank, self.world = rank, world
+        self.per_rank = rank_batch_size(batch, world)
+        self.batch = self.per_rank * world
+
+    def __len__(self) -> int:
+        n = len(self.order)
+        return n // self.batch if n > self.batch else 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = list(self.order)
+        if len(perm) <= self.batch:  # one partial step: spread the rows, each rank at least one
+            part = perm[self.rank :: self.world] or perm[:1]
+            yield part
+            return
+        b = self.per_rank
+        for k in range(len(self)):
+            start = k * self.batch + self.rank * b
+            yield perm[start : start + b]
 
 
 class _EpochRandomSampler(Sampler[int]):
@@ -542,15 +656,17 @@ class _EpochRandomSampler(Sampler[int]):
 
 
 def to_device(batch: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
-    """Move the tensors of a batch (4-D images channels-last where configured)."""
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(runtime.device, non_blocking=True)
-            if runtime.channels_last and v.ndim == 4 and v.is_floating_point():
-                v = v.contiguous(memory_format=torch.channels_last)
-        out[k] = v
-    return out
+    """Move the tensors of a batch to the device.
+
+    Inputs stay as they are even with ``channels_last``: axis 1 of a (B, S, H, W) batch holds
+    slices, not channels, and the models fold it into the batch (grader) or into neighbour
+    channels (localiser) before the first convolution. Channels-last is a property of the conv
+    weights (:func:`fit`), whose outputs then carry it through the backbone.
+    """
+    return {
+        k: v.to(runtime.device, non_blocking=True) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }
 
 
 class JsonlLog:
