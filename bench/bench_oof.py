@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config("default", ["model.pretrained=false", "localizer.pretrained=false",
                                   "train.accelerator=cpu", *args.overrides])  # fmt: skip
     runtime = Runtime(torch.device("cpu"))
-    data, cache = prepare_phantom(args.work, args.studies, cfg.data.cache_size, 2)
+    data, cache = prepare_phantom(
+        args.work, args.studies, cfg.data.cache_size, 2, cfg.data.cache_mm
+    )
     studies, labels, samples, offsets = load_fold(data, cache, cfg)
     ids = sorted(studies)
     val = ids[::5]

@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data, cache = prepare_phantom(work, args.studies, cfg.data.cache_size, os.cpu_count() or 1)
+    data, cache = prepare_phantom(
+        work, args.studies, cfg.data.cache_size, os.cpu_count() or 1, cfg.data.cache_mm
+    )
     prep_s = time.perf_counter() - t0
     studies, labels, samples, offsets = load_fold(data, cache, cfg)
     report = run(cfg, runtime, studies, labels, samples, offsets, args)

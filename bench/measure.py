@@ -28,7 +28,9 @@ CROPS_PER_STUDY = 25  # 5 levels x (1 spinal + 2 foraminal + 2 subarticular)
 SAGITTAL_TASKS = 2  # localiser networks: canal on Sagittal T2, foramina on Sagittal T1
 
 
-def prepare_phantom(work: Path, n_studies: int, cache_size: int, workers: int) -> tuple[Path, Path]:
+def prepare_phantom(
+    work: Path, n_studies: int, cache_size: int, workers: int, cache_mm: float = 0.0
+) -> tuple[Path, Path]:
     """``work/data`` (phantom, RSNA layout) and ``work/cache``; reused when already there.
 
     Writing and reading DICOM needs pydicom; with a cache made elsewhere (copied into
@@ -47,7 +49,7 @@ def prepare_phantom(work: Path, n_studies: int, cache_size: int, workers: int) -
         ) from err
     if not (data / "train.csv").is_file():
         generate_dataset(data, n_studies, 0, seed=0, workers=workers, overwrite=True)
-    preprocess_dataset(data, cache, workers=workers, size=cache_size, progress=False)
+    preprocess_dataset(data, cache, workers=workers, size=cache_size, mm=cache_mm, progress=False)
     return data, cache
 
 

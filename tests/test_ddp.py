@@ -22,7 +22,9 @@ from tiny_config import TINY_RUN
 SRC = Path(__file__).resolve().parents[1] / "src"
 # 8 studies, 2 folds: 4 validation studies a fold. Batches divisible by 2 ranks (the grader's
 # batch is counted in studies: 10 crops -> 2 studies, 1 a rank).
-DDP_RUN = [*TINY_RUN, "data.n_folds=2", "localizer.batch_size=4", "train.ddp_timeout_s=30"]
+# write_world's cache declares the quick grid (256 px) in its manifest, so the run must match it.
+DDP_RUN = [*TINY_RUN, "data.n_folds=2", "localizer.batch_size=4", "train.ddp_timeout_s=30",
+           "data.cache_size=256"]  # fmt: skip
 
 
 def _env(**extra: str) -> dict[str, str]:
