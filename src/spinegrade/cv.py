@@ -83,10 +83,11 @@ def cross_validate(
     command can be repeated, or run with ``folds_to_run=[k]`` on different machines sharing the
     run folder (then :func:`merge_run`). Returns the cv.json content once all folds exist.
     """
-    check_cache(cache_dir, cfg.data, data_dir)  # before anything is written or trained
-    runtime = setup_runtime(cfg.train)
-    # Pretrained weights or a clear error now, not after minutes of loading data.
+    # Pretrained weights or a clear error now, not after minutes of loading data; then the cache
+    # must be the one this config asks for. Both before anything is written or trained.
     require_pretrained(cfg)
+    check_cache(cache_dir, cfg.data, data_dir)
+    runtime = setup_runtime(cfg.train)
     run_dir = Path(run_dir)
     cfg.data.data_dir, cfg.data.cache_dir = (
         str(Path(data_dir).resolve()),
