@@ -483,6 +483,7 @@ def predict(
     device: str = "auto",
     workers: int = 1,
     progress: bool = True,
+    predictor: Predictor | None = None,
 ) -> PredictResult:
     """Predict every study of ``input_dir`` with the fold ensemble of ``run_dir``.
 
@@ -491,7 +492,8 @@ def predict(
     :data:`STUDIES_COLUMNS`) and, with ``report_dir``, the per-study reports and ``index.html``
     (with each study's input folder). ``cache_dir`` is the work
     folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
-    the input.
+    the input. ``predictor``: an ensemble already loaded from ``run_dir`` (a service grading
+    study after study loads it once).
     """
     from spinegrade.preprocess import preprocess_dataset
     from spinegrade.rundir import load_run_config
@@ -503,7 +505,8 @@ def predict(
             f"--out {out_csv}: {STUDIES_CSV} is written beside the submission; name it otherwise"
         )
     work = Path(cache_dir) if cache_dir else default_work_dir(out_csv, input_dir)
-    predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
+    if predictor is None:  # fail fast, before preprocessing
+        predictor = Predictor.from_run_dir(run_dir, folds, device)
     # The cache grid must be the one the models were trained on.
     size = load_run_config(run_dir).data.cache_size
     t_load = time.perf_counter()
