@@ -1,0 +1,252 @@
+"""The clinical service against a real Orthanc (DICOMweb plugin) and its page in real Chromium.
+
+A tiny run is trained once for the module; phantom studies are uploaded to a private Orthanc on a
+loopback port (basic auth on), the loop grades them, and Orthanc is asked what arrived.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spinegrade.constants import LABEL_COLUMNS
+
+pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
+pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
+
+from spinegrade.serve.clinical import deweight
+from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
+from spinegrade.serve.state import State, backoff_s
+from tiny_config import TINY_RUN
+
+TOKEN = "test-token-5b1e"
+
+
+# ------------------------------------------------------------------------------- unit level
+
+
+def test_deweight_undoes_the_class_weight_lean() -> None:
+    # The weighted-loss optimum is q ~ w * p: de-weighting a q built that way returns p.
+    p = np.array([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
+    q = p * np.array([1.0, 2.0, 4.0])
+    q /= q.sum(axis=1, keepdims=True)
+    assert np.allclose(deweight(q), p)
+    assert np.allclose(deweight(q).sum(axis=1), 1.0)
+
+
+def test_state_is_idempotent_supersedes_and_backs_off(tmp_path: Path) -> None:
+    st = State(tmp_path / "s.db")
+    assert st.observe("1.2.3", "m", "fpA", {}) == "pending"
+    row = st.get("1.2.3", "m")
+    st.start(row.study_uid, "m")
+    st.finish(row, {"x": 1}, "sr1", "sop1", "sc1", started=0.0)
+    assert st.observe("1.2.3", "m", "fpA", {}) == "graded"  # same study, same model: no regrade
+    assert st.due("m") == []
+    assert st.observe("1.2.3", "m", "fpB", {}) == "pending"  # a changed study is graded again
+    row = st.get("1.2.3", "m")
+    st.finish(row, {"x": 2}, "sr2", "sop2", "sc2", started=0.0)
+    assert st.get("1.2.3", "m").superseded == [{"sr": "sr1", "sc": "sc1"}]
+    # Failure: retried only after the backoff, which doubles.
+    st.observe("9.9", "m", "f", {})
+    st.fail(st.get("9.9", "m"), "bad", started=0.0, base_backoff_s=60)
+    assert [r.study_uid for r in st.due("m")] == []
+    assert [r.study_uid for r in st.due("m", now=st.get("9.9", "m").next_try)] == ["9.9"]
+    assert backoff_s(1, 60) == 60 and backoff_s(3, 60) == 240 and backoff_s(30, 60) == 3600
+    # An interrupted run resumes: running -> pending.
+    st.observe("7.7", "m", "f", {})
+    st.start("7.7", "m")
+    st.close()
+    st = State(tmp_path / "s.db")
+    assert st.resume() == 1 and st.get("7.7", "m").status == "pending"
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """Phantom data (4 train + 3 test studies) and a tiny 2-fold run trained on it."""
+    from spinegrade.config import load_config
+    from spinegrade.cv import cross_validate
+    from spinegrade.phantom import generate_dataset
+    from spinegrade.preprocess import preprocess_dataset
+
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "data"
+    generate_dataset(data, n_train=4, n_test=3, seed=5, workers=1)
+    cfg = load_config("quick", TINY_RUN)
+    preprocess_dataset(data, root / "cache", "train", size=cfg.data.cache_size, progress=False)
+    cross_validate(data, root / "cache", root / "run", cfg, progress=False)
+    return data, root / "run"
+
+
+@pytest.fixture(scope="module")
+def pacs():
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    with LocalOrthanc() as server:
+        yield server
+
+
+def corrupt_copy(src: Path, dst: Path) -> None:
+    """A study whose headers are fine but whose pixel data is cut short (a broken transfer)."""
+    import pydicom
+
+    for f in sorted(src.rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.PixelData = ds.PixelData[:64]
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out)
+
+
+def study_uid_of(folder: Path) -> str:
+    import pydicom
+
+    return str(
+        pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    )
+
+
+def series_in_orthanc(server: LocalOrthanc, study_uid: str) -> list[dict]:
+    import requests
+
+    r = requests.get(
+        f"{server.dicomweb_url}/studies/{study_uid}/series", auth=server.auth, timeout=30
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def modalities(series: list[dict]) -> list[str]:
+    return sorted(s["00080060"]["Value"][0] for s in series)
+
+
+@pytest.fixture(scope="module")
+def served(trained, pacs, tmp_path_factory):
+    """Two good studies and a corrupt one on the PACS, one polling round done."""
+    from spinegrade.serve.service import Service, load_serve_config
+
+    data, run = trained
+    studies = sorted((data / "test_images").iterdir())
+    good, bad_src = studies[:2], studies[2]
+    bad = tmp_path_factory.mktemp("corrupt") / bad_src.name
+    corrupt_copy(bad_src, bad)
+    for s in good:
+        pacs.upload_folder(s)
+    pacs.upload_folder(bad)
+    work = tmp_path_factory.mktemp("servework")
+    cfg = load_serve_config(
+        pacs_url=pacs.dicomweb_url, pacs_user=pacs.user, pacs_password=pacs.password,
+        token=TOKEN, work_dir=str(work), device="cpu", backoff_s=3600.0,
+    )  # fmt: skip
+    svc = _wait_and_poll(Service(run, cfg))
+    return svc, [study_uid_of(s) for s in good], study_uid_of(bad), cfg, run, good
+
+
+def _wait_and_poll(svc, done=None, tries: int = 30):
+    """Poll until the uploaded studies are stable (Orthanc's StableAge) and ``done`` holds."""
+    import time
+
+    def all_done(rows) -> bool:
+        return len(rows) >= 3 and all(r.status in ("graded", "failed") for r in rows)
+
+    for _ in range(tries):
+        counts = svc.poll_once()
+        if (done or all_done)(svc.state.all(svc.model.model_id)):
+            return svc
+        time.sleep(1.0)
+    raise AssertionError(f"studies not seen/graded: {counts}")
+
+
+def test_service_files_sr_and_sc_into_each_study(served, pacs) -> None:
+    import pydicom
+    import requests
+
+    from spinegrade.serve.sr import read_sr
+
+    svc, good, _, _, _, folders = served
+    for uid, folder in zip(good, folders, strict=True):
+        row = svc.state.get(uid, svc.model.model_id)
+        assert row.status == "graded", row.reason
+        series = series_in_orthanc(pacs, uid)
+        assert modalities(series).count("SR") == 1 and modalities(series).count("OT") == 1
+        r = requests.get(
+            f"{pacs.dicomweb_url}/studies/{uid}/series/{row.sr_series_uid}/instances/"
+            f"{row.sr_sop_uid}",
+            headers={"Accept": 'multipart/related; type="application/dicom"'},
+            auth=pacs.auth, timeout=30,
+        )  # fmt: skip
+        r.raise_for_status()
+        start = r.content.index(b"DICM") - 128
+        ds = pydicom.dcmread(io.BytesIO(r.content[start:]))
+        assert ds.StudyInstanceUID == uid and ds.Modality == "SR"
+        content = read_sr(ds)
+        assert f"model_id={svc.model.model_id}" in content["parameters"]
+        assert f"folds={','.join(map(str, svc.model.folds))}" in content["parameters"]
+        probs = np.array([content["targets"][c]["probs"] for c in LABEL_COLUMNS])
+        want = np.array([row.result["targets"][c]["clinical"] for c in LABEL_COLUMNS])
+        assert np.allclose(probs, want, atol=1e-3) and np.allclose(probs.sum(1), 1.0)
+        # De-weighted: never more severe-leaning than what submission.csv would hold.
+        sub = np.array([row.result["targets"][c]["submission"] for c in LABEL_COLUMNS])
+        assert (probs[:, 2] <= sub[:, 2] + 1e-3).all()
+        located = [t for t in content["targets"].values() if t["point"] is not None]
+        assert located, "no level point reached the SR"
+        # Points live in the frame of reference of the study's own series.
+        for_uids = {
+            str(pydicom.dcmread(f, stop_before_pixels=True).FrameOfReferenceUID)
+            for f in folder.rglob("*.dcm")
+        }
+        assert {t["frame_of_reference"] for t in located} <= for_uids
+
+
+def test_corrupt_study_fails_with_reason_and_others_are_graded(served, pacs) -> None:
+    svc, good, bad, _, _, _ = served
+    row = svc.state.get(bad, svc.model.model_id)
+    assert row.status == "failed" and row.reason and row.next_try > row.updated
+    assert "SR" not in modalities(series_in_orthanc(pacs, bad))
+    assert all(svc.state.get(u, svc.model.model_id).status == "graded" for u in good)
+
+
+def test_rerun_and_restart_create_no_duplicate(served, pacs) -> None:
+    from spinegrade.serve.service import Service
+
+    svc, good, _, cfg, run, _ = served
+    again = Service(run, cfg, predictor=svc.predictor)  # a restart: same state folder
+    counts = again.poll_once()
+    assert counts["graded"] == 0 and counts["failed"] == 0
+    for uid in good:
+        assert modalities(series_in_orthanc(pacs, uid)).count("SR") == 1
+
+
+def test_changed_study_is_regraded_and_old_results_superseded(served, pacs, tmp_path) -> None:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    svc, good, _, _, _, folders = served
+    uid = good[0]
+    old = svc.state.get(uid, svc.model.model_id)
+    # A new MR series arrives in the study (a repeated sagittal): the study has changed.
+    series_uid = generate_uid()
+    first_series = sorted(p for p in folders[0].iterdir() if p.is_dir())[0]
+    for f in sorted(first_series.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.SeriesNumber = 77
+        ds.save_as(tmp_path / f.name)
+    pacs.upload_folder(tmp_path)
+
+    def regraded(rows) -> bool:
+        return any(r.study_uid == uid and r.superseded and r.status == "graded" for r in rows)
+
+    _wait_and_poll(svc, regraded)
+    new = svc.state.get(uid, svc.model.model_id)
+    assert new.status == "graded" and new.sr_series_uid != old.sr_series_uid
+    assert new.superseded == [{"sr": old.sr_series_uid, "sc": old.sc_series_uid}]
+    series = series_in_orthanc(pacs, uid)
+    assert modalities(series).count("SR") == 1 and modalities(series).count("OT") == 1
+    assert {s["0020000E"]["Value"][0] for s in series} >= {new.sr_series_uid, series_uid}
