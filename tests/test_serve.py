@@ -7,6 +7,8 @@ loopback port (basic auth on), the loop grades them, and Orthanc is asked what a
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +86,11 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def pacs():
+def pacs(tmp_path_factory):
     missing = orthanc_missing()
     if missing:
         pytest.skip(missing)
-    with LocalOrthanc() as server:
+    with LocalOrthanc(tmp_path_factory.mktemp("orthanc")) as server:  # its log stays for a look
         yield server
 
 
@@ -250,3 +252,119 @@ def test_changed_study_is_regraded_and_old_results_superseded(served, pacs, tmp_
     series = series_in_orthanc(pacs, uid)
     assert modalities(series).count("SR") == 1 and modalities(series).count("OT") == 1
     assert {s["0020000E"]["Value"][0] for s in series} >= {new.sr_series_uid, series_uid}
+
+
+# ------------------------------------------------------------------------------- the page
+
+
+@pytest.fixture(scope="module")
+def page_url(served):
+    """The worklist app over the served state, in uvicorn on a free loopback port."""
+    import threading
+    import time
+
+    import requests
+    import uvicorn
+
+    from spinegrade.serve.app import create_app
+    from spinegrade.serve.orthanc import free_port
+
+    svc = served[0]
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(svc, TOKEN), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(f"{url}/login", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_api_needs_the_token_and_never_shows_secrets(served, page_url, pacs) -> None:
+    import requests
+
+    _, good, bad, _, _, _ = served
+    assert requests.get(f"{page_url}/api/studies", timeout=10).status_code == 401
+    assert requests.get(f"{page_url}/", timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.get(f"{page_url}/api/studies", headers=wrong, timeout=10).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    studies = requests.get(f"{page_url}/api/studies", headers=auth, timeout=10).json()
+    assert {s["study_uid"]: s["status"] for s in studies} == {
+        good[0]: "graded",
+        good[1]: "graded",
+        bad: "failed",
+    }
+    key = next(s["key"] for s in studies if s["study_uid"] == good[1])
+    one = requests.get(f"{page_url}/api/studies/{key}", headers=auth, timeout=10).json()
+    assert len(one["result"]["targets"]) == 25
+    sr = requests.get(f"{page_url}/api/studies/{key}/sr.dcm", headers=auth, timeout=10)
+    assert sr.status_code == 200 and sr.content[128:132] == b"DICM"
+    for path in ("/", f"/study/{key}", "/api/studies"):
+        text = requests.get(f"{page_url}{path}", headers=auth, timeout=10).text
+        assert TOKEN not in text and pacs.password not in text
+
+
+def chromium_missing() -> str | None:
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        return (
+            "Chromium is not installed; run `sudo scripts/install-serve-deps.sh` "
+            "(Debian: apt-get install chromium chromium-driver)"
+        )
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is missing: pip install 'spinegrade[serve]'"
+    return None
+
+
+def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
+    missing = chromium_missing()
+    if missing:
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
+                "--disable-dev-shm-usage"):  # fmt: skip
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=DriverService(shutil.which("chromedriver")))
+    shots = Path(os.environ.get("SPINEGRADE_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get(page_url + "/")
+        assert driver.find_elements(By.ID, "token"), "no login form without the token"
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "login").click()
+        rows = driver.find_elements(By.CSS_SELECTOR, "#worklist tr")[1:]
+        statuses = sorted(r.find_elements(By.TAG_NAME, "td")[4].text for r in rows)
+        assert statuses == ["failed", "graded", "graded"]
+        assert TOKEN not in driver.page_source
+        driver.save_screenshot(str(shots / "worklist.png"))
+        link = next(
+            r.find_element(By.TAG_NAME, "a")
+            for r in rows
+            if r.find_elements(By.TAG_NAME, "td")[4].text == "graded"
+        )
+        link.click()
+        cells = driver.find_elements(By.CSS_SELECTOR, "#grades td")
+        assert len(cells) == 25 and all(c.get_attribute("data-grade") in "012" for c in cells)
+        img = driver.find_element(By.CSS_SELECTOR, "img.fig")
+        assert driver.execute_script("return arguments[0].naturalWidth", img) > 100
+        assert driver.find_element(By.ID, "sr-link").get_attribute("href").endswith("sr.dcm")
+        driver.save_screenshot(str(shots / "study.png"))
+    finally:
+        driver.quit()
+    assert (shots / "worklist.png").stat().st_size > 10_000
+    assert (shots / "study.png").stat().st_size > 10_000
