@@ -19,7 +19,6 @@ from spinegrade.constants import LABEL_COLUMNS
 pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
 pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
 
-from spinegrade.serve.clinical import deweight
 from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
 from spinegrade.serve.state import State, backoff_s
 from tiny_config import TINY_RUN
@@ -28,15 +27,6 @@ TOKEN = "test-token-5b1e"
 
 
 # ------------------------------------------------------------------------------- unit level
-
-
-def test_deweight_undoes_the_class_weight_lean() -> None:
-    # The weighted-loss optimum is q ~ w * p: de-weighting a q built that way returns p.
-    p = np.array([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
-    q = p * np.array([1.0, 2.0, 4.0])
-    q /= q.sum(axis=1, keepdims=True)
-    assert np.allclose(deweight(q), p)
-    assert np.allclose(deweight(q).sum(axis=1), 1.0)
 
 
 def test_state_is_idempotent_supersedes_and_backs_off(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from spinegrade.clinical import DEWEIGHT_NOTE
 from spinegrade.constants import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS, SEVERITIES
-from spinegrade.serve.clinical import DEWEIGHT_NOTE
 from spinegrade.serve.service import Service, study_key
 
 COOKIE = "spinegrade_session"

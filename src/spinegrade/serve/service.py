@@ -23,8 +23,8 @@ import pandas as pd
 import pydicom
 import yaml
 
+from spinegrade.clinical import DEWEIGHT_NOTE, deweight
 from spinegrade.constants import LABEL_COLUMNS, SEVERITIES
-from spinegrade.serve.clinical import DEWEIGHT_NOTE, deweight
 from spinegrade.serve.pacs import Pacs
 from spinegrade.serve.sr import ModelIdentity, build_sc, build_sr, read_sr
 from spinegrade.serve.state import State, StudyRow

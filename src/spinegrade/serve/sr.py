@@ -1,7 +1,7 @@
 """The DICOM results: a Comprehensive 3D SR (TID 1500 measurement report) and a secondary capture.
 
 One measurement group per condition and level: the grade (coded, SCT Severity), the three
-probabilities (class-weight lean removed, see :mod:`spinegrade.serve.clinical`), the finding site
+probabilities (class-weight lean removed, see :mod:`spinegrade.clinical`), the finding site
 (SCT intervertebral disc) and, where the localiser found the level, its point as SCOORD3D in the
 frame of reference of the series that condition is read on. Model identity goes into the device
 observer context and every group's algorithm identification.
