@@ -301,7 +301,12 @@ class Service:
         if not (row.sr_series_uid and self.cfg.delete_superseded):
             return
         for uid in (row.sr_series_uid, row.sc_series_uid):
-            if uid and not self.pacs.orthanc_delete_series(uid):
+            try:
+                deleted = bool(uid) and self.pacs.orthanc_delete_series(uid)
+            except Exception as exc:  # the new results are stored: never fail the study here
+                log.warning("could not remove a superseded series (%s)", type(exc).__name__)
+                continue
+            if uid and not deleted:
                 log.info("superseded series kept on the PACS (no delete there); the new SR "
                          "names it as a predecessor")  # fmt: skip
 
