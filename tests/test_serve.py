@@ -1,7 +1,8 @@
 """The clinical service against a real Orthanc (DICOMweb plugin) and its page in real Chromium.
 
-A tiny run is trained once for the module; phantom studies are uploaded to a private Orthanc on a
-loopback port (basic auth on), the loop grades them, and Orthanc is asked what arrived.
+The session's tiny run (conftest.tiny_trained) grades; phantom studies are uploaded to a private
+Orthanc on a loopback port (basic auth on), the loop grades them, and Orthanc is asked what
+arrived.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
 
 from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
 from spinegrade.serve.state import State, backoff_s
-from tiny_config import TINY_RUN
 
 TOKEN = "test-token-5b1e"
 
@@ -69,23 +69,6 @@ def test_state_is_idempotent_supersedes_and_backs_off(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """Phantom data (4 train + 3 test studies) and a tiny 2-fold run trained on it."""
-    from spinegrade.config import load_config
-    from spinegrade.cv import cross_validate
-    from spinegrade.phantom import generate_dataset
-    from spinegrade.preprocess import preprocess_dataset
-
-    root = tmp_path_factory.mktemp("serve")
-    data = root / "data"
-    generate_dataset(data, n_train=4, n_test=3, seed=5, workers=1)
-    cfg = load_config("quick", TINY_RUN)
-    preprocess_dataset(data, root / "cache", "train", size=cfg.data.cache_size, progress=False)
-    cross_validate(data, root / "cache", root / "run", cfg, progress=False)
-    return data, root / "run"
-
-
-@pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     missing = orthanc_missing()
     if missing:
@@ -129,11 +112,11 @@ def modalities(series: list[dict]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def served(trained, pacs, tmp_path_factory):
+def served(tiny_trained, pacs, tmp_path_factory):
     """Two good studies and a corrupt one on the PACS, one polling round done."""
     from spinegrade.serve.service import Service, load_serve_config
 
-    data, run = trained
+    data, run = tiny_trained
     studies = sorted((data / "test_images").iterdir())
     good, bad_src = studies[:2], studies[2]
     bad = tmp_path_factory.mktemp("corrupt") / bad_src.name
