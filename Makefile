@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_DIR ?= demo_run
 
-.PHONY: setup test demo lint format bench clean
+.PHONY: setup test demo lint format bench clean serve-deps
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q
+
+# System packages for the serve tests (Orthanc, DICOMweb plugin, Chromium); needs root.
+serve-deps:
+	scripts/install-serve-deps.sh
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/spinegrade demo --out $(DEMO_DIR)

@@ -98,23 +98,9 @@ def test_raw_input_lists_each_study_folder_and_series(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """A phantom dataset (4 train + 2 test studies) and a tiny 2-fold run trained on it."""
-    from spinegrade.config import load_config
-    from spinegrade.cv import cross_validate
-    from spinegrade.phantom import generate_dataset
-    from spinegrade.preprocess import preprocess_dataset
-
-    root = tmp_path_factory.mktemp("predict")
-    data = root / "data"
-    generate_dataset(data, n_train=4, n_test=2, seed=3, workers=1)
-    cfg = load_config("quick", TINY)
-    preprocess_dataset(
-        data, root / "cache", "train", size=cfg.data.cache_size, mm=cfg.data.cache_mm,
-        progress=False,
-    )  # fmt: skip
-    cross_validate(data, root / "cache", root / "run", cfg, progress=False)
-    return data, root / "run"
+def trained(tiny_trained) -> tuple[Path, Path]:
+    """The session's phantom data (4 train + 3 test studies) and tiny 2-fold run (conftest)."""
+    return tiny_trained
 
 
 def identifiers(data: Path) -> list[str]:

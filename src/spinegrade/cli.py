@@ -387,5 +387,25 @@ def synth(
     )
 
 
+@app.command()
+@cli_errors
+def serve(
+    run_dir: Path = typer.Argument(..., help="Trained run folder (as for `predict`)"),
+    pacs: str | None = typer.Option(
+        None, "--pacs", help="DICOMweb root, e.g. http://host/dicom-web"
+    ),
+    port: int | None = typer.Option(None, "--port", help="Port of the worklist page (8765)"),
+    config: Path | None = typer.Option(None, "--config", help="YAML serve settings (token etc.)"),
+) -> None:
+    """Grade new lumbar MR studies from a PACS; file SR + figure back; serve the worklist page."""
+    _passive_openmp()
+    from spinegrade.serve.app import serve as run_service
+    from spinegrade.serve.service import load_serve_config
+
+    cfg = load_serve_config(config, pacs_url=pacs, port=port)
+    typer.echo(f"spinegrade serve: worklist on http://{cfg.host}:{cfg.port}/ (token required)")
+    run_service(run_dir, cfg)
+
+
 if __name__ == "__main__":
     app()

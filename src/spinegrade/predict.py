@@ -508,6 +508,7 @@ def predict(
     workers: int = 1,
     progress: bool = True,
     strict: bool = False,
+    predictor: Predictor | None = None,
 ) -> PredictResult:
     """Predict every study of ``input_dir`` with the fold ensemble of ``run_dir``.
 
@@ -516,7 +517,8 @@ def predict(
     :data:`STUDIES_COLUMNS`) and, with ``report_dir``, the per-study reports and ``index.html``
     (with each study's input folder). ``cache_dir`` is the work
     folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
-    the input.
+    the input. ``predictor``: an ensemble already loaded from ``run_dir`` (a service grading
+    study after study loads it once).
 
     Raises ValueError (after writing the outputs, for inspection) when every study fell back to
     the training prior, or, with ``strict``, when any target of any study did.
@@ -535,7 +537,8 @@ def predict(
     # settings is the user's: refused, never rebuilt in place.
     if (Path(run_dir) / "config.yaml").is_file():  # not a run folder: the Predictor says so
         refuse_other_cache(work / "cache", load_run_config(run_dir).data, run_dir)
-    predictor = Predictor.from_run_dir(run_dir, folds, device)  # fail fast, before preprocessing
+    if predictor is None:  # fail fast, before preprocessing
+        predictor = Predictor.from_run_dir(run_dir, folds, device)
     data_cfg = load_run_config(run_dir).data
     t_load = time.perf_counter()
     prepared = prepare_input(input_dir, work)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -320,12 +320,18 @@ def _grade_grid(ax, pred: StudyPrediction) -> None:
 
 
 def study_figure(pred: StudyPrediction, inputs: ReportInputs, path: Path) -> Path:
-    """Write the study's PNG figure (matplotlib, Agg backend) and return its path."""
+    """Write the study's PNG figure (matplotlib, Agg backend) and return its path.
+
+    Probabilities are shown with the training's class-weight lean removed (clinical.deweight).
+    """
     import matplotlib
+
+    from spinegrade.clinical import deweight
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    pred = replace(pred, probs=deweight(pred.probs))
     fig = plt.figure(figsize=(17, 14), dpi=80, facecolor="white")
     fig.subplots_adjust(left=0.05, right=0.98, top=0.93, bottom=0.04)
     gs = fig.add_gridspec(3, 5, height_ratios=[3.0, 1.3, 1.3], hspace=0.32, wspace=0.15)
@@ -353,8 +359,8 @@ def study_figure(pred: StudyPrediction, inputs: ReportInputs, path: Path) -> Pat
     fig.suptitle(f"Study {pred.study_id}", fontsize=15, fontweight="bold")
     fig.text(
         0.5, 0.005,
-        "Markers: filled = on the shown slice, hollow = nearby slice. Research software, not for "
-        "diagnostic use.",
+        "Markers: filled = on the shown slice, hollow = nearby slice. Probabilities with the "
+        "training class weights (1/2/4) removed. Research software, not for diagnostic use.",
         ha="center", fontsize=9, color="#555555",
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +397,14 @@ def input_saliency(
 
 
 def grades_payload(pred: StudyPrediction, model_info: Mapping[str, object] | None = None) -> dict:
-    """The ``grades.json`` content: per target its probabilities, grade and located point."""
+    """The ``grades.json`` content: per target its probabilities, grade and located point.
+
+    ``probabilities``/``grade`` are the model's (metric-optimal, as in submission.csv);
+    ``clinical`` holds them with the class-weight lean removed (what the figure shows).
+    """
+    from spinegrade.clinical import deweight
+
+    shown = deweight(pred.probs)
     targets = {}
     for k, column in enumerate(LABEL_COLUMNS):
         condition, level = column[:-6], column[-5:]
@@ -404,6 +417,12 @@ def grades_payload(pred: StudyPrediction, model_info: Mapping[str, object] | Non
                 sev: round(float(v), 6) for sev, v in zip(SEVERITIES, p, strict=True)
             },
             "grade": SEVERITIES[grade_of(p)],
+            "clinical": {
+                "probabilities": {
+                    sev: round(float(v), 6) for sev, v in zip(SEVERITIES, shown[k], strict=True)
+                },
+                "grade": SEVERITIES[grade_of(shown[k])],
+            },
             "point_lps_mm": None if point is None else [round(float(v), 2) for v in point],
             "source": pred.source[k],
         }
@@ -443,8 +462,10 @@ span.g0{color:#2e7d32}span.prior{color:#888}ul{margin:0;padding-left:18px}li.war
 
 
 def _index_row(pred: StudyPrediction, folder: str | None) -> str:
+    from spinegrade.clinical import deweight
+
     sid = int(pred.study_id)
-    findings = _findings(pred)
+    findings = _findings(replace(pred, probs=deweight(pred.probs)))
     items = "".join(
         f'<li><span class="g{g}">{html.escape(t)}</span></li>'
         if seen
@@ -492,7 +513,8 @@ def write_index_html(
         f"<h1>{html.escape(title)}</h1><p class='sub'>{len(preds)} studies. Click a thumbnail "
         "for the full figure. Grades are the most probable class of the fold ensemble; the "
         "models are trained on the competition's weighted loss (Moderate x2, Severe x4), so their "
-        "probabilities lean towards the worse grades.</p>"
+        "probabilities lean towards the worse grades: shown here with that lean removed "
+        "(p / weight, renormalised); submission.csv keeps the metric-optimal values.</p>"
         + "".join(f"<p class='sub'>{html.escape(line)}</p>" for line in model_lines)
         + f"<table><thead><tr><th>Study</th>{folder_head}<th>Figure</th>"
         "<th>Findings (Moderate or worse)</th>"

@@ -1,0 +1,317 @@
+"""The grading loop: watch the PACS, retrieve, grade with the run's Predictor, store the SR + SC.
+
+One code path with ``spinegrade predict``: every study is retrieved into a private work folder and
+passed to :func:`spinegrade.predict.predict` with the ensemble loaded once. A study whose models
+graded nothing (unreadable images, no usable series) is a failure, never an SR of priors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import yaml
+
+from spinegrade.clinical import DEWEIGHT_NOTE, deweight
+from spinegrade.constants import LABEL_COLUMNS, SEVERITIES
+from spinegrade.serve.pacs import Pacs
+from spinegrade.serve.sr import ModelIdentity, build_sc, build_sr, read_sr
+from spinegrade.serve.state import State, StudyRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``spinegrade serve`` (YAML keys of ``--config`` have the same names).
+
+    ``token`` and ``pacs_password`` may instead come from the environment (``SPINEGRADE_TOKEN``,
+    ``SPINEGRADE_PACS_USER``, ``SPINEGRADE_PACS_PASSWORD``); they are never logged or shown.
+    """
+
+    pacs_url: str = ""
+    pacs_user: str | None = None
+    pacs_password: str | None = None
+    token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8765
+    work_dir: str = "spinegrade_serve"  # state.db, results/, the per-study work folders
+    poll_s: float = 30.0
+    backoff_s: float = 60.0  # first retry after a failure; doubles, capped at an hour
+    watch: str = "auto"  # auto (Orthanc change feed when the server is Orthanc) | qido | orthanc
+    qido_filters: dict = field(default_factory=dict)  # extra QIDO-RS filters, e.g. StudyDescription
+    device: str = "auto"
+    folds: list[int] | None = None
+    delete_superseded: bool = True  # Orthanc only: remove the results a newer grading replaced
+    keep_work: bool = False  # keep retrieved images and caches (debugging)
+
+    def __repr__(self) -> str:  # secrets never reach a log line through a repr
+        return f"ServeConfig(pacs_url={self.pacs_url!r}, port={self.port}, watch={self.watch!r})"
+
+
+def load_serve_config(path: Path | str | None = None, **overrides) -> ServeConfig:
+    """File, then environment, then non-None ``overrides`` (the CLI's options)."""
+    cfg = ServeConfig()
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        unknown = set(data) - set(ServeConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown serve setting(s) {sorted(unknown)}")
+        for k, v in data.items():
+            setattr(cfg, k, v)
+    for key, env in (("token", "SPINEGRADE_TOKEN"), ("pacs_user", "SPINEGRADE_PACS_USER"),
+                     ("pacs_password", "SPINEGRADE_PACS_PASSWORD")):  # fmt: skip
+        if os.environ.get(env):
+            setattr(cfg, key, os.environ[env])
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if not cfg.pacs_url:
+        raise ValueError("no PACS: give --pacs URL (the DICOMweb root) or pacs_url in --config")
+    if not cfg.token:
+        raise ValueError(
+            "no access token for the web page: set SPINEGRADE_TOKEN or token in --config"
+        )
+    return cfg
+
+
+def model_identity(run_dir: Path, folds: list[int]) -> ModelIdentity:
+    """Run name, folds and a SHA-256 over the folds' weight files: the model a result came from."""
+    from spinegrade.rundir import fold_dir
+
+    h = hashlib.sha256()
+    for k in folds:
+        for f in sorted(fold_dir(run_dir, k).rglob("*.safetensors")):
+            h.update(f.relative_to(run_dir).as_posix().encode())
+            h.update(f.read_bytes())
+    return ModelIdentity(Path(run_dir).resolve().name, list(folds), h.hexdigest()[:16])
+
+
+def fingerprint(series) -> str:
+    """What a grading depends on: the study's MR series and their instance counts."""
+    key = sorted(f"{s.uid}:{s.n_instances}" for s in series if s.modality == "MR")
+    return hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
+
+
+def study_key(study_uid: str) -> str:
+    """Folder name of a study in the work folder (a hash: UIDs are long and may repeat prefixes)."""
+    return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
+
+
+class GradingError(RuntimeError):
+    """A study that cannot be graded (the reason is shown on the worklist)."""
+
+
+class Service:
+    """The loop's state and steps; :meth:`poll_once` is one discover + grade round."""
+
+    def __init__(self, run_dir: Path | str, cfg: ServeConfig, predictor=None) -> None:
+        from spinegrade.predict import Predictor
+
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.work = Path(cfg.work_dir)
+        self.predictor = predictor or Predictor.from_run_dir(run_dir, cfg.folds, cfg.device)
+        self.model = model_identity(self.run_dir, self.predictor.folds)
+        self.pacs = Pacs(cfg.pacs_url, cfg.pacs_user, cfg.pacs_password)
+        self.state = State(self.work / "state.db")
+        resumed = self.state.resume()
+        if resumed:
+            log.info("resumed %d study(ies) interrupted by a restart", resumed)
+        self.stop_event = threading.Event()
+
+    # ------------------------------------------------------------------ watching
+
+    def discover(self) -> int:
+        """Record every study the PACS shows (new or changed ones become pending)."""
+        watch = self.cfg.watch
+        if watch == "auto":
+            watch = "orthanc" if self.pacs.orthanc_root else "qido"
+        if watch == "orthanc":
+            since = int(self.state.get_meta("orthanc_seq", "0"))
+            uids, last = self.pacs.orthanc_changed_studies(since)
+            infos = [i for i in (self.pacs.study(u) for u in uids) if i is not None]
+        else:
+            infos, last = self.pacs.studies(self.cfg.qido_filters), None
+        n = 0
+        for info in infos:
+            series = self.pacs.series(info["study_uid"])
+            if not any(s.modality == "MR" for s in series):
+                continue
+            info["n_series"] = sum(s.modality == "MR" for s in series)
+            self.state.observe(info["study_uid"], self.model.model_id, fingerprint(series), info)
+            n += 1
+        if last is not None:  # only after every change was recorded: a crash re-reads them
+            self.state.set_meta("orthanc_seq", str(last))
+        return n
+
+    def poll_once(self) -> dict:
+        """Discover, then grade every due study; one failure never stops the others."""
+        found = self.discover()
+        graded = failed = 0
+        for row in self.state.due(self.model.model_id):
+            if self.stop_event.is_set():
+                break
+            if self.process(row):
+                graded += 1
+            else:
+                failed += 1
+        return {"seen": found, "graded": graded, "failed": failed}
+
+    def run_forever(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                counts = self.poll_once()
+                if counts["graded"] or counts["failed"]:
+                    log.info("poll: %s", counts)
+            except Exception as exc:  # the PACS may be down: keep trying, say why
+                log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
+            self.stop_event.wait(self.cfg.poll_s)
+
+    # ------------------------------------------------------------------ grading
+
+    def process(self, row: StudyRow) -> bool:
+        from spinegrade.predict import scrub_paths
+
+        started = time.time()
+        self.state.start(row.study_uid, row.model_id)
+        try:
+            result, sr_uid, sr_sop, sc_uid = self.grade(row)
+        except Exception as exc:
+            reason = scrub_paths(f"{type(exc).__name__}: {exc}")[:500]
+            log.warning("study %s failed: %s", study_key(row.study_uid), reason)
+            self.state.fail(row, reason, started, self.cfg.backoff_s)
+            return False
+        finally:
+            if not self.cfg.keep_work:
+                shutil.rmtree(self.work / "studies" / study_key(row.study_uid), ignore_errors=True)
+        self.state.finish(row, result, sr_uid, sr_sop, sc_uid, started)
+        log.info("study %s graded in %.1f s", study_key(row.study_uid), time.time() - started)
+        return True
+
+    def retrieve(self, study_uid: str, folder: Path) -> dict[str, pydicom.Dataset]:
+        """WADO-RS every MR series into ``folder``; returns series UID -> one header."""
+        if folder.exists():
+            shutil.rmtree(folder)
+        headers = {}
+        for s in self.pacs.series(study_uid):
+            if s.modality != "MR":
+                continue
+            target = folder / study_key(s.uid)
+            target.mkdir(parents=True)
+            for k, ds in enumerate(self.pacs.retrieve_series(study_uid, s.uid)):
+                ds.save_as(target / f"{k:05d}.dcm", enforce_file_format=True)
+                if s.uid not in headers:
+                    head = pydicom.Dataset()
+                    head.update({e.tag: e for e in ds if e.tag != 0x7FE00010})
+                    headers[s.uid] = head
+        return headers
+
+    def grade(self, row: StudyRow) -> tuple[dict, str, str, str]:
+        """Retrieve, predict, build, validate and store; returns (result, SR series, SR SOP, SC)."""
+        from spinegrade.io.discover import stable_id
+        from spinegrade.predict import predict
+
+        t0 = time.perf_counter()
+        key = study_key(row.study_uid)
+        work = self.work / "studies" / key
+        headers = self.retrieve(row.study_uid, work / "input")
+        if not headers:
+            raise GradingError("the study has no MR series on the PACS")
+        t1 = time.perf_counter()
+        res = predict(
+            self.run_dir, work / "input", work / "submission.csv", report_dir=work / "report",
+            cache_dir=work / "cache", device=self.predictor.device, progress=False,
+            predictor=self.predictor,
+        )  # fmt: skip
+        sid = stable_id(row.study_uid)
+        warnings = res.warnings.get(sid, [])
+        if sid not in res.study_ids or not res.graded_per_study or res.graded_per_study[0] == 0:
+            raise GradingError("no target could be graded: " + ("; ".join(warnings) or "?"))
+        grades = json.loads((work / "report" / str(sid) / "grades.json").read_text())
+        raw = np.array([[grades["targets"][c]["probabilities"][s] for s in SEVERITIES]
+                        for c in LABEL_COLUMNS])  # fmt: skip
+        clinical = deweight(raw)
+        t2 = time.perf_counter()
+        evidence = self._evidence(pd.read_csv(res.studies_path), headers)
+        points = {c: grades["targets"][c]["point_lps_mm"] for c in LABEL_COLUMNS}
+        sr = build_sr(evidence, clinical, points, self.model, previous=self._previous_sr(row))
+        buf = io.BytesIO()
+        sr.save_as(buf)
+        check = read_sr(buf.getvalue())  # validate by re-reading before anything is stored
+        got = np.array([check["targets"][c]["probs"] for c in LABEL_COLUMNS])
+        if not np.allclose(got, clinical, atol=1e-6):
+            raise GradingError("the SR did not re-read to the grades it was built from")
+        ref = next(iter(evidence.values()))
+        sc = build_sc(ref, work / "report" / str(sid) / "figure.png")
+        self.pacs.store([sr, sc])
+        t3 = time.perf_counter()
+        self._supersede(row)
+        out = self.work / "results" / key
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_bytes(out / "sr.dcm", buf.getvalue())
+        shutil.copyfile(work / "report" / str(sid) / "figure.png", out / ".figure.tmp")
+        os.replace(out / ".figure.tmp", out / "figure.png")
+        result = {
+            "targets": {
+                c: {"grade": SEVERITIES[int(np.argmax(clinical[k]))],
+                    "clinical": [round(float(v), 4) for v in clinical[k]],
+                    "submission": [round(float(v), 4) for v in raw[k]],
+                    "source": grades["targets"][c]["source"]}
+                for k, c in enumerate(LABEL_COLUMNS)
+            },
+            "note": DEWEIGHT_NOTE,
+            "warnings": warnings,
+            "model": {"run": self.model.run, "folds": self.model.folds,
+                      "model_id": self.model.model_id, "version": self.model.version},
+            "timings_s": {"retrieve": round(t1 - t0, 2), "predict": round(t2 - t1, 2),
+                          "store": round(t3 - t2, 2)},
+        }  # fmt: skip
+        return result, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID), str(sc.SeriesInstanceUID)
+
+    def _evidence(self, studies, headers: dict[str, pydicom.Dataset]) -> dict:
+        """Series type -> a header of the series the model read for that type."""
+        from spinegrade.io.discover import stable_id
+
+        by_id = {stable_id(uid): h for uid, h in headers.items()}
+        out = {}
+        for sid, desc in studies[["series_id", "series_description"]].itertuples(index=False):
+            if desc and desc not in out and int(sid) in by_id:
+                out[desc] = by_id[int(sid)]
+        return out or {"": next(iter(headers.values()))}
+
+    def _previous_sr(self, row: StudyRow) -> pydicom.Dataset | None:
+        if not row.sr_sop_uid:
+            return None
+        path = self.work / "results" / study_key(row.study_uid) / "sr.dcm"
+        return pydicom.dcmread(path) if path.is_file() else None
+
+    def _supersede(self, row: StudyRow) -> None:
+        """Remove the result series a new grading replaces (Orthanc), so none is duplicated."""
+        if not (row.sr_series_uid and self.cfg.delete_superseded):
+            return
+        for uid in (row.sr_series_uid, row.sc_series_uid):
+            try:
+                deleted = bool(uid) and self.pacs.orthanc_delete_series(uid)
+            except Exception as exc:  # the new results are stored: never fail the study here
+                log.warning("could not remove a superseded series (%s)", type(exc).__name__)
+                continue
+            if uid and not deleted:
+                log.info("superseded series kept on the PACS (no delete there); the new SR "
+                         "names it as a predecessor")  # fmt: skip
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,382 @@
+"""The clinical service against a real Orthanc (DICOMweb plugin) and its page in real Chromium.
+
+The session's tiny run (conftest.tiny_trained) grades; phantom studies are uploaded to a private
+Orthanc on a loopback port (basic auth on), the loop grades them, and Orthanc is asked what
+arrived.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spinegrade.constants import LABEL_COLUMNS
+
+pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
+pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
+
+from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
+from spinegrade.serve.state import State, backoff_s
+
+TOKEN = "test-token-5b1e"
+
+
+class _Capture(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        LOG_LINES.append(self.format(record))
+
+
+LOG_LINES: list[str] = []
+_CAPTURE = _Capture(level=logging.DEBUG)
+
+
+# ------------------------------------------------------------------------------- unit level
+
+
+def test_state_is_idempotent_supersedes_and_backs_off(tmp_path: Path) -> None:
+    st = State(tmp_path / "s.db")
+    assert st.observe("1.2.3", "m", "fpA", {}) == "pending"
+    row = st.get("1.2.3", "m")
+    st.start(row.study_uid, "m")
+    st.finish(row, {"x": 1}, "sr1", "sop1", "sc1", started=0.0)
+    assert st.observe("1.2.3", "m", "fpA", {}) == "graded"  # same study, same model: no regrade
+    assert st.due("m") == []
+    assert st.observe("1.2.3", "m", "fpB", {}) == "pending"  # a changed study is graded again
+    row = st.get("1.2.3", "m")
+    st.finish(row, {"x": 2}, "sr2", "sop2", "sc2", started=0.0)
+    assert st.get("1.2.3", "m").superseded == [{"sr": "sr1", "sc": "sc1"}]
+    # Failure: retried only after the backoff, which doubles.
+    st.observe("9.9", "m", "f", {})
+    st.fail(st.get("9.9", "m"), "bad", started=0.0, base_backoff_s=60)
+    assert [r.study_uid for r in st.due("m")] == []
+    assert [r.study_uid for r in st.due("m", now=st.get("9.9", "m").next_try)] == ["9.9"]
+    assert backoff_s(1, 60) == 60 and backoff_s(3, 60) == 240 and backoff_s(30, 60) == 3600
+    # An interrupted run resumes: running -> pending.
+    st.observe("7.7", "m", "f", {})
+    st.start("7.7", "m")
+    st.close()
+    st = State(tmp_path / "s.db")
+    assert st.resume() == 1 and st.get("7.7", "m").status == "pending"
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    with LocalOrthanc(tmp_path_factory.mktemp("orthanc")) as server:  # its log stays for a look
+        yield server
+
+
+def corrupt_copy(src: Path, dst: Path) -> None:
+    """A study whose headers are fine but whose pixel data is cut short (a broken transfer)."""
+    import pydicom
+
+    for f in sorted(src.rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.PixelData = ds.PixelData[:64]
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out)
+
+
+def study_uid_of(folder: Path) -> str:
+    import pydicom
+
+    return str(
+        pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    )
+
+
+def series_in_orthanc(server: LocalOrthanc, study_uid: str) -> list[dict]:
+    import requests
+
+    r = requests.get(
+        f"{server.dicomweb_url}/studies/{study_uid}/series", auth=server.auth, timeout=30
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def modalities(series: list[dict]) -> list[str]:
+    return sorted(s["00080060"]["Value"][0] for s in series)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_trained, pacs, tmp_path_factory):
+    """Two good studies and a corrupt one on the PACS, one polling round done."""
+    from spinegrade.serve.service import Service, load_serve_config
+
+    data, run = tiny_trained
+    studies = sorted((data / "test_images").iterdir())
+    good, bad_src = studies[:2], studies[2]
+    bad = tmp_path_factory.mktemp("corrupt") / bad_src.name
+    corrupt_copy(bad_src, bad)
+    for s in good:
+        pacs.upload_folder(s)
+    pacs.upload_folder(bad)
+    work = tmp_path_factory.mktemp("servework")
+    LOG_LINES.clear()
+    logging.getLogger().addHandler(_CAPTURE)
+    cfg = load_serve_config(
+        pacs_url=pacs.dicomweb_url, pacs_user=pacs.user, pacs_password=pacs.password,
+        token=TOKEN, work_dir=str(work), device="cpu", backoff_s=3600.0,
+    )  # fmt: skip
+    svc = _wait_and_poll(Service(run, cfg))
+    return svc, [study_uid_of(s) for s in good], study_uid_of(bad), cfg, run, good
+
+
+def _wait_and_poll(svc, done=None, tries: int = 30):
+    """Poll until the uploaded studies are stable (Orthanc's StableAge) and ``done`` holds."""
+    import time
+
+    def all_done(rows) -> bool:
+        return len(rows) >= 3 and all(r.status in ("graded", "failed") for r in rows)
+
+    for _ in range(tries):
+        counts = svc.poll_once()
+        if (done or all_done)(svc.state.all(svc.model.model_id)):
+            return svc
+        time.sleep(1.0)
+    raise AssertionError(f"studies not seen/graded: {counts}")
+
+
+def test_service_files_sr_and_sc_into_each_study(served, pacs) -> None:
+    import pydicom
+    import requests
+
+    from spinegrade.serve.sr import read_sr
+
+    svc, good, _, _, _, folders = served
+    for uid, folder in zip(good, folders, strict=True):
+        row = svc.state.get(uid, svc.model.model_id)
+        assert row.status == "graded", row.reason
+        series = series_in_orthanc(pacs, uid)
+        assert modalities(series).count("SR") == 1 and modalities(series).count("OT") == 1
+        r = requests.get(
+            f"{pacs.dicomweb_url}/studies/{uid}/series/{row.sr_series_uid}/instances/"
+            f"{row.sr_sop_uid}",
+            headers={"Accept": 'multipart/related; type="application/dicom"'},
+            auth=pacs.auth, timeout=30,
+        )  # fmt: skip
+        r.raise_for_status()
+        start = r.content.index(b"DICM") - 128
+        ds = pydicom.dcmread(io.BytesIO(r.content[start:]))
+        assert ds.StudyInstanceUID == uid and ds.Modality == "SR"
+        content = read_sr(ds)
+        assert f"model_id={svc.model.model_id}" in content["parameters"]
+        assert f"folds={','.join(map(str, svc.model.folds))}" in content["parameters"]
+        probs = np.array([content["targets"][c]["probs"] for c in LABEL_COLUMNS])
+        want = np.array([row.result["targets"][c]["clinical"] for c in LABEL_COLUMNS])
+        assert np.allclose(probs, want, atol=1e-3) and np.allclose(probs.sum(1), 1.0)
+        # De-weighted: never more severe-leaning than what submission.csv would hold.
+        sub = np.array([row.result["targets"][c]["submission"] for c in LABEL_COLUMNS])
+        assert (probs[:, 2] <= sub[:, 2] + 1e-3).all()
+        located = [t for t in content["targets"].values() if t["point"] is not None]
+        assert located, "no level point reached the SR"
+        # Points live in the frame of reference of the study's own series.
+        for_uids = {
+            str(pydicom.dcmread(f, stop_before_pixels=True).FrameOfReferenceUID)
+            for f in folder.rglob("*.dcm")
+        }
+        assert {t["frame_of_reference"] for t in located} <= for_uids
+
+
+def test_corrupt_study_fails_with_reason_and_others_are_graded(served, pacs) -> None:
+    svc, good, bad, _, _, _ = served
+    row = svc.state.get(bad, svc.model.model_id)
+    assert row.status == "failed" and row.reason and row.next_try > row.updated
+    assert "SR" not in modalities(series_in_orthanc(pacs, bad))
+    assert all(svc.state.get(u, svc.model.model_id).status == "graded" for u in good)
+
+
+def test_rerun_and_restart_create_no_duplicate(served, pacs) -> None:
+    from spinegrade.serve.service import Service
+
+    svc, good, _, cfg, run, _ = served
+    again = Service(run, cfg, predictor=svc.predictor)  # a restart: same state folder
+    counts = again.poll_once()
+    assert counts["graded"] == 0 and counts["failed"] == 0
+    for uid in good:
+        assert modalities(series_in_orthanc(pacs, uid)).count("SR") == 1
+
+
+def test_changed_study_is_regraded_and_old_results_superseded(served, pacs, tmp_path) -> None:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    svc, good, _, _, _, folders = served
+    uid = good[0]
+    old = svc.state.get(uid, svc.model.model_id)
+    # A new MR series arrives in the study (a repeated sagittal): the study has changed.
+    series_uid = generate_uid()
+    first_series = sorted(p for p in folders[0].iterdir() if p.is_dir())[0]
+    for f in sorted(first_series.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.SeriesNumber = 77
+        ds.save_as(tmp_path / f.name)
+    pacs.upload_folder(tmp_path)
+
+    def regraded(rows) -> bool:
+        return any(r.study_uid == uid and r.superseded and r.status == "graded" for r in rows)
+
+    _wait_and_poll(svc, regraded)
+    new = svc.state.get(uid, svc.model.model_id)
+    assert new.status == "graded" and new.sr_series_uid != old.sr_series_uid
+    assert new.superseded == [{"sr": old.sr_series_uid, "sc": old.sc_series_uid}]
+    series = series_in_orthanc(pacs, uid)
+    assert modalities(series).count("SR") == 1 and modalities(series).count("OT") == 1
+    assert {s["0020000E"]["Value"][0] for s in series} >= {new.sr_series_uid, series_uid}
+
+
+# ------------------------------------------------------------------------------- the page
+
+
+@pytest.fixture(scope="module")
+def page_url(served):
+    """The worklist app over the served state, in uvicorn on a free loopback port."""
+    import threading
+    import time
+
+    import requests
+    import uvicorn
+
+    from spinegrade.serve.app import create_app
+    from spinegrade.serve.orthanc import free_port
+
+    svc = served[0]
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(svc, TOKEN), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(f"{url}/login", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_api_needs_the_token_and_never_shows_secrets(served, page_url, pacs) -> None:
+    import requests
+
+    _, good, bad, _, _, _ = served
+    assert requests.get(f"{page_url}/api/studies", timeout=10).status_code == 401
+    assert requests.get(f"{page_url}/", timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.get(f"{page_url}/api/studies", headers=wrong, timeout=10).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    studies = requests.get(f"{page_url}/api/studies", headers=auth, timeout=10).json()
+    assert {s["study_uid"]: s["status"] for s in studies} == {
+        good[0]: "graded",
+        good[1]: "graded",
+        bad: "failed",
+    }
+    key = next(s["key"] for s in studies if s["study_uid"] == good[1])
+    one = requests.get(f"{page_url}/api/studies/{key}", headers=auth, timeout=10).json()
+    assert len(one["result"]["targets"]) == 25
+    sr = requests.get(f"{page_url}/api/studies/{key}/sr.dcm", headers=auth, timeout=10)
+    assert sr.status_code == 200 and sr.content[128:132] == b"DICM"
+    for path in ("/", f"/study/{key}", "/api/studies"):
+        text = requests.get(f"{page_url}{path}", headers=auth, timeout=10).text
+        assert TOKEN not in text and pacs.password not in text
+    logged = "\n".join(LOG_LINES)
+    assert "failed: GradingError" in logged  # the capture works: the loop's lines are in it
+    assert TOKEN not in logged and pacs.password not in logged
+
+
+def test_qido_polling_finds_the_same_studies(served, pacs, tmp_path) -> None:
+    """Without the Orthanc change feed (any DICOMweb server): QIDO-RS finds every MR study."""
+    from spinegrade.serve.service import Service, load_serve_config
+
+    svc, good, bad, _, run, _ = served
+    qido = load_serve_config(
+        pacs_url=pacs.dicomweb_url, pacs_user=pacs.user, pacs_password=pacs.password,
+        token=TOKEN, work_dir=str(tmp_path), watch="qido",
+    )  # fmt: skip
+    other = Service(run, qido, predictor=svc.predictor)
+    assert other.discover() == 3
+    assert {r.study_uid for r in other.state.due(other.model.model_id)} == {*good, bad}
+
+
+def test_serve_cli_refuses_to_start_without_a_token(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from spinegrade.cli import app
+
+    monkeypatch.delenv("SPINEGRADE_TOKEN", raising=False)
+    out = CliRunner().invoke(app, ["serve", str(tmp_path), "--pacs", "http://u:pw@127.0.0.1:9/x"])
+    assert out.exit_code != 0 and "SPINEGRADE_TOKEN" in out.output and "pw" not in out.output
+
+
+def chromium_missing() -> str | None:
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        return (
+            "Chromium is not installed; run `sudo scripts/install-serve-deps.sh` "
+            "(Debian: apt-get install chromium chromium-driver)"
+        )
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is missing: pip install 'spinegrade[serve]'"
+    return None
+
+
+def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
+    missing = chromium_missing()
+    if missing:
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
+                "--disable-dev-shm-usage"):  # fmt: skip
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=DriverService(shutil.which("chromedriver")))
+    shots = Path(os.environ.get("SPINEGRADE_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get(page_url + "/")
+        assert driver.find_elements(By.ID, "token"), "no login form without the token"
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "login").click()
+        rows = driver.find_elements(By.CSS_SELECTOR, "#worklist tr")[1:]
+        statuses = sorted(r.find_elements(By.TAG_NAME, "td")[4].text for r in rows)
+        assert statuses == ["failed", "graded", "graded"]
+        assert TOKEN not in driver.page_source
+        driver.save_screenshot(str(shots / "worklist.png"))
+        link = next(
+            r.find_element(By.TAG_NAME, "a")
+            for r in rows
+            if r.find_elements(By.TAG_NAME, "td")[4].text == "graded"
+        )
+        link.click()
+        cells = driver.find_elements(By.CSS_SELECTOR, "#grades td")
+        assert len(cells) == 25 and all(c.get_attribute("data-grade") in "012" for c in cells)
+        img = driver.find_element(By.CSS_SELECTOR, "img.fig")
+        assert driver.execute_script("return arguments[0].naturalWidth", img) > 100
+        assert driver.find_element(By.ID, "sr-link").get_attribute("href").endswith("sr.dcm")
+        driver.save_screenshot(str(shots / "study.png"))
+    finally:
+        driver.quit()
+    assert (shots / "worklist.png").stat().st_size > 10_000
+    assert (shots / "study.png").stat().st_size > 10_000
