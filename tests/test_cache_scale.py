@@ -158,7 +158,7 @@ def test_train_refuses_a_cache_made_with_other_settings(tmp_path: Path):
     # The CLI says the same in one line, exit code 2.
     result = CliRunner().invoke(
         app, ["train", str(data), "--cache", str(cache), "--out", str(tmp_path / "run2"),
-              "--config", "default"],
+              "--config", "default", "model.pretrained=false", "localizer.pretrained=false"],
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "data.cache_size: cache 256, run 512" in result.output

@@ -576,6 +576,10 @@ def predict(
     return result
 
 
+class FallbackError(ValueError):
+    """Every study (or, with ``--strict``, any target) fell back to the training prior."""
+
+
 def _check_fallbacks(result: PredictResult, strict: bool) -> None:
     """A run whose models graded nothing is an error, not a submission of priors."""
     ids = result.study_ids
@@ -583,13 +587,13 @@ def _check_fallbacks(result: PredictResult, strict: bool) -> None:
     some_prior = [s for s, n in zip(ids, result.graded_per_study, strict=True) if n < 25]
     written = f"{result.submission_path} was written for inspection"
     if ids and len(prior_only) == len(ids):
-        raise ValueError(
+        raise FallbackError(
             f"every study ({len(ids)}) fell back to the training prior: no model graded any "
             f"target (first warnings: {result.warnings.get(ids[0], [])[:2]}); {written}. Check "
             "that the input holds lumbar MRI series the run was trained on"
         )
     if strict and some_prior:
-        raise ValueError(
+        raise FallbackError(
             f"--strict: {len(some_prior)} of {len(ids)} studies use the training prior for some "
             f"targets (e.g. study {some_prior[0]}: {result.warnings.get(some_prior[0], [])[:2]}); "
             f"{written}"

@@ -220,7 +220,7 @@ class Service:
     def grade(self, row: StudyRow) -> tuple[dict, str, str, str]:
         """Retrieve, predict, build, validate and store; returns (result, SR series, SR SOP, SC)."""
         from spinegrade.io.discover import stable_id
-        from spinegrade.predict import predict
+        from spinegrade.predict import FallbackError, predict
 
         t0 = time.perf_counter()
         key = study_key(row.study_uid)
@@ -229,11 +229,14 @@ class Service:
         if not headers:
             raise GradingError("the study has no MR series on the PACS")
         t1 = time.perf_counter()
-        res = predict(
-            self.run_dir, work / "input", work / "submission.csv", report_dir=work / "report",
-            cache_dir=work / "cache", device=self.predictor.device, progress=False,
-            predictor=self.predictor,
-        )  # fmt: skip
+        try:
+            res = predict(
+                self.run_dir, work / "input", work / "submission.csv", report_dir=work / "report",
+                cache_dir=work / "cache", device=self.predictor.device, progress=False,
+                predictor=self.predictor,
+            )  # fmt: skip
+        except FallbackError as err:  # one study a call: nothing graded is this study's failure
+            raise GradingError(f"no target could be graded: {err}") from err
         sid = stable_id(row.study_uid)
         warnings = res.warnings.get(sid, [])
         if sid not in res.study_ids or not res.graded_per_study or res.graded_per_study[0] == 0:
