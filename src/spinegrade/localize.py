@@ -563,23 +563,7 @@ def locate_in_stack(
     bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its window. Levels are
     decoded in groups of five (one per side) with :func:`decode_levels`.
     """
-    device = next(net.parameters()).device
-    n_targets = int(net.n_targets)
-    groups = [list(range(i, i + len(LEVELS))) for i in range(0, n_targets, len(LEVELS))]
-    # Canonical y runs along the cached rows, or along the columns for a transposed stack.
-    mm_y = stack.spacing[1] if frame.transpose else stack.spacing[0]
-    looks = [frame]
-    z = y = x = np.zeros(0)
-    for k in range(2 if 0 < zoom < 1 else 1):
-        if k == 1:
-            cy, cx = (float(np.min(v) + np.max(v)) / 2 for v in (y, x))
-            looks.append(frame.zoomed(cy, cx, zoom))
-        look = looks[-1]
-        vol = torch.from_numpy(canonical_volume(stack, look))[None].to(device)
-        out = net.eval()(vol)
-        heat = out["heatmaps"][0].float().cpu().numpy()
-        z, y, x = _decode_look(heat, look, groups, mm_y, min_gap_mm, decoder)
-    return z, y, x
+    return locate_in_stacks(net, [stack], [frame], zoom, 1, min_gap_mm, decoder)[0]
 
 
 def _decode_look(
@@ -641,16 +625,6 @@ def locate_in_stacks(
     return found
 
 
-def predict_task_points(
-    net: nn.Module, stack: CachedStack, task: LocalizerTask, localizer: Localizer
-) -> dict[tuple[str, str], np.ndarray]:
-    """Patient-space points of one task's targets in one sagittal stack."""
-    frame = sagittal_frame(stack, localizer.image_size, localizer.max_slices)
-    z, y, x = locate_in_stack(net, stack, frame, localizer.zoom, decoder=localizer.decoder)
-    lps = stack.voxel_to_patient(*frame.from_full(z, y, x))
-    return {target: lps[i] for i, target in enumerate(task.targets)}
-
-
 def localizer_hits_errors(
     net: nn.Module, samples: Sequence[LocalizerSample], zoom: float, decoder: str = "ordered"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -688,16 +662,7 @@ def localize_study(
     Networks read the sagittal series; the canal from the foramina (no T2) and the recesses come
     from the learned offsets. Points that cannot be found stay NaN (the grader then falls back).
     """
-    points = StudyPoints()
-    for name, task in LOCALIZER_TASKS.items():
-        net, cand = localizer.nets.get(name), stacks.get(task.description)
-        if net is None or not cand:
-            continue
-        found = predict_task_points(net, cand[0], task, localizer)
-        for (condition, level), p in found.items():
-            points.set(condition, level, p)
-    points = fuse_level_points(points, localizer.offsets, localizer.fuse_mm)
-    return derive_points(points, localizer.offsets)
+    return localize_studies(localizer, {0: stacks})[0]
 
 
 def localize_studies(
