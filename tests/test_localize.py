@@ -87,6 +87,32 @@ def test_zoom_window_pads_outside_the_image():
     )
 
 
+@pytest.mark.parametrize(("row", "col"), [(P, -H), (H, -P)])
+def test_rectangular_field_is_padded_not_squeezed(row, col):
+    """A 64 x 40 mm field reaches the network with its proportions (zeros beside it): a squeezed
+    spine would show discs closer together (or wider) than any the network was trained on."""
+    shape = (3, 64, 40) if row is P else (3, 40, 64)  # 64 mm head-feet, 40 mm front-back
+    stack = make_stack(row, col, (0, 0, 0), shape, (1.0, 1.0), 4.0)
+    stack.volume[:] = 0
+    pts = [np.array([0.0, 0.0, 0.0]), 12.0 * H, 12.0 * P]  # centre, 12 mm up, 12 mm back
+    for q in pts:
+        add_blob(stack, q, 255, 1.5)
+    frame = sagittal_frame(stack, size=32, max_slices=3)
+    side_h, side_w = frame.view_window()[2:]
+    assert side_h == side_w == 64 and frame.inplane_hw() == (64, 40)
+    vol = canonical_volume(stack, frame)
+    assert vol.shape == (3, 32, 32)
+    px = [np.array(frame.to_canonical(*stack.patient_to_voxel(q)), dtype=float)[1:] for q in pts]
+    up, back = np.abs(px[1] - px[0]), np.abs(px[2] - px[0])
+    assert up[0] == pytest.approx(back[1], rel=0.02)  # 12 mm is 12 mm on both axes (6 px)
+    assert up[0] == pytest.approx(6.0, rel=0.05)
+    # the 12 px of padding on each side (of 64) are empty; the field's centre is not
+    assert vol[:, :, :5].max() == 0 and vol[:, :, -5:].max() == 0
+    assert vol[1].max() > 0.1  # the blobs (antialiased to half size)
+    z, y, x = np.array([1.0, 2.0]), np.array([30.0, 3.5]), np.array([20.0, 39.0])
+    assert np.allclose(frame.to_cached(*frame.to_canonical(z, y, x)), (z, y, x))
+
+
 def test_collate_pads_and_masks():
     a = {"volume": np.ones((3, 8, 8), np.float32), "xy": np.zeros((5, 2), np.float32),
          "z": np.zeros(5, np.float32), "valid": np.ones(5, bool)}  # fmt: skip
@@ -311,3 +337,39 @@ def test_chain_decoder_names_consecutive_discs():
     assert y_ord[0] == pytest.approx(3, abs=0.3) and y_ord[3] == pytest.approx(24, abs=0.3)
     with pytest.raises(ValueError, match="decoder"):
         Localizer({}, {}, 32, 8, decoder="nearest")
+
+
+def test_close_look_refines_only_near_its_centre():
+    # A close look centred on the zoomed look's estimate: the neighbouring disc (beyond
+    # FINE_SEARCH_MM) may be brighter, in this level's map or another's; the point moves to the
+    # nearest disc of the pooled maps and stays on it.
+    from spinegrade.localize import FINE_SEARCH_MM, _decode_fine
+
+    stack = make_stack(P, -H, (0, 0, 0), (3, 64, 64), (1.0, 1.0), 4.0)
+    look = sagittal_frame(stack, size=32, max_slices=3).zoomed(32.0, 32.0, 0.5)  # 32 px window
+    # cells of 2 mm; the centre is cell 7.5; the search reaches FINE_SEARCH_MM / 2 cells from it
+    assert 7.5 - 0 > FINE_SEARCH_MM / 2 > 10 - 7.5  # the premise: one disc in reach, one beyond
+    heat = _logits({0: [(1, 10, 8, 6.0), (2, 0, 8, 9.0)], 1: [(1, 10, 8, 6.0)],
+                    2: [(2, 15, 15, 12.0)]}, t=5, s=3, h=16, w=16)  # fmt: skip
+    z, y, x = _decode_fine(heat, range(5), look, mm_y=1.0)
+    assert z == pytest.approx(1) and y == pytest.approx(16 + 2 * 10 + 0.5, abs=0.6)
+    assert x == pytest.approx(16 + 2 * 8 + 0.5, abs=0.6)
+
+
+def test_close_looks_follow_the_blob_and_round_trip_in_the_geometry(tmp_path):
+    sample = _blob_sample([(0.0, 5.0, z) for z in (-20.0, -10.0, 0.0, 10.0, 20.0)])
+    ds = LocalizerDataset([sample], augment=True, zoom=0.6, seed=4, fine=0.4)
+    sizes = set()
+    for epoch in range(15):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        for j in np.flatnonzero(item["valid"]):
+            x, y = item["xy"][j]
+            img = item["volume"][int(item["z"][j])]
+            r0, c0 = max(0, round(float(y)) - 3), max(0, round(float(x)) - 3)
+            assert img[r0 : r0 + 7, c0 : c0 + 7].max() > 0.3  # the target sits on its blob
+        sizes.add(int(item["valid"].sum()))
+    assert min(sizes) < 5  # some looks were close ones, showing only a few levels
+    loc = Localizer({}, {}, 32, 8, zoom=0.6, decoder="chain", fine=0.4)
+    loc.save(tmp_path)
+    assert Localizer.load(tmp_path).fine == pytest.approx(0.4)

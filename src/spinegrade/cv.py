@@ -294,7 +294,9 @@ def _stage1(
 
     nets = train_localizer(cfg, pick(train_ids), pick(val_ids), runtime, ckpt, log_fn, seed)
     c = cfg.localizer
-    localizer = Localizer(nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder)
+    localizer = Localizer(
+        nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine
+    )
     if runtime.is_main:
         localizer.save(out, meta={"config": cfg.to_dict()})
     return localizer

@@ -260,10 +260,12 @@ class LocalizerDataset(EpochDataset):
         shift_frac: float = 0.1,
         seed: int = 0,
         aug: LocalizerAugmentConfig | None = None,
+        fine: float = 0.0,
     ) -> None:
         self.samples, self.augment, self.seed = list(samples), augment, seed
         self.zoom, self.zoom_prob, self.shift_frac = zoom, zoom_prob, shift_frac
         self.aug = aug if aug is not None else NO_LOCALIZER_AUGMENT
+        self.fine = fine
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -274,13 +276,21 @@ class LocalizerDataset(EpochDataset):
             return s.view(s.frame)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         frame = s.frame
-        if 0 < self.zoom < 1 and rng.random() < self.zoom_prob:
+        if 0 < self.fine < 1 and s.valid.any() and rng.random() < 1 / 3:
+            # The close look of prediction: centred on one level, off by up to the zoomed
+            # look's typical error (a third of the window's half).
+            j = int(rng.choice(np.flatnonzero(s.valid)))
+            frac = self.fine * rng.uniform(0.85, 1.15)
+            side = frame.field()[2]
+            cy, cx = s.zyx[j, 1:] + rng.uniform(-1, 1, 2) * frac * side / 6
+            frame = frame.zoomed(float(cy), float(cx), frac)
+        elif 0 < self.zoom < 1 and rng.random() < self.zoom_prob:
             frac = self.zoom * rng.uniform(0.85, 1.15)
-            h, w = frame.inplane_hw()
+            side = frame.field()[2]
             ys, xs = s.zyx[s.valid, 1], s.zyx[s.valid, 2]
             cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
-            cy += rng.uniform(-1, 1) * self.shift_frac * frac * h
-            cx += rng.uniform(-1, 1) * self.shift_frac * frac * w
+            cy += rng.uniform(-1, 1) * self.shift_frac * frac * side
+            cx += rng.uniform(-1, 1) * self.shift_frac * frac * side
             frame = _stretched(frame.zoomed(cy, cx, frac), rng, self.aug.aspect)
         else:
             frame = _whole_look(s, rng, self.aug)
@@ -314,14 +324,14 @@ def _whole_look(
     frame = s.frame
     if a.scale <= 0 and a.aspect <= 0 and a.shift <= 0:
         return frame
-    h, w = frame.inplane_hw()
+    fy, fx, side, _ = frame.field()  # the square field: proportions kept
     ys, xs = s.zyx[s.valid, 1], s.zyx[s.valid, 2]
     for _ in range(8):
         k = float(np.exp(rng.uniform(-1, 1) * np.log1p(a.scale)))
         r = float(np.exp(rng.uniform(-1, 1) * np.log1p(a.aspect)))
-        lh, lw = max(8, round(h * k * np.sqrt(r))), max(8, round(w * k / np.sqrt(r)))
-        cy = h / 2 + rng.uniform(-1, 1) * a.shift * h
-        cx = w / 2 + rng.uniform(-1, 1) * a.shift * w
+        lh, lw = max(8, round(side * k * np.sqrt(r))), max(8, round(side * k / np.sqrt(r)))
+        cy = fy + side / 2 + rng.uniform(-1, 1) * a.shift * side
+        cx = fx + side / 2 + rng.uniform(-1, 1) * a.shift * side
         y0, x0 = round(cy - lh / 2), round(cx - lw / 2)
         my, mx = 0.04 * lh, 0.04 * lw
         if (

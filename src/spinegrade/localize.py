@@ -92,8 +92,20 @@ class SagittalFrame:
         """(H, W) of the full-resolution canonical image."""
         return (self.width, self.height) if self.transpose else (self.height, self.width)
 
-    def _window(self) -> tuple[int, int, int, int]:
-        return self.window or (0, 0, *self.inplane_hw())
+    def field(self) -> tuple[int, int, int, int]:
+        """The whole field of view as a square window (y0, x0, side, side), centred.
+
+        Cached pixels are square in mm, so a square window keeps the anatomy's proportions when
+        it is resized to ``size`` x ``size``: a 300 x 240 mm field is padded with zeros, not
+        squeezed (a squeezed spine has discs closer together than any the network was shown).
+        """
+        h, w = self.inplane_hw()
+        side = max(h, w)
+        return ((h - side) // 2, (w - side) // 2, side, side)
+
+    def view_window(self) -> tuple[int, int, int, int]:
+        """The window the network sees: ``window``, or the whole (square) field."""
+        return self.window or self.field()
 
     def to_full(self, z, y, x):
         """Cached voxel -> full-resolution canonical (z, y, x) (floats, vectorised)."""
@@ -117,7 +129,7 @@ class SagittalFrame:
 
     def full_to_input(self, z, y, x):
         """Full-resolution canonical -> network input (slice, pixel centre convention)."""
-        y0, x0, lh, lw = self._window()
+        y0, x0, lh, lw = self.view_window()
         return (
             np.asarray(z) - self.z0,
             (np.asarray(y) - y0 + 0.5) * self.size / lh - 0.5,
@@ -126,7 +138,7 @@ class SagittalFrame:
 
     def input_to_full(self, z, y, x):
         """Network input -> full-resolution canonical."""
-        y0, x0, lh, lw = self._window()
+        y0, x0, lh, lw = self.view_window()
         return (
             np.asarray(z, dtype=np.float64) + self.z0,
             y0 + (np.asarray(y, dtype=np.float64) + 0.5) * lh / self.size - 0.5,
@@ -147,8 +159,8 @@ class SagittalFrame:
         A second, zoomed look doubles the in-plane resolution of the network at the same cost:
         the lumbar discs fill a small part of a sagittal field of view (~300 mm).
         """
-        h, w = self.inplane_hw()
-        lh, lw = max(8, round(frac * h)), max(8, round(frac * w))
+        side = self.field()[2]
+        lh = lw = max(8, round(frac * side))
         window = (round(cy - lh / 2), round(cx - lw / 2), lh, lw)
         return dataclasses.replace(self, window=window)
 
@@ -179,8 +191,9 @@ def canonical_volume(stack: CachedStack, frame: SagittalFrame) -> np.ndarray:
     if frame.flip_x:
         v = v[:, :, ::-1]
     v = v[frame.z0 : frame.z0 + frame.n_slices]
-    if frame.window is not None:
-        v = _cut_window(v, frame.window)
+    window = frame.view_window()
+    if window != (0, 0, *v.shape[1:]):
+        v = _cut_window(v, window)
     t = torch.from_numpy(np.ascontiguousarray(v)).float()[None]
     if t.shape[-2:] != (frame.size, frame.size):
         t = F.interpolate(t, size=(frame.size, frame.size), mode="bilinear", antialias=True)
@@ -261,6 +274,7 @@ class Localizer:
     zoom: float = 0.0  # second, zoomed look (fraction of the field of view); 0 = one look
     fuse_mm: float = 0.0  # canal/foramina consensus tolerance (see fuse_level_points); 0 = off
     decoder: str = "ordered"  # level naming, see DECODERS
+    fine: float = 0.0  # third, close look per level (fraction of the field of view); 0 = off
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -285,6 +299,7 @@ class Localizer:
             "zoom": self.zoom,
             "fuse_mm": self.fuse_mm,
             "decoder": self.decoder,
+            "fine": self.fine,
             "offsets": {k: v.tolist() for k, v in self.offsets.items()},
             "tasks": sorted(self.nets),
         }
@@ -312,7 +327,7 @@ class Localizer:
         return cls(
             nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),
             float(geometry.get("zoom", 0.0)), float(geometry.get("fuse_mm", 0.0)),
-            str(geometry.get("decoder", "ordered")),
+            str(geometry.get("decoder", "ordered")), float(geometry.get("fine", 0.0)),
         )  # fmt: skip
 
 
@@ -556,14 +571,17 @@ def locate_in_stack(
     zoom: float,
     min_gap_mm: float = 15.0,
     decoder: str = "ordered",
+    fine: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Targets' full-resolution canonical (z, y, x), each (T,): a whole look, then a zoomed one.
+    """Targets' full-resolution canonical (z, y, x), each (T,): a whole look, then a zoomed one,
+    then (``fine`` > 0) one close look per level.
 
     The zoomed look is centred on the middle of the first look's points, so that the top and
     bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its window. Levels are
-    decoded in groups of five (one per side) with :func:`decode_levels`.
+    decoded in groups of five (one per side) with :func:`decode_levels`; the close looks only
+    refine each level where the zoomed look named it (see :func:`_decode_fine`).
     """
-    return locate_in_stacks(net, [stack], [frame], zoom, 1, min_gap_mm, decoder)[0]
+    return locate_in_stacks(net, [stack], [frame], zoom, 1, min_gap_mm, decoder, fine)[0]
 
 
 def _decode_look(
@@ -576,13 +594,60 @@ def _decode_look(
 ):
     """Heatmaps (T, S, h, w) of one look -> full-resolution canonical (z, y, x) per target."""
     hh, ww = heat.shape[-2:]
-    lh, lw = look.window[2:] if look.window else look.inplane_hw()
+    y0, x0, lh, lw = look.view_window()
     cell_y, cell_x = lh / hh, lw / ww  # full-resolution pixels per heatmap cell
     zc, yc, xc = decode_levels(heat, groups, min_gap_mm / (mm_y * cell_y), chain=decoder == "chain")
     z, y, x = zc + look.z0, (yc + 0.5) * cell_y - 0.5, (xc + 0.5) * cell_x - 0.5
-    if look.window:
-        y, x = y + look.window[0], x + look.window[1]
-    return z, y, x
+    return z, y + y0, x + x0
+
+
+# How far a close look may move a level (mm): about a third of the distance between neighbouring
+# discs (~35 mm), so that a level refined by it stays on the disc the zoomed look named.
+FINE_SEARCH_MM = 12.0
+
+
+def _decode_fine(
+    heat: np.ndarray, group: Sequence[int], look: SagittalFrame, mm_y: float, window: int = 2
+) -> tuple[float, float, float]:
+    """A close look's heatmaps (T, S, h, w), centred on one level's estimate -> (z, y, x).
+
+    The close look sees two or three discs, and which of them is which level is unsure there;
+    the naming was settled by the zoomed look. So the maps of the side's levels (``group``) are
+    pooled into "a disc is here", and the point moves to the pooled peak nearest the centre,
+    at most :data:`FINE_SEARCH_MM` away, refined there.
+    """
+    s, hh, ww = heat.shape[1:]
+    flat = heat[list(group)].reshape(len(group), -1)
+    prob = np.exp(flat - flat.max(1, keepdims=True))
+    prob = (prob / prob.sum(1, keepdims=True)).sum(0).reshape(s, hh, ww)
+    y0, x0, lh, lw = look.view_window()
+    cell_y, cell_x = lh / hh, lw / ww
+    gy, gx = np.indices((hh, ww))
+    r = FINE_SEARCH_MM / (mm_y * cell_y)  # cells (pixels are square in mm)
+    near = (gy - (hh - 1) / 2) ** 2 + (gx - (ww - 1) / 2) ** 2 <= r**2
+    c = np.unravel_index(int(np.argmax(np.where(near, prob.sum(0), -1.0))), (hh, ww))
+    zc, yc, xc = _refine(prob, c, window)
+    return zc + look.z0, (yc + 0.5) * cell_y - 0.5 + y0, (xc + 0.5) * cell_x - 0.5 + x0
+
+
+def _run_looks(
+    net: nn.Module, stacks: Sequence[CachedStack], looks: Sequence[SagittalFrame], batch_size: int
+) -> list[np.ndarray]:
+    """Heatmaps (T, S, h, w) of each (stack, look): volumes of equal shape share a pass."""
+    device = next(net.parameters()).device
+    vols = [canonical_volume(s, look) for s, look in zip(stacks, looks, strict=True)]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(vols):
+        by_shape.setdefault(v.shape, []).append(i)
+    heats: list[np.ndarray] = [np.zeros(0)] * len(vols)
+    for idx in by_shape.values():
+        for j in range(0, len(idx), batch_size):
+            part = idx[j : j + batch_size]
+            x = torch.from_numpy(np.stack([vols[i] for i in part])).to(device)
+            heat = net.eval()(x)["heatmaps"].float().cpu().numpy()
+            for i, h in zip(part, heat, strict=True):
+                heats[i] = h
+    return heats
 
 
 @torch.no_grad()
@@ -594,10 +659,10 @@ def locate_in_stacks(
     batch_size: int = 8,
     min_gap_mm: float = 15.0,
     decoder: str = "ordered",
+    fine: float = 0.0,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """:func:`locate_in_stack` for many stacks: each look's volumes of equal shape go through
     the network ``batch_size`` at a time (the same numbers; a batch only shares the pass)."""
-    device = next(net.parameters()).device
     n_targets = int(net.n_targets)
     groups = [list(range(i, i + len(LEVELS))) for i in range(0, n_targets, len(LEVELS))]
     mm_y = [
@@ -611,27 +676,65 @@ def locate_in_stacks(
                 look.zoomed(*(float(np.min(v) + np.max(v)) / 2 for v in found[i][1:]), zoom)
                 for i, look in enumerate(looks)
             ]
-        vols = [canonical_volume(s, look) for s, look in zip(stacks, looks, strict=True)]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, v in enumerate(vols):
-            by_shape.setdefault(v.shape, []).append(i)
-        for idx in by_shape.values():
-            for j in range(0, len(idx), batch_size):
-                part = idx[j : j + batch_size]
-                x = torch.from_numpy(np.stack([vols[i] for i in part])).to(device)
-                heat = net.eval()(x)["heatmaps"].float().cpu().numpy()
-                for i, h in zip(part, heat, strict=True):
-                    found[i] = _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
-    return found
+        heats = _run_looks(net, stacks, looks, batch_size)
+        found = [
+            _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
+            for i, h in enumerate(heats)
+        ]
+    if not 0 < fine < 1:
+        return found
+    # One close look per level (shared by its left and right targets), centred on the estimate.
+    jobs = [(i, [g[lv] for g in groups]) for i in range(len(stacks)) for lv in range(len(LEVELS))]
+    close = [
+        frames[i].zoomed(float(np.mean(found[i][1][js])), float(np.mean(found[i][2][js])), fine)
+        for i, js in jobs
+    ]
+    heats = _run_looks(net, [stacks[i] for i, _ in jobs], close, batch_size)
+    out = [tuple(v.copy() for v in f) for f in found]
+    for (i, js), look, h in zip(jobs, close, heats, strict=True):
+        for j, g in zip(js, groups, strict=True):
+            out[i][0][j], out[i][1][j], out[i][2][j] = _decode_fine(h, g, look, mm_y[i])
+    for i in range(len(stacks)):
+        _keep_levels_apart(out[i], found[i], groups, min_gap_mm / mm_y[i])
+    return out  # type: ignore[return-value]
+
+
+def _keep_levels_apart(fine, coarse, groups, min_gap: float) -> None:
+    """Undo close-look moves that put two neighbouring levels on one disc (in place).
+
+    Between two discs, the close looks of both neighbours can snap to the same disc. While a
+    pair of neighbouring levels lies less than ``min_gap`` (full-resolution pixels) apart along
+    the spine, the level that the close look moved further goes back to its zoomed-look point.
+    """
+    for g in groups:
+        moved = np.hypot(fine[1][g] - coarse[1][g], fine[2][g] - coarse[2][g])
+        back = np.zeros(len(g), dtype=bool)
+        for _ in range(len(g)):
+            ys = fine[1][g]
+            bad = [k for k in range(len(g) - 1) if ys[k + 1] - ys[k] < min_gap]
+            if not bad:
+                break
+            k = bad[0]
+            cand = [m for m in (k, k + 1) if not back[m]]
+            if not cand:
+                break
+            m = max(cand, key=lambda q: moved[q])
+            back[m] = True
+            for a in range(3):
+                fine[a][g[m]] = coarse[a][g[m]]
 
 
 def localizer_hits_errors(
-    net: nn.Module, samples: Sequence[LocalizerSample], zoom: float, decoder: str = "ordered"
+    net: nn.Module,
+    samples: Sequence[LocalizerSample],
+    zoom: float,
+    decoder: str = "ordered",
+    fine: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-slice flags and errors (mm) of the labelled targets of ``samples`` (concatenated)."""
     hits, errs = [np.zeros(0, dtype=bool)], [np.zeros(0)]
     for s in samples:
-        z, y, x = locate_in_stack(net, s.stack, s.frame, zoom, decoder=decoder)
+        z, y, x = locate_in_stack(net, s.stack, s.frame, zoom, decoder=decoder, fine=fine)
         lps = s.stack.voxel_to_patient(*s.frame.from_full(z, y, x))
         hits.append((np.rint(z) == np.rint(s.zyx[:, 0]))[s.valid])
         errs.append(np.linalg.norm(lps - s.points, axis=-1)[s.valid])
@@ -639,10 +742,14 @@ def localizer_hits_errors(
 
 
 def evaluate_localizer(
-    net: nn.Module, samples: Sequence[LocalizerSample], zoom: float, decoder: str = "ordered"
+    net: nn.Module,
+    samples: Sequence[LocalizerSample],
+    zoom: float,
+    decoder: str = "ordered",
+    fine: float = 0.0,
 ) -> dict[str, float]:
     """Validation as prediction does it: right-slice rate, median and 90th percentile error (mm)."""
-    return summarize_hits_errors(*localizer_hits_errors(net, samples, zoom, decoder))
+    return summarize_hits_errors(*localizer_hits_errors(net, samples, zoom, decoder, fine))
 
 
 def summarize_hits_errors(hits: np.ndarray, err: np.ndarray) -> dict[str, float]:
@@ -681,7 +788,13 @@ def localize_studies(
         frames = [sagittal_frame(s, localizer.image_size, localizer.max_slices) for _, s in todo]
         stacks = [s for _, s in todo]
         located = locate_in_stacks(
-            net, stacks, frames, localizer.zoom, batch_size, decoder=localizer.decoder
+            net,
+            stacks,
+            frames,
+            localizer.zoom,
+            batch_size,
+            decoder=localizer.decoder,
+            fine=localizer.fine,
         )
         for (sid, stack), frame, (z, y, x) in zip(todo, frames, located, strict=True):
             lps = stack.voxel_to_patient(*frame.from_full(z, y, x))

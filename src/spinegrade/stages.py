@@ -72,13 +72,15 @@ def train_localizer(
             log_every=cfg.train.log_every,
         )  # fmt: skip
         dataset = LocalizerDataset(
-            samples[name], augment=True, zoom=c.zoom, seed=seed, aug=c.augment
+            samples[name], augment=True, zoom=c.zoom, seed=seed, aug=c.augment, fine=c.fine
         )
         val = list(val_samples.get(name, []))
 
         def evaluate(m: nn.Module, v=val) -> dict[str, float]:
             # Each rank decodes its share of the validation stacks; all see the same numbers.
-            parts = runtime.gather(localizer_hits_errors(m, runtime.shard(v), c.zoom, c.decoder))
+            parts = runtime.gather(
+                localizer_hits_errors(m, runtime.shard(v), c.zoom, c.decoder, c.fine)
+            )
             return summarize_hits_errors(*(np.concatenate(p) for p in zip(*parts, strict=True)))
 
         ckpt = ckpt_dir / f"localizer_{name}" if ckpt_dir else None
