@@ -8,14 +8,15 @@ the SPIDER T2-SPACE validation set (CC BY 4.0, see its README). It is for valida
 train on it or tune the phantom against its figures.
 
 Every series is read and cached as ``predict`` does (``io.read_series`` -> ``cache_series``) and
-located by every chosen fold's localiser; each fold's points are scored (each fold grades at its
-own points), and the figures pool every (fold, case, level). The
+located by every chosen fold's localiser. Each fold's points are scored (what its out-of-fold
+grading saw; pooled over folds) and, with several folds, their consensus
+(``localize.consensus_points``: where prediction grades). The
 located spinal point lies in the canal, ~2 cm behind its disc centre, so it is scored by its
 distance to the disc's mid-plane along the local spine axis (the tangent of the curve through
 the disc centres, :func:`spine_axes`), not by the 3D distance. A level is "misnamed" when it
 lies nearer another disc's mid-plane than its own. Prints per level and overall: median and
 90th percentile distance, the share within 5 and 10 mm, and misnamed levels; writes a PNG per
-case (mid slice, truth = circles, located by the first fold = crosses) to ``--out``.
+case (mid slice, truth = circles, located = crosses: the consensus, or the one fold) to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from spinegrade.constants import LEVEL_TITLES, LEVELS, SAG_T2, TITLE_TO_LEVEL
 from spinegrade.inference import load_fold_models
 from spinegrade.io import read_series
-from spinegrade.localize import DECODERS, localize_study
+from spinegrade.localize import DECODERS, consensus_points, localize_study
 from spinegrade.predict import run_folds
 from spinegrade.preprocess import CacheParams, cache_series
 from spinegrade.rundir import fold_dir, load_run_config
@@ -174,29 +175,38 @@ def main() -> None:
             print(f"{case}: skipped, no readable stack in {args.real_dir / 'series' / str(case)}")
             continue
         stack = cache_series(read.stacks, params, 0, 0, SAG_T2)[0]
-        # Each fold grades at its own points, so each fold's points are scored (not their mean).
-        per_fold = [localize_study(loc, {SAG_T2: [stack]}).xyz[0] for loc in localizers]
-        for k, located in zip(folds, per_fold, strict=True):
+        points = [localize_study(loc, {SAG_T2: [stack]}) for loc in localizers]
+        # Each fold's own points (what its OOF grading saw), and with several folds the
+        # consensus that prediction grades at (localize.consensus_points).
+        looks = [(k, p.xyz[0]) for k, p in zip(folds, points, strict=True)]
+        if len(folds) > 1:
+            looks.append(("consensus", consensus_points(points).xyz[0]))
+        for k, located in looks:
             for r in score_case(located, centres):
                 rows.append({"case": case, "fold": k, **r})
-        draw_case(out_dir / f"{case}.png", stack, centres, per_fold[0])
+        draw_case(out_dir / f"{case}.png", stack, centres, looks[-1][1])
     df = pd.DataFrame(rows)
     if args.csv:
         df.to_csv(args.csv, index=False)
-    n_cases = df["case"].nunique()
-    n_levels = len(df) // max(len(folds), 1)
     print(
         f"run {args.run_dir} folds {folds} (decoder {localizers[0].decoder}); "
-        f"{n_cases} real cases ({n_levels} levels) from {args.real_dir}"
+        f"{df['case'].nunique()} real cases from {args.real_dir}"
     )
     print("distance of the located canal point to its disc's mid-plane (mm, along the spine axis)")
-    print(summarise(df).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    bad = df[(~df["found"]) | (df["nearest"] != df["level"])]
+    fold_rows = df[df["fold"] != "consensus"]
+    if len(folds) > 1:
+        print(f"each fold's points, pooled over folds {folds}:")
+    print(summarise(fold_rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    shown = fold_rows
+    if len(folds) > 1:
+        shown = df[df["fold"] == "consensus"]
+        print("the folds' consensus (what prediction grades at):")
+        print(summarise(shown).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    bad = shown[(~shown["found"]) | (shown["nearest"] != shown["level"])]
     if len(bad):
-        fold = (lambda r: f" (fold {r.fold})") if len(folds) > 1 else (lambda r: "")
-        names = (f"{r.case} {r.level}->{r.nearest}{fold(r)}" for r in bad.itertuples())
+        names = (f"{r.case} {r.level}->{r.nearest}" for r in bad.itertuples())
         print("misnamed:", ", ".join(names))
-    print(f"pictures: {out_dir}")
+    print(f"pictures ({'consensus' if len(folds) > 1 else f'fold {folds[0]}'}): {out_dir}")
 
 
 if __name__ == "__main__":

@@ -373,3 +373,24 @@ def test_close_looks_follow_the_blob_and_round_trip_in_the_geometry(tmp_path):
     loc = Localizer({}, {}, 32, 8, zoom=0.6, decoder="chain", fine=0.4)
     loc.save(tmp_path)
     assert Localizer.load(tmp_path).fine == pytest.approx(0.4)
+
+
+def test_consensus_outvotes_a_fold_that_named_the_discs_one_too_low():
+    from spinegrade.localize import consensus_points
+
+    folds = []
+    for k in range(5):
+        p = StudyPoints()
+        for j, lv in enumerate(LEVELS):
+            shift = -35.0 if k in (1, 3) else 0.0  # two folds: one disc lower (towards the feet)
+            p.set("spinal_canal_stenosis", lv, [1.0 + 0.1 * k, 20.0, -35.0 * j + shift + 0.2 * k])
+        if k == 0:
+            p.set("left_neural_foraminal_narrowing", "l1_l2", [15.0, 10.0, 0.0])  # one fold only
+        folds.append(p)
+    c = consensus_points(folds)
+    heights = [c.get("spinal_canal_stenosis", lv)[2] for lv in LEVELS]
+    assert np.allclose(heights, [-35.0 * j for j in range(5)], atol=1.0)  # the majority's discs
+    assert np.allclose(c.get("left_neural_foraminal_narrowing", "l1_l2"), [15.0, 10.0, 0.0])
+    assert c.get("right_neural_foraminal_narrowing", "l5_s1") is None  # no fold: still unknown
+    mean = np.mean([f.get("spinal_canal_stenosis", "l3_l4")[2] for f in folds])
+    assert abs(mean - heights[2]) > 10  # a mean would have put it between two discs

@@ -808,6 +808,20 @@ def localize_studies(
     }
 
 
+def consensus_points(points: Sequence[StudyPoints]) -> StudyPoints:
+    """Several folds' points of one study -> one point per target: the per-coordinate median.
+
+    Folds name the discs independently, and the commonest large error on real spines is a fold
+    taking a run of levels one disc too high or too low (BENCHMARKS.md, "Real anatomy"). With the
+    median, a fold that did so is outvoted when the others agree (a mean would put the point
+    between two discs). Targets that no fold located stay NaN.
+    """
+    xyz = np.stack([p.xyz for p in points])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN targets: NaN, as meant
+        return StudyPoints(np.nanmedian(xyz, axis=0))
+
+
 # ----------------------------------------------------------------------------------- errors
 
 

@@ -327,11 +327,11 @@ def run_folds(run_dir: Path, folds: list[int] | None = None) -> list[int]:
 
 @dataclass
 class EnsemblePrediction:
-    """One study through every fold: mean probabilities, mean points, what the models saw."""
+    """One study through every fold: mean probabilities, the points graded, what models saw."""
 
     probs: np.ndarray  # (25, 3), rows sum to 1
     graded: np.ndarray  # bool (25,): some fold's grader saw this target
-    points: np.ndarray  # (5, 5, 3) LPS mm, the folds' mean; NaN where no fold located it
+    points: np.ndarray  # (5, 5, 3) LPS mm, the folds' consensus; NaN where no fold located it
 
 
 class Predictor:
@@ -390,21 +390,28 @@ class Predictor:
         return np.mean([m.fallback for m in self.models], axis=0)
 
     def predict(self, stacks) -> EnsemblePrediction:
-        """Ensemble prediction for one study's chosen stacks (description -> stacks)."""
-        from spinegrade.inference import predict_study
+        """Ensemble prediction for one study's chosen stacks (description -> stacks).
 
-        preds = [predict_study(m, stacks) for m in self.models]
+        Every fold localises; the folds' points are combined (:func:`.localize.consensus_points`,
+        so one fold's misnamed levels are outvoted) and every fold grades at the combined points.
+        """
+        from spinegrade.crops import StudyPoints
+        from spinegrade.inference import grade_study
+        from spinegrade.localize import consensus_points, localize_study
+
+        points = (
+            consensus_points([localize_study(m.localizer, stacks) for m in self.models])
+            if stacks
+            else StudyPoints()
+        )
+        preds = [grade_study(m, stacks, points) for m in self.models]
         graded = np.stack([p.graded for p in preds])  # (F, 25)
         probs = np.stack([p.probs for p in preds])  # (F, 25, 3)
         seen = graded.any(axis=0)
         weights = np.where(seen[None, :], graded, 1.0)[..., None]  # unseen: mean of fallbacks
         mean = (probs * weights).sum(axis=0) / weights.sum(axis=0)
         mean /= mean.sum(axis=1, keepdims=True)
-        xyz = np.stack([p.points.xyz for p in preds])
-        with np.errstate(invalid="ignore"):
-            counts = np.isfinite(xyz).all(axis=-1, keepdims=True).sum(axis=0)
-            points = np.where(counts > 0, np.nansum(xyz, axis=0) / np.maximum(counts, 1), np.nan)
-        return EnsemblePrediction(mean, seen, points)
+        return EnsemblePrediction(mean, seen, points.xyz)
 
     def prior_prediction(self) -> EnsemblePrediction:
         """What a study no model could see gets: the folds' training fallback everywhere."""
