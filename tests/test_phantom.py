@@ -311,6 +311,38 @@ def test_severe_canal_is_darker_than_normal_on_t2(tmp_path: Path):
     assert means[1] < 0.75 * means[0], means
 
 
+def test_age_changes_the_images_only(monkeypatch):
+    """Desiccated discs, fatty marrow and the sacral remnant come from their own random stream:
+    the spine's geometry and every later draw of the study (so the labels) are unchanged, and
+    older spines (brighter T2 marrow) have darker discs."""
+    from spinegrade.phantom import anatomy as pa
+
+    sev = np.full((5, 5), 0.1)
+    aged, rng_a = [], []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        aged.append(pa.sample_anatomy(rng, sev))
+        rng_a.append(rng.random())
+    monkeypatch.setattr(pa, "_age_contrast", lambda anat: None)
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        plain = pa.sample_anatomy(rng, sev)
+        assert rng.random() == rng_a[seed]  # the study's next draws are the same
+        a = aged[seed]
+        assert np.allclose(a.rotation, plain.rotation) and a.texture_seed == plain.texture_seed
+        for da, dp in zip(a.discs, plain.discs, strict=True):
+            assert np.allclose(da.frame.origin, dp.frame.origin) and da.height == dp.height
+            assert da.nucleus_t2 <= dp.nucleus_t2
+        assert plain.marrow_gain == (1.0, 1.0, 1.0)
+    lumbar = slice(pa.FIRST_LABEL_DISC, pa.S1_INDEX)
+    loss = [np.mean([d.nucleus_t2 for d in a.discs[lumbar]]) for a in aged]
+    marrow_t2 = [a.marrow_gain[1] for a in aged]
+    assert np.corrcoef(loss, marrow_t2)[0, 1] < -0.3
+    assert min(marrow_t2) >= 0.8 and max(marrow_t2) <= 1.8
+    remnants = [a.discs[pa.S1_INDEX].remnant for a in aged]
+    assert min(remnants) >= 0.4 and max(remnants) <= 1.8 and np.std(remnants) > 0.2
+
+
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path: Path):
     def digest(root: Path) -> dict[str, str]:
         return {

@@ -101,6 +101,7 @@ class Disc:
     upper_plane: tuple[np.ndarray, np.ndarray]  # lower endplate of the vertebra above (pt, normal)
     lower_plane: tuple[np.ndarray, np.ndarray]  # upper endplate of the vertebra below
     bulge_central: float = 0.8  # posterior bulge beyond the body margin, mm
+    remnant: float = 0.6  # fused sacral discs only: half thickness of the visible remnant, mm
     bulge_recess: tuple[float, float] = (0.5, 0.5)  # posterolateral (left, right)
     bulge_foramen: tuple[float, float] = (0.5, 0.5)  # lateral, into the foramina
     nucleus_t2: float = 1.0  # relative T2 brightness of the nucleus (1 healthy, ~0.2 desiccated)
@@ -135,6 +136,9 @@ class Anatomy:
     rotation: np.ndarray = field(default_factory=lambda: np.eye(3))  # body -> patient
     translation: np.ndarray = field(default_factory=lambda: np.zeros(3))
     texture_seed: int = 0
+    # Fatty conversion of the marrow with age: its signal relative to the reference table, per
+    # contrast (T1, T2, STIR); see :func:`_age_contrast`.
+    marrow_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def to_patient(self, body_pts: np.ndarray) -> np.ndarray:
         """Patient (LPS, scanner) coordinates of body points (..., 3)."""
@@ -186,7 +190,38 @@ def sample_anatomy(rng: np.random.Generator, severity: np.ndarray) -> Anatomy:
         texture_seed=int(rng.integers(0, 2**31 - 1)),
     )
     _place_patient(rng, anat)
+    _age_contrast(anat)
     return anat
+
+
+# Disc signal loss by disc (T11/T12 .. L5/S1): the lower lumbar discs lose water first and most.
+_DESICCATION_BY_DISC = (0.45, 0.55, 0.65, 0.75, 0.85, 1.0, 1.0)
+
+
+def _age_contrast(anat: Anatomy) -> None:
+    """What age does to T2 contrast, beyond the graded findings: desiccated discs, fatty marrow;
+    and how much of the fused sacral discs shows.
+
+    Disc signal loss on T2 is common well before any stenosis (in asymptomatic adults ~17% of
+    discs at 20 years rising to ~86% at 60, Brinjikji et al., AJNR 2015), and vertebral marrow turns
+    fatty with age, so on T1 and T2 FSE older bodies are brighter and a dark disc sits between
+    bright bodies; on STIR (fat suppressed) the marrow darkens instead. A network that finds
+    discs as bright bands between dark bodies fails on such spines; one that must also find dark
+    discs learns their shape. Image only: the labels and their probabilities do not depend on it.
+    Its own random stream (from the texture seed) keeps every other draw of the study unchanged.
+    """
+    aux = np.random.default_rng([anat.texture_seed, 0xA6E])
+    age = float(aux.beta(2.2, 1.6))  # 0 = young adult .. 1 = elderly; lumbar MR skews older
+    for i, d in enumerate(anat.discs[:S1_INDEX]):
+        loss = np.clip(age * _DESICCATION_BY_DISC[i] * aux.uniform(0.3, 1.4), 0.0, 1.0)
+        d.nucleus_t2 = float(max(0.12, d.nucleus_t2 * (1.0 - 0.8 * loss)))
+    fat = age * aux.uniform(0.6, 1.2)
+    anat.marrow_gain = (0.85 + 0.35 * fat, 0.8 + 0.8 * fat, 1.2 - 0.6 * fat)
+    # The fused sacral discs: a residual S1/S2 disc is seen in most adults, from a hairline to a
+    # flat disc a few millimetres thick; below L5/S1 it is the one disc-like band a level
+    # counter must not take for L5/S1.
+    for d, (lo, hi) in zip(anat.discs[S1_INDEX:], ((0.4, 1.8), (0.3, 1.0)), strict=False):
+        d.remnant = float(aux.uniform(lo, hi))
 
 
 def _disc_heights(rng: np.random.Generator, severity: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ ligamentum flavum or an overgrown facet carves into the sac, the recess and the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from spinegrade.phantom.anatomy import (
@@ -55,6 +57,7 @@ def build_ops(anat: Anatomy) -> list[Op]:
     for d in anat.discs[:S1_INDEX]:
         ops += _foramen_ops(anat, d) + _recess_ops(anat, d) + _flavum_ops(anat, d)
     ops += soft_tissue_ops(anat) + _canal_ops(anat)
+    ops = [replace(op, gain=anat.marrow_gain) if op.tissue == "marrow" else op for op in ops]
     return sorted(ops, key=lambda op: op.priority)
 
 
@@ -271,7 +274,7 @@ def _sacral_remnant_ops(d: Disc) -> list[Op]:
     def line(ctx, bb):
         x, p, n = _local(ctx, f, bb)
         rho, k = boxy_radius(x, p, 0.4 * ww, 0.42 * dd)
-        return ramp(np.maximum(rho * (1 - 1 / np.maximum(k, 1e-3)), np.abs(n) - 0.6), 1.0)
+        return ramp(np.maximum(rho * (1 - 1 / np.maximum(k, 1e-3)), np.abs(n) - d.remnant), 1.0)
 
     return [Op(P_MARROW + 1, "annulus", line, (f.origin, ww / 2 + 2))]
 
