@@ -77,9 +77,29 @@ def test_killed_training_resumes_to_a_complete_loadable_run(world, tmp_path: Pat
     predictor = Predictor.from_run_dir(run, device="cpu")
     assert predictor.folds == [0, 1]
     study = load_studies(cache, [1000], progress=False)[1000]
-    pred = predictor.predict(study.stacks)
+    import spinegrade.inference as inference
+    from spinegrade.crops import StudyPoints
+
+    cut = []
+
+    def counted(*args, **kwargs):
+        cut.append(1)
+        return crop_views(*args, **kwargs)
+
+    crop_views = inference.crop_views
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "crop_views", counted)
+        pred = predictor.predict(study.stacks)
     assert pred.probs.shape == (25, 3) and np.allclose(pred.probs.sum(axis=1), 1)
     assert pred.graded.any()
+    # Both folds grade at the consensus points with the same crop settings: one cut, shared,
+    # which is only right because cutting is deterministic (seeded jitters).
+    assert len(cut) == 1
+    at = StudyPoints(pred.points)
+    first, again = (crop_views(study.stacks, at, predictor.crop_config) for _ in "ab")
+    assert len(first) == len(again) > 1
+    for a, b in zip(first, again, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert predictor.describe_init() == [
         "model backbone: random initialisation",
         "localizer backbone: random initialisation",

@@ -95,11 +95,22 @@ def predict_study(
 
 
 def grade_study(
-    models: FoldModels, stacks: Mapping[str, Sequence[CachedStack]], points: StudyPoints
+    models: FoldModels,
+    stacks: Mapping[str, Sequence[CachedStack]],
+    points: StudyPoints,
+    views: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> StudyPrediction:
-    """Grade a study at given points (localised, or true ones to measure the localiser's cost)."""
-    graded = _graded_tta(models, stacks, points) if stacks else {}
-    return _mix(models, graded, points)
+    """Grade a study at given points (localised, or true ones to measure the localiser's cost).
+
+    ``views``: the study's :func:`crop_views` at ``points`` with ``models.crops``, when the caller
+    has cut them already (folds that grade at the same points with the same crop settings see
+    the same crops, so an ensemble cuts them once); by default they are cut here.
+    """
+    if not stacks:
+        return _mix(models, {}, points)
+    if views is None:
+        views = crop_views(stacks, points, models.crops)
+    return _mix(models, _mean_over_views(models.graders, views), points)
 
 
 def _mix(models: FoldModels, graded: Mapping[str, np.ndarray], points: StudyPoints):
@@ -113,12 +124,13 @@ def _mix(models: FoldModels, graded: Mapping[str, np.ndarray], points: StudyPoin
     return StudyPrediction(probs, points, mask)
 
 
-def _graded_tta(models: FoldModels, stacks, points: StudyPoints) -> dict[str, np.ndarray]:
-    """Mean probabilities over the centred crop and ``crops.tta`` jittered ones (seeded)."""
-    views = crop_views(stacks, points, models.crops)
+def _mean_over_views(
+    graders: Mapping[str, nn.Module], views: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Mean probabilities over the centred crops and the ``crops.tta`` jittered ones."""
     sums: dict[str, np.ndarray] = {}
     for view in views:
-        for col, p in grade_crops(models.graders, view).items():
+        for col, p in grade_crops(graders, view).items():
             sums[col] = sums.get(col, 0.0) + p
     return {col: s / len(views) for col, s in sums.items()}
 

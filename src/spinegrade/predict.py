@@ -394,9 +394,10 @@ class Predictor:
 
         Every fold localises; the folds' points are combined (:func:`.localize.consensus_points`,
         so one fold's misnamed levels are outvoted) and every fold grades at the combined points.
+        So folds with the same crop settings grade the same crops: they are cut once.
         """
         from spinegrade.crops import StudyPoints
-        from spinegrade.inference import grade_study
+        from spinegrade.inference import crop_views, grade_study
         from spinegrade.localize import consensus_points, localize_study
 
         points = (
@@ -404,7 +405,12 @@ class Predictor:
             if stacks
             else StudyPoints()
         )
-        preds = [grade_study(m, stacks, points) for m in self.models]
+        views: dict[str, list] = {}
+        for m in self.models:
+            key = repr(m.crops)  # the crop settings (a dataclass): equal settings, equal crops
+            if stacks and key not in views:
+                views[key] = crop_views(stacks, points, m.crops)
+        preds = [grade_study(m, stacks, points, views.get(repr(m.crops))) for m in self.models]
         graded = np.stack([p.graded for p in preds])  # (F, 25)
         probs = np.stack([p.probs for p in preds])  # (F, 25, 3)
         seen = graded.any(axis=0)
