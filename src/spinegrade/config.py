@@ -197,7 +197,7 @@ class LocalizerConfig:
     zoom: float = 0.65  # second, zoomed look at this fraction of the field of view (0 = off)
     # Third, close look per level at this fraction of the field of view (0 = off): it sharpens
     # where on its disc a level lies; the zoomed look has already named the discs.
-    fine: float = 0.0
+    fine: float = 0.3
     # A canal or foramen point farther than this from the level's three-point consensus is moved
     # onto it (localize.fuse_level_points); 0 = off.
     fuse_mm: float = 10.0
