@@ -342,7 +342,7 @@ def test_chain_decoder_names_consecutive_discs():
 def test_close_look_refines_only_near_its_centre():
     # A close look centred on the zoomed look's estimate: the neighbouring disc (beyond
     # FINE_SEARCH_MM) may be brighter, in this level's map or another's; the point moves to the
-    # nearest disc of the pooled maps and stays on it.
+    # nearest disc of the pooled maps and stays on it (in-plane: its slice is the zoomed look's).
     from spinegrade.localize import FINE_SEARCH_MM, _decode_fine
 
     stack = make_stack(P, -H, (0, 0, 0), (3, 64, 64), (1.0, 1.0), 4.0)
@@ -351,8 +351,8 @@ def test_close_look_refines_only_near_its_centre():
     assert 7.5 - 0 > FINE_SEARCH_MM / 2 > 10 - 7.5  # the premise: one disc in reach, one beyond
     heat = _logits({0: [(1, 10, 8, 6.0), (2, 0, 8, 9.0)], 1: [(1, 10, 8, 6.0)],
                     2: [(2, 15, 15, 12.0)]}, t=5, s=3, h=16, w=16)  # fmt: skip
-    z, y, x = _decode_fine(heat, range(5), look, mm_y=1.0)
-    assert z == pytest.approx(1) and y == pytest.approx(16 + 2 * 10 + 0.5, abs=0.6)
+    y, x = _decode_fine(heat, range(5), look, mm_y=1.0)  # in-plane only: the slice is kept
+    assert y == pytest.approx(16 + 2 * 10 + 0.5, abs=0.6)
     assert x == pytest.approx(16 + 2 * 8 + 0.5, abs=0.6)
 
 

@@ -608,13 +608,15 @@ FINE_SEARCH_MM = 12.0
 
 def _decode_fine(
     heat: np.ndarray, group: Sequence[int], look: SagittalFrame, mm_y: float, window: int = 2
-) -> tuple[float, float, float]:
-    """A close look's heatmaps (T, S, h, w), centred on one level's estimate -> (z, y, x).
+) -> tuple[float, float]:
+    """A close look's heatmaps (T, S, h, w), centred on one level's estimate -> in-plane (y, x).
 
     The close look sees two or three discs, and which of them is which level is unsure there;
     the naming was settled by the zoomed look. So the maps of the side's levels (``group``) are
     pooled into "a disc is here", and the point moves to the pooled peak nearest the centre,
-    at most :data:`FINE_SEARCH_MM` away, refined there.
+    at most :data:`FINE_SEARCH_MM` away, refined there. The slice stays the zoomed look's: that
+    look sees the spine's whole width, the close look a few centimetres around one level (on
+    the demo's 5 folds, keeping it: right slice of the canal 83 -> 86%, foramina 74 -> 76%).
     """
     s, hh, ww = heat.shape[1:]
     flat = heat[list(group)].reshape(len(group), -1)
@@ -626,8 +628,8 @@ def _decode_fine(
     r = FINE_SEARCH_MM / (mm_y * cell_y)  # cells (pixels are square in mm)
     near = (gy - (hh - 1) / 2) ** 2 + (gx - (ww - 1) / 2) ** 2 <= r**2
     c = np.unravel_index(int(np.argmax(np.where(near, prob.sum(0), -1.0))), (hh, ww))
-    zc, yc, xc = _refine(prob, c, window)
-    return zc + look.z0, (yc + 0.5) * cell_y - 0.5 + y0, (xc + 0.5) * cell_x - 0.5 + x0
+    _, yc, xc = _refine(prob, c, window)  # in-plane, on the close look's clearest slice
+    return (yc + 0.5) * cell_y - 0.5 + y0, (xc + 0.5) * cell_x - 0.5 + x0
 
 
 def _run_looks(
@@ -693,7 +695,7 @@ def locate_in_stacks(
     out = [tuple(v.copy() for v in f) for f in found]
     for (i, js), look, h in zip(jobs, close, heats, strict=True):
         for j, g in zip(js, groups, strict=True):
-            out[i][0][j], out[i][1][j], out[i][2][j] = _decode_fine(h, g, look, mm_y[i])
+            out[i][1][j], out[i][2][j] = _decode_fine(h, g, look, mm_y[i])
     for i in range(len(stacks)):
         _keep_levels_apart(out[i], found[i], groups, min_gap_mm / mm_y[i])
     return out  # type: ignore[return-value]
