@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -634,22 +634,23 @@ def _decode_fine(
 
 def _run_looks(
     net: nn.Module, stacks: Sequence[CachedStack], looks: Sequence[SagittalFrame], batch_size: int
-) -> list[np.ndarray]:
-    """Heatmaps (T, S, h, w) of each (stack, look): volumes of equal shape share a pass."""
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, heatmaps (T, S, h, w)) of each (stack, look); looks of one input shape share a pass.
+
+    Volumes are cut a batch at a time and heatmaps handed on as they come, so memory holds one
+    batch whatever the number of stacks (a fold of the RSNA set at 256 px: ~400 stacks, each
+    with five close looks).
+    """
     device = next(net.parameters()).device
-    vols = [canonical_volume(s, look) for s, look in zip(stacks, looks, strict=True)]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, v in enumerate(vols):
-        by_shape.setdefault(v.shape, []).append(i)
-    heats: list[np.ndarray] = [np.zeros(0)] * len(vols)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, look in enumerate(looks):  # canonical_volume's shape: (n_slices, size, size)
+        by_shape.setdefault((look.n_slices, look.size), []).append(i)
     for idx in by_shape.values():
         for j in range(0, len(idx), batch_size):
             part = idx[j : j + batch_size]
-            x = torch.from_numpy(np.stack([vols[i] for i in part])).to(device)
-            heat = net.eval()(x)["heatmaps"].float().cpu().numpy()
-            for i, h in zip(part, heat, strict=True):
-                heats[i] = h
-    return heats
+            vols = [canonical_volume(stacks[i], looks[i]) for i in part]
+            heat = net.eval()(torch.from_numpy(np.stack(vols)).to(device))["heatmaps"]
+            yield from zip(part, heat.float().cpu().numpy(), strict=True)
 
 
 @torch.no_grad()
@@ -678,11 +679,8 @@ def locate_in_stacks(
                 look.zoomed(*(float(np.min(v) + np.max(v)) / 2 for v in found[i][1:]), zoom)
                 for i, look in enumerate(looks)
             ]
-        heats = _run_looks(net, stacks, looks, batch_size)
-        found = [
-            _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
-            for i, h in enumerate(heats)
-        ]
+        for i, h in _run_looks(net, stacks, looks, batch_size):
+            found[i] = _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
     if not 0 < fine < 1:
         return found
     # One close look per level (shared by its left and right targets), centred on the estimate.
@@ -691,11 +689,11 @@ def locate_in_stacks(
         frames[i].zoomed(float(np.mean(found[i][1][js])), float(np.mean(found[i][2][js])), fine)
         for i, js in jobs
     ]
-    heats = _run_looks(net, [stacks[i] for i, _ in jobs], close, batch_size)
     out = [tuple(v.copy() for v in f) for f in found]
-    for (i, js), look, h in zip(jobs, close, heats, strict=True):
+    for q, h in _run_looks(net, [stacks[i] for i, _ in jobs], close, batch_size):
+        i, js = jobs[q]
         for j, g in zip(js, groups, strict=True):
-            out[i][1][j], out[i][2][j] = _decode_fine(h, g, look, mm_y[i])
+            out[i][1][j], out[i][2][j] = _decode_fine(h, g, close[q], mm_y[i])
     for i in range(len(stacks)):
         _keep_levels_apart(out[i], found[i], groups, min_gap_mm / mm_y[i])
     return out  # type: ignore[return-value]
