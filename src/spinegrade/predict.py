@@ -406,11 +406,12 @@ class Predictor:
             else StudyPoints()
         )
         views: dict[str, list] = {}
+        preds = []
         for m in self.models:
             key = repr(m.crops)  # the crop settings (a dataclass): equal settings, equal crops
             if stacks and key not in views:
                 views[key] = crop_views(stacks, points, m.crops)
-        preds = [grade_study(m, stacks, points, views.get(repr(m.crops))) for m in self.models]
+            preds.append(grade_study(m, stacks, points, views.get(key)))
         graded = np.stack([p.graded for p in preds])  # (F, 25)
         probs = np.stack([p.probs for p in preds])  # (F, 25, 3)
         seen = graded.any(axis=0)
