@@ -88,7 +88,18 @@ def cross_validate(
     require_pretrained(cfg)
     check_cache(cache_dir, cfg.data, data_dir)
     runtime = setup_runtime(cfg.train)
-    run_dir = Path(run_dir)
+    try:
+        return _cross_validate(
+            data_dir, cache_dir, Path(run_dir), cfg, folds_to_run, runtime, progress
+        )
+    finally:
+        runtime.close()
+
+
+def _cross_validate(
+    data_dir, cache_dir, run_dir: Path, cfg: Config, folds_to_run, runtime: Runtime, progress: bool
+) -> dict | None:
+    """The body of :func:`cross_validate`, once the runtime (and any process group) is set up."""
     cfg.data.data_dir, cfg.data.cache_dir = (
         str(Path(data_dir).resolve()),
         str(Path(cache_dir).resolve()),

@@ -81,6 +81,12 @@ class Runtime:
             with collective(self, where):
                 torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Leave the process group. Every rank must, before it exits: gloo's worker threads
+        outliving the interpreter abort the process (SIGABRT), failing a finished run."""
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of ``items`` (every ``world_size``-th from ``rank``): each item is
         handled by exactly one rank."""
