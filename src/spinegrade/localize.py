@@ -733,8 +733,9 @@ def localizer_hits_errors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-slice flags and errors (mm) of the labelled targets of ``samples`` (concatenated)."""
     hits, errs = [np.zeros(0, dtype=bool)], [np.zeros(0)]
-    for s in samples:
-        z, y, x = locate_in_stack(net, s.stack, s.frame, zoom, decoder=decoder, fine=fine)
+    stacks, frames = [s.stack for s in samples], [s.frame for s in samples]
+    located = locate_in_stacks(net, stacks, frames, zoom, decoder=decoder, fine=fine)
+    for s, (z, y, x) in zip(samples, located, strict=True):
         lps = s.stack.voxel_to_patient(*s.frame.from_full(z, y, x))
         hits.append((np.rint(z) == np.rint(s.zyx[:, 0]))[s.valid])
         errs.append(np.linalg.norm(lps - s.points, axis=-1)[s.valid])
