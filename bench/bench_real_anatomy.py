@@ -17,11 +17,19 @@ the disc centres, :func:`spine_axes`), not by the 3D distance. A level is "misna
 lies nearer another disc's mid-plane than its own. Prints per level and overall: median and
 90th percentile distance, the share within 5 and 10 mm, and misnamed levels; writes a PNG per
 case (mid slice, truth = circles, located = crosses: the consensus, or the one fold) to ``--out``.
+
+``--crop top|bottom|both`` re-frames every real series before it is located: the field is cut
+``--margin`` mm above L1/L2 (top: the thoracic spine leaves the field), below L5/S1 (bottom: the
+sacrum is cut at the edge) or both, as sites with smaller or differently centred fields acquire
+them. The truth only places the cut; the localiser sees a real image with a real field edge.
+A localiser that names levels by where they sit in the field, or by counting discs from its
+top, fails here; one that reads the anatomy does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -117,6 +125,28 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def crop_field(stack, centres: np.ndarray, margin: float, edges: str):
+    """The stack with its rows cut ``margin`` mm beyond the end discs at the ``edges`` given
+    (top = superior edge, bottom = inferior, both); a field edge already nearer stays."""
+    rows = (centres - stack.positions[0]) @ stack.col_dir / stack.spacing[0]  # row of each disc
+    n_rows = stack.volume.shape[1]
+    pad = margin / stack.spacing[0]
+    # Rows run towards the feet when the column direction points inferior (LPS z falls).
+    inferior_down = stack.col_dir[2] < 0
+    first, last = (rows[0], rows[-1]) if inferior_down else (rows[-1], rows[0])
+    upper_edge, lower_edge = edges in ("top", "both"), edges in ("bottom", "both")
+    cut_first, cut_last = (upper_edge, lower_edge) if inferior_down else (lower_edge, upper_edge)
+    lo = max(0, int(np.floor(first - pad))) if cut_first else 0
+    hi = min(n_rows, int(np.ceil(last + pad)) + 1) if cut_last else n_rows
+    h0, w0 = stack.orig_shape
+    return dataclasses.replace(
+        stack,
+        volume=np.ascontiguousarray(stack.volume[:, lo:hi]),
+        positions=stack.positions + lo * stack.spacing[0] * stack.col_dir,
+        orig_shape=(max(1, round(h0 * (hi - lo) / n_rows)), w0),
+    )
+
+
 def draw_case(path: Path, stack, truth_lps: np.ndarray, located: np.ndarray) -> None:
     """Mid slice (the one nearest the truth points) with truth circles and located crosses."""
     from PIL import Image, ImageDraw
@@ -148,6 +178,13 @@ def main() -> None:
     ap.add_argument(
         "--zoom", type=float, default=None, help="second look's field share (default: the run's)"
     )
+    ap.add_argument(
+        "--crop",
+        choices=("top", "bottom", "both"),
+        default=None,
+        help="cut each real field --margin mm beyond the end discs (see above)",
+    )
+    ap.add_argument("--margin", type=float, default=35.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     truth_path = args.real_dir / "truth.csv"
@@ -175,6 +212,8 @@ def main() -> None:
             print(f"{case}: skipped, no readable stack in {args.real_dir / 'series' / str(case)}")
             continue
         stack = cache_series(read.stacks, params, 0, 0, SAG_T2)[0]
+        if args.crop:
+            stack = crop_field(stack, centres, args.margin, args.crop)
         points = [localize_study(loc, {SAG_T2: [stack]}) for loc in localizers]
         # Each fold's own points (what its OOF grading saw), and with several folds the
         # consensus that prediction grades at (localize.consensus_points).
@@ -191,6 +230,11 @@ def main() -> None:
     print(
         f"run {args.run_dir} folds {folds} (decoder {localizers[0].decoder}); "
         f"{df['case'].nunique()} real cases from {args.real_dir}"
+        + (
+            f"; fields cut {args.margin:g} mm beyond the end discs ({args.crop})"
+            if args.crop
+            else ""
+        )
     )
     print("distance of the located canal point to its disc's mid-plane (mm, along the spine axis)")
     fold_rows = df[df["fold"] != "consensus"]
