@@ -345,6 +345,7 @@ def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
@@ -359,6 +360,10 @@ def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
         assert driver.find_elements(By.ID, "token"), "no login form without the token"
         driver.find_element(By.ID, "token").send_keys(TOKEN)
         driver.find_element(By.ID, "login").click()
+        # The login posts a form: wait for the worklist page it leads to (a loaded machine is slow).
+        WebDriverWait(driver, 30).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "#worklist tr")) >= 4
+        )
         rows = driver.find_elements(By.CSS_SELECTOR, "#worklist tr")[1:]
         statuses = sorted(r.find_elements(By.TAG_NAME, "td")[4].text for r in rows)
         assert statuses == ["failed", "graded", "graded"]
@@ -370,6 +375,7 @@ def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
             if r.find_elements(By.TAG_NAME, "td")[4].text == "graded"
         )
         link.click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grades td"))
         cells = driver.find_elements(By.CSS_SELECTOR, "#grades td")
         assert len(cells) == 25 and all(c.get_attribute("data-grade") in "012" for c in cells)
         img = driver.find_element(By.CSS_SELECTOR, "img.fig")
