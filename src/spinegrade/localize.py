@@ -563,27 +563,6 @@ def _refine(prob: np.ndarray, c, r: int) -> tuple[float, float, float]:
     return float(z), float((p * gy).sum() + y0), float((p * gx).sum() + x0)
 
 
-@torch.no_grad()
-def locate_in_stack(
-    net: nn.Module,
-    stack: CachedStack,
-    frame: SagittalFrame,
-    zoom: float,
-    min_gap_mm: float = 15.0,
-    decoder: str = "ordered",
-    fine: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Targets' full-resolution canonical (z, y, x), each (T,): a whole look, then a zoomed one,
-    then (``fine`` > 0) one close look per level.
-
-    The zoomed look is centred on the middle of the first look's points, so that the top and
-    bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its window. Levels are
-    decoded in groups of five (one per side) with :func:`decode_levels`; the close looks only
-    refine each level where the zoomed look named it (see :func:`_decode_fine`).
-    """
-    return locate_in_stacks(net, [stack], [frame], zoom, 1, min_gap_mm, decoder, fine)[0]
-
-
 def _decode_look(
     heat: np.ndarray,
     look: SagittalFrame,
@@ -664,8 +643,16 @@ def locate_in_stacks(
     decoder: str = "ordered",
     fine: float = 0.0,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """:func:`locate_in_stack` for many stacks: each look's volumes of equal shape go through
-    the network ``batch_size`` at a time (the same numbers; a batch only shares the pass)."""
+    """Targets' full-resolution canonical (z, y, x) of each stack, each (T,): a whole look, then a
+    zoomed one, then (``fine`` > 0) one close look per level.
+
+    The zoomed look is centred on the middle of the first look's points, so that the top and
+    bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its window. Levels are
+    decoded in groups of five (one per side) with :func:`decode_levels`; the close looks only
+    refine each level where the zoomed look named it (see :func:`_decode_fine`). Each look's
+    volumes of equal shape go through the network ``batch_size`` at a time (the same numbers;
+    a batch only shares the pass).
+    """
     n_targets = int(net.n_targets)
     groups = [list(range(i, i + len(LEVELS))) for i in range(0, n_targets, len(LEVELS))]
     mm_y = [
