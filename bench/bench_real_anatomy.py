@@ -10,7 +10,8 @@ train on it or tune the phantom against its figures.
 Every series is read and cached as ``predict`` does (``io.read_series`` -> ``cache_series``) and
 located by every chosen fold's localiser. Each fold's points are scored (what its out-of-fold
 grading saw; pooled over folds) and, with several folds, their consensus
-(``localize.consensus_points``: where prediction grades). The
+(``localize.localize_consensus``: where prediction grades; the folds' zoomed looks are centred
+where their whole looks agree, then their points combined by median). The
 located spinal point lies in the canal, ~2 cm behind its disc centre, so it is scored by its
 distance to the disc's mid-plane along the local spine axis (the tangent of the curve through
 the disc centres, :func:`spine_axes`), not by the 3D distance. A level is "misnamed" when it
@@ -43,7 +44,7 @@ import torch
 from spinegrade.constants import LEVEL_TITLES, LEVELS, SAG_T2, TITLE_TO_LEVEL
 from spinegrade.inference import load_fold_models
 from spinegrade.io import read_series
-from spinegrade.localize import DECODERS, consensus_points, localize_study
+from spinegrade.localize import DECODERS, localize_consensus, localize_study
 from spinegrade.predict import run_folds
 from spinegrade.preprocess import CacheParams, cache_series
 from spinegrade.rundir import fold_dir, load_run_config
@@ -125,6 +126,30 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def by_spine_size(df: pd.DataFrame, paths: dict[str, float]) -> pd.DataFrame:
+    """The scores by quartile of the spine's size (path L1/L2 -> L5/S1 through the disc centres).
+
+    ``shift_upper_mm``: mean signed distance of L1/L2..L4/L5 (negative: towards the feet). A
+    localiser that expects the phantom's disc spacing squeezes the levels of large spines
+    together and names their upper discs one too low.
+    """
+    d = df.assign(path=df["case"].map(paths))
+    d["size"] = pd.qcut(d["path"], 4, duplicates="drop")
+    out = []
+    for size, g in d.groupby("size", observed=True):
+        a = g["dist_mm"].abs()
+        out.append(
+            {
+                "path_mm": f"{size.left:.0f}-{size.right:.0f}",
+                "cases": g["case"].nunique(),
+                "within_5mm": (a <= 5).mean(),
+                "misnamed": int(((~g["found"]) | (g["nearest"] != g["level"])).sum()),
+                "shift_upper_mm": g.loc[g["level"] != LEVELS[-1], "dist_mm"].mean(),
+            }
+        )
+    return pd.DataFrame(out)
+
+
 def crop_field(stack, centres: np.ndarray, margin: float, edges: str):
     """The stack with its rows cut ``margin`` mm beyond the end discs at the ``edges`` given
     (top = superior edge, bottom = inferior, both); a field edge already nearer stays."""
@@ -201,12 +226,14 @@ def main() -> None:
     out_dir = args.out or args.run_dir / "real_bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    paths: dict[str, float] = {}
     for case, g in truth.groupby("case_id", sort=False):
         g = g.assign(lv=g["level"].map(TITLE_TO_LEVEL)).set_index("lv").reindex(list(LEVELS))
         if g["x_mm"].isna().any():
             print(f"{case}: skipped, truth does not name all five levels")
             continue
         centres = g[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+        paths[str(case)] = float(np.linalg.norm(np.diff(centres, axis=0), axis=1).sum())
         read = read_series(args.real_dir / "series" / str(case))
         if not read.stacks:
             print(f"{case}: skipped, no readable stack in {args.real_dir / 'series' / str(case)}")
@@ -216,10 +243,10 @@ def main() -> None:
             stack = crop_field(stack, centres, args.margin, args.crop)
         points = [localize_study(loc, {SAG_T2: [stack]}) for loc in localizers]
         # Each fold's own points (what its OOF grading saw), and with several folds the
-        # consensus that prediction grades at (localize.consensus_points).
+        # consensus that prediction grades at (localize.localize_consensus).
         looks = [(k, p.xyz[0]) for k, p in zip(folds, points, strict=True)]
         if len(folds) > 1:
-            looks.append(("consensus", consensus_points(points).xyz[0]))
+            looks.append(("consensus", localize_consensus(localizers, {SAG_T2: [stack]}).xyz[0]))
         for k, located in looks:
             for r in score_case(located, centres):
                 rows.append({"case": case, "fold": k, **r})
@@ -246,6 +273,8 @@ def main() -> None:
         shown = df[df["fold"] == "consensus"]
         print("the folds' consensus (what prediction grades at):")
         print(summarise(shown).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("by the spine's size (quartiles of the L1/L2 -> L5/S1 path through the disc centres):")
+    print(by_spine_size(shown, paths).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     bad = shown[(~shown["found"]) | (shown["nearest"] != shown["level"])]
     if len(bad):
         names = (f"{r.case} {r.level}->{r.nearest}" for r in bad.itertuples())

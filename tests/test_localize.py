@@ -394,3 +394,77 @@ def test_consensus_outvotes_a_fold_that_named_the_discs_one_too_low():
     assert c.get("right_neural_foraminal_narrowing", "l5_s1") is None  # no fold: still unknown
     mean = np.mean([f.get("spinal_canal_stenosis", "l3_l4")[2] for f in folds])
     assert abs(mean - heights[2]) > 10  # a mean would have put it between two discs
+
+
+class _PriorNet(torch.nn.Module):
+    """A localiser that names levels by where they sit in its window (the zoomed look's failure
+    mode on real spines): level j peaks on row 2 + 4j (+ ``bias``) of every look, mid-slice."""
+
+    def __init__(self, bias: int = 0) -> None:
+        super().__init__()
+        self.n_targets, self.bias, self.calls = 5, bias, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device for _run_looks
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        b, s, h, w = x.shape
+        heat = torch.full((b, 5, s, h // 4, w // 4), -30.0)
+        for j in range(5):
+            heat[:, j, s // 2, 2 + 4 * j + self.bias, w // 8] = 30.0
+        return {"heatmaps": heat}
+
+
+def _record_zooms(monkeypatch, frac: float) -> list[tuple[float, float]]:
+    """(y, x) centre of every zoomed look of share ``frac`` taken from now on."""
+    from spinegrade.localize import SagittalFrame
+
+    seen: list[tuple[float, float]] = []
+    zoomed = SagittalFrame.zoomed
+
+    def record(self, cy, cx, f):
+        if f == frac:
+            seen.append((float(cy), float(cx)))
+        return zoomed(self, cy, cx, f)
+
+    monkeypatch.setattr(SagittalFrame, "zoomed", record)
+    return seen
+
+
+def test_a_given_centre_replaces_the_whole_look(monkeypatch):
+    from spinegrade.localize import locate_in_stacks
+
+    stack = make_stack(P, -H, (0, 0, 0), (3, 256, 256), (1.2, 1.2), 4.0)
+    frame = sagittal_frame(stack, size=96, max_slices=3)
+    seen = _record_zooms(monkeypatch, 0.5)
+    net = _PriorNet()
+    own = locate_in_stacks(net, [stack], [frame], 0.5, decoder="chain")[0]
+    assert net.calls == 2 and len(seen) == 1  # a whole look, then a zoomed one at its middle
+    centre = [(90.0, 140.0)]
+    given = locate_in_stacks(net, [stack], [frame], 0.5, decoder="chain", centres=centre)[0]
+    assert net.calls == 3 and seen[1] == (90.0, 140.0)  # only the zoomed look, where told
+    # This net names by window position, so its levels move with the centre it was given.
+    assert np.allclose(given[1] - own[1], 90.0 - seen[0][0], atol=1.0)
+
+
+def test_folds_zoom_where_their_whole_looks_agree(monkeypatch):
+    from spinegrade.localize import first_look_centres, localize_consensus, localize_study
+
+    stack = make_stack(P, -H, (0, 0, 0), (3, 256, 256), (1.2, 1.2), 4.0)
+    stacks = {"Sagittal T2/STIR": [stack]}
+    nets = [_PriorNet(0), _PriorNet(0), _PriorNet(3)]  # the third fold's whole look slid
+    offsets = fit_offsets([])  # zeros: the recesses sit on the canal point
+    folds = [Localizer({"spinal": n}, offsets, 96, 3, zoom=0.5, decoder="chain") for n in nets]
+    agreed = first_look_centres(folds[0], {0: stacks})[0]["spinal"]
+    slid = first_look_centres(folds[2], {0: stacks})[0]["spinal"]
+    assert slid[0] - agreed[0] > 30  # 3 whole-look cells (~38 mm) lower
+    for n in nets:
+        n.calls = 0
+    seen = _record_zooms(monkeypatch, 0.5)
+    points = localize_consensus(folds, stacks)
+    assert seen == [pytest.approx(agreed)] * 3  # every fold's zoomed look at the median centre
+    assert [n.calls for n in nets] == [2, 2, 2]  # no more passes than each fold alone
+    alone = localize_study(folds[2], stacks)  # left to itself, the slid fold zooms too low
+    assert seen[-1][0] - agreed[0] > 30
+    heights = [points.get("spinal_canal_stenosis", lv)[2] for lv in LEVELS]
+    own_heights = [alone.get("spinal_canal_stenosis", lv)[2] for lv in LEVELS]
+    assert all(h - o > 30 for h, o in zip(heights, own_heights, strict=True))  # LPS z: up

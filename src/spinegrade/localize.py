@@ -642,12 +642,15 @@ def locate_in_stacks(
     min_gap_mm: float = 15.0,
     decoder: str = "ordered",
     fine: float = 0.0,
+    centres: Sequence[tuple[float, float]] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Targets' full-resolution canonical (z, y, x) of each stack, each (T,): a whole look, then a
     zoomed one, then (``fine`` > 0) one close look per level.
 
-    The zoomed look is centred on the middle of the first look's points, so that the top and
-    bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its window. Levels are
+    The zoomed look is centred on the middle of the first look's points (:func:`_look_centre`),
+    so that the top and bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its
+    window; ``centres`` (full-resolution canonical (y, x) per stack, e.g. several folds'
+    consensus, see :func:`localize_consensus`) replace the whole look. Levels are
     decoded in groups of five (one per side) with :func:`decode_levels`; the close looks only
     refine each level where the zoomed look named it (see :func:`_decode_fine`). Each look's
     volumes of equal shape go through the network ``batch_size`` at a time (the same numbers;
@@ -658,14 +661,14 @@ def locate_in_stacks(
     mm_y = [
         s.spacing[1] if f.transpose else s.spacing[0] for s, f in zip(stacks, frames, strict=True)
     ]
-    looks = list(frames)
+    zoomed = 0 < zoom < 1
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(np.zeros(0),) * 3] * len(stacks)
-    for k in range(2 if 0 < zoom < 1 else 1):
-        if k == 1:
-            looks = [
-                look.zoomed(*(float(np.min(v) + np.max(v)) / 2 for v in found[i][1:]), zoom)
-                for i, look in enumerate(looks)
-            ]
+    if centres is None or not zoomed:
+        for i, h in _run_looks(net, stacks, frames, batch_size):
+            found[i] = _decode_look(h, frames[i], groups, mm_y[i], min_gap_mm, decoder)
+    if zoomed:
+        mids = list(centres) if centres is not None else [_look_centre(f) for f in found]
+        looks = [f.zoomed(*c, zoom) for f, c in zip(frames, mids, strict=True)]
         for i, h in _run_looks(net, stacks, looks, batch_size):
             found[i] = _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
     if not 0 < fine < 1:
@@ -684,6 +687,11 @@ def locate_in_stacks(
     for i in range(len(stacks)):
         _keep_levels_apart(out[i], found[i], groups, min_gap_mm / mm_y[i])
     return out  # type: ignore[return-value]
+
+
+def _look_centre(found: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """Middle (y, x) of a look's located targets: where the next, zoomed look is centred."""
+    return tuple(float(np.min(v) + np.max(v)) / 2 for v in found[1:])  # type: ignore[return-value]
 
 
 def _keep_levels_apart(fine, coarse, groups, min_gap: float) -> None:
@@ -760,29 +768,69 @@ def localize_study(
     return localize_studies(localizer, {0: stacks})[0]
 
 
+# A study's centre of the levels, per localiser task: full-resolution canonical (y, x) of the task's
+# chosen stack (see SagittalFrame; these coordinates depend on the stack only, so folds share them).
+Centres = Mapping[int, Mapping[str, tuple[float, float]]]
+
+
+def _task_stacks(localizer, studies, name: str) -> list[tuple[int, CachedStack]]:
+    """(study, chosen stack) of every study the localiser's ``name`` net can read."""
+    task = LOCALIZER_TASKS[name]
+    if localizer.nets.get(name) is None:
+        return []
+    return [(sid, st[task.description][0]) for sid, st in studies.items()
+            if st.get(task.description)]  # fmt: skip
+
+
+def first_look_centres(
+    localizer: Localizer,
+    studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
+    batch_size: int = 8,
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """Where each study's zoomed look would be centred: the middle of the whole look's levels."""
+    out: dict[int, dict[str, tuple[float, float]]] = {sid: {} for sid in studies}
+    for name in LOCALIZER_TASKS:
+        todo = _task_stacks(localizer, studies, name)
+        if not todo:
+            continue
+        frames = [sagittal_frame(s, localizer.image_size, localizer.max_slices) for _, s in todo]
+        found = locate_in_stacks(
+            localizer.nets[name], [s for _, s in todo], frames, 0.0, batch_size,
+            decoder=localizer.decoder,
+        )  # fmt: skip
+        for (sid, _), f in zip(todo, found, strict=True):
+            out[sid][name] = _look_centre(f)
+    return out
+
+
 def localize_studies(
     localizer: Localizer,
     studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
     batch_size: int = 8,
+    centres: Centres | None = None,
 ) -> dict[int, StudyPoints]:
-    """:func:`localize_study` for many studies, the network passes batched across studies."""
+    """:func:`localize_study` for many studies, the network passes batched across studies.
+
+    ``centres`` (study -> task -> (y, x), e.g. :func:`localize_consensus`'s) centre the zoomed
+    looks of the tasks every study has one for, in place of each study's own whole look.
+    """
     found: dict[int, StudyPoints] = {sid: StudyPoints() for sid in studies}
     for name, task in LOCALIZER_TASKS.items():
-        net = localizer.nets.get(name)
-        todo = [(sid, st[task.description][0]) for sid, st in studies.items()
-                if net is not None and st.get(task.description)]  # fmt: skip
+        todo = _task_stacks(localizer, studies, name)
         if not todo:
             continue
         frames = [sagittal_frame(s, localizer.image_size, localizer.max_slices) for _, s in todo]
         stacks = [s for _, s in todo]
+        given = [(centres or {}).get(sid, {}).get(name) for sid, _ in todo]
         located = locate_in_stacks(
-            net,
+            localizer.nets[name],
             stacks,
             frames,
             localizer.zoom,
             batch_size,
             decoder=localizer.decoder,
             fine=localizer.fine,
+            centres=given if all(c is not None for c in given) else None,  # type: ignore[arg-type]
         )
         for (sid, stack), frame, (z, y, x) in zip(todo, frames, located, strict=True):
             lps = stack.voxel_to_patient(*frame.from_full(z, y, x))
@@ -794,6 +842,33 @@ def localize_studies(
         )
         for sid, p in found.items()
     }
+
+
+def localize_consensus(
+    localizers: Sequence[Localizer], stacks: Mapping[str, Sequence[CachedStack]]
+) -> StudyPoints:
+    """Several folds' localisers on one study -> one point per target.
+
+    The zoomed look names the levels, and it names them by where it is centred more than by
+    what it sees: centred on the true middle of the discs, the quick localisers name real
+    spines far better than centred on their own whole look (BENCHMARKS.md, "Real anatomy",
+    fourth round). So the folds first agree on the centre (the median of their whole looks'
+    centres, which outvotes a fold whose whole look slid by a disc), every fold looks there,
+    and their points are combined by :func:`consensus_points`. The same number of network
+    passes as each fold localising alone.
+    """
+    if len(localizers) == 1 or not all(0 < loc.zoom < 1 for loc in localizers):
+        return consensus_points([localize_study(loc, stacks) for loc in localizers])
+    own = [first_look_centres(loc, {0: stacks})[0] for loc in localizers]
+    shared: dict[str, tuple[float, float]] = {}
+    for name in LOCALIZER_TASKS:
+        cs = [c[name] for c in own if name in c]
+        if cs:
+            cy, cx = np.median(np.array(cs), axis=0)
+            shared[name] = (float(cy), float(cx))
+    return consensus_points(
+        [localize_studies(loc, {0: stacks}, centres={0: shared})[0] for loc in localizers]
+    )
 
 
 def consensus_points(points: Sequence[StudyPoints]) -> StudyPoints:

@@ -392,16 +392,17 @@ class Predictor:
     def predict(self, stacks) -> EnsemblePrediction:
         """Ensemble prediction for one study's chosen stacks (description -> stacks).
 
-        Every fold localises; the folds' points are combined (:func:`.localize.consensus_points`,
-        so one fold's misnamed levels are outvoted) and every fold grades at the combined points.
+        Every fold localises, its zoomed look centred where the folds' whole looks agree, and
+        the folds' points are combined (:func:`.localize.localize_consensus`, so one fold's
+        misnamed levels are outvoted); every fold grades at the combined points.
         So folds with the same crop settings grade the same crops: they are cut once.
         """
         from spinegrade.crops import StudyPoints
         from spinegrade.inference import crop_views, grade_study
-        from spinegrade.localize import consensus_points, localize_study
+        from spinegrade.localize import localize_consensus
 
         points = (
-            consensus_points([localize_study(m.localizer, stacks) for m in self.models])
+            localize_consensus([m.localizer for m in self.models], stacks)
             if stacks
             else StudyPoints()
         )
