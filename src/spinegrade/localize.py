@@ -773,7 +773,9 @@ def localize_study(
 Centres = Mapping[int, Mapping[str, tuple[float, float]]]
 
 
-def _task_stacks(localizer, studies, name: str) -> list[tuple[int, CachedStack]]:
+def _task_stacks(
+    localizer: Localizer, studies: Mapping[int, Mapping[str, Sequence[CachedStack]]], name: str
+) -> list[tuple[int, CachedStack]]:
     """(study, chosen stack) of every study the localiser's ``name`` net can read."""
     task = LOCALIZER_TASKS[name]
     if localizer.nets.get(name) is None:
