@@ -691,7 +691,8 @@ def locate_in_stacks(
 
 def _look_centre(found: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, float]:
     """Middle (y, x) of a look's located targets: where the next, zoomed look is centred."""
-    return tuple(float(np.min(v) + np.max(v)) / 2 for v in found[1:])  # type: ignore[return-value]
+    _, y, x = found
+    return float(np.min(y) + np.max(y)) / 2, float(np.min(x) + np.max(x)) / 2
 
 
 def _keep_levels_apart(fine, coarse, groups, min_gap: float) -> None:
