@@ -126,21 +126,19 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def by_spine_size(df: pd.DataFrame, paths: dict[str, float]) -> pd.DataFrame:
-    """The scores by quartile of the spine's size (path L1/L2 -> L5/S1 through the disc centres).
+def by_quartile(df: pd.DataFrame, values: dict[str, float], name: str) -> pd.DataFrame:
+    """The scores by quartile of a per-case value (``name`` heads its column).
 
-    ``shift_upper_mm``: mean signed distance of L1/L2..L4/L5 (negative: towards the feet). A
-    localiser that expects the phantom's disc spacing squeezes the levels of large spines
-    together and names their upper discs one too low.
+    ``shift_upper_mm``: mean signed distance of L1/L2..L4/L5 (negative: towards the feet).
     """
-    d = df.assign(path=df["case"].map(paths))
-    d["size"] = pd.qcut(d["path"], 4, duplicates="drop")
+    d = df.assign(value=df["case"].map(values))
+    d["q"] = pd.qcut(d["value"], 4, duplicates="drop")
     out = []
-    for size, g in d.groupby("size", observed=True):
+    for q, g in d.groupby("q", observed=True):
         a = g["dist_mm"].abs()
         out.append(
             {
-                "path_mm": f"{size.left:.0f}-{size.right:.0f}",
+                name: f"{q.left:.0f} to {q.right:.0f}",
                 "cases": g["case"].nunique(),
                 "within_5mm": (a <= 5).mean(),
                 "misnamed": int(((~g["found"]) | (g["nearest"] != g["level"])).sum()),
@@ -148,6 +146,19 @@ def by_spine_size(df: pd.DataFrame, paths: dict[str, float]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(out)
+
+
+def field_height(stack, centres: np.ndarray) -> float:
+    """How far (mm) the middle of the lumbar discs lies above the middle of the field.
+
+    Halfway between L1/L2 and L5/S1, measured along the image rows towards the head. The phantom
+    places its fields around L3/L4 within a few centimetres; a localiser that learned where the
+    levels sit in the field, rather than what they look like, fails on spines placed otherwise.
+    """
+    rows = (centres[[0, -1]] - stack.positions[0]) @ stack.col_dir / stack.spacing[0]
+    head_up = stack.col_dir[2] < 0  # rows run towards the feet (LPS z falls)
+    offset = (stack.volume.shape[1] - 1) / 2 - rows.mean()
+    return float(offset * stack.spacing[0] * (1 if head_up else -1))
 
 
 def crop_field(stack, centres: np.ndarray, margin: float, edges: str):
@@ -227,6 +238,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     paths: dict[str, float] = {}
+    heights: dict[str, float] = {}
     for case, g in truth.groupby("case_id", sort=False):
         g = g.assign(lv=g["level"].map(TITLE_TO_LEVEL)).set_index("lv").reindex(list(LEVELS))
         if g["x_mm"].isna().any():
@@ -241,6 +253,7 @@ def main() -> None:
         stack = cache_series(read.stacks, params, 0, 0, SAG_T2)[0]
         if args.crop:
             stack = crop_field(stack, centres, args.margin, args.crop)
+        heights[str(case)] = field_height(stack, centres)
         points = [localize_study(loc, {SAG_T2: [stack]}) for loc in localizers]
         # Each fold's own points (what its OOF grading saw), and with several folds the
         # consensus that prediction grades at (localize.localize_consensus).
@@ -274,7 +287,14 @@ def main() -> None:
         print("the folds' consensus (what prediction grades at):")
         print(summarise(shown).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("by the spine's size (quartiles of the L1/L2 -> L5/S1 path through the disc centres):")
-    print(by_spine_size(shown, paths).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    table = by_quartile(shown, paths, "path_mm")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(
+        "by where the spine sits in the field (quartiles of the height, mm, of the middle of"
+        " L1/L2..L5/S1 above the field's middle):"
+    )
+    table = by_quartile(shown, heights, "height_mm")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     bad = shown[(~shown["found"]) | (shown["nearest"] != shown["level"])]
     if len(bad):
         names = (f"{r.case} {r.level}->{r.nearest}" for r in bad.itertuples())
