@@ -676,8 +676,7 @@ def locate_in_stacks(
     # One close look per level (shared by its left and right targets), centred on the estimate.
     jobs = [(i, [g[lv] for g in groups]) for i in range(len(stacks)) for lv in range(len(LEVELS))]
     close = [
-        frames[i].zoomed(float(np.mean(found[i][1][js])), float(np.mean(found[i][2][js])), fine)
-        for i, js in jobs
+        _close_look(frames[i], found[i], js, fine, single_side=len(groups) == 1) for i, js in jobs
     ]
     out = [tuple(v.copy() for v in f) for f in found]
     for q, h in _run_looks(net, [stacks[i] for i, _ in jobs], close, batch_size):
@@ -687,6 +686,35 @@ def locate_in_stacks(
     for i in range(len(stacks)):
         _keep_levels_apart(out[i], found[i], groups, min_gap_mm / mm_y[i])
     return out  # type: ignore[return-value]
+
+
+# Slices each side of the level's slice that a canal's close look reads. The close look moves a
+# level in-plane only (its slice is the zoomed look's, see _decode_fine), and the canal lies on
+# the midline, so the slices far lateral of it only cost time. Two each side keep the network's
+# neighbour channels and some slice context around the canal.
+CLOSE_SLICES = 2
+
+
+def _close_look(
+    frame: SagittalFrame,
+    found: tuple[np.ndarray, np.ndarray, np.ndarray],
+    targets: Sequence[int],
+    fine: float,
+    single_side: bool,
+) -> SagittalFrame:
+    """The close look at one level: ``fine`` of the field centred on its ``targets``' points.
+
+    A single-sided task (the canal) reads only the slices near the level's slice; a paired one
+    (left and right foramina share the look) keeps the whole stack, as both sides need it.
+    """
+    z, y, x = (np.asarray(v)[list(targets)] for v in found)
+    look = frame.zoomed(float(np.mean(y)), float(np.mean(x)), fine)
+    if not single_side or frame.n_slices <= 2 * CLOSE_SLICES + 1:
+        return look
+    n = 2 * CLOSE_SLICES + 1
+    lo, hi = frame.z0, frame.z0 + frame.n_slices - n  # the sub-stack stays inside the frame's
+    z0 = int(np.clip(round(float(np.mean(z))) - CLOSE_SLICES, lo, hi))
+    return dataclasses.replace(look, z0=z0, n_slices=n)
 
 
 def _look_centre(found: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, float]:
