@@ -6,6 +6,7 @@ graders), and the report (figure with saliency, grades.json). Peak resident memo
 process (the models and one study at a time) and of the preprocessing workers, if any.
 
     .venv/bin/python bench/bench_predict.py [RUN_DIR] [INPUT] [--threads 2] [--no-report]
+        [--workers 2]
 
 Defaults: ``demo_run/run`` and ``demo_run/data`` (what ``make demo`` leaves behind). The work
 folder is a fresh temporary one, so preprocessing is measured cold. Prints figures; never fails on
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-report", action="store_true", help="skip figures (model only)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes (predict's --workers; 1 = inline)"
+    )
     args = parser.parse_args(argv)
     # As the CLI does: idle OpenMP threads sleep (set OMP_WAIT_POLICY=ACTIVE to see the spinning).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             report_dir=None if args.no_report else work / "report",
             cache_dir=work / "work",
             device=args.device,
+            workers=args.workers,
             progress=False,
         )
         wall = time.perf_counter() - t0
@@ -86,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     per = np.asarray(result.per_study_s)
     t = result.timings
     print(f"run {args.run_dir} ({len(result.folds)} folds: {result.folds}), device {result.device}")
-    print(f"input {args.input}: {n} studies ({result.input_kind}), torch threads {args.threads}")
+    print(
+        f"input {args.input}: {n} studies ({result.input_kind}), torch threads {args.threads}"
+        + (f", {args.workers} single-threaded worker processes" if args.workers > 1 else "")
+    )
     print(f"load models            {t['load_models_s']:8.2f} s")
     print(f"preprocess             {t['preprocess_s'] / n * 1000:8.0f} ms/study")
     print(
@@ -99,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu = np.asarray(result.per_study_cpu_s)
     print(f"  CPU time (all threads) {np.median(cpu) * 1000:8.0f} ms/study median")
     rest = t["predict_and_report_s"] - sum(per)
-    if not args.no_report:
+    if args.workers == 1 and not args.no_report:  # with workers, studies overlap
         print(f"report (fig+saliency)  {rest / n * 1000:8.0f} ms/study")
+    what = "model" if args.no_report else "model + report"
+    print(f"throughput ({what})  {t['predict_and_report_s'] / n * 1000:8.0f} ms/study "
+          f"(wall / studies; worker start-up included)")  # fmt: skip
     print(f"total                  {wall:8.1f} s ({wall / n:.2f} s/study end to end)")
     print(f"peak RSS: this process {_peak_mib(resource.RUSAGE_SELF):.0f} MiB, "
           f"workers {_peak_mib(resource.RUSAGE_CHILDREN):.0f} MiB")  # fmt: skip

@@ -318,3 +318,33 @@ def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
         and f"every study ({n_test}) fell back to the training prior" in none.output
     )
     assert (tmp_path / "c.csv").is_file()  # written, for inspection
+
+
+def test_worker_processes_predict_what_one_process_does(trained, tmp_path: Path) -> None:
+    # Two single-threaded processes, one study each at a time (the CLI's --workers): the same
+    # submission, reports and per-study records as one process, in the same study order.
+    from spinegrade.predict import predict
+
+    data, run = trained
+    one = predict(run, data, tmp_path / "one" / "sub.csv", report_dir=tmp_path / "one" / "r",
+                  cache_dir=tmp_path / "w1", progress=False)  # fmt: skip
+    two = predict(run, data, tmp_path / "two" / "sub.csv", report_dir=tmp_path / "two" / "r",
+                  cache_dir=tmp_path / "w2", workers=2, progress=False)  # fmt: skip
+    a, b = pd.read_csv(tmp_path / "one" / "sub.csv"), pd.read_csv(tmp_path / "two" / "sub.csv")
+    assert a["row_id"].tolist() == b["row_id"].tolist()
+    # Same weights and inputs; one thread instead of two may reorder float sums.
+    assert np.allclose(a[list(PROB_COLUMNS)], b[list(PROB_COLUMNS)], atol=1e-5)
+    assert one.graded_per_study == two.graded_per_study and len(two.per_study_s) == 3
+    assert one.warnings == two.warnings
+    for sid in one.study_ids:
+        grades = [json.loads((tmp_path / k / "r" / str(sid) / "grades.json").read_text())
+                  for k in ("one", "two")]  # fmt: skip
+        assert grades[0]["targets"].keys() == grades[1]["targets"].keys()
+        for t in grades[0]["targets"]:
+            p0, p1 = (
+                grades[0]["targets"][t]["point_lps_mm"],
+                grades[1]["targets"][t]["point_lps_mm"],
+            )
+            assert (p0 is None) == (p1 is None)
+            assert p0 is None or np.allclose(p0, p1, atol=1e-3)
+    assert (tmp_path / "two" / "r" / "index.html").is_file()

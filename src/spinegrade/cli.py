@@ -200,7 +200,9 @@ def predict(
         None, "--cache", help="Work folder (default: .spinegrade_cache/ beside --out)"
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    workers: int = typer.Option(1, "--workers", min=1, help="Preprocessing processes"),
+    workers: int = typer.Option(
+        1, "--workers", min=1, help="Processes for preprocessing and (on CPU) prediction"
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars"),
     strict: bool = typer.Option(
         False, "--strict", help="Fail (exit 2) if any target of any study falls back to the prior"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -567,7 +568,9 @@ def predict(
         prepared.kind, work, Path(report_dir) if report_dir else None,
     )  # fmt: skip
     result.weights_init = predictor.describe_init()
-    preds = _predict_all(predictor, prepared, work / "cache", summary.failures, result, progress)
+    preds = _predict_all(
+        predictor, prepared, work / "cache", summary.failures, result, progress, workers
+    )
     result.submission = submission_frame({p.study_id: p.probs for p in preds})
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out_csv, result.submission)
@@ -627,44 +630,103 @@ def _predict_all(
     failures: list[dict],
     result: PredictResult,
     progress: bool,
+    workers: int = 1,
 ) -> list:
-    """Predict (and report) study by study, so memory holds one study's stacks at a time."""
-    from spinegrade.datasets import load_studies, used_series
-    from spinegrade.progress import progress_bar
-    from spinegrade.report import StudyPrediction
+    """Predict (and report) study by study, so memory holds one study's stacks at a time.
 
-    has_index = (cache / "index.csv").is_file()
-    preds = []
-    for sid in progress_bar(prepared.study_ids, desc="predicting", unit="study", enabled=progress):
-        t, c = time.perf_counter(), time.process_time()
-        errors: list[str] = []
-        try:
-            stacks = (
-                load_studies(cache, [sid], split=SPLIT, progress=False)[sid].stacks
-                if has_index
-                else {}
+    With ``workers`` > 1 (CPU only), that many single-threaded processes predict one study each:
+    the networks are small, so two threads on one study keep two cores only ~60% busy, while two
+    processes keep them full. Every worker loads the run's models once. The outputs are the same
+    as one process's, in the same order.
+    """
+    from spinegrade.progress import progress_bar
+
+    job = _StudyJob(
+        cache, (cache / "index.csv").is_file(), failures, prepared.warnings, result.report_dir
+    )
+    ids = prepared.study_ids
+    if workers > 1 and len(ids) > 1 and predictor.device == "cpu":
+        from spinegrade.parallel import process_pool
+
+        spawn = multiprocessing.get_context("spawn")  # never fork a process that holds torch
+        with process_pool(min(workers, len(ids)), spawn) as pool:
+            runs = pool.map(
+                _predict_in_worker,
+                ids,
+                [(predictor.run_dir, predictor.folds)] * len(ids),
+                [job] * len(ids),
             )
-            ens = predictor.predict(stacks)
-        except Exception as exc:  # one bad study must not stop the batch: it gets the prior
-            stacks, ens = {}, predictor.prior_prediction()
-            errors.append(f"study {sid}: prediction failed ({type(exc).__name__}: {exc})")
-        result.per_study_s.append(time.perf_counter() - t)
-        result.per_study_cpu_s.append(time.process_time() - c)
-        result.graded_per_study.append(int(ens.graded.sum()))
-        warns = errors + study_warnings(sid, stacks, ens.graded, failures, prepared.warnings)
-        source = ["model" if g else "prior" for g in ens.graded]
-        pred = StudyPrediction(sid, ens.probs, source, ens.points, warns, used_series(stacks))
-        if result.report_dir is not None:
-            try:
-                _report_study(predictor, pred, stacks, result.report_dir)
-            except Exception as exc:  # the submission matters more than one figure
-                warns.append(f"study {sid}: report failed ({type(exc).__name__}: {exc})")
-        for w in warns:
+            done = list(
+                progress_bar(runs, total=len(ids), desc="predicting", unit="study",
+                             enabled=progress)
+            )  # fmt: skip
+    else:
+        bar = progress_bar(ids, desc="predicting", unit="study", enabled=progress)
+        done = [_predict_one(predictor, sid, job) for sid in bar]
+    preds = []
+    for pred, wall_s, cpu_s, graded in done:
+        result.per_study_s.append(wall_s)
+        result.per_study_cpu_s.append(cpu_s)
+        result.graded_per_study.append(graded)
+        for w in pred.warnings:
             log.warning(scrub_paths(w))
-        result.warnings[sid] = [scrub_paths(w) for w in warns]
-        pred.warnings = result.warnings[sid]
+        result.warnings[pred.study_id] = pred.warnings = [scrub_paths(w) for w in pred.warnings]
         preds.append(pred)
     return preds
+
+
+@dataclass
+class _StudyJob:
+    """What predicting one study needs besides the ensemble (picklable, for worker processes)."""
+
+    cache: Path
+    has_index: bool
+    failures: list[dict]
+    input_warnings: dict
+    report_dir: Path | None
+
+
+def _predict_one(predictor: Predictor, sid: int, job: _StudyJob):
+    """One study: (StudyPrediction, model wall s, its CPU s, targets graded); never raises."""
+    from spinegrade.datasets import load_studies, used_series
+    from spinegrade.report import StudyPrediction
+
+    t, c = time.perf_counter(), time.process_time()
+    errors: list[str] = []
+    try:
+        stacks = (
+            load_studies(job.cache, [sid], split=SPLIT, progress=False)[sid].stacks
+            if job.has_index
+            else {}
+        )
+        ens = predictor.predict(stacks)
+    except Exception as exc:  # one bad study must not stop the batch: it gets the prior
+        stacks, ens = {}, predictor.prior_prediction()
+        errors.append(f"study {sid}: prediction failed ({type(exc).__name__}: {exc})")
+    wall_s, cpu_s = time.perf_counter() - t, time.process_time() - c
+    warns = errors + study_warnings(sid, stacks, ens.graded, job.failures, job.input_warnings)
+    source = ["model" if g else "prior" for g in ens.graded]
+    pred = StudyPrediction(sid, ens.probs, source, ens.points, warns, used_series(stacks))
+    if job.report_dir is not None:
+        try:
+            _report_study(predictor, pred, stacks, job.report_dir)
+        except Exception as exc:  # the submission matters more than one figure
+            warns.append(f"study {sid}: report failed ({type(exc).__name__}: {exc})")
+    return pred, wall_s, cpu_s, int(ens.graded.sum())
+
+
+_WORKER_ENSEMBLE: dict[tuple, Predictor] = {}  # a worker process's ensemble, loaded once
+
+
+def _predict_in_worker(sid: int, run: tuple[Path, list[int]], job: _StudyJob):
+    """:func:`_predict_one` in a worker process: one thread, the run's models loaded once."""
+    import torch
+
+    key = (str(run[0]), tuple(run[1]))
+    if key not in _WORKER_ENSEMBLE:
+        torch.set_num_threads(1)
+        _WORKER_ENSEMBLE[key] = Predictor.from_run_dir(Path(run[0]), list(run[1]), "cpu")
+    return _predict_one(_WORKER_ENSEMBLE[key], sid, job)
 
 
 def _report_study(predictor: Predictor, pred, stacks: dict, report_dir: Path) -> None:
