@@ -105,12 +105,16 @@ def score_case(located: np.ndarray, centres: np.ndarray) -> list[dict]:
     return rows
 
 
+def misnamed(df: pd.DataFrame) -> pd.Series:
+    """Rows whose level was not found or lies nearer another disc's mid-plane than its own."""
+    return (~df["found"]) | (df["nearest"] != df["level"])
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per level and overall: n, median / p90 |distance|, within 5 / 10 mm, misnamed, bias."""
     out = []
     for name, g in [*((lv, df[df["level"] == lv]) for lv in LEVELS), ("all", df)]:
         a = g["dist_mm"].abs()
-        misnamed = (~g["found"]) | (g["nearest"] != g["level"])
         out.append(
             {
                 "level": LEVEL_TITLES.get(name, name) if name != "all" else "all",
@@ -119,7 +123,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                 "p90_mm": a.quantile(0.9),
                 "within_5mm": (a <= 5).mean(),
                 "within_10mm": (a <= 10).mean(),
-                "misnamed": int(misnamed.sum()),
+                "misnamed": int(misnamed(g).sum()),
                 "mean_signed_mm": g["dist_mm"].mean(),
             }
         )
@@ -141,7 +145,7 @@ def by_quartile(df: pd.DataFrame, values: dict[str, float], name: str) -> pd.Dat
                 name: f"{q.left:.0f} to {q.right:.0f}",
                 "cases": g["case"].nunique(),
                 "within_5mm": (a <= 5).mean(),
-                "misnamed": int(((~g["found"]) | (g["nearest"] != g["level"])).sum()),
+                "misnamed": int(misnamed(g).sum()),
                 "shift_upper_mm": g.loc[g["level"] != LEVELS[-1], "dist_mm"].mean(),
             }
         )
@@ -295,7 +299,7 @@ def main() -> None:
     )
     table = by_quartile(shown, heights, "height_mm")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    bad = shown[(~shown["found"]) | (shown["nearest"] != shown["level"])]
+    bad = shown[misnamed(shown)]
     if len(bad):
         names = (f"{r.case} {r.level}->{r.nearest}" for r in bad.itertuples())
         print("misnamed:", ", ".join(names))
