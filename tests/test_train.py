@@ -280,6 +280,39 @@ def test_run_folder_is_complete_reloadable_and_folds_are_disjoint(world, tmp_pat
         cross_validate(data, cache, run, load_config("quick", [*tiny, "train.epochs=2"]))
 
 
+def test_a_run_can_train_the_canal_localiser_alone(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPINEGRADE_PROGRESS", "0")
+    data, cache = world
+    run = tmp_path / "run"
+    cfg = load_config(
+        "quick", [*TINY, "data.n_folds=3", "localizer.tasks=[spinal]", "train.groups=[spinal]"]
+    )
+    assert cross_validate(data, cache, run, cfg, folds_to_run=[0], progress=False) is None
+    fold = run / "fold_0"
+    assert (fold / "localizer_spinal.safetensors").is_file()
+    assert not (fold / "localizer_foraminal.safetensors").exists()
+    assert json.loads((fold / "localizer_geometry.json").read_text())["tasks"] == ["spinal"]
+    models = load_fold_models(fold)
+    assert set(models.localizer.nets) == {"spinal"}
+    sid = int(pd.read_csv(run / "folds.csv").query("fold == 0")["study_id"].iloc[0])
+    pred = predict_study(models, load_studies(cache, [sid], progress=False)[sid].stacks)
+    # The canal is located (and the recesses derived from it) and graded; no net finds the
+    # foramina, and with no foraminal grader they get the prior.
+    xyz = pred.points.xyz
+    assert np.isfinite(xyz[[0, 3, 4]]).all() and np.isnan(xyz[[1, 2]]).all()
+    assert pred.graded[:5].all() and not pred.graded[5:15].any()
+
+
+def test_an_unknown_localiser_task_is_named_with_the_choices():
+    from spinegrade.config import ConfigError
+    from spinegrade.localize import configured_tasks
+
+    with pytest.raises(ConfigError, match=r"localizer.tasks=.*'axial'.*\['foraminal', 'spinal'\]"):
+        configured_tasks(load_config("quick", ["localizer.tasks=[spinal, axial]"]))
+    with pytest.raises(ConfigError, match="one or more"):
+        configured_tasks(load_config("quick", ["localizer.tasks=[]"]))
+
+
 def test_cli_splits_fold_numbers_from_overrides():
     from spinegrade.cli import _split_folds_overrides
 

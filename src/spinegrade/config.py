@@ -205,6 +205,11 @@ class LocalizerConfig:
     # Level naming (localize.DECODERS): "ordered" = each level's best peak, head to feet;
     # "chain" = the five levels on consecutive discs (a run of the discs seen, moved as one).
     decoder: str = "chain"
+    # Which stage-1 nets to train (localize.LOCALIZER_TASKS): "spinal" reads sagittal T2 for the
+    # canal (and, by offsets, the recesses), "foraminal" sagittal T1 for both foramina. A run
+    # without one grades those targets at derived points or the prior; experiments on the canal
+    # alone (bench/bench_real_anatomy_seeds.py) train only "spinal", in half the time.
+    tasks: list[str] = field(default_factory=lambda: ["spinal", "foraminal"])
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4

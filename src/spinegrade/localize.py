@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spinegrade.cache import CachedStack, project_point
-from spinegrade.config import Config
+from spinegrade.config import Config, ConfigError
 from spinegrade.constants import (
     AX_T2,
     CONDITION_GROUP,
@@ -61,6 +61,17 @@ LOCALIZER_TASKS: dict[str, LocalizerTask] = {
         "foraminal", SAG_T1, tuple((c, lv) for c in (LEFT_FOR, RIGHT_FOR) for lv in LEVELS)
     ),
 }
+
+
+def configured_tasks(cfg: Config) -> dict[str, LocalizerTask]:
+    """The stage-1 tasks ``cfg.localizer.tasks`` asks for; a clear error for an unknown name."""
+    names = list(cfg.localizer.tasks)
+    unknown = [n for n in names if n not in LOCALIZER_TASKS]
+    if unknown or not names:
+        raise ConfigError(
+            f"localizer.tasks={names!r}: give one or more of {sorted(LOCALIZER_TASKS)}"
+        )
+    return {n: t for n, t in LOCALIZER_TASKS.items() if n in names}
 
 
 # ------------------------------------------------------------------------------ canonical frame
@@ -421,9 +432,10 @@ def build_localizer_samples(
 ) -> dict[str, dict[int, LocalizerSample]]:
     """Targets of every study, per task (made once, shared by all folds; volumes not copied)."""
     c = cfg.localizer
-    out: dict[str, dict[int, LocalizerSample]] = {name: {} for name in LOCALIZER_TASKS}
+    tasks = configured_tasks(cfg)
+    out: dict[str, dict[int, LocalizerSample]] = {name: {} for name in tasks}
     for study_id, (stacks, points) in studies.items():
-        for name, task in LOCALIZER_TASKS.items():
+        for name, task in tasks.items():
             cand = stacks.get(task.description)
             if cand:
                 sample = localizer_sample(cand[0], points, task, c.image_size, c.max_slices)

@@ -25,8 +25,8 @@ from spinegrade.datasets import (
     collate_stacks,
 )
 from spinegrade.localize import (
-    LOCALIZER_TASKS,
     LocalizerSample,
+    configured_tasks,
     localizer_hits_errors,
     summarize_hits_errors,
 )
@@ -61,7 +61,7 @@ def train_localizer(
 
     c = cfg.localizer
     nets: dict[str, nn.Module] = {}
-    for name, task in LOCALIZER_TASKS.items():
+    for name, task in configured_tasks(cfg).items():
         if not samples.get(name):
             continue
         torch.manual_seed(seed)  # the initial weights too: a rerun gives the same fold
