@@ -264,9 +264,10 @@ def main() -> None:
         looks = [(k, p.xyz[0]) for k, p in zip(folds, points, strict=True)]
         if len(folds) > 1:
             looks.append(("consensus", localize_consensus(localizers, {SAG_T2: [stack]}).xyz[0]))
+        case_values = {"path_mm": paths[str(case)], "height_mm": heights[str(case)]}
         for k, located in looks:
             for r in score_case(located, centres):
-                rows.append({"case": case, "fold": k, **r})
+                rows.append({"case": case, "fold": k, **r, **case_values})
         draw_case(out_dir / f"{case}.png", stack, centres, looks[-1][1])
     df = pd.DataFrame(rows)
     if args.csv:
