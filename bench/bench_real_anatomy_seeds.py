@@ -50,10 +50,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> Path:
     ]  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"seed_{seed}.log", "a") as log:
-        for cmd in (train, score):
+        for step, cmd in (("training", train), ("scoring", score)):
             done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode:
-                raise RuntimeError(f"seed {seed}: {cmd[2:4]} failed; see {log.name}")
+                raise RuntimeError(f"seed {seed}: {step} failed; see {log.name}")
     scores.with_suffix(".part.csv").replace(scores)  # the marker of a finished seed, atomic
     return scores
 

@@ -303,7 +303,7 @@ def test_a_run_can_train_the_canal_localiser_alone(world, tmp_path, monkeypatch)
     assert pred.graded[:5].all() and not pred.graded[5:15].any()
 
 
-def test_an_unknown_localiser_task_is_named_with_the_choices():
+def test_an_unknown_localiser_task_is_named_with_the_choices(tmp_path):
     from spinegrade.config import ConfigError
     from spinegrade.localize import configured_tasks
 
@@ -311,6 +311,11 @@ def test_an_unknown_localiser_task_is_named_with_the_choices():
         configured_tasks(load_config("quick", ["localizer.tasks=[spinal, axial]"]))
     with pytest.raises(ConfigError, match="one or more"):
         configured_tasks(load_config("quick", ["localizer.tasks=[]"]))
+    # Training refuses it before reading any data.
+    with pytest.raises(ConfigError, match=r"localizer\.tasks"):
+        cross_validate(tmp_path / "no_data", tmp_path / "no_cache", tmp_path / "run",
+                       load_config("quick", [*TINY, "localizer.tasks=[axial]"]))  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_splits_fold_numbers_from_overrides():

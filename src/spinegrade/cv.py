@@ -32,6 +32,7 @@ from spinegrade.localize import (
     Localizer,
     LocalizerSample,
     build_localizer_samples,
+    configured_tasks,
     derive_points,
     fit_offsets,
     point_errors,
@@ -84,8 +85,9 @@ def cross_validate(
     run folder (then :func:`merge_run`). Returns the cv.json content once all folds exist.
     """
     # Pretrained weights or a clear error now, not after minutes of loading data; then the cache
-    # must be the one this config asks for. Both before anything is written or trained.
+    # must be the one this config asks for. All before anything is written or trained.
     require_pretrained(cfg)
+    configured_tasks(cfg)
     check_cache(cache_dir, cfg.data, data_dir)
     runtime = setup_runtime(cfg.train)
     try:
