@@ -348,3 +348,37 @@ def test_worker_processes_predict_what_one_process_does(trained, tmp_path: Path)
             assert (p0 is None) == (p1 is None)
             assert p0 is None or np.allclose(p0, p1, atol=1e-3)
     assert (tmp_path / "two" / "r" / "index.html").is_file()
+
+
+def test_folds_side_by_side_predict_what_folds_in_turn_do(trained) -> None:
+    # On CPU with two torch threads the folds of one study run on two threads, one torch thread
+    # each; with one torch thread they run in turn. Same numbers, and the thread count is back.
+    import torch
+
+    from spinegrade.datasets import load_studies
+    from spinegrade.predict import Predictor, fold_map
+
+    _, run = trained
+    predictor = Predictor.from_run_dir(run, device="cpu")
+    cache = run.parent / "cache"
+    sid = int(pd.read_csv(cache / "index.csv").query("split == 'train'")["study_id"].iloc[0])
+    stacks = load_studies(cache, [sid], progress=False)[sid].stacks
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    try:
+        torch.set_num_threads(1)
+        with fold_map("cpu", 2) as each:
+            assert each is map
+        in_turn = predictor.predict(stacks)
+        torch.set_num_threads(2)
+        with fold_map("cpu", 2) as each:
+            assert each is not map
+            list(each(lambda _: seen.append(torch.get_num_threads()), range(2)))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        side_by_side = predictor.predict(stacks)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(in_turn.graded, side_by_side.graded)
+    assert np.allclose(in_turn.probs, side_by_side.probs, atol=1e-6)
+    assert np.allclose(in_turn.points, side_by_side.points, atol=1e-6, equal_nan=True)

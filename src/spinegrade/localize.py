@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -888,7 +889,9 @@ def localize_studies(
 
 
 def localize_consensus(
-    localizers: Sequence[Localizer], stacks: Mapping[str, Sequence[CachedStack]]
+    localizers: Sequence[Localizer],
+    stacks: Mapping[str, Sequence[CachedStack]],
+    map_fn: Callable[..., Iterable[Any]] = map,
 ) -> StudyPoints:
     """Several folds' localisers on one study -> one point per target.
 
@@ -898,20 +901,23 @@ def localize_consensus(
     fourth round). So the folds first agree on the centre (the median of their whole looks'
     centres, which outvotes a fold whose whole look slid by a disc), every fold looks there,
     and their points are combined by :func:`consensus_points`. The same number of network
-    passes as each fold localising alone.
+    passes as each fold localising alone. ``map_fn`` runs the folds' looks (e.g. a thread
+    pool's ``map``; results in the folds' order, so the points do not depend on it).
     """
     if len(localizers) == 1 or not all(0 < loc.zoom < 1 for loc in localizers):
-        return consensus_points([localize_study(loc, stacks) for loc in localizers])
-    own = [first_look_centres(loc, {0: stacks})[0] for loc in localizers]
+        return consensus_points(list(map_fn(lambda loc: localize_study(loc, stacks), localizers)))
+    own = list(map_fn(lambda loc: first_look_centres(loc, {0: stacks})[0], localizers))
     shared: dict[str, tuple[float, float]] = {}
     for name in LOCALIZER_TASKS:
         cs = [c[name] for c in own if name in c]
         if cs:
             cy, cx = np.median(np.array(cs), axis=0)
             shared[name] = (float(cy), float(cx))
-    return consensus_points(
-        [localize_studies(loc, {0: stacks}, centres={0: shared})[0] for loc in localizers]
-    )
+
+    def look_there(loc: Localizer) -> StudyPoints:
+        return localize_studies(loc, {0: stacks}, centres={0: shared})[0]
+
+    return consensus_points(list(map_fn(look_there, localizers)))
 
 
 def consensus_points(points: Sequence[StudyPoints]) -> StudyPoints:
