@@ -377,6 +377,15 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(trained) -> None:
         assert seen == [1, 1] and torch.get_num_threads() == 2
         side_by_side = predictor.predict(stacks)
         assert torch.get_num_threads() == 2
+        # More threads than folds: the threads are shared out among the folds.
+        torch.set_num_threads(6)
+        for folds, inside in ((2, 3), (5, 1), (4, 1)):
+            seen.clear()
+            with fold_map("cpu", folds) as each:
+                list(each(lambda _: seen.append(torch.get_num_threads()), range(folds)))
+            assert seen == [inside] * folds and torch.get_num_threads() == 6
+        with fold_map("cuda", 5) as each:
+            assert each is map
     finally:
         torch.set_num_threads(before)
     assert np.array_equal(in_turn.graded, side_by_side.graded)

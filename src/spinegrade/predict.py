@@ -341,24 +341,25 @@ class EnsemblePrediction:
 
 @contextlib.contextmanager
 def fold_map(device: str, n_folds: int) -> Iterator[Callable[..., Iterable[Any]]]:
-    """``map`` for the folds' share of one study: on CPU, one fold per torch thread.
+    """``map`` for the folds' share of one study: on CPU, the folds side by side.
 
     The folds' nets are small, so torch's threads inside one of them leave the cores ~40% idle
     (CPU time 1.2x the wall time on 2 cores). Run instead as many folds at once as torch has
-    threads, each single-threaded: on the demo run, 3.3-4.3 -> ~2.1 s a study (BENCHMARKS.md,
-    "Prediction latency"). torch's thread count is process-wide, so it is 1 inside this block
-    and restored after it; prediction runs one study at a time (``predict``, the service), and
-    worker processes (``--workers``) already run single-threaded, so they get plain ``map``. On a
-    GPU the folds stay in turn.
+    threads (at most all of them), the threads shared out among them: on the demo run, 2 cores,
+    3.5-3.7 -> 2.0 s a study (BENCHMARKS.md, "Prediction latency"). With torch's OpenMP build each
+    calling thread runs its own team of that many threads; the count is process-wide, so it is
+    set for this block and restored after it. Prediction runs one study at a time (``predict``,
+    the service), and worker processes (``--workers``) run single-threaded, so they get plain
+    ``map``; so does a GPU.
     """
     import torch
 
-    n = min(n_folds, torch.get_num_threads()) if device == "cpu" else 1
+    before = torch.get_num_threads()
+    n = min(n_folds, before) if device == "cpu" else 1
     if n <= 1:
         yield map
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, before // n))  # 2 cores, 5 folds: 2 at a time, 1 thread each
     try:
         with ThreadPoolExecutor(n) as pool:
             yield pool.map  # results in the folds' order, whatever order they finish in
