@@ -670,10 +670,11 @@ def _predict_all(
 ) -> list:
     """Predict (and report) study by study, so memory holds one study's stacks at a time.
 
-    With ``workers`` > 1 (CPU only), that many single-threaded processes predict one study each:
-    the networks are small, so two threads on one study keep two cores only ~60% busy, while two
-    processes keep them full. Every worker loads the run's models once. The outputs are the same
-    as one process's, in the same order.
+    With ``workers`` > 1 (CPU only), that many single-threaded processes predict one study each,
+    every worker loading the run's models once; the outputs are the same as one process's, in the
+    same order. One process already runs a study's folds side by side (:func:`fold_map`), so
+    workers pay off only with more cores than folds (on 2 cores: 2.2 vs 2.0 s a study, twice the
+    memory; BENCHMARKS.md, "Prediction latency").
     """
     from spinegrade.progress import progress_bar
 
