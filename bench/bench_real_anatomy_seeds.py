@@ -58,7 +58,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> Path:
     return scores
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; options may stand before the design's ``-- KEY=VALUE`` overrides."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path)
     ap.add_argument("cache", type=Path)
@@ -68,7 +69,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="seeds trained at once (1 thread each)")
     ap.add_argument("--config", default="quick")
     ap.add_argument("--real", type=Path, default=DEFAULT_REAL)
-    args = ap.parse_args()
+    # Intermixed: plain parsing binds the (empty) overrides with DATA CACHE OUT, so
+    # "DATA CACHE OUT --seeds 42 -- KEY=VALUE" would refuse the overrides.
+    return ap.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if not (args.real / "truth.csv").is_file():
         raise SystemExit(f"{args.real / 'truth.csv'} not found: give --real (series/ + truth.csv)")
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
