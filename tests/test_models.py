@@ -292,6 +292,17 @@ def test_both_backbones_load_pretrained_path_and_record_it(tmp_path: Path) -> No
     assert weights.init_source(build_grader(load_config("quick"))) == {"source": "random"}
 
 
+def test_a_localiser_only_run_needs_no_grader_weights(monkeypatch) -> None:
+    # `default` asks for both backbones' ImageNet weights; offline they cannot be had. A run that
+    # trains the localiser alone (train.groups=[]) with a random localiser must not stop on the
+    # grader's weights, which it never builds; with a grader group it still must.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config("default", ["train.groups=[]", "localizer.pretrained=false"])
+    assert weights.require_pretrained(cfg) == {"localizer": {"source": "random"}}
+    with pytest.raises(PretrainedUnavailable, match=r"model\.pretrained"):
+        weights.require_pretrained(load_config("default", ["localizer.pretrained=false"]))
+
+
 def test_unknown_backbone_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown timm backbone"):
         create_backbone("efficientnet_b99")

@@ -226,11 +226,14 @@ def require_pretrained(cfg: Any) -> dict[str, dict[str, Any]]:
 
     Returns ``{"model": source, "localizer": source}``; raises :class:`PretrainedUnavailable`
     (with the ways out) when one cannot be had. Online this also fills timm's cache, so the
-    folds' models then load from it.
+    folds' models then load from it. A run that trains no grader (``train.groups: []``, e.g.
+    a localiser experiment) needs no grader weights, so ``model`` is then left out.
     """
     out = {}
     for key in ("model", "localizer"):
         section = getattr(cfg, key)
+        if key == "model" and not cfg.train.groups:
+            continue
         if not section.pretrained:
             out[key] = dict(RANDOM_INIT)
             continue
