@@ -1,0 +1,74 @@
+"""The real-anatomy benches: how they score located levels, and their command lines.
+
+Every figure of #12 (BENCHMARKS.md, "Real anatomy") comes from this scoring, so it is checked on
+spines whose answer is known: a canal point behind its disc scores 0 mm along the spine whatever
+the lordosis, and a point on the neighbouring disc is misnamed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from bench_real_anatomy import score_case, spine_axes, summarise
+from bench_real_anatomy_seeds import parse_args
+from spinegrade.constants import LEVELS
+
+
+def _lordotic_spine(radius: float = 150.0, spacing: float = 36.0) -> tuple[np.ndarray, np.ndarray]:
+    """Disc centres L1/L2..L5/S1 (LPS mm, head first) on an arc bulging forwards, as a lordosis
+    does, and each disc's outward normal in the sagittal plane (towards the back)."""
+    angles = (np.arange(5) - 2) * spacing / radius  # equal arc steps, head at negative angles
+    # LPS: +y is posterior, +z superior; the arc's centre lies behind the spine.
+    centres = np.stack([np.zeros(5), -radius * np.cos(angles), -radius * np.sin(angles)], axis=1)
+    backwards = -centres / radius  # from each disc towards the arc's centre: posterior
+    return centres, backwards
+
+
+def test_axes_follow_the_curve_of_the_spine_towards_the_head():
+    centres, backwards = _lordotic_spine()
+    axes = spine_axes(centres)
+    assert np.allclose(np.linalg.norm(axes, axis=1), 1.0)
+    assert (axes[:, 2] > 0.8).all()  # towards the head (LPS +z)
+    # Perpendicular to the line from the disc into the canal: the tangent of the curve.
+    assert np.abs(np.einsum("ij,ij->i", axes, backwards)).max() < 0.02
+
+
+def test_a_canal_point_behind_its_disc_scores_zero_and_a_neighbour_is_misnamed():
+    centres, backwards = _lordotic_spine()
+    canal = centres + 20.0 * backwards  # the canal lies ~2 cm behind the disc centre
+    rows = score_case(canal, centres)
+    assert [r["nearest"] for r in rows] == list(LEVELS)
+    assert max(abs(r["dist_mm"]) for r in rows) < 1.0
+    # L2/L3 placed on the L3/L4 disc (one disc towards the feet), L5/S1 not found at all.
+    wrong = canal.copy()
+    wrong[1] = canal[2]
+    wrong[4] = np.nan
+    rows = score_case(wrong, centres)
+    assert rows[1]["nearest"] == LEVELS[2]
+    # One disc towards the feet: on the canal's arc (20 mm inside the discs' 150 mm one), seen
+    # along L2/L3's tangent.
+    assert rows[1]["dist_mm"] == pytest.approx(-130.0 * np.sin(36.0 / 150.0), abs=0.01)
+    assert not rows[4]["found"]
+    table = summarise(pd.DataFrame(rows).assign(case="a"))
+    overall = table.iloc[-1]
+    assert overall["misnamed"] == 2 and overall["within_5mm"] == pytest.approx(3 / 5)
+
+
+def test_seeds_bench_takes_overrides_after_its_options():
+    # The form its docstring and BENCHMARKS.md give: options, then "--", then the design.
+    args = parse_args(
+        ["D", "C", "O", "--config", "default", "--seeds", "42", "7", "--jobs", "1", "--",
+         "localizer.pretrained=false", "localizer.epochs=1"]
+    )  # fmt: skip
+    assert (str(args.data), str(args.cache), str(args.out)) == ("D", "C", "O")
+    assert args.seeds == [42, 7] and args.jobs == 1 and args.config == "default"
+    assert args.overrides == ["localizer.pretrained=false", "localizer.epochs=1"]
+    bare = parse_args(["D", "C", "O"])
+    assert bare.overrides == [] and bare.seeds == [42, 7, 11, 1, 2, 3]
