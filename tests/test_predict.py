@@ -16,6 +16,7 @@ import pytest
 
 from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, submission_row_ids
 from spinegrade.predict import (
+    PHANTOM_CAUTION,
     default_work_dir,
     missing_series_warning,
     parse_folds,
@@ -163,7 +164,12 @@ def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Pa
         assert {int(v) for ids in grades["series"].values() for v in ids} <= own
         assert {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} == set(grades["series"])
         assert grades["model"]["init"]["model"] == [{"source": "random"}]
+        # Trained on `spinegrade synth` data: every study's grades carry the caution.
+        assert grades["model"]["training_data"] == ["phantom"]
+        assert grades["model"]["notes"] == [PHANTOM_CAUTION]
+    assert result.model_notes == [PHANTOM_CAUTION]
     html = (out / "report" / "index.html").read_text()
+    assert PHANTOM_CAUTION in html
     assert all(f'src="{sid}/thumb.png"' in html for sid in test_ids)
     assert "series used: Sagittal T1" in html and "model backbone: random initialisation" in html
     # studies.csv: every study id -> test_images/<id> and the series of the CSV.
@@ -257,6 +263,7 @@ def test_cli_predict_with_a_fold_subset(trained, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "folds [1]" in res.output and out.is_file()
+    assert f"caution: {PHANTOM_CAUTION}" in res.output  # the run learned from a phantom only
     bad = CliRunner().invoke(app, [*args[:-3], "--folds", "7"])
     assert bad.exit_code == 2 and "not trained" in bad.output
 
@@ -391,3 +398,36 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(trained) -> None:
     assert np.array_equal(in_turn.graded, side_by_side.graded)
     assert np.allclose(in_turn.probs, side_by_side.probs, atol=1e-6)
     assert np.allclose(in_turn.points, side_by_side.points, atol=1e-6, equal_nan=True)
+
+
+def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) -> None:
+    # The fold records what it learned from (metrics.json); a run trained on real images, or an
+    # older run that did not record it, predicts without the phantom caution.
+    import shutil
+    from types import SimpleNamespace
+
+    from spinegrade.inference import load_fold_models
+    from spinegrade.phantom import is_phantom
+    from spinegrade.predict import Predictor
+
+    data, run = trained
+    assert is_phantom(data) and not is_phantom(tmp_path)
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth" / "phantom.json").write_text('{"generator": "someone else"}')
+    assert not is_phantom(tmp_path)
+    assert json.loads((run / "fold_0" / "metrics.json").read_text())["training_data"] == "phantom"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    metrics = copy / "fold_0" / "metrics.json"
+    old = json.loads(metrics.read_text())
+    del old["training_data"]
+    metrics.write_text(json.dumps(old))
+    assert load_fold_models(copy / "fold_0").training_data == ""
+
+    def caution(*kinds: str) -> list[str]:
+        models = [SimpleNamespace(training_data=k) for k in kinds]
+        return Predictor(run, list(range(len(kinds))), models, "cpu").describe_training()
+
+    assert caution("phantom", "phantom") == [PHANTOM_CAUTION]
+    assert caution("images", "images") == [] and caution("", "") == []
+    assert caution("images", "phantom") == [PHANTOM_CAUTION]  # any fold that saw only phantoms

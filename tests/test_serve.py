@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from spinegrade.constants import LABEL_COLUMNS
+from spinegrade.predict import PHANTOM_CAUTION
 
 pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
 pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
@@ -174,6 +175,7 @@ def test_service_files_sr_and_sc_into_each_study(served, pacs) -> None:
         assert ds.StudyInstanceUID == uid and ds.Modality == "SR"
         content = read_sr(ds)
         assert f"model_id={svc.model.model_id}" in content["parameters"]
+        assert row.result["model"]["notes"] == [PHANTOM_CAUTION]  # a phantom-trained run
         assert f"folds={','.join(map(str, svc.model.folds))}" in content["parameters"]
         probs = np.array([content["targets"][c]["probs"] for c in LABEL_COLUMNS])
         want = np.array([row.result["targets"][c]["clinical"] for c in LABEL_COLUMNS])
@@ -378,6 +380,8 @@ def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grades td"))
         cells = driver.find_elements(By.CSS_SELECTOR, "#grades td")
         assert len(cells) == 25 and all(c.get_attribute("data-grade") in "012" for c in cells)
+        # The run learned from phantoms only: the reader is told before the grades.
+        assert driver.find_element(By.CSS_SELECTOR, "p.caution").text == PHANTOM_CAUTION
         img = driver.find_element(By.CSS_SELECTOR, "img.fig")
         assert driver.execute_script("return arguments[0].naturalWidth", img) > 100
         assert driver.find_element(By.ID, "sr-link").get_attribute("href").endswith("sr.dcm")

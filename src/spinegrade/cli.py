@@ -227,6 +227,8 @@ def predict(
     )
     for line in result.weights_init:
         typer.echo(line)
+    for line in result.model_notes:
+        typer.echo(f"caution: {line}", err=True)
     typer.echo(f"submission: {result.submission_path}")
     typer.echo(f"studies:    {result.studies_path}")
     if result.index_html is not None:

@@ -228,6 +228,7 @@ def run_fold(
     runtime: Runtime,
 ) -> dict | None:
     """Train (or resume) one fold and write its out-of-fold predictions and metrics."""
+    from spinegrade.phantom import is_phantom
     from spinegrade.weights import save_weights
 
     out = fold_dir(run_dir, fold)
@@ -288,6 +289,9 @@ def run_fold(
     nets = {f"localizer_{k}": v for k, v in localizer.nets.items()}
     nets.update({f"grader_{g}": m for g, m in graders.items()})
     metrics["init"] = {name: init_source(net) for name, net in nets.items()}
+    # What the fold learned from: predictions on real studies by phantom-trained folds carry a
+    # caution (their localisers misname levels on real spines; BENCHMARKS.md, "Real anatomy").
+    metrics["training_data"] = "phantom" if is_phantom(cfg.data.data_dir) else "images"
     crash_point("fold_metrics")
     write_json(out / "metrics.json", metrics)  # last: it marks the fold complete
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -44,6 +44,7 @@ class FoldModels:
     fallback: np.ndarray  # (25, 3) probabilities for targets that cannot be graded
     crops: CropConfig
     prior_mix: float = 0.0  # weight of the fallback mixed into every graded prediction
+    training_data: str = ""  # "phantom" or "images" (metrics.json); "" = not recorded (older runs)
 
 
 @dataclass
@@ -254,7 +255,11 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
         # The same numbers up to float rounding (~1e-7); the 5-fold ensemble of the quick recipe
         # predicts ~20% faster on 2 CPU cores (BENCHMARKS.md, "Prediction latency").
         net.to(memory_format=torch.channels_last)
-    return FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix)
+    metrics = fold_dir / "metrics.json"  # written last by training; older runs lack the entry
+    trained_on = (
+        json.loads(metrics.read_text()).get("training_data", "") if metrics.is_file() else ""
+    )
+    return FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on)
 
 
 def _read_fallback(path: Path) -> np.ndarray:

@@ -413,6 +413,16 @@ class Predictor:
             if sources
         ]
 
+    def describe_training(self) -> list[str]:
+        """A caution when any fold learned from phantom studies only (empty otherwise)."""
+        if not any(m.training_data == "phantom" for m in self.models):
+            return []
+        return [PHANTOM_CAUTION]
+
+    def describe(self) -> list[str]:
+        """Lines about the models for reports and the command line: backbones, training data."""
+        return self.describe_init() + self.describe_training()
+
     @property
     def crop_config(self):
         return self.models[0].crops
@@ -507,7 +517,17 @@ class PredictResult:
     per_study_cpu_s: list[float] = field(default_factory=list)  # its CPU time (all threads)
     graded_per_study: list[int] = field(default_factory=list)  # targets a model saw (of 25)
     weights_init: list[str] = field(default_factory=list)  # where the backbones started training
+    model_notes: list[str] = field(default_factory=list)  # e.g. a phantom-trained run's caution
 
+
+# Shown with the predictions of a run trained on `spinegrade synth` data only. On 38 real sagittal
+# T2 series (SPIDER, BENCHMARKS.md "Real anatomy") the demo's fold consensus put a third of the
+# levels more than 5 mm from their disc and named about one in six as a neighbouring disc.
+PHANTOM_CAUTION = (
+    "Trained on synthetic phantom studies only: on real spines its localiser can put a level "
+    "one disc off, and its grades are not validated on real images. Check the level labels on "
+    "each figure; not for clinical use."
+)
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
 
@@ -604,6 +624,7 @@ def predict(
         prepared.kind, work, Path(report_dir) if report_dir else None,
     )  # fmt: skip
     result.weights_init = predictor.describe_init()
+    result.model_notes = predictor.describe_training()
     preds = _predict_all(
         predictor, prepared, work / "cache", summary.failures, result, progress, workers
     )
@@ -617,7 +638,7 @@ def predict(
         title = f"spinegrade report: {len(preds)} studies, {len(predictor.folds)}-fold ensemble"
         folders = study_folders(prepared.studies)
         result.index_html = write_index_html(
-            result.report_dir, preds, title, folders, predictor.describe_init()
+            result.report_dir, preds, title, folders, predictor.describe()
         )
     t_end = time.perf_counter()
     result.timings = {
@@ -778,4 +799,6 @@ def _report_study(predictor: Predictor, pred, stacks: dict, report_dir: Path) ->
     crops = make_crops(stacks, points, predictor.crop_config, columns=graded) if stacks else {}
     inputs = ReportInputs(stacks=stacks, crops=crops, saliency_fn=predictor.saliency)
     info = {"folds": predictor.folds, "device": predictor.device, "init": predictor.init}
+    info["training_data"] = sorted({m.training_data or "not recorded" for m in predictor.models})
+    info["notes"] = predictor.describe_training()
     write_study_report(report_dir, pred, inputs, info)

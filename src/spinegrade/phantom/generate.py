@@ -124,6 +124,15 @@ def generate_dataset(
     return meta
 
 
+def is_phantom(data_dir: Path | str) -> bool:
+    """Whether ``data_dir`` is a finished phantom dataset (its ``truth/phantom.json`` is ours)."""
+    meta = Path(data_dir) / "truth" / "phantom.json"
+    try:
+        return json.loads(meta.read_text()).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _prepare(out: Path, overwrite: bool) -> None:
     """Make ``out`` ready: refuse to touch data the phantom did not write."""
     existing = [name for name in _OUTPUTS if (out / name).exists()]

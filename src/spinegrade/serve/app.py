@@ -26,6 +26,7 @@ body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collap
 td,th{border:1px solid #bbb;padding:4px 8px;font-size:14px}th{background:#eee}
 .graded{color:#176b17}.failed{color:#a31212}.pending,.running{color:#8a6d00}
 .note{color:#555;font-size:13px;max-width:60em}img.fig{max-width:100%;border:1px solid #ccc}
+.caution{color:#8a4b00;background:#fff4e0;border-left:4px solid #e0a040;padding:4px 8px}
 """
 
 
@@ -188,12 +189,14 @@ def _study_page(key: str, row) -> HTMLResponse:
         rows.append(f"<tr><th>{CONDITION_TITLES[c]}</th>{''.join(cells)}</tr>")
     model = row.result["model"]
     warn = "".join(f"<li>{html.escape(w)}</li>" for w in row.result.get("warnings", []))
+    # e.g. a phantom-trained run's caution, above the grades it qualifies
+    notes = "".join(f"<p class='caution'>{html.escape(n)}</p>" for n in model.get("notes", []))
     body = (
         f"<p>Graded {_when(row.graded_at)} by {html.escape(model['run'])} (folds "
         f"{html.escape(','.join(map(str, model['folds'])))}, "
         f"model {html.escape(model['model_id'])}, spinegrade {html.escape(model['version'])}). "
         f"<a href='/api/studies/{key}/sr.dcm' id='sr-link'>DICOM SR</a> · "
-        f"<a href='/'>worklist</a></p>"
+        f"<a href='/'>worklist</a></p>{notes}"
         f"<table id='grades'>{head}</tr>{''.join(rows)}</table>"
         f"<p class='note'>{html.escape(DEWEIGHT_NOTE)}</p>"
         + (f"<ul class='note'>{warn}</ul>" if warn else "")

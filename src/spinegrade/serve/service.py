@@ -276,7 +276,8 @@ class Service:
             "note": DEWEIGHT_NOTE,
             "warnings": warnings,
             "model": {"run": self.model.run, "folds": self.model.folds,
-                      "model_id": self.model.model_id, "version": self.model.version},
+                      "model_id": self.model.model_id, "version": self.model.version,
+                      "notes": res.model_notes},
             "timings_s": {"retrieve": round(t1 - t0, 2), "predict": round(t2 - t1, 2),
                           "store": round(t3 - t2, 2)},
         }  # fmt: skip
