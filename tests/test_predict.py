@@ -169,7 +169,7 @@ def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Pa
         assert grades["model"]["notes"] == [PHANTOM_CAUTION]
     assert result.model_notes == [PHANTOM_CAUTION]
     html = (out / "report" / "index.html").read_text()
-    assert PHANTOM_CAUTION in html
+    assert f"<p class='caution'>{PHANTOM_CAUTION}</p>" in html
     assert all(f'src="{sid}/thumb.png"' in html for sid in test_ids)
     assert "series used: Sagittal T1" in html and "model backbone: random initialisation" in html
     # studies.csv: every study id -> test_images/<id> and the series of the CSV.

@@ -419,10 +419,6 @@ class Predictor:
             return []
         return [PHANTOM_CAUTION]
 
-    def describe(self) -> list[str]:
-        """Lines about the models for reports and the command line: backbones, training data."""
-        return self.describe_init() + self.describe_training()
-
     @property
     def crop_config(self):
         return self.models[0].crops
@@ -638,7 +634,7 @@ def predict(
         title = f"spinegrade report: {len(preds)} studies, {len(predictor.folds)}-fold ensemble"
         folders = study_folders(prepared.studies)
         result.index_html = write_index_html(
-            result.report_dir, preds, title, folders, predictor.describe()
+            result.report_dir, preds, title, folders, result.weights_init, result.model_notes
         )
     t_end = time.perf_counter()
     result.timings = {

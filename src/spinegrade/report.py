@@ -458,6 +458,7 @@ td.id{font-weight:bold;font-size:16px}td.folder{font-family:monospace;word-break
 span.g1{color:#b36b00;font-weight:bold}span.g2{color:#c40000;font-weight:bold}
 span.g0{color:#2e7d32}span.prior{color:#888}ul{margin:0;padding-left:18px}li.warn{color:#8a6d00}
 .note{color:#777;font-size:12px;margin-top:16px}
+p.caution{color:#8a4b00;background:#fff4e0;border-left:4px solid #e0a040;padding:6px 10px}
 """
 
 
@@ -494,12 +495,14 @@ def write_index_html(
     title: str,
     input_folders: Mapping[int, str] | None = None,
     model_lines: Sequence[str] = (),
+    cautions: Sequence[str] = (),
 ) -> Path:
     """``index.html``: every study with its thumbnail and findings; opens without a server.
 
     ``input_folders`` (study id -> folder relative to the input, as in studies.csv) adds an
     "input folder" column, so a hashed study id can be traced back to the files it came from.
-    ``model_lines`` describe the models (e.g. where their backbones' weights came from).
+    ``model_lines`` describe the models (e.g. where their backbones' weights came from);
+    ``cautions`` (e.g. a phantom-trained run's) stand out above the table.
     """
     folders = None if input_folders is None else {int(k): v for k, v in input_folders.items()}
     rows = "\n".join(
@@ -516,6 +519,7 @@ def write_index_html(
         "probabilities lean towards the worse grades: shown here with that lean removed "
         "(p / weight, renormalised); submission.csv keeps the metric-optimal values.</p>"
         + "".join(f"<p class='sub'>{html.escape(line)}</p>" for line in model_lines)
+        + "".join(f"<p class='caution'>{html.escape(line)}</p>" for line in cautions)
         + f"<table><thead><tr><th>Study</th>{folder_head}<th>Figure</th>"
         "<th>Findings (Moderate or worse)</th>"
         f"</tr></thead><tbody>\n{rows}\n</tbody></table>"
