@@ -11,6 +11,7 @@ import torch
 
 from spinegrade.cache import CachedStack
 from spinegrade.constants import AX_T2, CONDITIONS, LABEL_COLUMNS, LEVELS, SAG_T1, SAG_T2
+from spinegrade.predict import PHANTOM_CAUTION
 from spinegrade.report import (
     ReportInputs,
     StudyPrediction,
@@ -95,6 +96,12 @@ def test_saliency_points_at_the_informative_pixels() -> None:
     assert torch.is_grad_enabled() == grad_before  # the helper does not leave state behind
 
 
+def _caution_pixels(im) -> int:
+    """Pixels of the caution's dark orange (#8a4b00) in the figure's top tenth."""
+    top = np.asarray(im.convert("RGB"))[: im.height // 10].astype(int)
+    return int((np.abs(top - [138, 75, 0]).sum(-1) < 60).sum())
+
+
 def test_full_report_writes_readable_files(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     crops = {c: rng.random((5, 32, 32)).astype(np.float32) for c in LABEL_COLUMNS}
@@ -111,6 +118,14 @@ def test_full_report_writes_readable_files(tmp_path: Path) -> None:
 
     with Image.open(folder / "figure.png") as im:
         assert im.width > 1000 and im.height > 900
+        plain = _caution_pixels(im)
+    # A phantom-trained run's caution is drawn under the title: the figure travels alone (the
+    # service files it into the PACS), so the caution must be in its pixels.
+    noted = write_study_report(
+        tmp_path / "noted", make_prediction(), inputs, {"folds": [0], "notes": [PHANTOM_CAUTION]}
+    )
+    with Image.open(noted / "figure.png") as im:
+        assert plain == 0 and _caution_pixels(im) > 500
     # A study with no series at all still gets a figure (placeholders, prior grades).
     bare = make_prediction(8)
     bare.points = None

@@ -14,6 +14,7 @@ is written into any output (hospital folder names often contain patient names).
 from __future__ import annotations
 
 import html
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -319,10 +320,14 @@ def _grade_grid(ax, pred: StudyPrediction) -> None:
     ax.set_title("Grades (most probable class)", fontsize=10)
 
 
-def study_figure(pred: StudyPrediction, inputs: ReportInputs, path: Path) -> Path:
+def study_figure(
+    pred: StudyPrediction, inputs: ReportInputs, path: Path, cautions: Sequence[str] = ()
+) -> Path:
     """Write the study's PNG figure (matplotlib, Agg backend) and return its path.
 
     Probabilities are shown with the training's class-weight lean removed (clinical.deweight).
+    ``cautions`` (e.g. a phantom-trained run's) go under the title: the figure travels alone
+    (the service files it into the PACS as a secondary capture).
     """
     import matplotlib
 
@@ -357,6 +362,9 @@ def study_figure(pred: StudyPrediction, inputs: ReportInputs, path: Path) -> Pat
         y = gs[row, 0].get_position(fig).y1 + 0.035
         fig.text(0.02, y, text, fontsize=11, fontweight="bold", color="#333333")
     fig.suptitle(f"Study {pred.study_id}", fontsize=15, fontweight="bold")
+    if cautions:
+        text = "\n".join(textwrap.fill(c, 150) for c in cautions)
+        fig.text(0.5, 0.958, text, ha="center", va="top", fontsize=11, color="#8a4b00")
     fig.text(
         0.5, 0.005,
         "Markers: filled = on the shown slice, hollow = nearby slice. Probabilities with the "
@@ -541,7 +549,7 @@ def write_study_report(
 
     folder = Path(report_dir) / str(int(pred.study_id))
     folder.mkdir(parents=True, exist_ok=True)
-    figure = study_figure(pred, inputs, folder / "figure.png")
+    figure = study_figure(pred, inputs, folder / "figure.png", (model_info or {}).get("notes", ()))
     with Image.open(figure) as im:
         im.thumbnail((560, 560))
         im.save(folder / "thumb.png")
