@@ -407,8 +407,8 @@ def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) ->
     from types import SimpleNamespace
 
     from spinegrade.inference import load_fold_models
-    from spinegrade.phantom import is_phantom
     from spinegrade.predict import Predictor
+    from spinegrade.rsna import is_phantom
 
     data, run = trained
     assert is_phantom(data) and not is_phantom(tmp_path)

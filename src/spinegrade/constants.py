@@ -68,6 +68,10 @@ LABEL_COLUMNS: tuple[str, ...] = tuple(f"{c}_{lv}" for c in CONDITIONS for lv in
 COLUMN_CONDITION: dict[str, str] = {f"{c}_{lv}": c for c in CONDITIONS for lv in LEVELS}
 COLUMN_LEVEL: dict[str, str] = {f"{c}_{lv}": lv for c in CONDITIONS for lv in LEVELS}
 
+# A dataset made by `spinegrade synth` says so in truth/phantom.json ("generator"): the data layer
+# reads it so that models trained on phantoms alone can say so on real studies.
+PHANTOM_GENERATOR = "spinegrade.phantom"
+
 # The three series of an RSNA study, as train_series_descriptions.csv names them.
 SAG_T1, SAG_T2, AX_T2 = "Sagittal T1", "Sagittal T2/STIR", "Axial T2"
 SERIES_DESCRIPTIONS: tuple[str, ...] = (SAG_T1, SAG_T2, AX_T2)

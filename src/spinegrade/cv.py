@@ -46,7 +46,13 @@ from spinegrade.metrics import (
     uniform_submission,
 )
 from spinegrade.preprocess import check_cache
-from spinegrade.rsna import load_dataset, load_folds, load_train, normalize_coordinates
+from spinegrade.rsna import (
+    is_phantom,
+    load_dataset,
+    load_folds,
+    load_train,
+    normalize_coordinates,
+)
 from spinegrade.rundir import (
     ensure_folds,
     fold_dir,
@@ -228,7 +234,6 @@ def run_fold(
     runtime: Runtime,
 ) -> dict | None:
     """Train (or resume) one fold and write its out-of-fold predictions and metrics."""
-    from spinegrade.phantom import is_phantom
     from spinegrade.weights import save_weights
 
     out = fold_dir(run_dir, fold)

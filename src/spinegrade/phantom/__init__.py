@@ -14,20 +14,13 @@ Nothing on the training or prediction path imports this package; the demo, ``spi
 - :mod:`.truth`: what the truth scores, the Bayes limit above all.
 """
 
-from spinegrade.phantom.generate import (
-    SynthConfig,
-    generate_dataset,
-    is_phantom,
-    load_study_anatomy,
-    study_ids,
-)
+from spinegrade.phantom.generate import SynthConfig, generate_dataset, load_study_anatomy, study_ids
 from spinegrade.phantom.preview import render_preview
 from spinegrade.phantom.truth import read_true_probs, truth_scores
 
 __all__ = [
     "SynthConfig",
     "generate_dataset",
-    "is_phantom",
     "load_study_anatomy",
     "read_true_probs",
     "render_preview",

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, SEVERITIES, row_id, submission_row_ids
+from spinegrade.constants import (
+    LABEL_COLUMNS,
+    PHANTOM_GENERATOR,
+    PROB_COLUMNS,
+    SEVERITIES,
+    row_id,
+    submission_row_ids,
+)
 from spinegrade.parallel import process_pool
 from spinegrade.phantom.anatomy import Anatomy
 from spinegrade.phantom.labels import class_probs, sample_grades, sample_latents
@@ -41,7 +48,7 @@ __all__ = [
     "study_ids",
 ]
 
-GENERATOR = "spinegrade.phantom"  # written into truth/phantom.json
+GENERATOR = PHANTOM_GENERATOR  # written into truth/phantom.json (rsna.is_phantom reads it)
 _MARKER = ".incomplete"  # written first, removed last: marks an interrupted run as ours
 
 
@@ -122,15 +129,6 @@ def generate_dataset(
     (out / "truth" / "phantom.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "truth" / _MARKER).unlink()
     return meta
-
-
-def is_phantom(data_dir: Path | str) -> bool:
-    """Whether ``data_dir`` is a finished phantom dataset (its ``truth/phantom.json`` is ours)."""
-    meta = Path(data_dir) / "truth" / "phantom.json"
-    try:
-        return json.loads(meta.read_text()).get("generator") == GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _prepare(out: Path, overwrite: bool) -> None:

@@ -10,6 +10,7 @@ text editor shows it (header = line 1), the column and the offending value.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from spinegrade.constants import (
     CONDITION_TITLES,
     LABEL_COLUMNS,
     LEVEL_TITLES,
+    PHANTOM_GENERATOR,
     PROB_COLUMNS,
     SERIES_DESCRIPTIONS,
     SEVERITIES,
@@ -248,6 +250,15 @@ class RSNADataset:
         if not self.image_dir.is_dir():
             return []
         return sorted(int(p.name) for p in self.image_dir.iterdir() if p.name.isdigit())
+
+
+def is_phantom(data_dir: Path | str) -> bool:
+    """Whether ``data_dir`` is a finished ``spinegrade synth`` dataset (``truth/phantom.json``)."""
+    meta = Path(data_dir) / "truth" / "phantom.json"
+    try:
+        return json.loads(meta.read_text()).get("generator") == PHANTOM_GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_dataset(data_dir: Path | str, split: str = "train") -> RSNADataset:
