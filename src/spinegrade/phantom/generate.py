@@ -48,7 +48,6 @@ __all__ = [
     "study_ids",
 ]
 
-GENERATOR = PHANTOM_GENERATOR  # written into truth/phantom.json (rsna.is_phantom reads it)
 _MARKER = ".incomplete"  # written first, removed last: marks an interrupted run as ours
 
 
@@ -118,7 +117,7 @@ def generate_dataset(
     records = _run(tasks, workers, progress)
     _write_tables(out, tasks, records, probs, latents)
     meta = {
-        "generator": GENERATOR,
+        "generator": PHANTOM_GENERATOR,  # rsna.is_phantom reads it
         "format_version": 1,
         "seed": seed,
         "n_train": n_train,
@@ -151,7 +150,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (out / "truth").mkdir(parents=True, exist_ok=True)
-    (out / "truth" / _MARKER).write_text(f"{GENERATOR}: generation in progress\n")
+    (out / "truth" / _MARKER).write_text(f"{PHANTOM_GENERATOR}: generation in progress\n")
 
 
 def _run(tasks: list[StudyTask], workers: int, progress) -> list[StudyRecord]:
