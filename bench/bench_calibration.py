@@ -19,9 +19,9 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
-from spinegrade.clinical import deweight
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, SEVERITIES
+from spinegrade.reporting.clinical import deweight
 from spinegrade.rsna.tables import label_matrix, load_train
+from spinegrade.task import LABEL_COLUMNS, PROB_COLUMNS, SEVERITIES
 
 BINS = 10
 

@@ -5,8 +5,8 @@ Three ways, each in a fresh interpreter with an empty hub cache (HF_HOME in a te
 * ``timm``: plain ``timm.create_model(NAME, pretrained=True)``, HF_HUB_OFFLINE unset
   (huggingface_hub retries the unreachable host);
 * ``timm+HF_HUB_OFFLINE=1``: the same in huggingface_hub's offline mode (cache only);
-* ``spinegrade``: :func:`spinegrade.weights.create_backbone` with HF_HUB_OFFLINE unset (one bounded
-  connection check, then the cache only and a clear error).
+* ``spinegrade``: :func:`spinegrade.models.weights.create_backbone` with HF_HUB_OFFLINE unset
+  (one bounded connection check, then the cache only and a clear error).
 
 Prints seconds from the call to the error (imports not counted). Usage::
 
@@ -25,7 +25,7 @@ CHILD = """
 import sys, time
 name, how = sys.argv[1], sys.argv[2]
 import timm
-from spinegrade.weights import create_backbone
+from spinegrade.models.weights import create_backbone
 t0 = time.perf_counter()
 try:
     if how == "spinegrade":

@@ -20,12 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spinegrade.datasets import load_studies
-from spinegrade.inference import grade_study, load_fold_models
-from spinegrade.localize import derive_points, localize_study
-from spinegrade.metrics import score_frames
+from spinegrade.data.studies import load_studies
+from spinegrade.evaluation.metrics import score_frames
+from spinegrade.inference.fold_models import grade_study, load_fold_models
+from spinegrade.localization.derived import derive_points
+from spinegrade.localization.localize import localize_study
 from spinegrade.rsna import load_dataset, normalize_coordinates
-from spinegrade.submission import submission_frame
+from spinegrade.rsna.submission import submission_frame
 
 TERMS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
 

@@ -41,7 +41,7 @@ from spinegrade.config import load_config
 
 def _profile_localizer(models, stacks) -> dict[str, float]:
     """Cumulative seconds of the localiser's parts over ``stacks`` (cProfile)."""
-    from spinegrade.localize import localize_studies
+    from spinegrade.localization.localize import localize_studies
 
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -81,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from spinegrade.constants import LEVELS
-    from spinegrade.datasets import GraderDataset, LocalizerDataset, collate_levels, collate_stacks
-    from spinegrade.localize import derive_points
+    from spinegrade.data.grader_dataset import GraderDataset, collate_levels
+    from spinegrade.data.localizer_dataset import LocalizerDataset, collate_stacks
+    from spinegrade.localization.derived import derive_points
     from spinegrade.models.registry import build_grader, build_localizer
-    from spinegrade.stages import _GraderLoss, _LocalizerLoss
-    from spinegrade.train import Runtime
+    from spinegrade.task import LEVELS
+    from spinegrade.training.stages import _GraderLoss, _LocalizerLoss
+    from spinegrade.util.runtime import Runtime
 
     torch.set_num_threads(args.threads)
     cfg = load_config("default", ["model.pretrained=false", "localizer.pretrained=false",

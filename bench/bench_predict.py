@@ -1,9 +1,9 @@
 """Prediction latency per study (fold ensemble) and peak memory, on a trained run folder.
 
-Runs ``spinegrade.predict.predict`` on an input (RSNA test layout or raw DICOM folder) three ways
-and reports, per study: preprocessing (DICOM -> cache), the model (every fold's localiser and
-graders), and the report (figure with saliency, grades.json). Peak resident memory is that of this
-process (the models and one study at a time) and of the preprocessing workers, if any.
+Runs ``spinegrade.inference.predict.predict`` on an input (RSNA test layout or raw DICOM folder)
+three ways and reports, per study: preprocessing (DICOM -> cache), the model (every fold's localiser
+and graders), and the report (figure with saliency, grades.json). Peak resident memory is that of
+this process (the models and one study at a time) and of the preprocessing workers, if any.
 
     .venv/bin/python bench/bench_predict.py [RUN_DIR] [INPUT] [--threads 2] [--no-report]
         [--workers 2]
@@ -37,9 +37,9 @@ def _grader_full_coverage(run_dir: Path, folds: list[int], device: str, repeats:
     A weakly trained localiser can put points outside the series, and then fewer crops are graded;
     this times the full load so the latency above can be read as a lower or upper bound.
     """
-    from spinegrade.constants import LABEL_COLUMNS
-    from spinegrade.inference import grade_crops, load_fold_models
-    from spinegrade.rundir import fold_dir
+    from spinegrade.inference.fold_models import grade_crops, load_fold_models
+    from spinegrade.inference.run_folder import fold_dir
+    from spinegrade.task import LABEL_COLUMNS
 
     models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in folds]
     c = models[0].crops
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from spinegrade.predict import predict
+    from spinegrade.inference.predict import predict
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -85,7 +85,7 @@ class TreeMemory:
 
 def child(data: str, cache: str, workers: int, size: int, split: str) -> None:
     """Run one preprocess in this (fresh) process and print its figures as JSON."""
-    from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.preprocessing.build import preprocess_dataset
 
     # Warm-up on a few studies into a scratch cache: first-use imports and the pool's forkserver
     # are paid once per process, not per slice; the timed run below is the steady state.
@@ -191,7 +191,7 @@ def print_table(best: dict, args: argparse.Namespace, n: int) -> None:
 
 def load_speed(cache: Path) -> None:
     """How fast later stages read the cache back (warm page cache)."""
-    from spinegrade.cache import load_stack
+    from spinegrade.preprocessing.cache import load_stack
 
     paths = sorted(cache.glob("*/*/*.npz"))
     for p in paths:

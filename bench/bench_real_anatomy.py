@@ -41,13 +41,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spinegrade.constants import LEVEL_TITLES, LEVELS, SAG_T2, TITLE_TO_LEVEL
-from spinegrade.inference import load_fold_models
+from spinegrade.inference.ensemble import run_folds
+from spinegrade.inference.fold_models import load_fold_models
+from spinegrade.inference.run_folder import fold_dir, load_run_config
 from spinegrade.io import read_series
-from spinegrade.localize import DECODERS, localize_consensus, localize_study
-from spinegrade.predict import run_folds
-from spinegrade.preprocess import CacheParams, cache_series
-from spinegrade.rundir import fold_dir, load_run_config
+from spinegrade.localization.localize import localize_consensus, localize_study
+from spinegrade.localization.localizer import DECODERS
+from spinegrade.preprocessing.series import CacheParams, cache_series
+from spinegrade.task import LEVEL_TITLES, LEVELS, SAG_T2, TITLE_TO_LEVEL
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the repository (a worktree one level deeper finds it one folder further up)

@@ -122,8 +122,8 @@ def subset(data: Path, out: Path, ids: list[int]) -> Path:
 
 def preprocess(data: Path, cache: Path, n: int, cfg) -> dict:
     """Cache the first ``n`` studies (inline); CPU seconds a newly cached study, bytes a study."""
-    from spinegrade.cache import read_index
-    from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.preprocessing.build import preprocess_dataset
+    from spinegrade.preprocessing.cache import read_index
 
     c0, t0 = time.process_time(), time.perf_counter()
     s = preprocess_dataset(data, cache, limit=n, size=cfg.data.cache_size, mm=cfg.data.cache_mm,
@@ -175,7 +175,8 @@ def loader_probe(data: Path, cache: Path, config: str, workers: int) -> None:
     import torch
 
     from spinegrade.config import load_config
-    from spinegrade.datasets import GraderDataset, collate_levels, load_studies
+    from spinegrade.data.grader_dataset import GraderDataset, collate_levels
+    from spinegrade.data.studies import load_studies
     from spinegrade.rsna import load_dataset, normalize_coordinates
 
     cfg = load_config(config)

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spinegrade.predict import Predictor, predict
+from spinegrade.inference.ensemble import Predictor
+from spinegrade.inference.predict import predict
 from spinegrade.serve.orthanc import LocalOrthanc
 from spinegrade.serve.service import Service, load_serve_config
 
@@ -39,9 +40,9 @@ from tiny_config import TINY_RUN as TINY
 
 def train_tiny(root: Path, n_test: int) -> tuple[Path, Path]:
     from spinegrade.config import load_config
-    from spinegrade.cv import cross_validate
     from spinegrade.phantom import generate_dataset
-    from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.preprocessing.build import preprocess_dataset
+    from spinegrade.training.cv import cross_validate
 
     data = root / "data"
     generate_dataset(data, n_train=4, n_test=n_test, seed=11, workers=1)

@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, SEVERITIES, submission_row_ids
-from spinegrade.metrics import (
+from spinegrade.evaluation.metrics import (
     TERMS,
     best_constant_submission,
     prior_submission,
@@ -40,6 +39,7 @@ from spinegrade.metrics import (
 )
 from spinegrade.phantom import labels as pl
 from spinegrade.phantom.generate import generate_dataset
+from spinegrade.task import LABEL_COLUMNS, PROB_COLUMNS, SEVERITIES, submission_row_ids
 
 
 def _fmt(result: dict[str, float]) -> str:

@@ -68,7 +68,7 @@ def grader_rates(cfg, steps: int) -> tuple[float, float]:
 
 def localizer_rate(cfg, steps: int, slices: int = 15) -> float:
     """Training stacks/s of the stage-1 network (10 foraminal targets)."""
-    from spinegrade.losses import localizer_loss
+    from spinegrade.training.losses import localizer_loss
 
     net = build_localizer(cfg, n_targets=10)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -90,8 +90,9 @@ def localizer_rate(cfg, steps: int, slices: int = 15) -> float:
 
 def crop_rate(cfg, cache: str | None, n: int = 400) -> float:
     """Jittered training crops cut per second from cached (or hand-made) stacks."""
-    from spinegrade.cache import CachedStack, load_stack, read_index
-    from spinegrade.crops import StudyPoints, make_crops
+    from spinegrade.data.crops import make_crops
+    from spinegrade.localization.points import StudyPoints
+    from spinegrade.preprocessing.cache import CachedStack, load_stack, read_index
 
     if cache:
         index = read_index(cache)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="default: WORK/rehearsal.json")
     args = p.parse_args(argv)
 
-    from spinegrade.train import setup_runtime
+    from spinegrade.util.runtime import setup_runtime
 
     cuda = torch.cuda.is_available() and not args.smoke
     overrides = [*NO_NETWORK, *args.overrides]
@@ -120,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, runtime, studies, labels, samples, offsets, args) -> dict:
     """Time grader and localiser training, then out-of-fold grading; project to RSNA."""
-    from spinegrade.constants import LEVELS
-    from spinegrade.datasets import GraderDataset, LocalizerDataset, collate_levels, collate_stacks
-    from spinegrade.localize import derive_points
+    from spinegrade.data.grader_dataset import GraderDataset, collate_levels
+    from spinegrade.data.localizer_dataset import LocalizerDataset, collate_stacks
+    from spinegrade.localization.derived import derive_points
     from spinegrade.models.registry import build_grader, build_localizer
-    from spinegrade.stages import _GraderLoss, _LocalizerLoss
+    from spinegrade.task import LEVELS
+    from spinegrade.training.stages import _GraderLoss, _LocalizerLoss
 
     ids = sorted(studies)
     val = ids[::5]

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from spinegrade.config import Config
-from spinegrade.train import Runtime, make_optimizer, to_device
+from spinegrade.training.optim import make_optimizer
+from spinegrade.util.runtime import Runtime, to_device
 
 # The real training set: 1,975 studies, 5 folds (395 validation, 1,580 training studies a fold).
 RSNA_STUDIES = 1975
@@ -41,7 +42,7 @@ def prepare_phantom(
         return data, cache
     try:
         from spinegrade.phantom.generate import generate_dataset
-        from spinegrade.preprocess import preprocess_dataset
+        from spinegrade.preprocessing.build import preprocess_dataset
     except ImportError as err:
         raise SystemExit(
             f"making the phantom needs pydicom ({err}); install it (pure Python: carry its wheel, "
@@ -55,8 +56,9 @@ def prepare_phantom(
 
 def load_fold(data: Path, cache: Path, cfg: Config):
     """Studies, labels, localiser samples and fit offsets of the phantom (every study)."""
-    from spinegrade.datasets import load_studies
-    from spinegrade.localize import build_localizer_samples, fit_offsets
+    from spinegrade.data.studies import load_studies
+    from spinegrade.localization.derived import fit_offsets
+    from spinegrade.localization.samples import build_localizer_samples
     from spinegrade.rsna import load_dataset, normalize_coordinates
 
     ds = load_dataset(data)
@@ -135,8 +137,8 @@ def _sync(runtime: Runtime) -> None:
 def time_oof(models, stacks: dict, runtime: Runtime, batch: int, workers: int, old: bool = False):
     """Seconds a study and graded crops a second of out-of-fold grading (``old``: one study
     at a time through ``predict_study``, as before batching); ``preds`` holds the predictions."""
-    from spinegrade.inference import predict_studies, predict_study
-    from spinegrade.localize import localize_studies
+    from spinegrade.inference.fold_models import predict_studies, predict_study
+    from spinegrade.localization.localize import localize_studies
 
     _sync(runtime)
     t0 = time.perf_counter()
@@ -197,7 +199,7 @@ def peak_gpu_mib(runtime: Runtime) -> float | None:
 
 def crops_cut_per_s(studies, points, cfg: Config, n: int = 40) -> float:
     """Single-process speed of cutting jittered training crops (what each loader worker does)."""
-    from spinegrade.datasets import GraderDataset
+    from spinegrade.data.grader_dataset import GraderDataset
 
     ds = GraderDataset(list(studies), points, "foraminal", cfg.crops, augment=True, seed=0)
     t0 = time.perf_counter()
@@ -208,9 +210,9 @@ def crops_cut_per_s(studies, points, cfg: Config, n: int = 40) -> float:
 def fold_models(cfg: Config, grader: nn.Module, nets: dict, offsets, labels, train, runtime):
     """FoldModels from one grader network (used for all three groups: the same architecture,
     so the same speed) and the two sagittal localiser networks."""
-    from spinegrade.inference import FoldModels
-    from spinegrade.localize import Localizer
-    from spinegrade.metrics import best_constant_probs
+    from spinegrade.evaluation.metrics import best_constant_probs
+    from spinegrade.inference.fold_models import FoldModels
+    from spinegrade.localization.localizer import Localizer
 
     for net in nets.values():
         net.to(runtime.device).eval()

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from spinegrade.constants import SAG_T2
 from spinegrade.io import read_series
+from spinegrade.task import SAG_T2
 
 
 def mid_slice(folder: Path, mm_per_px: float) -> Image.Image:

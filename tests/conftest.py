@@ -17,9 +17,9 @@ def tiny_trained(tmp_path_factory):
     """A phantom dataset (4 train + 3 test studies) and a tiny 2-fold run trained on it, once per
     session: the prediction and service tests check plumbing, not accuracy. Read-only for users."""
     from spinegrade.config import load_config
-    from spinegrade.cv import cross_validate
     from spinegrade.phantom import generate_dataset
-    from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.preprocessing.build import preprocess_dataset
+    from spinegrade.training.cv import cross_validate
     from tiny_config import TINY_RUN
 
     root = tmp_path_factory.mktemp("tiny_trained")

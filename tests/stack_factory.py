@@ -12,9 +12,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.cache import CachedStack, index_frame, save_stack, write_index, write_manifest
 from spinegrade.config import load_config
-from spinegrade.constants import (
+from spinegrade.preprocessing.cache import (
+    CachedStack,
+    index_frame,
+    save_stack,
+    write_index,
+    write_manifest,
+)
+from spinegrade.preprocessing.series import CacheParams
+from spinegrade.task import (
     CONDITION_SERIES,
     CONDITION_TITLES,
     CONDITIONS,
@@ -23,7 +30,6 @@ from spinegrade.constants import (
     LEVELS,
     SEVERITIES,
 )
-from spinegrade.preprocess import CacheParams
 
 L, P, H = np.eye(3)  # LPS: patient left, posterior, head
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from bench_real_anatomy import score_case, spine_axes, summarise
 from bench_real_anatomy_seeds import parse_args
-from spinegrade.constants import LEVELS
+from spinegrade.task import LEVELS
 
 
 def _lordotic_spine(radius: float = 150.0, spacing: float = 36.0) -> tuple[np.ndarray, np.ndarray]:

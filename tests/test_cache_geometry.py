@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinegrade.cache import (
+from spinegrade.io.geometry import direction_name, plane_name
+from spinegrade.io.types import Stack
+from spinegrade.preprocessing.cache import (
     CachedStack,
     find_stack,
     index_frame,
@@ -23,9 +25,7 @@ from spinegrade.cache import (
     save_stack,
     write_index,
 )
-from spinegrade.io.geometry import direction_name, plane_name
-from spinegrade.io.types import Stack
-from spinegrade.preprocess import CacheParams, cache_series
+from spinegrade.preprocessing.series import CacheParams, cache_series
 
 BLOB = np.array([3.0, -4.0, 12.0])  # LPS mm: a bright 3D Gaussian "structure"
 

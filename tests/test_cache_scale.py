@@ -15,14 +15,16 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from spinegrade.cache import MANIFEST_NAME, load_stack, read_manifest, save_stack
 from spinegrade.cli import app
 from spinegrade.config import CropConfig, load_config, save_config
-from spinegrade.constants import AX_T2, SAG_T1, SAG_T2
-from spinegrade.crops import CropView, StudyPoints, extract_crop, make_crops
+from spinegrade.data.crops import CropView, extract_crop, make_crops
 from spinegrade.io.geometry import direction_name, plane_name
 from spinegrade.io.types import Stack
-from spinegrade.preprocess import CacheParams, cache_series, check_cache
+from spinegrade.localization.points import StudyPoints
+from spinegrade.preprocessing.cache import MANIFEST_NAME, load_stack, read_manifest, save_stack
+from spinegrade.preprocessing.guard import check_cache
+from spinegrade.preprocessing.series import CacheParams, cache_series
+from spinegrade.task import AX_T2, SAG_T1, SAG_T2
 from stack_factory import write_world
 
 L, P, H = np.eye(3)  # LPS: patient left, posterior, head
@@ -144,7 +146,7 @@ def test_memory_mapped_stacks_give_the_same_crops_as_loaded_ones(tmp_path: Path)
 
 
 def test_train_refuses_a_cache_made_with_other_settings(tmp_path: Path):
-    from spinegrade.cv import cross_validate
+    from spinegrade.training.cv import cross_validate
 
     data, cache = write_world(tmp_path / "world", n_studies=2)
     quick = load_config("quick")
@@ -169,7 +171,7 @@ def test_train_refuses_a_cache_made_with_other_settings(tmp_path: Path):
 
 
 def test_predict_refuses_a_work_cache_made_with_other_settings(tmp_path: Path):
-    from spinegrade.predict import predict
+    from spinegrade.inference.predict import predict
 
     run = tmp_path / "run"
     run.mkdir()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.clinical import deweight
-from spinegrade.constants import LABEL_COLUMNS
-from spinegrade.report import StudyPrediction, grades_payload
+from spinegrade.reporting.clinical import deweight
+from spinegrade.reporting.report import StudyPrediction, grades_payload
+from spinegrade.task import LABEL_COLUMNS
 
 
 def test_deweight_undoes_the_class_weight_lean() -> None:

@@ -7,15 +7,8 @@ import pandas as pd
 import pytest
 
 from spinegrade.config import CropConfig
-from spinegrade.crops import (
-    Jitter,
-    StudyPoints,
-    crop_view,
-    extract_crop,
-    make_crops,
-    normalize_crop,
-    true_points,
-)
+from spinegrade.data.crops import Jitter, crop_view, extract_crop, make_crops, normalize_crop
+from spinegrade.localization.points import StudyPoints, true_points
 from stack_factory import H, L, P, add_blob, make_stack
 
 CFG = CropConfig(size=32, slices=5, spinal_mm=32.0, foraminal_mm=32.0, subarticular_mm=32.0)

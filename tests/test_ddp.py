@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from spinegrade.config import load_config
-from spinegrade.cv import cross_validate
+from spinegrade.training.cv import cross_validate
 from stack_factory import write_world
 from tiny_config import TINY_RUN
 
@@ -123,7 +123,8 @@ def test_a_rank_that_dies_fails_the_other_with_a_clear_error(world, tmp_path):
 @pytest.mark.parametrize(("n", "batch", "world"), [(11, 4, 2), (10, 4, 2), (9, 6, 3), (3, 4, 2),
                                                     (40, 8, 4), (7, 10, 2)])  # fmt: skip
 def test_ranks_split_each_one_process_batch_without_padding(n, batch, world):
-    from spinegrade.train import EpochDataset, _GlobalBatches
+    from spinegrade.data.epoch import EpochDataset
+    from spinegrade.training.batches import _GlobalBatches
 
     class Items(EpochDataset):
         def __len__(self) -> int:

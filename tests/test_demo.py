@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from spinegrade.constants import submission_row_ids
 from spinegrade.demo import print_summary, run_demo, summary_rows
+from spinegrade.task import submission_row_ids
 from tiny_config import TINY_RUN
 
 TINY = TINY_RUN  # 2 folds, one epoch, tiny models: the plumbing is checked

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinegrade.atomic import CRASH_ENV, write_json
+from spinegrade.util.atomic import CRASH_ENV, write_json
 from stack_factory import write_world
 from test_train import TINY
 
@@ -43,8 +43,8 @@ def world(tmp_path_factory):
 
 
 def test_killed_training_resumes_to_a_complete_loadable_run(world, tmp_path: Path) -> None:
-    from spinegrade.datasets import load_studies
-    from spinegrade.predict import Predictor
+    from spinegrade.data.studies import load_studies
+    from spinegrade.inference.ensemble import Predictor
 
     data, cache = world
     run = tmp_path / "run"
@@ -77,8 +77,8 @@ def test_killed_training_resumes_to_a_complete_loadable_run(world, tmp_path: Pat
     predictor = Predictor.from_run_dir(run, device="cpu")
     assert predictor.folds == [0, 1]
     study = load_studies(cache, [1000], progress=False)[1000]
-    import spinegrade.inference as inference
-    from spinegrade.crops import StudyPoints
+    import spinegrade.inference.fold_models as inference
+    from spinegrade.localization.points import StudyPoints
 
     cut = []
 
@@ -114,7 +114,7 @@ def test_killed_training_resumes_to_a_complete_loadable_run(world, tmp_path: Pat
 
 
 def test_checkpoint_killed_between_tensors_and_json_keeps_the_previous_epoch(tmp_path: Path):
-    from spinegrade.train import CKPT_FORMAT, load_checkpoint
+    from spinegrade.training.checkpoints import CKPT_FORMAT, load_checkpoint
 
     # The state save_checkpoint leaves when killed at checkpoint_write: a new epoch's tensors
     # beside the previous epoch's committed JSON. The JSON names its own tensors.

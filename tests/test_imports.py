@@ -1,4 +1,8 @@
-"""Where each job lives: the training and prediction path never loads the phantom generator."""
+"""Where each job lives: the training and prediction path never loads the phantom generator.
+
+This one imports at run time in a fresh interpreter; ``test_layout`` reads every import statement
+(lazy ones inside functions too) against the floors of the pipeline.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,12 @@ from pathlib import Path
 import spinegrade
 
 TRAIN_AND_PREDICT = (
-    "spinegrade.cv",
-    "spinegrade.predict",
-    "spinegrade.inference",
-    "spinegrade.preprocess",
-    "spinegrade.stages",
-    "spinegrade.rundir",
+    "spinegrade.training.cv",
+    "spinegrade.inference.predict",
+    "spinegrade.inference.fold_models",
+    "spinegrade.preprocessing.build",
+    "spinegrade.training.stages",
+    "spinegrade.inference.run_folder",
     "spinegrade.cli",
 )
 

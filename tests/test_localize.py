@@ -7,24 +7,18 @@ import pytest
 import torch
 
 from spinegrade.config import LocalizerAugmentConfig, load_config
-from spinegrade.constants import LEVELS
-from spinegrade.crops import StudyPoints
-from spinegrade.datasets import LocalizerDataset, collate_stacks
-from spinegrade.localize import (
-    LOCALIZER_TASKS,
-    Localizer,
-    canonical_volume,
-    decode_levels,
-    derive_points,
-    fit_offsets,
-    fuse_level_points,
-    localizer_sample,
-    point_errors,
-    sagittal_frame,
-    summarize_errors,
-)
-from spinegrade.stages import train_localizer
-from spinegrade.train import Runtime
+from spinegrade.data.localizer_dataset import LocalizerDataset, collate_stacks
+from spinegrade.localization.decode import decode_levels
+from spinegrade.localization.derived import derive_points, fit_offsets, fuse_level_points
+from spinegrade.localization.errors import point_errors, summarize_errors
+from spinegrade.localization.frames import canonical_volume, sagittal_frame
+from spinegrade.localization.localizer import Localizer
+from spinegrade.localization.points import StudyPoints
+from spinegrade.localization.samples import localizer_sample
+from spinegrade.localization.tasks import LOCALIZER_TASKS
+from spinegrade.task import LEVELS
+from spinegrade.training.stages import train_localizer
+from spinegrade.util.runtime import Runtime
 from stack_factory import H, L, P, add_blob, level_points, make_stack
 
 ORIENTATIONS = [(P, -H), (-P, -H), (-H, P), (H, -P), (P, H)]
@@ -343,7 +337,7 @@ def test_close_look_refines_only_near_its_centre():
     # A close look centred on the zoomed look's estimate: the neighbouring disc (beyond
     # FINE_SEARCH_MM) may be brighter, in this level's map or another's; the point moves to the
     # nearest disc of the pooled maps and stays on it (in-plane: its slice is the zoomed look's).
-    from spinegrade.localize import FINE_SEARCH_MM, _decode_fine
+    from spinegrade.localization.looks import FINE_SEARCH_MM, _decode_fine
 
     stack = make_stack(P, -H, (0, 0, 0), (3, 64, 64), (1.0, 1.0), 4.0)
     look = sagittal_frame(stack, size=32, max_slices=3).zoomed(32.0, 32.0, 0.5)  # 32 px window
@@ -376,7 +370,7 @@ def test_close_looks_follow_the_blob_and_round_trip_in_the_geometry(tmp_path):
 
 
 def test_consensus_outvotes_a_fold_that_named_the_discs_one_too_low():
-    from spinegrade.localize import consensus_points
+    from spinegrade.localization.localize import consensus_points
 
     folds = []
     for k in range(5):
@@ -416,7 +410,7 @@ class _PriorNet(torch.nn.Module):
 
 def _record_zooms(monkeypatch, frac: float) -> list[tuple[float, float]]:
     """(y, x) centre of every zoomed look of share ``frac`` taken from now on."""
-    from spinegrade.localize import SagittalFrame
+    from spinegrade.localization.frames import SagittalFrame
 
     seen: list[tuple[float, float]] = []
     zoomed = SagittalFrame.zoomed
@@ -431,7 +425,7 @@ def _record_zooms(monkeypatch, frac: float) -> list[tuple[float, float]]:
 
 
 def test_a_given_centre_replaces_the_whole_look(monkeypatch):
-    from spinegrade.localize import locate_in_stacks
+    from spinegrade.localization.looks import locate_in_stacks
 
     stack = make_stack(P, -H, (0, 0, 0), (3, 256, 256), (1.2, 1.2), 4.0)
     frame = sagittal_frame(stack, size=96, max_slices=3)
@@ -447,7 +441,11 @@ def test_a_given_centre_replaces_the_whole_look(monkeypatch):
 
 
 def test_folds_zoom_where_their_whole_looks_agree(monkeypatch):
-    from spinegrade.localize import first_look_centres, localize_consensus, localize_study
+    from spinegrade.localization.localize import (
+        first_look_centres,
+        localize_consensus,
+        localize_study,
+    )
 
     stack = make_stack(P, -H, (0, 0, 0), (3, 256, 256), (1.2, 1.2), 4.0)
     stacks = {"Sagittal T2/STIR": [stack]}
@@ -488,7 +486,7 @@ class _SliceCountingNet(_PriorNet):
 def test_the_canals_close_looks_read_only_the_slices_near_the_canal(n_targets, close_slices):
     # The canal (one side) is refined in-plane on its own slice: its close looks read 2 slices
     # each side of it; the foramina (left and right share a look) keep the whole stack.
-    from spinegrade.localize import CLOSE_SLICES, locate_in_stacks
+    from spinegrade.localization.looks import CLOSE_SLICES, locate_in_stacks
 
     stack = make_stack(P, -H, (0, 0, 0), (15, 256, 256), (1.2, 1.2), 4.0)
     frame = sagittal_frame(stack, size=96, max_slices=24)

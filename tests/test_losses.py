@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-from spinegrade.constants import LABEL_COLUMNS, LEVELS, PROB_COLUMNS, SEVERITIES, row_id
-from spinegrade.losses import (
+from spinegrade.evaluation.metrics import score_frames
+from spinegrade.models.localizer_net import MASKED_LOGIT
+from spinegrade.task import LABEL_COLUMNS, LEVELS, PROB_COLUMNS, SEVERITIES, row_id
+from spinegrade.training.losses import (
     any_severe_loss,
     any_severe_loss_grouped,
     grading_loss,
     localizer_loss,
     weighted_ce,
 )
-from spinegrade.metrics import score_frames
-from spinegrade.models.localizer_net import MASKED_LOGIT
 
 
 def _logits(*probs: list[float]) -> torch.Tensor:

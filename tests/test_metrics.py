@@ -11,8 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from spinegrade.cli import app
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, row_id, submission_row_ids
-from spinegrade.metrics import (
+from spinegrade.evaluation.metrics import (
     SubmissionError,
     best_constant_probs,
     best_constant_submission,
@@ -20,6 +19,7 @@ from spinegrade.metrics import (
     score_frames,
     uniform_submission,
 )
+from spinegrade.task import LABEL_COLUMNS, PROB_COLUMNS, row_id, submission_row_ids
 
 
 def _labels(rows: dict[int, dict[str, str]], default: str | None = "Normal/Mild") -> pd.DataFrame:

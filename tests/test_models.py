@@ -11,17 +11,16 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from spinegrade import weights
 from spinegrade.config import load_config
-from spinegrade.losses import grading_loss, localizer_loss
 from spinegrade.models import (
     LevelLocalizer,
     SpineGrader,
     build_grader,
     build_localizer,
     load_model,
+    weights,
 )
-from spinegrade.weights import (
+from spinegrade.models.weights import (
     PretrainedUnavailable,
     WeightsError,
     create_backbone,
@@ -29,6 +28,7 @@ from spinegrade.weights import (
     read_sidecar,
     save_weights,
 )
+from spinegrade.training.losses import grading_loss, localizer_loss
 
 TINY = "test_efficientnet"  # a real (tiny) timm EfficientNet: MBConv + SE, five stages
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spinegrade.parallel import exit_on_sigterm, process_pool
+from spinegrade.util.parallel import exit_on_sigterm, process_pool
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 

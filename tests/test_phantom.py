@@ -12,7 +12,12 @@ import pandas as pd
 import pydicom
 import pytest
 
-from spinegrade.constants import (
+from spinegrade.evaluation.metrics import prior_submission, score_frames
+from spinegrade.phantom import labels as pl
+from spinegrade.phantom.anatomy import SPINAL, label_point
+from spinegrade.phantom.generate import SynthConfig, generate_dataset, load_study_anatomy
+from spinegrade.rsna.submission import submission_frame
+from spinegrade.task import (
     CONDITION_TITLES,
     LABEL_COLUMNS,
     LEVEL_TITLES,
@@ -21,11 +26,6 @@ from spinegrade.constants import (
     SERIES_DESCRIPTIONS,
     SEVERITIES,
 )
-from spinegrade.metrics import prior_submission, score_frames
-from spinegrade.phantom import labels as pl
-from spinegrade.phantom.anatomy import SPINAL, label_point
-from spinegrade.phantom.generate import SynthConfig, generate_dataset, load_study_anatomy
-from spinegrade.submission import submission_frame
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 COND_INDEX = {title: i for i, title in enumerate(CONDITION_TITLES.values())}

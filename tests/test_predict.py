@@ -14,15 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, submission_row_ids
-from spinegrade.predict import (
-    PHANTOM_CAUTION,
-    default_work_dir,
-    missing_series_warning,
-    parse_folds,
-    prepare_input,
-    scrub_paths,
-)
+from spinegrade.inference.ensemble import PHANTOM_CAUTION, parse_folds
+from spinegrade.inference.inputs import default_work_dir, prepare_input
+from spinegrade.inference.predict import missing_series_warning, scrub_paths
+from spinegrade.task import LABEL_COLUMNS, PROB_COLUMNS, submission_row_ids
 from tiny_config import TINY_RUN
 
 TINY = TINY_RUN
@@ -62,8 +57,8 @@ def test_work_dir_never_lies_inside_the_input(tmp_path: Path) -> None:
 
 
 def test_raw_input_lists_each_study_folder_and_series(tmp_path: Path) -> None:
+    from spinegrade.inference.inputs import STUDIES_COLUMNS
     from spinegrade.io.discover import stable_id
-    from spinegrade.predict import STUDIES_COLUMNS
     from test_discover import AX_IOP, SAG_IOP, write_series
 
     raw = tmp_path / "export"
@@ -139,7 +134,7 @@ def _check_submission(sub: pd.DataFrame, study_ids: list[int]) -> None:
 
 
 def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Path) -> None:
-    from spinegrade.predict import predict
+    from spinegrade.inference.predict import predict
 
     data, run = trained
     out = tmp_path / "out"
@@ -189,8 +184,8 @@ def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Pa
 def test_raw_folder_is_discovered_typed_and_left_untouched(trained, tmp_path: Path) -> None:
     import pydicom
 
+    from spinegrade.inference.predict import predict
     from spinegrade.io.discover import stable_id
-    from spinegrade.predict import predict
 
     data, run = trained
     # A hospital-style export: no CSV, folders named after the patient, files renamed and mixed.
@@ -229,7 +224,7 @@ def test_raw_folder_is_discovered_typed_and_left_untouched(trained, tmp_path: Pa
 
 
 def test_a_study_missing_a_series_still_gets_its_rows(trained, tmp_path: Path, caplog) -> None:
-    from spinegrade.predict import predict
+    from spinegrade.inference.predict import predict
 
     data, run = trained
     layout = tmp_path / "rsna"
@@ -271,7 +266,8 @@ def test_cli_predict_with_a_fold_subset(trained, tmp_path: Path) -> None:
 def test_one_failing_study_gets_the_prior_and_the_batch_goes_on(
     trained, tmp_path: Path, monkeypatch
 ) -> None:
-    from spinegrade.predict import Predictor, predict
+    from spinegrade.inference.ensemble import Predictor
+    from spinegrade.inference.predict import predict
 
     data, run = trained
     test_ids = sorted(pd.read_csv(data / "test_series_descriptions.csv")["study_id"].unique())
@@ -299,7 +295,7 @@ def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
     from typer.testing import CliRunner
 
     from spinegrade.cli import app
-    from spinegrade.predict import Predictor
+    from spinegrade.inference.ensemble import Predictor
 
     data, run = trained
     original = Predictor.predict
@@ -330,7 +326,7 @@ def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
 def test_worker_processes_predict_what_one_process_does(trained, tmp_path: Path) -> None:
     # Two single-threaded processes, one study each at a time (the CLI's --workers): the same
     # submission, reports and per-study records as one process, in the same study order.
-    from spinegrade.predict import predict
+    from spinegrade.inference.predict import predict
 
     data, run = trained
     one = predict(run, data, tmp_path / "one" / "sub.csv", report_dir=tmp_path / "one" / "r",
@@ -362,8 +358,8 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(trained) -> None:
     # each; with one torch thread they run in turn. Same numbers, and the thread count is back.
     import torch
 
-    from spinegrade.datasets import load_studies
-    from spinegrade.predict import Predictor, fold_map
+    from spinegrade.data.studies import load_studies
+    from spinegrade.inference.ensemble import Predictor, fold_map
 
     _, run = trained
     predictor = Predictor.from_run_dir(run, device="cpu")
@@ -406,8 +402,8 @@ def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) ->
     import shutil
     from types import SimpleNamespace
 
-    from spinegrade.inference import load_fold_models
-    from spinegrade.predict import Predictor
+    from spinegrade.inference.ensemble import Predictor
+    from spinegrade.inference.fold_models import load_fold_models
     from spinegrade.rsna import is_phantom
 
     data, run = trained

@@ -21,9 +21,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from typer.testing import CliRunner
 
-from spinegrade.cache import INDEX_NAME, load_stack, project_point, read_index
 from spinegrade.cli import app
-from spinegrade.preprocess import preprocess_dataset, resize_volume, robust_range, to_uint8
+from spinegrade.preprocessing.build import preprocess_dataset
+from spinegrade.preprocessing.cache import INDEX_NAME, load_stack, project_point, read_index
+from spinegrade.preprocessing.series import resize_volume, robust_range, to_uint8
 
 SIZE = 32  # cached grid used in these tests (small: fast)
 

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from spinegrade.progress import progress_bar, progress_enabled
+from spinegrade.util.progress import progress_bar, progress_enabled
 
 
 def test_a_disabled_bar_hands_back_the_iterable_and_a_silent_manual_bar(monkeypatch):

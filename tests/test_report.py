@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from spinegrade.cache import CachedStack
-from spinegrade.constants import AX_T2, CONDITIONS, LABEL_COLUMNS, LEVELS, SAG_T1, SAG_T2
-from spinegrade.predict import PHANTOM_CAUTION
-from spinegrade.report import (
+from spinegrade.inference.ensemble import PHANTOM_CAUTION
+from spinegrade.preprocessing.cache import CachedStack
+from spinegrade.reporting.report import (
     ReportInputs,
     StudyPrediction,
     grades_payload,
@@ -21,6 +20,7 @@ from spinegrade.report import (
     write_index_html,
     write_study_report,
 )
+from spinegrade.task import AX_T2, CONDITIONS, LABEL_COLUMNS, LEVELS, SAG_T1, SAG_T2
 
 
 def sagittal_stack(description: str, n: int = 9, size: int = 64) -> CachedStack:

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from label_factory import random_labels, write_train
 from spinegrade.cli import app
-from spinegrade.constants import GROUPS, SEVERITIES
 from spinegrade.rsna import (
     MISSING_LABEL,
     RSNAFormatError,
@@ -24,6 +23,7 @@ from spinegrade.rsna import (
     save_folds,
     severity_profile,
 )
+from spinegrade.task import GROUPS, SEVERITIES
 
 
 def test_folds_cover_every_study_once_balanced_and_deterministic() -> None:

@@ -9,14 +9,6 @@ import pandas as pd
 import pytest
 
 from label_factory import random_labels, write_csv, write_train
-from spinegrade.constants import (
-    CLASS_WEIGHTS,
-    LABEL_COLUMNS,
-    PROB_COLUMNS,
-    SEVERITIES,
-    row_id,
-    submission_row_ids,
-)
 from spinegrade.rsna import (
     COORDINATE_COLUMNS,
     MISSING_LABEL,
@@ -33,6 +25,14 @@ from spinegrade.rsna import (
     normalize_coordinates,
     solution_table,
     wide_to_long,
+)
+from spinegrade.task import (
+    CLASS_WEIGHTS,
+    LABEL_COLUMNS,
+    PROB_COLUMNS,
+    SEVERITIES,
+    row_id,
+    submission_row_ids,
 )
 
 

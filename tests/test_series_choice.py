@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from spinegrade.datasets import load_studies, select_stacks, series_coverage, used_series
-from spinegrade.report import StudyPrediction, grades_payload
+from spinegrade.data.studies import load_studies, select_stacks, series_coverage, used_series
+from spinegrade.reporting.report import StudyPrediction, grades_payload
 from stack_factory import truncated_copy, world_stacks, write_world
 
 T2, T1, AX = "Sagittal T2/STIR", "Sagittal T1", "Axial T2"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinegrade.constants import LABEL_COLUMNS
-from spinegrade.predict import PHANTOM_CAUTION
+from spinegrade.inference.ensemble import PHANTOM_CAUTION
+from spinegrade.task import LABEL_COLUMNS
 
 pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
 pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")

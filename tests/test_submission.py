@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, submission_row_ids
-from spinegrade.metrics import constant_submission
-from spinegrade.submission import submission_frame
+from spinegrade.evaluation.metrics import constant_submission
+from spinegrade.rsna.submission import submission_frame
+from spinegrade.task import LABEL_COLUMNS, PROB_COLUMNS, submission_row_ids
 
 
 def test_submission_rows_follow_the_sample_submission_order() -> None:

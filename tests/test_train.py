@@ -11,21 +11,15 @@ import pytest
 import torch
 
 from spinegrade.config import OptimConfig, load_config
-from spinegrade.cv import cross_validate, merge_run
-from spinegrade.datasets import GraderDataset, collate_levels, load_studies
-from spinegrade.inference import load_fold_models, predict_study
-from spinegrade.localize import derive_points, fit_offsets
-from spinegrade.train import (
-    EpochDataset,
-    FitSpec,
-    Runtime,
-    fit,
-    lr_at,
-    make_optimizer,
-    parameter_groups,
-    set_lr,
-    setup_runtime,
-)
+from spinegrade.data.epoch import EpochDataset
+from spinegrade.data.grader_dataset import GraderDataset, collate_levels
+from spinegrade.data.studies import load_studies
+from spinegrade.inference.fold_models import load_fold_models, predict_study
+from spinegrade.localization.derived import derive_points, fit_offsets
+from spinegrade.training.cv import cross_validate, merge_run
+from spinegrade.training.engine import FitSpec, fit
+from spinegrade.training.optim import lr_at, make_optimizer, parameter_groups, set_lr
+from spinegrade.util.runtime import Runtime, setup_runtime
 from stack_factory import write_world
 
 TINY = [
@@ -204,7 +198,7 @@ def world(tmp_path_factory):
 
 def test_a_few_grader_steps_reduce_the_loss(world):
     from spinegrade.models.registry import build_grader
-    from spinegrade.stages import _GraderLoss
+    from spinegrade.training.stages import _GraderLoss
 
     data, cache = world
     cfg = load_config("quick", [*TINY, "train.epochs=8", "train.lr=3e-3", "optim.warmup_frac=0"])
@@ -305,7 +299,7 @@ def test_a_run_can_train_the_canal_localiser_alone(world, tmp_path, monkeypatch)
 
 def test_an_unknown_localiser_task_is_named_with_the_choices(tmp_path):
     from spinegrade.config import ConfigError
-    from spinegrade.localize import configured_tasks
+    from spinegrade.localization.tasks import configured_tasks
 
     with pytest.raises(ConfigError, match=r"localizer.tasks=.*'axial'.*\['foraminal', 'spinal'\]"):
         configured_tasks(load_config("quick", ["localizer.tasks=[spinal, axial]"]))
@@ -331,7 +325,7 @@ def test_cli_splits_fold_numbers_from_overrides():
 
 
 def test_fold_workers_keep_every_core_busy(monkeypatch):
-    from spinegrade.cv import _fold_workers
+    from spinegrade.training.cv import _fold_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     cfg = load_config("quick")

@@ -48,7 +48,7 @@ def _main(
     """spinegrade: lumbar spine degeneration grading on MRI (RSNA 2024 format)."""
     import os
 
-    from spinegrade.parallel import exit_on_sigterm
+    from spinegrade.util.parallel import exit_on_sigterm
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -75,7 +75,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
     """Score a submission with the exact RSNA 2024 metric (and a phantom's Bayes limit)."""
-    from spinegrade.metrics import evaluate_files
+    from spinegrade.evaluation.metrics import evaluate_files
 
     result = evaluate_files(submission, labels)
     limit = None
@@ -158,7 +158,7 @@ def preprocess(
 ) -> None:
     """Cache every series once (rescaled uint8 volumes + geometry + index); resumable."""
     from spinegrade.config import load_config
-    from spinegrade.preprocess import preprocess_dataset, print_summary
+    from spinegrade.preprocessing.build import preprocess_dataset, print_summary
 
     data = load_config(config, overrides or []).data
     summary = preprocess_dataset(
@@ -210,8 +210,8 @@ def predict(
 ) -> None:
     """Predict new studies with a run's fold ensemble: submission.csv (+ reports)."""
     _passive_openmp()
-    from spinegrade.predict import parse_folds
-    from spinegrade.predict import predict as run_predict
+    from spinegrade.inference.ensemble import parse_folds
+    from spinegrade.inference.predict import predict as run_predict
 
     result = run_predict(
         run_dir, input_dir, out, report_dir=report, folds=parse_folds(folds), cache_dir=cache,
@@ -290,7 +290,7 @@ def train(
 
     _passive_openmp()  # before torch is imported: shared CPUs, see BENCHMARKS.md
     from spinegrade.config import load_config
-    from spinegrade.cv import cross_validate
+    from spinegrade.training.cv import cross_validate
 
     wanted, overrides = _split_folds_overrides(folds, overrides)
     cfg = load_config(config, overrides)
@@ -310,7 +310,7 @@ def merge(
     data: Path | None = typer.Option(None, "--data", help="Data folder (default: the run's)"),
 ) -> None:
     """Merge a run's folds: oof.csv, localizer_errors.csv and cv.json."""
-    from spinegrade.cv import merge_run
+    from spinegrade.training.cv import merge_run
 
     _echo_cv(merge_run(run_dir, data))
 

@@ -266,7 +266,7 @@ def config_from_dict(mapping: dict[str, Any], source: str = "dict") -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the fully resolved config as YAML (no ``base:``), so it reloads alone."""
-    from spinegrade.atomic import write_text
+    from spinegrade.util.atomic import write_text
 
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
     return write_text(path, f"# resolved spinegrade config\n{text}")

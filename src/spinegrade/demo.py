@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from spinegrade.atomic import write_json
+from spinegrade.util.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _synthesise(
     sizes and seed) marks a complete dataset; anything else is regenerated from scratch.
     """
     from spinegrade.phantom import generate_dataset
-    from spinegrade.progress import progress_bar
+    from spinegrade.util.progress import progress_bar
 
     meta_path = data / "truth" / "phantom.json"
     if meta_path.is_file():
@@ -135,8 +135,7 @@ def add_truth_to_cv(run: Path, data: Path) -> dict:
 
 def score_test(data: Path, submission: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Held-out scores: the model, the constants learned on train, and the truth (Bayes limit)."""
-    from spinegrade.constants import LABEL_COLUMNS
-    from spinegrade.metrics import (
+    from spinegrade.evaluation.metrics import (
         best_constant_submission,
         prior_submission,
         score_frames,
@@ -144,6 +143,7 @@ def score_test(data: Path, submission: pd.DataFrame) -> dict[str, dict[str, floa
     )
     from spinegrade.phantom import truth_scores
     from spinegrade.rsna import load_train
+    from spinegrade.task import LABEL_COLUMNS
 
     truth = pd.read_csv(
         data / "truth" / "test_labels.csv", dtype={c: "string" for c in LABEL_COLUMNS}
@@ -173,9 +173,9 @@ def run_demo(
 ) -> DemoResult:
     """Run (or resume) every stage of the demo in ``out_dir``; returns its numbers."""
     from spinegrade.config import load_config
-    from spinegrade.cv import cross_validate, merge_run
-    from spinegrade.predict import predict
-    from spinegrade.preprocess import preprocess_dataset
+    from spinegrade.inference.predict import predict
+    from spinegrade.preprocessing.build import preprocess_dataset
+    from spinegrade.training.cv import cross_validate, merge_run
 
     out = Path(out_dir)
     data, cache, run = out / "data", out / "cache", out / "run"

@@ -34,8 +34,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
-from spinegrade.constants import AX_T2, SAG_T1, SAG_T2
 from spinegrade.io.geometry import plane_name
+from spinegrade.task import AX_T2, SAG_T1, SAG_T2
 
 log = logging.getLogger(__name__)
 

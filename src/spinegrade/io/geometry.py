@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.constants import AXIS_LETTERS, PLANE_OF_AXIS
+from spinegrade.task import AXIS_LETTERS, PLANE_OF_AXIS
 
 
 def unit(v: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinegrade.geometry import SliceGeometry
+from spinegrade.io.slice_geometry import SliceGeometry
 
 
 @dataclass

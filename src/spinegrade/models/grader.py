@@ -27,8 +27,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from spinegrade.constants import LEVELS, SEVERITIES
-from spinegrade.weights import create_backbone
+from spinegrade.models.weights import create_backbone
+from spinegrade.task import LEVELS, SEVERITIES
 
 
 class SpineGrader(nn.Module):
@@ -45,7 +45,8 @@ class SpineGrader(nn.Module):
             five levels, ...).
         n_levels: size of the level embedding added to the CLS token; 0 disables it.
         feature_index: backbone stage giving the tokens (-1 = last; -2 = one stage earlier, finer).
-        pretrained, pretrained_path: ImageNet weights (:func:`spinegrade.weights.create_backbone`).
+        pretrained, pretrained_path: ImageNet weights
+            (:func:`spinegrade.models.weights.create_backbone`).
         backbone_kwargs: extra timm kwargs (e.g. ``channel_multiplier`` where the model accepts it).
 
     The build arguments are kept in ``self.spec`` so a saved model rebuilds from its sidecar.

@@ -15,7 +15,7 @@ Design (chosen for robustness and CPU speed):
 * **Joint soft-argmax.** ``heatmap + slice bias`` are logits of one distribution over
   (slice, y, x) per target. Its marginal over slices gives ``slice_logits`` (which slice), and its
   expectation gives sub-pixel ``xy`` and a fractional slice ``z``: differentiable and free of
-  argmax quantisation. :func:`spinegrade.losses.localizer_loss` trains it.
+  argmax quantisation. :func:`spinegrade.training.losses.localizer_loss` trains it.
 
 Stacks of different depth are batched by padding at the END of the slice axis and passing
 ``slice_mask`` (True = real slice); padded slices get zero probability.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spinegrade.weights import create_backbone
+from spinegrade.models.weights import create_backbone
 
 MASKED_LOGIT = -1.0e4  # logit for padded slices: exp() underflows to 0, still finite in fp16/bf16
 
@@ -55,7 +55,8 @@ class LevelLocalizer(nn.Module):
         decoder_channels: width of the FPN decoder and of the slice transformer.
         slice_layers, slice_heads: the transformer over slices (0 layers = no slice context).
         dropout, drop_path: regularisation.
-        pretrained, pretrained_path, backbone_kwargs: :func:`spinegrade.weights.create_backbone`.
+        pretrained, pretrained_path, backbone_kwargs:
+            :func:`spinegrade.models.weights.create_backbone`.
 
     H and W should be multiples of 32. Input values: floats, e.g. cached uint8 / 255.
     """

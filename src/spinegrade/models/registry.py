@@ -13,10 +13,10 @@ from typing import Any
 from torch import nn
 
 from spinegrade.config import Config
-from spinegrade.constants import LEVELS
 from spinegrade.models.grader import SpineGrader
 from spinegrade.models.localizer_net import LevelLocalizer
-from spinegrade.weights import WeightsError, load_weights, read_sidecar
+from spinegrade.models.weights import WeightsError, load_weights, read_sidecar
+from spinegrade.task import LEVELS
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"grader": SpineGrader, "localizer": LevelLocalizer}
 
@@ -79,7 +79,7 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild and load a model saved by :func:`spinegrade.weights.save_weights`: (model, meta).
+    """Rebuild and load a model saved by :func:`.weights.save_weights`: (model, meta).
 
     ``path`` is the ``.safetensors`` file or its folder. The model is returned in eval mode.
     """

@@ -20,15 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from spinegrade.constants import (
-    LABEL_COLUMNS,
-    PHANTOM_GENERATOR,
-    PROB_COLUMNS,
-    SEVERITIES,
-    row_id,
-    submission_row_ids,
-)
-from spinegrade.parallel import process_pool
 from spinegrade.phantom.anatomy import Anatomy
 from spinegrade.phantom.labels import class_probs, sample_grades, sample_latents
 from spinegrade.phantom.study import (
@@ -40,6 +31,15 @@ from spinegrade.phantom.study import (
     start_study,
 )
 from spinegrade.phantom.writer import write_csv
+from spinegrade.task import (
+    LABEL_COLUMNS,
+    PHANTOM_GENERATOR,
+    PROB_COLUMNS,
+    SEVERITIES,
+    row_id,
+    submission_row_ids,
+)
+from spinegrade.util.parallel import process_pool
 
 __all__ = [
     "SynthConfig",

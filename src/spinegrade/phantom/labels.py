@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from spinegrade.constants import (
+from spinegrade.task import (
     CLASS_WEIGHTS,
     COLUMN_CONDITION,
     COLUMN_LEVEL,

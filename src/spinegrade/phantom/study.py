@@ -13,17 +13,6 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from spinegrade.constants import (
-    AX_T2,
-    CONDITION_SERIES,
-    CONDITION_TITLES,
-    CONDITIONS,
-    LEVEL_TITLES,
-    LEVELS,
-    SAG_T1,
-    SAG_T2,
-    SERIES_DESCRIPTIONS,
-)
 from spinegrade.phantom.anatomy import (
     N_LEVELS,
     Anatomy,
@@ -45,6 +34,17 @@ from spinegrade.phantom.render import (
     render_slice,
 )
 from spinegrade.phantom.writer import SeriesMeta, SeriesWriter, StudyMeta, fmt_float, uid
+from spinegrade.task import (
+    AX_T2,
+    CONDITION_SERIES,
+    CONDITION_TITLES,
+    CONDITIONS,
+    LEVEL_TITLES,
+    LEVELS,
+    SAG_T1,
+    SAG_T2,
+    SERIES_DESCRIPTIONS,
+)
 
 SPLITS = {"train": 0, "test": 1}
 EMPTY = -1  # an empty label cell

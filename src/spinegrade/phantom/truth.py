@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS
 from spinegrade.phantom.labels import weighted_optimal
+from spinegrade.task import LABEL_COLUMNS, PROB_COLUMNS
 
 
 def read_true_probs(path: str | Path) -> pd.DataFrame:
@@ -40,7 +40,7 @@ def truth_scores(labels: pd.DataFrame, true_probs: str | Path | pd.DataFrame) ->
     score is the true probabilities reweighted the same way: that is the Bayes limit. Rows of
     studies not in ``labels`` are ignored; a labelled study without truth is an error.
     """
-    from spinegrade.metrics import score_frames
+    from spinegrade.evaluation.metrics import score_frames
 
     if not isinstance(true_probs, pd.DataFrame):
         if not Path(true_probs).exists():

@@ -12,14 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import (
-    COLUMN_CONDITION,
-    CONDITION_GROUP,
-    CONDITIONS,
-    GROUPS,
-    LABEL_COLUMNS,
-    SEVERITIES,
-)
 from spinegrade.rsna.tables import (
     MISSING_LABEL,
     Parser,
@@ -28,6 +20,14 @@ from spinegrade.rsna.tables import (
     _load,
     _require_columns,
     label_matrix,
+)
+from spinegrade.task import (
+    COLUMN_CONDITION,
+    CONDITION_GROUP,
+    CONDITIONS,
+    GROUPS,
+    LABEL_COLUMNS,
+    SEVERITIES,
 )
 
 FOLD_COLUMNS: tuple[str, ...] = ("study_id", "fold")
@@ -127,7 +127,7 @@ def fold_summary(wide: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
 
 def save_folds(folds: pd.DataFrame, path: Path | str) -> Path:
     """Write ``study_id,fold`` as CSV (folds are data: made once, reused by every run)."""
-    from spinegrade.atomic import write_csv
+    from spinegrade.util.atomic import write_csv
 
     _require_columns(folds, FOLD_COLUMNS, "fold table")
     return write_csv(path, folds[list(FOLD_COLUMNS)])

@@ -2,7 +2,7 @@
 
 Tables are returned in the file's own vocabulary (``Normal/Mild``, ``Spinal Canal Stenosis``,
 ``L4/L5``); the conversions below map them onto the package vocabulary of
-:mod:`spinegrade.constants` (snake_case conditions and levels, the 25 label columns, row ids).
+:mod:`spinegrade.task` (snake_case conditions and levels, the 25 label columns, row ids).
 Every loader checks exact columns and known strings and reports the file, the line number as a
 text editor shows it (header = line 1), the column and the offending value.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import (
+from spinegrade.task import (
     CLASS_WEIGHTS,
     COLUMN_CONDITION,
     COLUMN_LEVEL,

@@ -15,9 +15,9 @@ from pathlib import Path
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from spinegrade.clinical import DEWEIGHT_NOTE
-from spinegrade.constants import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS, SEVERITIES
+from spinegrade.reporting.clinical import DEWEIGHT_NOTE
 from spinegrade.serve.service import Service, study_key
+from spinegrade.task import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS, SEVERITIES
 
 COOKIE = "spinegrade_session"
 SEVERITY_COLOURS = ("#d9f2d9", "#ffe08a", "#f4a09c")  # Normal/Mild, Moderate, Severe

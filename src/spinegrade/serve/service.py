@@ -1,8 +1,8 @@
 """The grading loop: watch the PACS, retrieve, grade with the run's Predictor, store the SR + SC.
 
 One code path with ``spinegrade predict``: every study is retrieved into a private work folder and
-passed to :func:`spinegrade.predict.predict` with the ensemble loaded once. A study whose models
-graded nothing (unreadable images, no usable series) is a failure, never an SR of priors.
+passed to :func:`spinegrade.inference.predict.predict` with the ensemble loaded once. A study whose
+models graded nothing (unreadable images, no usable series) is a failure, never an SR of priors.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import pandas as pd
 import pydicom
 import yaml
 
-from spinegrade.clinical import DEWEIGHT_NOTE, deweight
-from spinegrade.constants import LABEL_COLUMNS, SEVERITIES
+from spinegrade.reporting.clinical import DEWEIGHT_NOTE, deweight
 from spinegrade.serve.pacs import Pacs
 from spinegrade.serve.sr import ModelIdentity, build_sc, build_sr, read_sr
 from spinegrade.serve.state import State, StudyRow
+from spinegrade.task import LABEL_COLUMNS, SEVERITIES
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_serve_config(path: Path | str | None = None, **overrides) -> ServeConfi
 
 def model_identity(run_dir: Path, folds: list[int]) -> ModelIdentity:
     """Run name, folds and a SHA-256 over the folds' weight files: the model a result came from."""
-    from spinegrade.rundir import fold_dir
+    from spinegrade.inference.run_folder import fold_dir
 
     h = hashlib.sha256()
     for k in folds:
@@ -117,7 +117,7 @@ class Service:
     """The loop's state and steps; :meth:`poll_once` is one discover + grade round."""
 
     def __init__(self, run_dir: Path | str, cfg: ServeConfig, predictor=None) -> None:
-        from spinegrade.predict import Predictor
+        from spinegrade.inference.ensemble import Predictor
 
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.work = Path(cfg.work_dir)
@@ -181,7 +181,7 @@ class Service:
     # ------------------------------------------------------------------ grading
 
     def process(self, row: StudyRow) -> bool:
-        from spinegrade.predict import scrub_paths
+        from spinegrade.inference.predict import scrub_paths
 
         started = time.time()
         self.state.start(row.study_uid, row.model_id)
@@ -219,8 +219,8 @@ class Service:
 
     def grade(self, row: StudyRow) -> tuple[dict, str, str, str]:
         """Retrieve, predict, build, validate and store; returns (result, SR series, SR SOP, SC)."""
+        from spinegrade.inference.predict import FallbackError, predict
         from spinegrade.io.discover import stable_id
-        from spinegrade.predict import FallbackError, predict
 
         t0 = time.perf_counter()
         key = study_key(row.study_uid)

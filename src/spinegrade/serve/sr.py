@@ -1,9 +1,9 @@
 """The DICOM results: a Comprehensive 3D SR (TID 1500 measurement report) and a secondary capture.
 
 One measurement group per condition and level: the grade (coded, SCT Severity), the three
-probabilities (class-weight lean removed, see :mod:`spinegrade.clinical`), the finding site
-(SCT intervertebral disc) and, where the localiser found the level, its point as SCOORD3D in the
-frame of reference of the series that condition is read on. Model identity goes into the device
+probabilities (class-weight lean removed, see :mod:`spinegrade.reporting.clinical`), the finding
+site (SCT intervertebral disc) and, where the localiser found the level, its point as SCOORD3D in
+the frame of reference of the series that condition is read on. Model identity goes into the device
 observer context and every group's algorithm identification.
 
 Codes: DCM and SCT where a concept exists; otherwise the private coding scheme ``99SPINEGRADE``:
@@ -29,7 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from spinegrade import __version__
-from spinegrade.constants import (
+from spinegrade.task import (
     CONDITION_SERIES,
     CONDITION_TITLES,
     CONDITIONS,

@@ -1,12 +1,12 @@
 """The preprocessing cache: cached stacks with their patient-space geometry, the index, projections.
 
 A cached stack is the pixels of one DICOM stack after intensity rescaling (uint8) and in-plane
-resampling (native spacing, capped: see :class:`spinegrade.preprocess.CacheParams`), plus everything
-needed to go from a cached voxel to patient coordinates (DICOM LPS, mm) and back. On disk a stack
-is two files: ``NAME.npz`` (geometry, small) and ``NAME.npy`` (the raw uint8 volume). The volume is
-memory-mapped when read, so the pixels of every study live in the OS page cache, shared by fold
-processes, DataLoader workers and DDP ranks, and a process's private memory does not grow with the
-number of studies. ``manifest.json`` records the settings the cache was made with. Conventions:
+resampling (native spacing, capped: see :class:`spinegrade.preprocessing.series.CacheParams`), plus
+everything needed to go from a cached voxel to patient coordinates (DICOM LPS, mm) and back. On disk
+a stack is two files: ``NAME.npz`` (geometry, small) and ``NAME.npy`` (the raw uint8 volume). The
+volume is memory-mapped when read, so the pixels of every study live in the OS page cache, shared by
+fold processes, DataLoader workers and DDP ranks, and a process's private memory does not grow with
+the number of studies. ``manifest.json`` records the settings the cache was made with. Conventions:
 
 * voxel ``(z, y, x)``: slice ``z`` (geometric order, increasing along ``normal``), row ``y``,
   column ``x``; integer values are pixel *centres*.
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.atomic import atomic_path
-from spinegrade.geometry import SliceGeometry
+from spinegrade.io.slice_geometry import SliceGeometry
+from spinegrade.util.atomic import atomic_path
 
 FORMAT_VERSION = 2  # 2: volume in a raw .npy beside the geometry .npz (memory-mappable)
 INDEX_NAME = "index.csv"
@@ -218,7 +218,7 @@ def stack_to_npz_payload(stack: CachedStack) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[io.BufferedWriter]:
-    """Open ``path`` for binary writing through :func:`spinegrade.atomic.atomic_path`.
+    """Open ``path`` for binary writing through :func:`spinegrade.util.atomic.atomic_path`.
 
     A reader never sees a half-written file under the final name: a killed writer leaves only a
     ``.NAME.tmp-<pid>`` file, which no later stage globs for and the next run removes.

@@ -28,7 +28,7 @@ import pandas as pd
 from spinegrade.config import Config, ConfigError, load_config, save_config
 
 if TYPE_CHECKING:
-    from spinegrade.train import Runtime
+    from spinegrade.util.runtime import Runtime
 
 # Config keys that say where and how a run executes, not what it trains: they may differ
 # between the calls that train the folds of one run folder.

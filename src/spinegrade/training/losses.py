@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from spinegrade.constants import CLASS_WEIGHTS, SEVERITY_INDEX
 from spinegrade.models.localizer_net import MASKED_LOGIT as _MASKED
 from spinegrade.models.localizer_net import LocalizerOutput
+from spinegrade.task import CLASS_WEIGHTS, SEVERITY_INDEX
 
 IGNORE = -1
 SEVERE = SEVERITY_INDEX["Severe"]
@@ -57,8 +57,9 @@ def any_severe_loss(
     ``severe_probs`` (B, 5): P(Severe) of the five spinal levels of each study; ``labels`` (B, 5)
     their grades (0/1/2, -1 missing). Per study: target = any level Severe, prediction = max over
     its labelled levels of P(Severe), weight = max class weight over its labelled levels (as in
-    :mod:`spinegrade.metrics`, where unlabelled cells are not rows of the solution). Returns the
-    weighted binary log loss ``sum w * bce / sum w``; studies with no labelled level are skipped.
+    :mod:`spinegrade.evaluation.metrics`, where unlabelled cells are not rows of the solution).
+    Returns the weighted binary log loss ``sum w * bce / sum w``; studies with no labelled level are
+    skipped.
     """
     labels = labels.long()
     valid = labels != IGNORE

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spinegrade.constants import (
+from spinegrade.task import (
     CONDITION_SIDE,
     CONDITIONS,
     DISPLAY_AXIS_LETTERS,
@@ -54,7 +54,7 @@ SHORT_CONDITION: dict[str, str] = {
 class StudyPrediction:
     """Everything predicted for one study (the report's input).
 
-    ``probs`` rows follow :data:`spinegrade.constants.LABEL_COLUMNS`; ``source`` says per column
+    ``probs`` rows follow :data:`spinegrade.task.LABEL_COLUMNS`; ``source`` says per column
     whether the model saw it (``"model"``) or the training prior filled it in (``"prior"``).
     ``points`` is ``(5 conditions, 5 levels, 3)`` LPS mm with NaN where not located.
     ``series`` names the series each description was read from (a study may hold duplicates).
@@ -331,7 +331,7 @@ def study_figure(
     """
     import matplotlib
 
-    from spinegrade.clinical import deweight
+    from spinegrade.reporting.clinical import deweight
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -410,7 +410,7 @@ def grades_payload(pred: StudyPrediction, model_info: Mapping[str, object] | Non
     ``probabilities``/``grade`` are the model's (metric-optimal, as in submission.csv);
     ``clinical`` holds them with the class-weight lean removed (what the figure shows).
     """
-    from spinegrade.clinical import deweight
+    from spinegrade.reporting.clinical import deweight
 
     shown = deweight(pred.probs)
     targets = {}
@@ -471,7 +471,7 @@ p.caution{color:#8a4b00;background:#fff4e0;border-left:4px solid #e0a040;padding
 
 
 def _index_row(pred: StudyPrediction, folder: str | None) -> str:
-    from spinegrade.clinical import deweight
+    from spinegrade.reporting.clinical import deweight
 
     sid = int(pred.study_id)
     findings = _findings(replace(pred, probs=deweight(pred.probs)))
@@ -533,7 +533,7 @@ def write_index_html(
         f"</tr></thead><tbody>\n{rows}\n</tbody></table>"
         "<p class='note'>Research software, not for diagnostic use.</p></body></html>"
     )
-    from spinegrade.atomic import write_text
+    from spinegrade.util.atomic import write_text
 
     return write_text(Path(report_dir) / "index.html", doc)
 
@@ -553,7 +553,7 @@ def write_study_report(
     with Image.open(figure) as im:
         im.thumbnail((560, 560))
         im.save(folder / "thumb.png")
-    from spinegrade.atomic import write_json
+    from spinegrade.util.atomic import write_json
 
     write_json(folder / "grades.json", grades_payload(pred, model_info))
     return folder

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import LABEL_COLUMNS, PROB_COLUMNS, split_row_id, submission_row_ids
+from spinegrade.task import LABEL_COLUMNS, PROB_COLUMNS, split_row_id, submission_row_ids
 
 _COLUMN_INDEX: dict[str, int] = {c: j for j, c in enumerate(LABEL_COLUMNS)}
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spinegrade.atomic import atomic_path, crash_point, write_json
+from spinegrade.util.atomic import atomic_path, crash_point, write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The two trained stages of a fold: the localiser (stage 1) and the graders (stage 2).
 
-Each trainer builds its network from the config, wraps its loss for :func:`spinegrade.train.fit`
-and validates on the fold's held-out studies; :mod:`spinegrade.cv` decides which fold trains what
-and where the weights go.
+Each trainer builds its network from the config, wraps its loss for
+:func:`spinegrade.training.engine.fit` and validates on the fold's held-out studies;
+:mod:`spinegrade.training.cv` decides which fold trains what and where the weights go.
 """
 
 from __future__ import annotations
@@ -15,29 +15,23 @@ import torch
 from torch import nn
 
 from spinegrade.config import Config
-from spinegrade.constants import LEVELS
-from spinegrade.crops import StudyPoints
-from spinegrade.datasets import (
-    GraderDataset,
-    LocalizerDataset,
-    StudyData,
-    collate_levels,
-    collate_stacks,
-)
-from spinegrade.localize import (
-    LocalizerSample,
-    configured_tasks,
-    localizer_hits_errors,
-    summarize_hits_errors,
-)
-from spinegrade.losses import grading_loss, localizer_loss
-from spinegrade.train import FitSpec, Runtime, fit
+from spinegrade.data.grader_dataset import GraderDataset, collate_levels
+from spinegrade.data.localizer_dataset import LocalizerDataset, collate_stacks
+from spinegrade.data.studies import StudyData
+from spinegrade.localization.errors import localizer_hits_errors, summarize_hits_errors
+from spinegrade.localization.points import StudyPoints
+from spinegrade.localization.samples import LocalizerSample
+from spinegrade.localization.tasks import configured_tasks
+from spinegrade.task import LEVELS
+from spinegrade.training.engine import FitSpec, fit
+from spinegrade.training.losses import grading_loss, localizer_loss
+from spinegrade.util.runtime import Runtime
 
 # ------------------------------------------------------------------------------ stage-1 training
 
 
 class _LocalizerLoss:
-    """``step_loss`` of :func:`spinegrade.train.fit` for the localiser."""
+    """``step_loss`` of :func:`spinegrade.training.engine.fit` for the localiser."""
 
     def __init__(self, sigma: float) -> None:
         self.sigma = sigma
@@ -104,7 +98,7 @@ def train_localizer(
 
 
 class _GraderLoss:
-    """``step_loss`` for :func:`spinegrade.train.fit`: weighted CE (+ any-severe for spinal)."""
+    """``step_loss`` for :func:`.engine.fit`: weighted CE (+ any-severe for spinal)."""
 
     def __init__(self, cfg: Config, group: str) -> None:
         self.loss, self.any_weight = (
@@ -162,7 +156,7 @@ def _evaluate_grader(
 ) -> dict:
     """Validation loss on crops at the true points (no jitter); each rank takes its share of the
     items and the label-weighted sums are combined."""
-    from spinegrade.train import to_device
+    from spinegrade.util.runtime import to_device
 
     per = max(1, batch_rows // len(LEVELS))
     mine = runtime.shard(range(len(dataset)))

@@ -20,9 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from spinegrade.cache import CachedStack
 from spinegrade.config import CropConfig, load_config
-from spinegrade.constants import (
+from spinegrade.data.crops import make_crops
+from spinegrade.localization.localize import localize_study
+from spinegrade.localization.localizer import Localizer
+from spinegrade.localization.points import StudyPoints
+from spinegrade.preprocessing.cache import CachedStack
+from spinegrade.task import (
     COLUMN_CONDITION,
     COLUMN_LEVEL,
     CONDITION_GROUP,
@@ -30,9 +34,7 @@ from spinegrade.constants import (
     LABEL_COLUMNS,
     LEVELS,
 )
-from spinegrade.crops import StudyPoints, make_crops
-from spinegrade.localize import Localizer, localize_study
-from spinegrade.train import Runtime
+from spinegrade.util.runtime import Runtime
 
 
 @dataclass
@@ -201,12 +203,12 @@ def predict_studies(
     """:func:`predict_study` for many studies, batched across them (the same numbers up to float
     rounding; under autocast on CUDA they are bf16/fp16 numbers).
 
-    The localiser decodes every study (:func:`spinegrade.localize.localize_studies`, batched
-    forward passes), ``workers`` DataLoader processes cut each study's crop views, and each
+    The localiser decodes every study (:func:`spinegrade.localization.localize.localize_studies`,
+    batched forward passes), ``workers`` DataLoader processes cut each study's crop views, and each
     group's grader sees ``batch_size`` crops of several studies a forward pass: on a GPU the
     per-study batches of 5-10 crops would leave it mostly idle.
     """
-    from spinegrade.localize import localize_studies
+    from spinegrade.localization.localize import localize_studies
 
     if runtime is None:
         nets = [*models.graders.values(), *models.localizer.nets.values()]
@@ -274,6 +276,6 @@ def _read_fallback(path: Path) -> np.ndarray:
 
 def write_fallback(path: Path, probs: np.ndarray) -> None:
     """Write a fold's fallback (atomically): (25, 3) probabilities keyed by the label columns."""
-    from spinegrade.atomic import write_json
+    from spinegrade.util.atomic import write_json
 
     write_json(path, {"columns": list(LABEL_COLUMNS), "probs": probs.tolist()})

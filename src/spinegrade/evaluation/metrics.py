@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import (
+from spinegrade.rsna.submission import submission_frame
+from spinegrade.task import (
     CLASS_WEIGHTS,
     COLUMN_CONDITION,
     CONDITION_GROUP,
@@ -32,7 +33,6 @@ from spinegrade.constants import (
     SEVERITY_INDEX,
     row_id,
 )
-from spinegrade.submission import submission_frame
 
 EPS = 1e-15
 TERMS: tuple[str, ...] = ("spinal", "foraminal", "subarticular", "any_severe_spinal")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.constants import CLASS_WEIGHTS
+from spinegrade.task import CLASS_WEIGHTS
 
 DEWEIGHT_NOTE = (
     "Probabilities shown with the training class weights (Normal/Mild 1, Moderate 2, Severe 4) "

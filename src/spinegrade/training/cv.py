@@ -3,9 +3,9 @@
 :func:`cross_validate` trains the folds that are not done, one after the other in this process
 (GPU, DDP) or side by side in spawned CPU processes, each through :func:`run_fold`; once every
 fold exists, :func:`merge_run` writes the run's ``oof.csv`` and ``cv.json``. The run folder's
-layout and config guard are in :mod:`spinegrade.rundir`, the stage trainers in
-:mod:`spinegrade.stages`, and the grading of a study, shared with prediction, in
-:mod:`spinegrade.inference`.
+layout and config guard are in :mod:`spinegrade.inference.run_folder`, the stage trainers in
+:mod:`spinegrade.training.stages`, and the grading of a study, shared with prediction, in
+:mod:`spinegrade.inference.fold_models`.
 
 Every out-of-fold number is made the way prediction works: the fold's own localiser finds the
 points (never the true ones), the crops are cut there and the fold's graders grade them.
@@ -24,51 +24,41 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from spinegrade.atomic import crash_point, write_csv, write_json
 from spinegrade.config import Config
-from spinegrade.datasets import StudyData, load_studies
-from spinegrade.inference import FoldModels, predict_studies, write_fallback
-from spinegrade.localize import (
-    Localizer,
-    LocalizerSample,
-    build_localizer_samples,
-    configured_tasks,
-    derive_points,
-    fit_offsets,
-    point_errors,
-    summarize_errors,
-)
-from spinegrade.metrics import (
+from spinegrade.data.studies import StudyData, load_studies
+from spinegrade.evaluation.metrics import (
     best_constant_probs,
     best_constant_submission,
     prior_submission,
     score_frames,
     uniform_submission,
 )
-from spinegrade.preprocess import check_cache
-from spinegrade.rsna import (
-    is_phantom,
-    load_dataset,
-    load_folds,
-    load_train,
-    normalize_coordinates,
-)
-from spinegrade.rundir import (
+from spinegrade.inference.fold_models import FoldModels, predict_studies, write_fallback
+from spinegrade.inference.run_folder import (
     ensure_folds,
     fold_dir,
     fold_done,
     load_run_config,
     write_or_check_config,
 )
-from spinegrade.stages import train_grader, train_localizer
-from spinegrade.submission import submission_frame
-from spinegrade.train import JsonlLog, Runtime, fault_point, setup_runtime
-from spinegrade.weights import (
+from spinegrade.localization.derived import derive_points, fit_offsets
+from spinegrade.localization.errors import point_errors, summarize_errors
+from spinegrade.localization.localizer import Localizer
+from spinegrade.localization.samples import LocalizerSample, build_localizer_samples
+from spinegrade.localization.tasks import configured_tasks
+from spinegrade.models.weights import (
     init_source,
     require_pretrained,
     summarize_init,
     weights_complete,
 )
+from spinegrade.preprocessing.guard import check_cache
+from spinegrade.rsna import is_phantom, load_dataset, load_folds, load_train, normalize_coordinates
+from spinegrade.rsna.submission import submission_frame
+from spinegrade.training.engine import JsonlLog
+from spinegrade.training.stages import train_grader, train_localizer
+from spinegrade.util.atomic import crash_point, write_csv, write_json
+from spinegrade.util.runtime import Runtime, fault_point, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +177,8 @@ def _train_in_processes(
     import multiprocessing as mp
     from concurrent.futures import as_completed
 
-    from spinegrade.parallel import process_pool
-    from spinegrade.progress import progress_bar
+    from spinegrade.util.parallel import process_pool
+    from spinegrade.util.progress import progress_bar
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("training folds %s in %d processes x %d thread(s)", todo, workers, threads)
@@ -213,7 +203,7 @@ def _fold_process(args) -> None:
     """Entry point of a fold-training process (spawned: a fresh interpreter, one fold)."""
     data_dir, cache_dir, run_dir, cfg, todo, threads = args
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from spinegrade.progress import ENV_VAR
+    from spinegrade.util.progress import ENV_VAR
 
     os.environ[ENV_VAR] = "0"  # bars of parallel folds would interleave
     runtime = setup_runtime(cfg.train, threads=threads)
@@ -234,7 +224,7 @@ def run_fold(
     runtime: Runtime,
 ) -> dict | None:
     """Train (or resume) one fold and write its out-of-fold predictions and metrics."""
-    from spinegrade.weights import save_weights
+    from spinegrade.models.weights import save_weights
 
     out = fold_dir(run_dir, fold)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,248 @@
+"""A run's fold ensemble: which folds, where they run, and their averaged probabilities."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spinegrade.task import COLUMN_CONDITION, CONDITIONS, LABEL_COLUMNS, LEVELS
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------- ensemble
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def parse_folds(values: list[str] | None) -> list[int] | None:
+    """``["0,1", "3"]`` -> ``[0, 1, 3]``; None or empty -> None (all folds)."""
+    if not values:
+        return None
+    out: list[int] = []
+    for part in ",".join(values).replace(" ", ",").split(","):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise ValueError(f"--folds: {part!r} is not a fold number; e.g. --folds 0,1,2")
+        out.append(int(part))
+    return sorted(set(out)) or None
+
+
+def run_folds(run_dir: Path, folds: list[int] | None = None) -> list[int]:
+    """The folds of ``run_dir`` to ensemble: ``folds`` if given (each must be complete), else all
+    complete ones (an incomplete fold is skipped with a warning)."""
+    from spinegrade.inference.run_folder import fold_dir, fold_done
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: not a run folder (no config.yaml); train one with `spinegrade train`"
+        )
+    found = sorted(
+        int(p.name.split("_", 1)[1])
+        for p in run_dir.glob("fold_*")
+        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
+    )
+    if folds:
+        bad = [k for k in folds if not fold_done(run_dir, k)]
+        if bad:
+            raise ValueError(
+                f"{run_dir}: fold(s) {bad} are not trained to completion (no "
+                f"{fold_dir(run_dir, bad[0]).name}/metrics.json); pick from {found}"
+            )
+        return sorted(set(folds))
+    done = [k for k in found if fold_done(run_dir, k)]
+    for k in sorted(set(found) - set(done)):
+        log.warning("%s: fold %d is incomplete and is left out of the ensemble", run_dir, k)
+    if not done:
+        raise ValueError(
+            f"{run_dir}: no completed fold (fold_K/metrics.json); finish `spinegrade train` first"
+        )
+    return done
+
+
+@dataclass
+class EnsemblePrediction:
+    """One study through every fold: mean probabilities, the points graded, what models saw."""
+
+    probs: np.ndarray  # (25, 3), rows sum to 1
+    graded: np.ndarray  # bool (25,): some fold's grader saw this target
+    points: np.ndarray  # (5, 5, 3) LPS mm, the folds' consensus; NaN where no fold located it
+
+
+@contextlib.contextmanager
+def fold_map(device: str, n_folds: int) -> Iterator[Callable[..., Iterable[Any]]]:
+    """``map`` for the folds' share of one study: on CPU, the folds side by side.
+
+    The folds' nets are small, so torch's threads inside one of them leave the cores ~40% idle
+    (CPU time 1.2x the wall time on 2 cores). Run instead as many folds at once as torch has
+    threads (at most all of them), the threads shared out among them: on the demo run, 2 cores,
+    3.5-3.7 -> 2.0 s a study (BENCHMARKS.md, "Prediction latency"). With torch's OpenMP build each
+    calling thread runs its own team of that many threads; the count is process-wide, so it is
+    set for this block and restored after it. Prediction runs one study at a time (``predict``,
+    the service), and worker processes (``--workers``) run single-threaded, so they get plain
+    ``map``; so does a GPU.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    n = min(n_folds, before) if device == "cpu" else 1
+    if n <= 1:
+        yield map
+        return
+    torch.set_num_threads(max(1, before // n))  # 2 cores, 5 folds: 2 at a time, 1 thread each
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            yield pool.map  # results in the folds' order, whatever order they finish in
+    finally:
+        torch.set_num_threads(before)
+
+
+class Predictor:
+    """The fold ensemble of a run folder: every fold localises and grades; probabilities average.
+
+    A target is averaged over the folds that could grade it (a fold whose localiser put the point
+    outside every series falls back for that target); when none could, the folds' training
+    fallback (best constant per column, learned on each fold's training studies) is used.
+    """
+
+    def __init__(self, run_dir: Path, folds: list[int], models: list, device: str) -> None:
+        self.run_dir, self.folds, self.models, self.device = run_dir, folds, models, device
+
+    @classmethod
+    def from_run_dir(
+        cls, run_dir: Path | str, folds: list[int] | None = None, device: str = "auto"
+    ) -> Predictor:
+        """Load the folds' localisers and graders (safetensors + JSON only) from ``run_dir``."""
+        from spinegrade.inference.fold_models import load_fold_models
+        from spinegrade.inference.run_folder import fold_dir
+
+        run_dir, device = Path(run_dir), resolve_device(device)
+        chosen = run_folds(run_dir, folds)
+        models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in chosen]
+        return cls(run_dir, chosen, models, device)
+
+    @property
+    def init(self) -> dict[str, list[dict]]:
+        """Where the ensemble's backbones started training (see :func:`.weights.summarize_init`):
+        ``{"model": [...], "localizer": [...]}``, each a list of distinct sources."""
+        from spinegrade.models.weights import init_source, summarize_init
+
+        def nets(m) -> dict[str, dict]:
+            out = {f"localizer_{k}": init_source(v) for k, v in m.localizer.nets.items()}
+            return out | {f"grader_{k}": init_source(v) for k, v in m.graders.items()}
+
+        return summarize_init(nets(m) for m in self.models)
+
+    def describe_init(self) -> list[str]:
+        """One line per backbone for reports, e.g. ``model backbone: ImageNet, hub timm/...``."""
+        from spinegrade.models.weights import describe_source
+
+        return [
+            f"{role} backbone: {'; '.join(describe_source(s) for s in sources)}"
+            for role, sources in self.init.items()
+            if sources
+        ]
+
+    def describe_training(self) -> list[str]:
+        """A caution when any fold learned from phantom studies only (empty otherwise)."""
+        if not any(m.training_data == "phantom" for m in self.models):
+            return []
+        return [PHANTOM_CAUTION]
+
+    @property
+    def crop_config(self):
+        return self.models[0].crops
+
+    @property
+    def fallback(self) -> np.ndarray:
+        """(25, 3) mean of the folds' training fallbacks."""
+        return np.mean([m.fallback for m in self.models], axis=0)
+
+    def predict(self, stacks) -> EnsemblePrediction:
+        """Ensemble prediction for one study's chosen stacks (description -> stacks).
+
+        Every fold localises, its zoomed look centred where the folds' whole looks agree, and
+        the folds' points are combined (:func:`.localize.localize_consensus`, so one fold's
+        misnamed levels are outvoted); every fold grades at the combined points.
+        So folds with the same crop settings grade the same crops: they are cut once. On CPU the
+        folds run side by side (:func:`fold_map`); the numbers are those of one after the other.
+        """
+        from spinegrade.inference.fold_models import crop_views, grade_study
+        from spinegrade.localization.localize import localize_consensus
+        from spinegrade.localization.points import StudyPoints
+
+        with fold_map(self.device, len(self.models)) as each_fold:
+            points = (
+                localize_consensus([m.localizer for m in self.models], stacks, each_fold)
+                if stacks
+                else StudyPoints()
+            )
+            views: dict[str, list] = {}
+            for m in self.models:
+                key = repr(m.crops)  # the crop settings (a dataclass): equal settings, equal crops
+                if stacks and key not in views:
+                    views[key] = crop_views(stacks, points, m.crops)
+            preds = list(
+                each_fold(lambda m: grade_study(m, stacks, points, views.get(repr(m.crops))),
+                          self.models)
+            )  # fmt: skip
+        graded = np.stack([p.graded for p in preds])  # (F, 25)
+        probs = np.stack([p.probs for p in preds])  # (F, 25, 3)
+        seen = graded.any(axis=0)
+        weights = np.where(seen[None, :], graded, 1.0)[..., None]  # unseen: mean of fallbacks
+        mean = (probs * weights).sum(axis=0) / weights.sum(axis=0)
+        mean /= mean.sum(axis=1, keepdims=True)
+        return EnsemblePrediction(mean, seen, points.xyz)
+
+    def prior_prediction(self) -> EnsemblePrediction:
+        """What a study no model could see gets: the folds' training fallback everywhere."""
+        probs = self.fallback / self.fallback.sum(axis=1, keepdims=True)
+        nan_points = np.full((len(CONDITIONS), len(LEVELS), 3), np.nan)
+        return EnsemblePrediction(probs, np.zeros(len(LABEL_COLUMNS), dtype=bool), nan_points)
+
+    def saliency(self, column: str, crop: np.ndarray) -> np.ndarray | None:
+        """Where the first fold's grader looked for ``column`` on ``crop`` (see report)."""
+        import torch
+
+        from spinegrade.reporting.report import input_saliency
+        from spinegrade.task import COLUMN_LEVEL, CONDITION_GROUP
+
+        model = self.models[0].graders.get(CONDITION_GROUP[COLUMN_CONDITION[column]])
+        if model is None:
+            return None
+        level = torch.tensor([LEVELS.index(COLUMN_LEVEL[column])], device=self.device)
+        severity = torch.tensor([0.0, 1.0, 2.0], device=self.device)
+
+        def expected_severity(x: torch.Tensor) -> torch.Tensor:
+            probs = model.eval()(x.to(self.device), level)[:, 0].float().softmax(-1)
+            return (probs * severity).sum()
+
+        return input_saliency(expected_severity, crop)
+
+
+# Shown with the predictions of a run trained on `spinegrade synth` data only. On 38 real sagittal
+# T2 series (SPIDER, BENCHMARKS.md "Real anatomy") the demo's fold consensus put a third of the
+# levels more than 5 mm from their disc and named about one in six as a neighbouring disc.
+PHANTOM_CAUTION = (
+    "Trained on synthetic phantom studies only: on real spines its localiser can put a level "
+    "one disc off, and its grades are not validated on real images. Check the level labels on "
+    "each figure; not for clinical use."
+)
