@@ -1,0 +1,85 @@
+"""The benches print only what they measured (#26): their pure summary logic, on made-up figures.
+
+Each bench's full run is long or needs a PACS; what decides which figure is printed, what it is
+divided by and whether it is called "projected" is checked here without running it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+# ------------------------------------------------------------------------------ bench_serve
+
+
+@pytest.fixture(scope="module")
+def bench_serve():
+    pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]'")
+    pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
+    import bench_serve
+
+    return bench_serve
+
+
+def test_serve_rates_divide_by_studies_graded_not_uploaded(bench_serve):
+    split = np.array([[0.1, 2.0, 1.0], [0.3, 2.0, 1.0]])  # two of four studies graded
+    lines = bench_serve.summary(4, 12.0, 3, split, 4.0, ["failed: ValueError: no sagittal"], 60,
+                                "threads 1, device cpu")  # fmt: skip
+    text = "\n".join(lines)
+    assert "4 uploaded, 2 graded, 2 not graded" in lines[0]
+    assert "not graded: failed: ValueError: no sagittal" in text
+    assert "not graded: 1 never seen by the service" in text
+    assert "12.0 s for 2 graded = 10.0 studies/min (6.00 s/study" in text  # 2 / 12 s, not 4 / 12 s
+    assert "retrieve 0.20 s" in text
+    assert "added by serve: not compared (2 of 4 studies not graded)" in text
+
+
+def test_serve_compares_with_predict_only_when_all_were_graded(bench_serve):
+    split = np.array([[0.1, 2.0, 1.0], [0.3, 2.0, 1.0]])
+    lines = bench_serve.summary(2, 10.0, 1, split, 4.0, [], 60, "")
+    assert lines[-1] == "added by serve: +3.00 s/study (2.50x predict)"
+    assert not any("not graded:" in line for line in lines)
+
+
+def test_serve_with_nothing_graded_prints_no_rate(bench_serve):
+    lines = bench_serve.summary(3, 0.0, 5, np.zeros((0, 3)), 4.0, [], 1, "")
+    assert lines[-1] == "serve loop: no study graded, nothing measured"
+    assert not any("studies/min" in line for line in lines)
+
+
+class _FakeService:
+    """Grades one study a poll from its second poll on (discovery lags the upload)."""
+
+    def __init__(self) -> None:
+        self.rows: list[SimpleNamespace] = []
+        self.polls = 0
+        self.state = SimpleNamespace(all=lambda: self.rows)
+
+    def poll_once(self) -> dict:
+        self.polls += 1
+        graded = int(self.polls > 1 and len(self.rows) < 3)
+        self.rows += [SimpleNamespace(status="graded")] * graded
+        return {"seen": 3, "graded": graded, "failed": 0}
+
+
+def test_serve_polls_until_every_study_is_graded(bench_serve):
+    svc = _FakeService()
+    loop_s, polls = bench_serve.grade_until_done(svc, 3, timeout_s=30, pause_s=0)
+    assert polls == 4 and len(svc.rows) == 3 and loop_s > 0
+
+
+def test_serve_polling_stops_at_the_timeout(bench_serve):
+    svc = _FakeService()
+    t0 = time.perf_counter()
+    loop_s, polls = bench_serve.grade_until_done(svc, 5, timeout_s=0.3, pause_s=0)
+    waited = time.perf_counter() - t0
+    assert len(svc.rows) == 3 and polls > 4  # two studies never come: it gives up, bounded
+    assert 0.3 < waited < 30 and 0 < loop_s < 0.3  # the idle polls after the last grade: not timed
