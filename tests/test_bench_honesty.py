@@ -83,3 +83,34 @@ def test_serve_polling_stops_at_the_timeout(bench_serve):
     waited = time.perf_counter() - t0
     assert len(svc.rows) == 3 and polls > 4  # two studies never come: it gives up, bounded
     assert 0.3 < waited < 30 and 0 < loop_s < 0.3  # the idle polls after the last grade: not timed
+
+
+# ------------------------------------------------------------------------------ bench_scale
+
+
+def _scale_row(new: int, cpu_s: float) -> dict:
+    return {"new": new, "cpu_s": cpu_s, "bytes_per_study": 5e6}
+
+
+def test_scale_preprocess_rate_counts_only_studies_preprocessed_here():
+    from bench_scale import preprocess_rate
+
+    # 100 cold studies, then 100 more of which none was cached: 300 CPU s over 200 studies.
+    assert preprocess_rate([_scale_row(100, 100.0), _scale_row(100, 200.0)]) == (1.5, 200)
+    # A size whose studies were all cached adds neither seconds nor studies.
+    assert preprocess_rate([_scale_row(100, 100.0), _scale_row(0, 0.01)]) == (
+        pytest.approx(1.0001),
+        100,
+    )
+    assert preprocess_rate([_scale_row(0, 0.01)]) is None  # a warm cache measured nothing
+
+
+def test_scale_projection_is_labelled_and_refused_on_a_warm_cache():
+    from bench_scale import projection_lines
+
+    cold = projection_lines([_scale_row(100, 150.0)], 2e9, 0.5e9, 4)
+    assert cold[0].startswith("Projected for the RSNA training set")
+    assert all("projected" in line for line in cold[2:])
+    assert "1.50 CPU s a study (measured on 100 studies" in cold[2]
+    warm = projection_lines([_scale_row(0, 0.01)], 2e9, 0.5e9, 4)
+    assert warm[2].startswith("- preprocess: not projected") and "CPU s a study" not in warm[2]
