@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -114,3 +115,57 @@ def test_scale_projection_is_labelled_and_refused_on_a_warm_cache():
     assert "1.50 CPU s a study (measured on 100 studies" in cold[2]
     warm = projection_lines([_scale_row(0, 0.01)], 2e9, 0.5e9, 4)
     assert warm[2].startswith("- preprocess: not projected") and "CPU s a study" not in warm[2]
+
+
+# ------------------------------------------------------------------------------ seeds bench
+
+
+def _levels(case: str, dists: list[float], wrong: int = 0) -> pd.DataFrame:
+    """A case's scored levels; the first ``wrong`` named as their neighbour (misnamed)."""
+    from spinegrade.constants import LEVELS
+
+    rows = [{"case": case, "level": lv, "dist_mm": d, "found": True,
+             "nearest": LEVELS[(i + 1) % 5] if i < wrong else lv}
+            for i, (lv, d) in enumerate(zip(LEVELS, dists, strict=True))]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_seeds_summary_counts_the_levels_scored():
+    from bench_real_anatomy_seeds import seed_summary
+
+    a = pd.concat([_levels("a", [1, 2, 3, 8, 20], wrong=1), _levels("b", [0, 0, 0, 0, 0])])
+    table, line = seed_summary({42: a, 7: _levels("a", [1, 1, 1, 1, 1])})
+    assert table["levels"].tolist() == [10, 5] and table["misnamed"].tolist() == [1, 0]
+    assert "misnamed 0.5 of 5-10 levels scored" in line and "190" not in line
+    _, same = seed_summary({42: a, 7: a})
+    assert "misnamed 1.0 of 10 levels scored" in same
+
+
+def test_seeds_reuse_scores_only_of_the_same_design(tmp_path, monkeypatch):
+    import bench_real_anatomy_seeds as seeds
+
+    base = ["D", "C", str(tmp_path / "out"), "--real", "R", "--seeds", "42"]
+    baseline = seeds.parse_args(base)
+    design = seeds.parse_args([*base, "--", "localizer.epochs=3"])
+    other_config = seeds.parse_args([*base, "--config", "default"])
+    homes = {seeds.design_dir(a) for a in (baseline, design, other_config)}
+    assert len(homes) == 3 and all(h.parent == tmp_path / "out" for h in homes)
+    assert seeds.design_dir(seeds.parse_args(base)) == seeds.design_dir(baseline)  # stable
+
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, **_):
+        calls.append(cmd)
+        if "--csv" in cmd:  # the scoring step writes the seed's scores
+            part = Path(cmd[cmd.index("--csv") + 1])
+            part.parent.mkdir(parents=True, exist_ok=True)
+            part.write_text("case\n")
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(seeds.subprocess, "run", fake_run)
+    done = seeds.run_seed(baseline, 42)
+    assert done == seeds.design_dir(baseline) / "seed_42" / "real.csv" and len(calls) == 2
+    assert seeds.run_seed(baseline, 42) == done and len(calls) == 2  # resumed: not redone
+    # The baseline's scores exist, but a design trains and scores its own seed 42.
+    new = seeds.run_seed(design, 42)
+    assert new != done and len(calls) == 4 and "localizer.epochs=3" in calls[2]
