@@ -169,3 +169,24 @@ def test_seeds_reuse_scores_only_of_the_same_design(tmp_path, monkeypatch):
     # The baseline's scores exist, but a design trains and scores its own seed 42.
     new = seeds.run_seed(design, 42)
     assert new != done and len(calls) == 4 and "localizer.epochs=3" in calls[2]
+
+
+# ------------------------------------------------------------------------------ bench_oof, measure
+
+
+def test_a_part_of_a_pass_is_timed_inside_it_and_put_back():
+    from measure import _time_calls
+
+    def slow(x: int) -> int:
+        time.sleep(0.02)
+        return x + 1
+
+    module = SimpleNamespace(slow=slow)
+    cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"))
+    t0 = time.perf_counter()
+    with _time_calls(module, "slow", cpu) as spent:
+        assert module.slow(1) == 2 and module.slow(2) == 3
+        time.sleep(0.02)  # the rest of the pass
+    whole = time.perf_counter() - t0
+    assert spent[1] == 2 and 0.04 <= spent[0] < whole  # a part of the pass: less than all of it
+    assert module.slow is slow
