@@ -6,6 +6,7 @@ divided by and whether it is called "projected" is checked here without running 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -190,3 +191,32 @@ def test_a_part_of_a_pass_is_timed_inside_it_and_put_back():
     whole = time.perf_counter() - t0
     assert spent[1] == 2 and 0.04 <= spent[0] < whole  # a part of the pass: less than all of it
     assert module.slow is slow
+
+
+def _oof_report(rate: float) -> dict:
+    oof = {"studies": 2, "s_per_study": 3.0, "grade_crops_per_s": rate, "localize_s_per_study": 1.0}
+    proj = {"n_val": 395, "oof_s": 1185.0 if math.isfinite(rate) else math.nan,
+            "oof_frac_of_training": 0.05, "grader_train_s": 20000.0,
+            "localizer_train_s": 3700.0}  # fmt: skip
+    return {
+        "measured": {"oof_old": {**oof, "s_per_study": 4.0}, "oof_new": oof,
+                     "grader_train_crops_per_s": 30.0, "localizer_train_stacks_per_s": 1.5},
+        "projected": {"batched": proj},
+    }  # fmt: skip
+
+
+def test_oof_closing_lines_keep_measured_and_projected_apart():
+    from bench_oof import closing_lines
+
+    measured, projected = closing_lines(_oof_report(12.5))
+    assert measured.startswith("measured: ") and "projected" not in measured
+    assert "4.00 s/study one at a time, 3.00 s/study batched (12.5 crops/s" in measured
+    assert projected.startswith("projected (from those rates, not run): OOF of a 395-study fold")
+    assert "1185 s = 5.0% of the fold's training (23700 s)" in projected
+
+
+def test_oof_projects_nothing_from_a_rate_not_measured():
+    from bench_oof import closing_lines
+
+    lines = closing_lines(_oof_report(float("nan")))
+    assert lines[-1] == "projected: none (a rate above was not measured)"
