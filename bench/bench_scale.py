@@ -4,10 +4,13 @@
     .venv/bin/python bench/bench_scale.py --sizes 25 50 100 --synth-workers 2   # a small machine
 
 Synthesises ``max(--sizes)`` studies with ``spinegrade synth --profile rsna`` (real series sizes,
-reused when ``--work`` already holds them), then for each size, in increasing order:
+reused when ``--work`` already holds them), empties ``--work``'s cache (cold: ``--keep-cache``
+keeps it, and then studies already cached are not timed), then for each size, in increasing
+order:
 
 - preprocess: the studies not cached yet, inline (one process), at the `default` config's grid
-  (``data.cache_size``/``data.cache_mm``); CPU seconds a study, and cache bytes a study;
+  (``data.cache_size``/``data.cache_mm``); CPU seconds a study over the studies preprocessed in
+  this run (a cached study costs nothing and is never counted), and cache bytes a study;
 - train: one fold of ``--config`` (default ``quick``: tiny backbone, CPU) for one epoch of each
   model, as a `spinegrade train` subprocess on a data folder holding only those studies, with a
   sampler summing the private memory of its process tree (see :func:`private_bytes`: memory-
@@ -17,9 +20,10 @@ On CPU the trainer uses no DataLoader workers, so their cost is probed apart at 
 size: the `default` recipe's grader batches (``--cache-config``: 128 px crops, batch 32) drawn
 through a torch DataLoader with 0 and with ``--loader-workers`` workers, from the same studies.
 Then prints the growth of the peak private memory with the number of studies and the projection
-for the RSNA training set (1,975 studies): preprocessing on 16 cores, cache size, and the peak
-private memory with the workers (a line through the measured peaks plus the workers' cost).
-Figures only: nothing here passes or fails.
+for the RSNA training set (1,975 studies), each line marked "projected" (not run): preprocessing
+on 16 cores (only from studies preprocessed in this run: with none, it is not projected), cache
+size, and the peak private memory with the workers (a line through the measured peaks plus the
+workers' cost). Figures only: nothing here passes or fails.
 """
 
 from __future__ import annotations
@@ -121,7 +125,8 @@ def subset(data: Path, out: Path, ids: list[int]) -> Path:
 
 
 def preprocess(data: Path, cache: Path, n: int, cfg) -> dict:
-    """Cache the first ``n`` studies (inline); CPU seconds a newly cached study, bytes a study."""
+    """Cache the first ``n`` studies (inline); CPU seconds of the studies newly cached (``new``;
+    None a study when there were none: nothing was measured), bytes a study."""
     from spinegrade.preprocessing.build import preprocess_dataset
     from spinegrade.preprocessing.cache import read_index
 
@@ -137,8 +142,9 @@ def preprocess(data: Path, cache: Path, n: int, cfg) -> dict:
     return {
         "ids": [int(i) for i in ids],
         "new": s.n_processed,
-        "cpu_s_per_study": cpu / max(s.n_processed, 1),
-        "wall_s_per_study": wall / max(s.n_processed, 1),
+        "cpu_s": cpu,
+        "cpu_s_per_study": cpu / s.n_processed if s.n_processed else None,
+        "wall_s_per_study": wall / s.n_processed if s.n_processed else None,
         "slices_per_study": float(ok["n_slices"].sum() / n),
         "bytes_per_study": nbytes / n,
         "px_per_slice": float(
@@ -207,6 +213,40 @@ def probe(data: Path, cache: Path, config: str, workers: int) -> int:
     return peak
 
 
+def preprocess_rate(rows: list[dict]) -> tuple[float, int] | None:
+    """CPU seconds a study over the studies preprocessed in this run, and their number; None
+    when every study was cached already (a warm cache: nothing measured, nothing to project)."""
+    new = sum(r["new"] for r in rows)
+    return (sum(r["cpu_s"] for r in rows) / new, new) if new else None
+
+
+def projection_lines(
+    rows: list[dict], at_rsna: float, workers_cost: float, loader_workers: int
+) -> list[str]:
+    """The RSNA-scale lines, each saying "projected"; preprocessing only from measured studies."""
+    gb = 1e9
+    lines = [f"Projected for the RSNA training set ({RSNA_STUDIES} studies; not run):", ""]
+    rate = preprocess_rate(rows)
+    if rate is None:
+        lines.append("- preprocess: not projected: every study was cached before this run "
+                     "(--keep-cache, warm), so no preprocessing was measured")  # fmt: skip
+    else:
+        cpu_s, new = rate
+        minutes = RSNA_STUDIES * cpu_s / TARGET_CORES / 60
+        lines.append(f"- preprocess, projected: {cpu_s:.2f} CPU s a study (measured on {new} "
+                     f"studies preprocessed here) -> {minutes:.1f} min on {TARGET_CORES} cores, "
+                     f"plus reading {RSNA_BYTES / gb:.0f} GB from disk")  # fmt: skip
+    per_study = float(np.mean([r["bytes_per_study"] for r in rows]))
+    lines.append(f"- cache, projected: {per_study / 1e6:.1f} MB a study -> "
+                 f"{RSNA_STUDIES * per_study / gb:.1f} GB")  # fmt: skip
+    total = (at_rsna + workers_cost) / gb
+    lines.append(f"- training peak private memory with {loader_workers} DataLoader workers, "
+                 f"projected: {total:.2f} GB ({at_rsna / gb:.2f} GB: the line through the "
+                 f"measured peaks, at least the highest; + {workers_cost / gb:.2f} GB of "
+                 "workers)")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 400])
@@ -215,6 +255,8 @@ def main() -> None:
     ap.add_argument("--cache-config", default="default", help="config whose cache grid is used")
     ap.add_argument("--synth-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--loader-workers", type=int, default=4)
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="reuse --work's cache (warm): cached studies are not timed")  # fmt: skip
     ap.add_argument("--probe", nargs=4, help=argparse.SUPPRESS)  # internal: see loader_probe
     args = ap.parse_args()
     if args.probe:
@@ -229,6 +271,8 @@ def main() -> None:
             f"data.cache_mm={cache_cfg.data.cache_mm}"]  # fmt: skip
     data, cache = args.work / "data", args.work / "cache"
     synth_s = synthesise(data, sizes[-1], args.synth_workers)
+    if not args.keep_cache:  # cold: every study is preprocessed, and timed, in this run
+        shutil.rmtree(cache, ignore_errors=True)
     dicom = sum(f.stat().st_size for f in (data / "train_images").rglob("*.dcm"))
     n_all = len(pd.read_csv(data / "train.csv"))
     rows = []
@@ -251,42 +295,36 @@ def main() -> None:
     # A flat series gives a line of any small slope (even negative): never project below the
     # highest peak measured.
     at_rsna = max(icpt + slope * RSNA_STUDIES, float(peaks.max()))
-    cpu_s = float(np.mean([r["cpu_s_per_study"] for r in rows]))
-    per_study = float(np.mean([r["bytes_per_study"] for r in rows]))
-    gb = 1e9
 
     print(f"### Scale ({', '.join(str(n) for n in sizes)} rsna-profile phantom studies)\n")
     synth = f"; synthesised in {synth_s:.0f} s" if synth_s else ""
     print(f"Phantom: {n_all} studies, {dicom / n_all / 1e6:.1f} MB of DICOM a study (real set: "
           f"{RSNA_BYTES / RSNA_STUDIES / 1e6:.1f} MB){synth}."
-          f" Cache grid: `{args.cache_config}` ({' '.join(grid)}); training: `{args.config}`, "
+          f" Cache grid: `{args.cache_config}` ({' '.join(grid)}), "
+          f"{'kept from before (warm)' if args.keep_cache else 'emptied first (cold)'}; "
+          f"training: `{args.config}`, "
           "one fold, one epoch each (localiser + 3 graders), DataLoader workers 0.\n")  # fmt: skip
     print(
-        "| studies | preprocess CPU s/study | slices/study | cached px/slice | cache MB/study "
+        "| studies | preprocess CPU s/study (studies timed) | slices/study | cached px/slice "
+        "| cache MB/study "
         "| peak private MB (procs) | train s/epoch |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['n']} | {r['cpu_s_per_study']:.2f} | {r['slices_per_study']:.0f} | "
+        cpu = "— (all cached)" if r["new"] == 0 else f"{r['cpu_s_per_study']:.2f} ({r['new']})"
+        print(f"| {r['n']} | {cpu} | {r['slices_per_study']:.0f} | "
               f"{np.sqrt(r['px_per_slice']):.0f}² | {r['bytes_per_study'] / 1e6:.1f} | "
               f"{r['peak_private'] / 1e6:.0f} ({r['procs']}) | {r['epoch_s']:.0f} |")  # fmt: skip
     growth = peaks[-1] / peaks[0] - 1
     print(f"\n- peak private memory {sizes[0]} -> {sizes[-1]} studies: {100 * growth:+.1f}% "
-          f"({slope * 1e3 / 1e6:.2f} MB per 1,000 studies)")  # fmt: skip
+          f"(fitted line: {slope * 1e3 / 1e6:.2f} MB per 1,000 studies)")  # fmt: skip
     print(
         f"- DataLoader probe at {big['n']} studies (`{args.cache_config}` grader batches): "
         f"{loader0 / 1e6:.0f} MB with 0 workers, {loader_w / 1e6:.0f} MB with "
         f"{args.loader_workers}: {workers_cost / 1e6:.0f} MB for the workers"
     )
-    print(f"\nProjection for the RSNA training set ({RSNA_STUDIES} studies):\n")
-    minutes = RSNA_STUDIES * cpu_s / TARGET_CORES / 60
-    print(f"- preprocess: {cpu_s:.2f} CPU s a study -> {minutes:.1f} min on {TARGET_CORES} cores, "
-          f"plus reading {RSNA_BYTES / gb:.0f} GB from disk")  # fmt: skip
-    print(f"- cache: {per_study / 1e6:.1f} MB a study -> {RSNA_STUDIES * per_study / gb:.1f} GB")
-    total = (at_rsna + workers_cost) / gb
-    print(f"- training peak private memory with {args.loader_workers} DataLoader workers: "
-          f"{total:.2f} GB ({at_rsna / gb:.2f} GB: the line through the measured peaks, at "
-          f"least the highest; + {workers_cost / gb:.2f} GB of workers)")  # fmt: skip
+    print()
+    print("\n".join(projection_lines(rows, at_rsna, workers_cost, args.loader_workers)))
 
 
 if __name__ == "__main__":

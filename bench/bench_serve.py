@@ -7,8 +7,12 @@ latency it adds over `spinegrade predict` on the same studies.
 DATA_DIR holds an RSNA layout (test_images/). The chosen studies are uploaded to a private
 Orthanc (LocalOrthanc: loopback, temp storage), the loop grades them (discover via the change
 feed, WADO-RS retrieve, predict, SR + SC built, validated and stored with STOW-RS), and the same
-studies are then predicted from disk with `predict()` and the same loaded ensemble. Prints
-studies/minute, the per-study loop split (retrieve / predict / store) and the added seconds.
+studies are then predicted from disk with `predict()` and the same loaded ensemble. The loop is
+polled until every uploaded study is graded or ``--timeout`` passes; rates divide by the studies
+actually graded (never by those uploaded), and the studies not graded are listed with their
+state and reason. Prints studies/minute, the per-study loop split (retrieve / predict / store)
+and the added seconds (only when every study was graded: otherwise the two runs did not do the
+same work).
 """
 
 from __future__ import annotations
@@ -52,6 +56,72 @@ def train_tiny(root: Path, n_test: int) -> tuple[Path, Path]:
     return root / "run", data
 
 
+SPLIT = ("retrieve", "predict", "store")
+
+
+def grade_until_done(svc, n: int, timeout_s: float, pause_s: float = 0.5) -> tuple[float, int]:
+    """Poll ``svc`` until ``n`` studies are graded or ``timeout_s`` passes.
+
+    Returns the seconds from the first poll to the end of the last poll that graded a study (the
+    loop's time for the studies graded; idle polls after it are not counted), and the polls made.
+    """
+    t0 = time.perf_counter()
+    last, polls = 0.0, 0
+    while True:
+        counts = svc.poll_once()
+        polls += 1
+        if counts["graded"]:
+            last = time.perf_counter() - t0
+        done = sum(r.status == "graded" for r in svc.state.all())
+        if done >= n or time.perf_counter() - t0 > timeout_s:
+            return last, polls
+        time.sleep(pause_s)
+
+
+def summary(
+    uploaded: int,
+    loop_s: float,
+    polls: int,
+    split: np.ndarray,
+    predict_s: float,
+    not_graded: list[str],
+    timeout_s: float,
+    setup: str,
+) -> list[str]:
+    """The printed lines: every rate is over the studies graded (``len(split)``), not uploaded.
+
+    ``not_graded``: one "status: reason" for each study the service saw but did not grade; the
+    uploaded studies it never saw are the rest. The comparison with ``predict`` (which ran on all
+    ``uploaded`` studies) is printed only when every study was graded.
+    """
+    graded = len(split)
+    missing = uploaded - graded
+    lines = [f"studies: {uploaded} uploaded, {graded} graded, {missing} not graded "
+             f"(polled {polls}x, timeout {timeout_s:.0f} s); {setup}"]  # fmt: skip
+    if missing:
+        unseen = missing - len(not_graded)
+        lines += [f"  not graded: {reason}" for reason in not_graded]
+        if unseen > 0:
+            lines.append(f"  not graded: {unseen} never seen by the service (not discovered)")
+    if not graded:
+        lines.append("serve loop: no study graded, nothing measured")
+        return lines
+    lines += [
+        f"serve loop: {loop_s:.1f} s for {graded} graded = {60 * graded / loop_s:.1f} studies/min "
+        f"({loop_s / graded:.2f} s/study, discovery included)",
+        "per graded study, mean: retrieve {:.2f} s, predict+report {:.2f} s, SR/SC build+store "
+        "{:.2f} s".format(*split.mean(axis=0)),
+        f"spinegrade predict on the {uploaded} studies (with reports): {predict_s:.1f} s = "
+        f"{predict_s / uploaded:.2f} s/study",
+    ]  # fmt: skip
+    if missing:
+        lines.append(f"added by serve: not compared ({missing} of {uploaded} studies not graded)")
+    else:
+        lines.append(f"added by serve: {(loop_s - predict_s) / graded:+.2f} s/study "
+                     f"({loop_s / predict_s:.2f}x predict)")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", nargs="?")
@@ -60,6 +130,8 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="train a tiny run on phantom data")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds to keep polling for studies not graded yet")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -79,12 +151,12 @@ def main() -> None:
                 token="bench", work_dir=str(tmp / "serve"), device=args.device,
             )  # fmt: skip
             svc = Service(run, cfg, predictor=predictor)
-            t0 = time.perf_counter()
-            counts = svc.poll_once()
-            loop_s = time.perf_counter() - t0
-        rows = [r for r in svc.state.all() if r.status == "graded"]
-        split = np.array([[r.result["timings_s"][k] for k in ("retrieve", "predict", "store")]
-                          for r in rows])  # fmt: skip
+            loop_s, polls = grade_until_done(svc, len(studies), args.timeout)
+        rows = svc.state.all()
+        graded = [r for r in rows if r.status == "graded"]
+        split = np.array([[r.result["timings_s"][k] for k in SPLIT] for r in graded])
+        not_graded = [f"{r.status}: {r.reason or 'no reason recorded'}" for r in rows
+                      if r.status != "graded"]  # fmt: skip
         # The same studies from disk through predict(), the ensemble already loaded.
         layout = tmp / "layout"
         for s in studies:
@@ -108,17 +180,11 @@ def main() -> None:
         predict_s = time.perf_counter() - t1  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    n = len(studies)
-    print(f"studies: {n} ({counts['graded']} graded, {counts['failed']} failed); "
-          f"threads {args.threads}, device {args.device}")  # fmt: skip
-    print(f"serve loop: {loop_s:.1f} s = {60 * n / loop_s:.1f} studies/min "
-          f"({loop_s / n:.2f} s/study, discovery included)")  # fmt: skip
-    print("per study, mean: retrieve {:.2f} s, predict+report {:.2f} s, SR/SC build+store {:.2f} s"
-          .format(*split.mean(axis=0)))  # fmt: skip
-    print(f"spinegrade predict on the same studies (with reports): {predict_s:.1f} s = "
-          f"{predict_s / n:.2f} s/study")  # fmt: skip
-    print(f"added by serve: {(loop_s - predict_s) / n:+.2f} s/study "
-          f"({loop_s / predict_s:.2f}x predict)")  # fmt: skip
+    lines = summary(
+        len(studies), loop_s, polls, split, predict_s, not_graded, args.timeout,
+        f"threads {args.threads}, device {args.device}",
+    )  # fmt: skip
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@ folder). Timings never pass or fail anything.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,32 +138,77 @@ def _sync(runtime: Runtime) -> None:
         torch.cuda.synchronize(runtime.device)
 
 
+@contextmanager
+def _time_calls(module, name: str, runtime: Runtime) -> Iterator[list[float]]:
+    """``[seconds, calls]`` spent in ``module.name`` (called through the module attribute) while
+    the block runs: a part of one timed pass, measured inside it, not in a pass of its own."""
+    inner = getattr(module, name)
+    spent = [0.0, 0]
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _sync(runtime)
+            spent[0] += time.perf_counter() - t
+            spent[1] += 1
+
+    setattr(module, name, timed)
+    try:
+        yield spent
+    finally:
+        setattr(module, name, inner)
+
+
 def time_oof(models, stacks: dict, runtime: Runtime, batch: int, workers: int, old: bool = False):
     """Seconds a study and graded crops a second of out-of-fold grading (``old``: one study
-    at a time through ``predict_study``, as before batching); ``preds`` holds the predictions."""
-    from spinegrade.inference.fold_models import predict_studies, predict_study
-    from spinegrade.localization.localize import localize_studies
+    at a time through ``predict_study``, as before batching); ``preds`` holds the predictions.
 
+    The localiser's seconds are timed inside the same pass (its calls wrapped), so the grading
+    seconds (the pass less them) are never negative; they used to be the pass less a separately
+    timed localiser pass, which could leave ~0 or less and blow the grading rate up. With no crop
+    graded or no grading time left, the rate is NaN and said so on stderr: nothing is projected
+    from it.
+    """
+    import spinegrade.inference.fold_models as inference
+    import spinegrade.localization.localize as localize
+
+    # What each path calls to localise: predict_study its module's localize_study, and
+    # predict_studies spinegrade.localization.localize.localize_studies (imported when it runs).
+    module, name = (inference, "localize_study") if old else (localize, "localize_studies")
     _sync(runtime)
     t0 = time.perf_counter()
-    localize_studies(models.localizer, stacks)  # the localiser's share, timed alone
-    _sync(runtime)
-    loc_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if old:
-        preds = {sid: predict_study(models, st) for sid, st in stacks.items()}
-    else:
-        preds = predict_studies(models, stacks, runtime, batch_size=batch, workers=workers)
+    with _time_calls(module, name, runtime) as loc:
+        if old:
+            preds = {sid: inference.predict_study(models, st) for sid, st in stacks.items()}
+        else:
+            preds = inference.predict_studies(
+                models, stacks, runtime, batch_size=batch, workers=workers
+            )
     _sync(runtime)
     secs = time.perf_counter() - t0
+    if loc[1] == 0 and any(stacks.values()):
+        raise RuntimeError(
+            f"the localiser was not timed: {module.__name__}.{name} is no longer what "
+            "predict_study(ies) calls; update bench/measure.py"
+        )
+    loc_s = loc[0]
+    grade_s = secs - loc_s
     views = 1 + models.crops.tta
     crops = sum(int(p.graded.sum()) for p in preds.values()) * views
-    grade_rate = crops / max(secs - loc_s, 1e-9)  # crops cut and graded a second
+    if crops and grade_s > 0:
+        grade_rate = crops / grade_s  # crops cut and graded a second
+    else:
+        grade_rate = math.nan
+        print(f"time_oof: {crops} crops graded in {grade_s:.3f} s besides the localiser: grading "
+              "rate not measured (NaN), nothing projected from it", file=sys.stderr)  # fmt: skip
     n = len(stacks)
-    # An untrained localiser leaves cells ungraded; a trained one finds all 25 of a study.
+    # An untrained localiser leaves cells ungraded; a trained one finds all 25 of a study: a
+    # projection from the measured rates, not a measurement.
     full = loc_s / n + CROPS_PER_STUDY * views / grade_rate
     return {"s_per_study": secs / n, "crops_per_s": crops / secs, "seconds": secs, "studies": n,
-            "localize_s_per_study": loc_s / n, "grade_crops_per_s": grade_rate,
+            "localize_s_per_study": loc_s / n, "grade_s": grade_s, "grade_crops_per_s": grade_rate,
             "s_per_study_all_cells": full, "preds": preds}  # fmt: skip
 
 
