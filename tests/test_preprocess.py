@@ -258,7 +258,7 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from spinegrade import cache, preprocess
+    from spinegrade.preprocessing import build, cache
     calls = {"n": 0}
     real = np.savez
     def savez_then_die(f, **arrays):
@@ -269,7 +269,7 @@ _KILL_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         real(f, **arrays)
     cache.np.savez = savez_then_die
-    preprocess.preprocess_dataset(sys.argv[1], sys.argv[2], size=32, progress=False)
+    build.preprocess_dataset(sys.argv[1], sys.argv[2], size=32, progress=False)
     """
 )
 
