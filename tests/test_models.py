@@ -212,6 +212,25 @@ def test_load_weights_errors(tmp_path: Path) -> None:
         load_weights(tiny_grader(), tmp_path / "a.safetensors")
 
 
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_load_weights_refuses_a_file_with_a_tensor_missing_or_extra(
+    tmp_path: Path, change: str
+) -> None:
+    """Same shapes, one tensor fewer or one more: a file that does not fill the model exactly
+    (a model of another version, a hand-edited file) is refused, never half-loaded."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_weights(tiny_grader(), tmp_path / "w.safetensors", {})
+    state = load_file(str(path))
+    if change == "missing":
+        state.pop(sorted(state)[0])
+    else:
+        state["extra.weight"] = torch.zeros(3)
+    save_file(state, str(path))
+    with pytest.raises(WeightsError, match=r"w\.safetensors does not fit this model"):
+        load_weights(tiny_grader(), path)
+
+
 def test_build_from_config_matches_config() -> None:
     cfg = load_config("quick", ["model.depth=1", "crops.slices=3", "crops.size=32"])
     grader = build_grader(cfg, n_targets=5)
