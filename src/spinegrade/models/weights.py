@@ -86,7 +86,7 @@ def create_backbone(
         **kwargs,
     )
     if not pretrained:
-        model = timm.create_model(name, pretrained=False, **build)
+        model = _random_backbone(name, build, config_key)
         model.init_source = dict(RANDOM_INIT)
         return model
     if pretrained_path:
@@ -99,11 +99,24 @@ def create_backbone(
             )
         # Loaded here, not by timm: timm loads a features_only model non-strictly and only logs
         # what it skipped, so a file with other key names would leave the backbone random.
-        model = timm.create_model(name, pretrained=False, **build)
+        model = _random_backbone(name, build, config_key)
         load_backbone_file(model, path, name=name, build=build, config_key=config_key)
         model.init_source = {"source": "file", "path": str(path.resolve()), "sha256": sha256(path)}
         return model
     return _from_hub(name, build, config_key)
+
+
+def _random_backbone(name: str, build: dict[str, Any], config_key: str) -> nn.Module:
+    """timm's backbone, random; backbone_kwargs it does not take give one error line."""
+    try:
+        return timm.create_model(name, pretrained=False, **build)
+    except TypeError as err:  # e.g. channel_multiplier for a model that fixes it (the Lite ones)
+        own = ("in_chans", "features_only", "out_indices", "drop_path_rate")
+        extra = {k: v for k, v in build.items() if k not in own}
+        raise ValueError(
+            f"{config_key}.backbone {name!r} does not take {config_key}.backbone_kwargs {extra} "
+            f"({err}); set {config_key}.backbone_kwargs={{}} or arguments this model accepts"
+        ) from err
 
 
 def load_backbone_file(
