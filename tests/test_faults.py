@@ -147,3 +147,27 @@ def test_train_stops_within_seconds_when_pretrained_weights_are_missing(tmp_path
     assert "model.pretrained=false" in err and "Traceback" not in err
     assert not run.exists()  # stopped before the run folder was made
     assert elapsed < 60, f"{elapsed:.0f} s"  # python + torch import dominate; no network retries
+
+
+def test_train_stops_when_the_pretrained_file_has_other_key_names(tmp_path: Path) -> None:
+    # The silent failure this guards: timm loads a features_only backbone non-strictly, so a file
+    # whose names did not match left the backbone random while the run recorded the file's sha256.
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("test_efficientnet", num_classes=1000).state_dict()
+    file = tmp_path / "foreign.safetensors"
+    save_file({f"_{k}": v.contiguous() for k, v in source.items()}, str(file))
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "spinegrade.cli", "train", str(tmp_path / "no-data"),
+            "--cache", str(tmp_path / "no-cache"), "--out", str(run),
+            "localizer.pretrained=true", f"localizer.pretrained_path={file}",
+            "localizer.backbone_kwargs={}"]  # fmt: skip
+    res = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert (
+        "0 of 68 backbone tensors matched" in lines[0] and "localizer.pretrained=false" in lines[0]
+    )
+    assert not run.exists()  # stopped before the run folder was made

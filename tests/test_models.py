@@ -278,8 +278,13 @@ def _imagenet_style_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]
 
 def test_pretrained_path_loads_local_imagenet_style_weights(tmp_path: Path) -> None:
     file, source = _imagenet_style_file(tmp_path)
+    key = "blocks.3.0.conv_pw.weight"
+    torch.manual_seed(1)
+    before = create_backbone(TINY, in_chans=1).state_dict()[key].clone()
+    torch.manual_seed(1)  # the same random start: only the file can change the tensor
     backbone = create_backbone(TINY, in_chans=1, pretrained=True, pretrained_path=file)
     state = backbone.state_dict()
+    assert not torch.equal(before, source[key]) and torch.equal(state[key], source[key])
     # timm folds the RGB stem into one grey channel by summing the colour filters.
     assert torch.allclose(
         state["conv_stem.weight"], source["conv_stem.weight"].sum(1, keepdim=True)
@@ -309,6 +314,69 @@ def test_both_backbones_load_pretrained_path_and_record_it(tmp_path: Path) -> No
         assert read_sidecar(path)["init"] == expected
         assert weights.init_source(load_model(path)[0]) == expected
     assert weights.init_source(build_grader(load_config("quick"))) == {"source": "random"}
+
+
+def _renamed(state: dict[str, torch.Tensor], rename) -> dict[str, torch.Tensor]:
+    return {rename(k): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize(
+    ("key", "build"), [("model", build_grader), ("localizer", build_localizer)]
+)
+@pytest.mark.parametrize(
+    ("rename", "matched", "names"),
+    [
+        # efficientnet_pytorch-style names: nothing matches (timm would load none of it, silently)
+        (lambda k: "_" + k, "0 of", ["not filled: conv_stem.weight", "in the file only: _blocks."]),
+        # a wrapper's prefix, as a training checkpoint of some other code may carry
+        (lambda k: "backbone." + k, "0 of", ["in the file only: backbone.blocks.0.0.bn1.bias"]),
+        # all but one stage: nearly every tensor is not enough
+        (lambda k: k.replace("blocks.4.", "stage4."), "of", ["not filled: blocks.4.0"]),
+    ],
+)
+def test_pretrained_path_with_foreign_key_names_is_a_clear_error(
+    tmp_path: Path, key: str, build, rename, matched: str, names: list[str]
+) -> None:
+    _, source = _imagenet_style_file(tmp_path)
+    file = tmp_path / "renamed.safetensors"
+    save_file(_renamed(source, rename), str(file))
+    cfg = load_config("quick", [f"{key}.pretrained=true", f"{key}.pretrained_path={file}"])
+    cfg.localizer.backbone_kwargs = {}  # the file's architecture (quick narrows the localiser)
+    n = sum(
+        not k.endswith("num_batches_tracked")
+        for k in build(load_config("quick")).encoder.state_dict()
+    )
+    with pytest.raises(PretrainedUnavailable) as err:
+        build(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{key}.pretrained_path {str(file)!r} does not fit" in msg
+    assert f"{matched} " in msg and "backbone tensors matched by name and shape" in msg
+    found = int(msg.split(" of ")[0].rsplit(" ", 1)[-1])
+    assert 0 < found < n if matched == "of" else found == 0
+    assert all(name in msg for name in names), msg
+    assert "convert-lite0" in msg and f"{key}.pretrained=false" in msg
+    with pytest.raises(PretrainedUnavailable, match="matched by name and shape"):
+        weights.require_pretrained(cfg)  # train's check before any data is read
+
+
+def test_pretrained_path_of_another_width_or_architecture_is_a_clear_error(tmp_path: Path) -> None:
+    narrow = timm.create_model(TINY, channel_multiplier=0.5, num_classes=1000)
+    file = tmp_path / "narrow.safetensors"
+    save_file({k: v.contiguous() for k, v in narrow.state_dict().items()}, str(file))
+    with pytest.raises(
+        PretrainedUnavailable, match=r"wrong shape: conv_stem\.weight \(16, 1, 3, 3\)"
+    ):
+        create_backbone(TINY, pretrained=True, pretrained_path=file)
+    # A converted file names the architecture it was made for: same key names are not enough.
+    _, source = _imagenet_style_file(tmp_path)
+    tagged = tmp_path / "tagged.safetensors"
+    save_file(source, str(tagged), metadata={"timm_architecture": "efficientnet_b0"})
+    with pytest.raises(PretrainedUnavailable, match="converted for 'efficientnet_b0'"):
+        create_backbone(TINY, pretrained=True, pretrained_path=tagged)
+    garbage = tmp_path / "torn.safetensors"
+    garbage.write_bytes(b"not a weights file")
+    with pytest.raises(PretrainedUnavailable, match="not a readable safetensors"):
+        create_backbone(TINY, pretrained=True, pretrained_path=garbage)
 
 
 def test_a_localiser_only_run_needs_no_grader_weights(monkeypatch) -> None:

