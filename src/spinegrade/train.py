@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -434,7 +435,8 @@ def fit(
     on the weights that will be kept (the weight average when ``spec.average`` > 0).
     ``log`` (rank 0) receives every epoch record and, with ``spec.log_every`` > 0, a step record
     every ``log_every`` optimiser steps (see :class:`_Stepper`). Returns the per-epoch records,
-    each with ``steps`` (optimiser steps of the epoch) and ``world_size``.
+    each with ``steps`` (optimiser steps of the epoch), ``world_size`` and ``param_sha`` (every
+    rank's :func:`param_digest` after the epoch, in rank order).
     """
     model.to(runtime.device)
     if runtime.channels_last:
@@ -465,6 +467,8 @@ def fit(
         with collective(runtime, f"training {spec.name} epoch {epoch + 1}"):
             record = step.epoch(loader, epoch)
         record["world_size"] = runtime.world_size
+        # DDP keeps every rank's replica identical; the log shows it (one digest per rank).
+        record["param_sha"] = runtime.gather(param_digest(model), f"comparing {spec.name} ranks")
         fault_point(f"{spec.name}:epoch", runtime)
         due = (epoch + 1) % max(1, spec.eval_every) == 0 or epoch + 1 == spec.epochs
         if evaluate is not None and due:
@@ -482,6 +486,16 @@ def fit(
     if average is not None:
         average.copy_to(model)
     return history
+
+
+def param_digest(model: nn.Module) -> str:
+    """A short sha256 of the model's parameters (names and bytes). Buffers are left out: under
+    DDP each rank's BatchNorm statistics follow its own batches."""
+    h = hashlib.sha256()
+    for name, p in unwrap(model).named_parameters():
+        h.update(name.encode())
+        h.update(_cpu(p).reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _evaluate(model: nn.Module, average: WeightAverage | None, evaluate) -> dict[str, float]:
