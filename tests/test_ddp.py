@@ -26,6 +26,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 DDP_RUN = [*TINY_RUN, "data.n_folds=2", "localizer.batch_size=4", "train.ddp_timeout_s=30",
            "data.cache_size=256"]  # fmt: skip
 
+NETWORKS = ["grader_foraminal", "grader_spinal", "grader_subarticular", "localizer_foraminal",
+            "localizer_spinal"]  # fmt: skip
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
@@ -63,8 +66,11 @@ def test_two_ranks_train_a_complete_fold_like_one_process(world, tmp_path):
     graded = [int(r.split("_")[0]) for r in oof["row_id"]]
     # Every validation study exactly once (25 rows each), none from training.
     assert set(graded) == val and len(oof) == 25 * len(val) and oof["row_id"].is_unique
-    for name in ("localizer_spinal", "grader_spinal", "grader_subarticular"):
-        assert (fold / f"{name}.safetensors").is_file()
+    # Every network of the fold, with its sidecar, as a one-process fold writes them.
+    weights = sorted(p.name for p in fold.glob("*.safetensors"))
+    assert weights == sorted(p.name for p in (one_run / "fold_0").glob("*.safetensors"))
+    assert weights == [f"{n}.safetensors" for n in NETWORKS]
+    assert all((fold / f"{n}.json").is_file() for n in NETWORKS)
     assert (fold / "localizer_errors.csv").is_file() and not (fold / "checkpoints").exists()
 
     ddp, one = (json.loads((r / "fold_0" / "metrics.json").read_text()) for r in (ddp_run, one_run))
@@ -76,9 +82,24 @@ def test_two_ranks_train_a_complete_fold_like_one_process(world, tmp_path):
     assert log[0]["event"] == "runtime" and log[0]["world_size"] == 2
     epochs = [r for r in log if "steps" in r]
     assert epochs and all(r["world_size"] == 2 for r in epochs)
+    one_log = [json.loads(x) for x in (one_run / "fold_0" / "log.jsonl").read_text().splitlines()]
+    one_epochs = [r for r in one_log if "steps" in r]
+    assert [_at(r) for r in epochs] == [_at(r) for r in one_epochs]
+    assert {r["stage"] for r in epochs} == set(NETWORKS)
+    # One model, not one per rank: after every epoch both ranks hold bit-identical parameters.
+    # (Without the DDP wrap each rank would train its own replica on its half of the batches.)
+    shas = [r["param_sha"] for r in epochs]
+    assert all(len(sha) == 2 and sha[0] == sha[1] for sha in shas), shas
+    # ... and the digest tells models apart: each stage's network is a different one.
+    assert len({sha[0] for sha in shas}) == len(shas), shas
+    assert all(len(r["param_sha"]) == 1 for r in one_epochs)
     # The same global batches over the same data: the two folds' scores stay close (DDP averages
     # per-rank means of class-weighted losses, and dropout draws differ, so not bit-identical).
     assert abs(ddp["oof"]["score"] - one["oof"]["score"]) < 0.05
+
+
+def _at(record: dict) -> tuple[str, int]:
+    return record["stage"], record["epoch"]
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from spinegrade.util.atomic import CRASH_ENV, write_json
 from stack_factory import write_world
@@ -42,38 +43,90 @@ def world(tmp_path_factory):
     return write_world(tmp_path_factory.mktemp("faults"), n_studies=4)
 
 
+def _story(fold: Path) -> list[str]:
+    """The fold's log.jsonl in short: "run" for each run that started the fold, "STAGE:EPOCH" for
+    each epoch record (step lines left out)."""
+    lines = [json.loads(x) for x in (fold / "log.jsonl").read_text().splitlines()]
+    return ["run" if r.get("event") == "runtime" else f"{r['stage']}:{r['epoch']}"
+            for r in lines if r.get("event") == "runtime" or "steps" in r]  # fmt: skip
+
+
+def _optimizer_steps(ckpt: Path, meta: dict) -> set[int]:
+    """The AdamW step counts stored in a checkpoint (one per parameter, all equal)."""
+    tensors = load_file(str(ckpt / meta["tensors"]))
+    return {int(v) for k, v in tensors.items() if k.startswith("optim.") and k.endswith(".step")}
+
+
 def test_killed_training_resumes_to_a_complete_loadable_run(world, tmp_path: Path) -> None:
     from spinegrade.data.studies import load_studies
     from spinegrade.inference.ensemble import Predictor
 
     data, cache = world
     run = tmp_path / "run"
-    # Each kill lands further on; every rerun resumes from what the previous one left.
-    points = [
-        "checkpoint_write:localizer_foraminal",  # localiser training, mid checkpoint write
-        "weights_write:grader_foraminal",  # between a fold's final weights and their sidecar
-        "fold_metrics",  # a fold's weights and OOF written, its metrics.json not
-    ]
-    for point in points:
-        res = _train(data, cache, run, **{CRASH_ENV: point})
-        assert res.returncode == -signal.SIGKILL, (point, res.stderr[-2000:])
-        assert not (run / "cv.json").exists()
     fold0 = run / "fold_0"
-    # The last kill left fold 0 with every weights file but no completion marker.
+    ckpt = fold0 / "checkpoints"
+    # Two localiser epochs, so a stage has a checkpoint to resume from mid-way. Each kill lands
+    # further on; every rerun resumes from what the previous one left.
+    two = "localizer.epochs=2"
+
+    # 1. After localizer_spinal's epoch-1 checkpoint, before its log line: the record is in the
+    # checkpoint only (it is not logged again on resume).
+    res = _train(data, cache, run, two, **{CRASH_ENV: "fit_epoch:localizer_spinal"})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    first = json.loads((ckpt / "localizer_spinal.json").read_text())
+    assert first["epoch"] == 1 and len(first["history"]) == 1
+    assert first["history"][0]["stage"] == "localizer_spinal"
+    steps = first["history"][0]["steps"]
+    assert steps >= 1 and _optimizer_steps(ckpt, first) == {steps}
+    assert first["average_steps"] == steps
+    assert _story(fold0) == ["run"]
+
+    # 2. Resumed at epoch 2 and killed writing its checkpoint: epoch 2's tensors lie beside epoch
+    # 1's JSON, which is untouched and still names its own tensors.
+    res = _train(data, cache, run, two, **{CRASH_ENV: "checkpoint_write:localizer_spinal"})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert (ckpt / "localizer_spinal.e2.safetensors").is_file()
+    assert json.loads((ckpt / "localizer_spinal.json").read_text()) == first
+    assert _story(fold0) == ["run", "run"]  # epoch 1 was not trained again
+
+    # 3. Resumed from epoch 1's checkpoint again; killed between grader_foraminal's final weights
+    # and their sidecar.
+    res = _train(data, cache, run, two, **{CRASH_ENV: "weights_write:grader_foraminal"})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    done = json.loads((ckpt / "localizer_spinal.json").read_text())
+    # Carried on from the checkpoint: epoch 1's record is the first run's, and the optimiser and
+    # weight average counted on from its steps (a restarted stage would hold a new record; one
+    # that reloaded only the weights would count half the steps).
+    assert done["epoch"] == 2 and done["history"][0] == first["history"][0]
+    assert _optimizer_steps(ckpt, done) == {2 * steps} and done["average_steps"] == 2 * steps
+    assert not (ckpt / "localizer_spinal.e1.safetensors").exists()
+
+    # 4. A fold's weights and OOF written, its metrics.json not.
+    res = _train(data, cache, run, two, **{CRASH_ENV: "fold_metrics"})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert (fold0 / "oof.csv").is_file() and not (fold0 / "metrics.json").exists()
-    res = _train(data, cache, run)
+    assert not (run / "cv.json").exists()
+
+    res = _train(data, cache, run, two)
     assert res.returncode == 0, res.stderr[-3000:]
     cv = json.loads((run / "cv.json").read_text())
     assert cv["n_folds"] == 2 and np.isfinite(cv["oof"]["score"])
     assert cv["init"] == {"model": [{"source": "random"}], "localizer": [{"source": "random"}]}
+    # Every epoch logged exactly once, by the run that trained it; each rerun appended to the
+    # same log (a fold started over would hold only its last run).
+    spinal = ["localizer_spinal:1", "localizer_spinal:2"]
+    foraminal = ["localizer_foraminal:1", "localizer_foraminal:2"]
+    graders = ["grader_spinal:1", "grader_foraminal:1", "grader_subarticular:1"]
+    fold0_runs = [*["run"] * 3, spinal[1], *foraminal, *graders[:2], "run", graders[2], "run"]
+    assert _story(fold0) == fold0_runs
+    assert _story(run / "fold_1") == ["run", *spinal, *foraminal, *graders]
     for k in (0, 1):
-        log = [json.loads(x) for x in (run / f"fold_{k}" / "log.jsonl").read_text().splitlines()]
-        epochs = [(r["stage"], r["epoch"]) for r in log if "epoch" in r and "step" not in r]
-        # Resumed, not restarted: no stage's epoch was logged twice. (An epoch killed after its
-        # checkpoint but before its log line is not logged again: its record is in the checkpoint.)
-        assert len(set(epochs)) == len(epochs) >= 4, epochs
         metrics = json.loads((run / f"fold_{k}" / "metrics.json").read_text())
         assert set(metrics["init"]) >= {"grader_spinal", "localizer_spinal"}
+    # Fold 0's steps per epoch come from the resumed epoch's line (epoch 1 was never logged).
+    fold0_steps = json.loads((fold0 / "metrics.json").read_text())["runtime"]["steps_per_epoch"]
+    assert fold0_steps["localizer_spinal"] == steps
+    assert not ckpt.exists()  # removed once the fold was complete
     predictor = Predictor.from_run_dir(run, device="cpu")
     assert predictor.folds == [0, 1]
     study = load_studies(cache, [1000], progress=False)[1000]

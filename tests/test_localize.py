@@ -468,33 +468,39 @@ def test_folds_zoom_where_their_whole_looks_agree(monkeypatch):
     assert all(h - o > 30 for h, o in zip(heights, own_heights, strict=True))  # LPS z: up
 
 
-class _SliceCountingNet(_PriorNet):
-    """:class:`_PriorNet` with ``n_targets`` maps (10 = left and right) that records how many
-    slices each pass was given."""
+class _SliceReadingNet(_PriorNet):
+    """:class:`_PriorNet` with ``n_targets`` maps (10 = left and right) that records which of
+    the stack's slices each pass was given: slice k of the test stack is filled with 10 (k + 1),
+    so an input slice's brightest value names it (a window may pad with zeros, never brighten)."""
 
     def __init__(self, n_targets: int) -> None:
         super().__init__()
-        self.n_targets, self.slices_seen = n_targets, []
+        self.n_targets, self.slices_read = n_targets, []
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.slices_seen += [x.shape[1]] * x.shape[0]
+        for item in x:
+            self.slices_read.append(sorted(round(float(s.max()) * 255 / 10) - 1 for s in item))
         one = super().forward(x)["heatmaps"]
         return {"heatmaps": one.repeat(1, self.n_targets // 5, 1, 1, 1)}
 
 
-@pytest.mark.parametrize(("n_targets", "close_slices"), [(5, 5), (10, 15)])
-def test_the_canals_close_looks_read_only_the_slices_near_the_canal(n_targets, close_slices):
-    # The canal (one side) is refined in-plane on its own slice: its close looks read 2 slices
-    # each side of it; the foramina (left and right share a look) keep the whole stack.
+@pytest.mark.parametrize("n_targets", [5, 10])
+def test_the_canals_close_looks_read_only_the_slices_near_the_canal(n_targets):
+    # The canal (one side) is refined in-plane on its own slice: its close looks read the
+    # CLOSE_SLICES slices each side of it; the foramina (left and right share a look) keep the
+    # whole stack.
     from spinegrade.localization.looks import CLOSE_SLICES, locate_in_stacks
 
     stack = make_stack(P, -H, (0, 0, 0), (15, 256, 256), (1.2, 1.2), 4.0)
+    stack.volume[:] = (10 * np.arange(1, 16, dtype=np.uint8))[:, None, None]
     frame = sagittal_frame(stack, size=96, max_slices=24)
-    net = _SliceCountingNet(n_targets)
+    net = _SliceReadingNet(n_targets)
     z, y, x = locate_in_stacks(net, [stack], [frame], 0.5, decoder="chain", fine=0.3)[0]
-    assert 2 * CLOSE_SLICES + 1 == 5
-    assert net.slices_seen == [15, 15] + [close_slices] * 5  # whole, zoomed, five close looks
     assert np.allclose(z, 7)  # the zoomed look's slice (the stack's middle) is kept
+    whole = list(range(15))
+    near = list(range(7 - CLOSE_SLICES, 7 + CLOSE_SLICES + 1))  # centred on the canal's slice
+    close = near if n_targets == 5 else whole
+    assert net.slices_read == [whole, whole] + [close] * 5  # whole, zoomed, five close looks
     # Whatever the slices read, the close looks put each level on its peak in-plane: every level
     # lies where the net's maps peak in the zoomed look's window, within a heatmap cell.
     assert np.all(np.diff(y[:5]) > 0) and np.ptp(x) < 1e-6

@@ -241,9 +241,24 @@ def test_build_from_config_matches_config() -> None:
     assert loc(torch.rand(1, 4, 32, 32))["heatmaps"].shape == (1, 10, 4, 8, 8)
 
 
+@pytest.fixture
+def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Hub and torch caches under ``tmp_path``, empty: weights cached on this machine must not
+    change what a test sees. huggingface_hub reads its paths at import, so its constants too."""
+    from huggingface_hub import constants
+
+    hf = tmp_path / "hf"
+    for var, value in (("HF_HOME", hf), ("HF_HUB_CACHE", hf / "hub"),
+                       ("TORCH_HOME", tmp_path / "torch")):  # fmt: skip
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.setattr(constants, "HF_HOME", str(hf))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf / "hub"))
+    return hf / "hub"
+
+
 @pytest.mark.parametrize("offline", [True, False])
 def test_pretrained_requested_and_unavailable_is_a_clear_error_within_seconds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: bool
+    empty_caches: Path, monkeypatch: pytest.MonkeyPatch, offline: bool
 ) -> None:
     from huggingface_hub import constants
 
@@ -252,7 +267,7 @@ def test_pretrained_requested_and_unavailable_is_a_clear_error_within_seconds(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     cfg = load_config("quick", ["model.pretrained=true", "localizer.pretrained=true"])
-    cache = {"cache_dir": str(tmp_path)}  # an empty hub cache
+    cache = {"cache_dir": str(empty_caches)}  # timm's own cache argument, the same empty cache
     for build, key in ((build_grader, "model"), (build_localizer, "localizer")):
         getattr(cfg, key).backbone_kwargs = cache
         t0 = time.perf_counter()
@@ -379,11 +394,15 @@ def test_pretrained_path_of_another_width_or_architecture_is_a_clear_error(tmp_p
         create_backbone(TINY, pretrained=True, pretrained_path=garbage)
 
 
-def test_a_localiser_only_run_needs_no_grader_weights(monkeypatch) -> None:
-    # `default` asks for both backbones' ImageNet weights; offline they cannot be had. A run that
-    # trains the localiser alone (train.groups=[]) with a random localiser must not stop on the
-    # grader's weights, which it never builds; with a grader group it still must.
+def test_a_localiser_only_run_needs_no_grader_weights(empty_caches: Path, monkeypatch) -> None:
+    # `default` asks for both backbones' ImageNet weights; offline, with an empty cache, they
+    # cannot be had. A run that trains the localiser alone (train.groups=[]) with a random
+    # localiser must not stop on the grader's weights, which it never builds; with a grader group
+    # it still must.
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import, like the paths
     cfg = load_config("default", ["train.groups=[]", "localizer.pretrained=false"])
     assert weights.require_pretrained(cfg) == {"localizer": {"source": "random"}}
     with pytest.raises(PretrainedUnavailable, match=r"model\.pretrained"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -161,27 +162,63 @@ def test_evaluate_prints_the_bayes_limit_of_the_truth(dataset: Path):
 
     from spinegrade.cli import app
 
+    # The limit's value is checked by hand below (test_bayes_limit_of_a_hand_made_truth); here,
+    # the three ways to name the truth, the printed table and the wrong split.
     labels_csv = dataset / "truth" / "test_labels.csv"
-    labels = pd.read_csv(labels_csv, dtype={c: "string" for c in LABEL_COLUMNS})
-    best = pd.read_csv(dataset / "truth" / "test_true_probs.csv")
-    best[list(PROB_COLUMNS)] = pl.weighted_optimal(best[list(PROB_COLUMNS)].to_numpy())
-    want = score_frames(labels, best)
     args = ["evaluate", str(dataset / "sample_submission.csv"), "--labels", str(labels_csv)]
     runner = CliRunner()
+    limits = []
     # The data folder, its truth/ folder or the split's CSV: the same limit.
     for truth in (dataset, dataset / "truth", dataset / "truth" / "test_true_probs.csv"):
         out = runner.invoke(app, [*args, "--truth", str(truth), "--json"])
         assert out.exit_code == 0, out.output
         res = json.loads(out.output)
-        assert res["bayes_limit"] == pytest.approx(want)
         assert res["bayes_limit"]["score"] < res["score"]  # uniform 1/3 is far from the limit
+        limits.append(res["bayes_limit"])
+    assert limits[0] == limits[1] == limits[2]
     text = runner.invoke(app, [*args, "--truth", str(dataset)])
     assert text.exit_code == 0 and "Bayes limit" in text.output
-    assert f"{want['score']:.4f}" in text.output
+    assert f"{limits[0]['score']:.4f}" in text.output
     # The train split's truth does not know the test studies: a clear error, not a wrong number.
     wrong = dataset / "truth" / "train_true_probs.csv"
     bad = runner.invoke(app, [*args, "--truth", str(wrong)])
     assert bad.exit_code == 2 and "no probabilities for 1 labelled studies" in bad.output
+
+
+def test_bayes_limit_of_a_hand_made_truth(tmp_path: Path):
+    # One study whose every true probability is (0.5, 0.3, 0.2); all labels Normal/Mild except a
+    # Severe spinal L4/L5 and a Moderate left subarticular L5/S1. With weights 1/2/4 the best
+    # submission is (0.5, 0.6, 0.8) / 1.9 on every row, so with a = -ln(0.5/1.9),
+    # b = -ln(0.6/1.9), c = -ln(0.8/1.9) the four terms are:
+    # spinal (4a + 4c) / 8, foraminal a, subarticular (9a + 2b) / 11, any-severe c (y = 1).
+    from typer.testing import CliRunner
+
+    from spinegrade.cli import app
+
+    a, b, c = (-math.log(x / 1.9) for x in (0.5, 0.6, 0.8))
+    want = {"spinal": (a + c) / 2, "foraminal": a, "subarticular": (9 * a + 2 * b) / 11,
+            "any_severe_spinal": c}  # fmt: skip
+    want["score"] = sum(want.values()) / 4
+    labels = {col: "Normal/Mild" for col in LABEL_COLUMNS}
+    labels |= {
+        "spinal_canal_stenosis_l4_l5": "Severe",
+        "left_subarticular_stenosis_l5_s1": "Moderate",
+    }
+    pd.DataFrame([{"study_id": 7, **labels}]).to_csv(tmp_path / "labels.csv", index=False)
+    rows = [f"7_{col}" for col in LABEL_COLUMNS]
+    truth = pd.DataFrame({"row_id": rows, "normal_mild": 0.5, "moderate": 0.3, "severe": 0.2})
+    truth.to_csv(tmp_path / "test_true_probs.csv", index=False)
+    uniform = pd.DataFrame({"row_id": rows, "normal_mild": 1 / 3, "moderate": 1 / 3,
+                            "severe": 1 / 3})  # fmt: skip
+    uniform.to_csv(tmp_path / "sub.csv", index=False)
+    out = CliRunner().invoke(app, ["evaluate", str(tmp_path / "sub.csv"), "--labels",
+                                   str(tmp_path / "labels.csv"), "--truth",
+                                   str(tmp_path / "test_true_probs.csv"), "--json"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    assert res["bayes_limit"] == pytest.approx(want, rel=1e-9)
+    # Uniform 1/3 loses ln 3 on every labelled row and on the any-severe study alike.
+    assert res["score"] == pytest.approx(math.log(3), rel=1e-9)
 
 
 def test_dicom_headers(dataset: Path):
@@ -388,7 +425,8 @@ def test_quirks(tmp_path: Path):
 
 
 def test_reader_sees_one_stack_per_axial_level(dataset: Path):
-    dicom = pytest.importorskip("spinegrade.io.dicom")
+    from spinegrade.io import dicom
+
     series = _read(dataset / "train_series_descriptions.csv")
     for r in series:
         read = dicom.read_series(dataset / "train_images" / r["study_id"] / r["series_id"])

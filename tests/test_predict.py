@@ -6,8 +6,11 @@ once per module; what they check does not depend on how well it learned.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -323,16 +326,39 @@ def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
     assert (tmp_path / "c.csv").is_file()  # written, for inspection
 
 
-def test_worker_processes_predict_what_one_process_does(trained, tmp_path: Path) -> None:
+def _in_worker_noting_pid(sid: int, run: tuple, job) -> tuple:
+    """``predict._predict_in_worker`` that first leaves a file named after its process and study
+    beside the reports. Runs in the worker (pickled by name: this module is importable there)."""
+    import spinegrade.inference.predict as predict
+
+    pids = Path(job.report_dir).parent / "pids"
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / f"{os.getpid()}-{sid}").touch()
+    return predict._predict_in_worker(sid, run, job)
+
+
+def test_worker_processes_predict_what_one_process_does(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Two single-threaded processes, one study each at a time (the CLI's --workers): the same
     # submission, reports and per-study records as one process, in the same study order.
+    import spinegrade.inference.predict
     from spinegrade.inference.predict import predict
 
     data, run = trained
     one = predict(run, data, tmp_path / "one" / "sub.csv", report_dir=tmp_path / "one" / "r",
                   cache_dir=tmp_path / "w1", progress=False)  # fmt: skip
+    # The pool looks the worker function up in the module when it submits the studies.
+    monkeypatch.setattr(spinegrade.inference.predict, "_predict_in_worker", _in_worker_noting_pid)
     two = predict(run, data, tmp_path / "two" / "sub.csv", report_dir=tmp_path / "two" / "r",
                   cache_dir=tmp_path / "w2", workers=2, progress=False)  # fmt: skip
+    # Each study was predicted once, in a worker process, and both workers took a share (the
+    # second is up long before the first has loaded the models and finished its study).
+    pid_dir = tmp_path / "two" / "pids"  # absent: no study went to a worker
+    noted = [name.split("-") for name in os.listdir(pid_dir)] if pid_dir.is_dir() else []
+    assert sorted(int(sid) for _, sid in noted) == sorted(two.study_ids) and len(noted) == 3
+    pids = {int(pid) for pid, _ in noted}
+    assert len(pids) == 2 and os.getpid() not in pids, noted
     a, b = pd.read_csv(tmp_path / "one" / "sub.csv"), pd.read_csv(tmp_path / "two" / "sub.csv")
     assert a["row_id"].tolist() == b["row_id"].tolist()
     # Same weights and inputs; one thread instead of two may reorder float sums.
@@ -353,11 +379,14 @@ def test_worker_processes_predict_what_one_process_does(trained, tmp_path: Path)
     assert (tmp_path / "two" / "r" / "index.html").is_file()
 
 
-def test_folds_side_by_side_predict_what_folds_in_turn_do(trained) -> None:
+def test_folds_side_by_side_predict_what_folds_in_turn_do(
+    trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # On CPU with two torch threads the folds of one study run on two threads, one torch thread
     # each; with one torch thread they run in turn. Same numbers, and the thread count is back.
     import torch
 
+    import spinegrade.inference.fold_models as inference
     from spinegrade.data.studies import load_studies
     from spinegrade.inference.ensemble import Predictor, fold_map
 
@@ -366,19 +395,39 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(trained) -> None:
     cache = run.parent / "cache"
     sid = int(pd.read_csv(cache / "index.csv").query("split == 'train'")["study_id"].iloc[0])
     stacks = load_studies(cache, [sid], progress=False)[sid].stacks
+    assert len(predictor.models) == 2
+    # Where each fold's grading ran: its thread and torch's thread count there. With both folds
+    # side by side, each waits at the barrier for the other, which only a concurrent fold passes.
+    ran: list[tuple[int, int]] = []
+    together = threading.Barrier(2)
+
+    def graded(*args, meet: bool = False, **kwargs):
+        ran.append((threading.get_ident(), torch.get_num_threads()))
+        if meet:
+            together.wait(timeout=20)  # a fold run alone breaks the barrier: an error
+        return grade_study(*args, **kwargs)
+
+    grade_study = inference.grade_study  # predict looks it up there on every call
     before = torch.get_num_threads()
     seen: list[int] = []
     try:
         torch.set_num_threads(1)
         with fold_map("cpu", 2) as each:
             assert each is map
+        monkeypatch.setattr(inference, "grade_study", graded)
         in_turn = predictor.predict(stacks)
+        assert ran == [(threading.get_ident(), 1)] * 2  # one after the other, in this thread
         torch.set_num_threads(2)
         with fold_map("cpu", 2) as each:
             assert each is not map
             list(each(lambda _: seen.append(torch.get_num_threads()), range(2)))
         assert seen == [1, 1] and torch.get_num_threads() == 2
+        ran.clear()
+        monkeypatch.setattr(inference, "grade_study", functools.partial(graded, meet=True))
         side_by_side = predictor.predict(stacks)
+        # Two pool threads, at the same time, one torch thread each.
+        assert len({t for t, _ in ran}) == 2 and threading.get_ident() not in dict(ran), ran
+        assert [n for _, n in ran] == [1, 1]
         assert torch.get_num_threads() == 2
         # More threads than folds: the threads are shared out among the folds.
         torch.set_num_threads(6)

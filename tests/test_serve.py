@@ -7,7 +7,7 @@ arrived.
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import os
 import shutil
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from spinegrade.inference.ensemble import PHANTOM_CAUTION
-from spinegrade.task import LABEL_COLUMNS
+from spinegrade.task import LABEL_COLUMNS, SEVERITY_INDEX
 
 pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
 pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
@@ -112,6 +112,23 @@ def modalities(series: list[dict]) -> list[str]:
     return sorted(s["00080060"]["Value"][0] for s in series)
 
 
+def retrieve(server: LocalOrthanc, study_uid: str, series_uid: str) -> list:
+    """WADO-RS: the instances of a series as the PACS holds them (its own client, not ours)."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    session.auth = server.auth
+    return list(DICOMwebClient(url=server.dicomweb_url, session=session).retrieve_series(
+        study_uid, series_uid))  # fmt: skip
+
+
+def caution_pixels(rgb: np.ndarray) -> int:
+    """Pixels of the figure's caution colour (#8a4b00) in its top tenth (cf. test_report)."""
+    top = rgb[: rgb.shape[0] // 10].astype(int)
+    return int((np.abs(top - [138, 75, 0]).sum(-1) < 60).sum())
+
+
 @pytest.fixture(scope="module")
 def served(tiny_trained, pacs, tmp_path_factory):
     """Two good studies and a corrupt one on the PACS, one polling round done."""
@@ -128,12 +145,15 @@ def served(tiny_trained, pacs, tmp_path_factory):
     work = tmp_path_factory.mktemp("servework")
     LOG_LINES.clear()
     logging.getLogger().addHandler(_CAPTURE)
-    cfg = load_serve_config(
-        pacs_url=pacs.dicomweb_url, pacs_user=pacs.user, pacs_password=pacs.password,
-        token=TOKEN, work_dir=str(work), device="cpu", backoff_s=3600.0,
-    )  # fmt: skip
-    svc = _wait_and_poll(Service(run, cfg))
-    return svc, [study_uid_of(s) for s in good], study_uid_of(bad), cfg, run, good
+    try:  # the capture lasts this module's tests, never the rest of the session
+        cfg = load_serve_config(
+            pacs_url=pacs.dicomweb_url, pacs_user=pacs.user, pacs_password=pacs.password,
+            token=TOKEN, work_dir=str(work), device="cpu", backoff_s=3600.0,
+        )  # fmt: skip
+        svc = _wait_and_poll(Service(run, cfg))
+        yield svc, [study_uid_of(s) for s in good], study_uid_of(bad), cfg, run, good
+    finally:
+        logging.getLogger().removeHandler(_CAPTURE)
 
 
 def _wait_and_poll(svc, done=None, tries: int = 30):
@@ -151,27 +171,31 @@ def _wait_and_poll(svc, done=None, tries: int = 30):
     raise AssertionError(f"studies not seen/graded: {counts}")
 
 
-def test_service_files_sr_and_sc_into_each_study(served, pacs) -> None:
+def test_service_files_sr_and_sc_into_each_study(served, pacs, tmp_path) -> None:
     import pydicom
-    import requests
+    from PIL import Image
 
+    from spinegrade.inference.predict import predict
+    from spinegrade.serve.service import study_key
     from spinegrade.serve.sr import read_sr
 
-    svc, good, _, _, _, folders = served
+    svc, good, _, _, run, folders = served
     for uid, folder in zip(good, folders, strict=True):
         row = svc.state.get(uid, svc.model.model_id)
         assert row.status == "graded", row.reason
         series = series_in_orthanc(pacs, uid)
         assert modalities(series).count("SR") == 1 and modalities(series).count("OT") == 1
-        r = requests.get(
-            f"{pacs.dicomweb_url}/studies/{uid}/series/{row.sr_series_uid}/instances/"
-            f"{row.sr_sop_uid}",
-            headers={"Accept": 'multipart/related; type="application/dicom"'},
-            auth=pacs.auth, timeout=30,
-        )  # fmt: skip
-        r.raise_for_status()
-        start = r.content.index(b"DICM") - 128
-        ds = pydicom.dcmread(io.BytesIO(r.content[start:]))
+        # The secondary capture is the study's figure, filed into the study: the same pixels as
+        # the figure the service kept, not a blank frame, with the phantom caution drawn in.
+        (sc,) = retrieve(pacs, uid, row.sc_series_uid)
+        assert sc.StudyInstanceUID == uid and sc.Modality == "OT"
+        with Image.open(svc.work / "results" / study_key(uid) / "figure.png") as im:
+            figure = np.asarray(im.convert("RGB"))
+        assert np.array_equal(sc.pixel_array, figure), "the SC's pixels are not the figure's"
+        assert figure.std() > 20 and len(np.unique(figure.reshape(-1, 3), axis=0)) > 100
+        assert caution_pixels(figure) > 500  # a phantom-trained run (the notes below)
+        (ds,) = retrieve(pacs, uid, row.sr_series_uid)
+        assert ds.SOPInstanceUID == row.sr_sop_uid
         assert ds.StudyInstanceUID == uid and ds.Modality == "SR"
         content = read_sr(ds)
         assert f"model_id={svc.model.model_id}" in content["parameters"]
@@ -180,11 +204,27 @@ def test_service_files_sr_and_sc_into_each_study(served, pacs) -> None:
         probs = np.array([content["targets"][c]["probs"] for c in LABEL_COLUMNS])
         want = np.array([row.result["targets"][c]["clinical"] for c in LABEL_COLUMNS])
         assert np.allclose(probs, want, atol=1e-3) and np.allclose(probs.sum(1), 1.0)
-        # De-weighted: never more severe-leaning than what submission.csv would hold.
+        # De-weighted: submission.csv's probabilities divided by the class weights (1, 2, 4),
+        # renormalised (the rounding to 4 places in the result allows ~1e-4).
         sub = np.array([row.result["targets"][c]["submission"] for c in LABEL_COLUMNS])
-        assert (probs[:, 2] <= sub[:, 2] + 1e-3).all()
+        by_hand = sub / [1.0, 2.0, 4.0]
+        by_hand /= by_hand.sum(axis=1, keepdims=True)
+        assert np.allclose(probs, by_hand, atol=1e-3) and not np.allclose(probs, sub, atol=1e-3)
+        # The SR's points are the ones prediction finds on this study's own files.
+        res = predict(run, folder, tmp_path / uid / "sub.csv", report_dir=tmp_path / uid / "r",
+                      cache_dir=tmp_path / uid / "c", device="cpu", progress=False,
+                      predictor=svc.predictor)  # fmt: skip
+        (grades_path,) = (tmp_path / uid / "r").glob("*/grades.json")
+        predicted = json.loads(grades_path.read_text())["targets"]
+        assert res.graded_per_study[0] > 0
         located = [t for t in content["targets"].values() if t["point"] is not None]
         assert located, "no level point reached the SR"
+        assert {c for c, t in content["targets"].items() if t["point"] is not None} == {
+            c for c, t in predicted.items() if t["point_lps_mm"] is not None
+        }  # the phantom's studies have every series type, so every located level has a frame
+        for c, t in content["targets"].items():
+            if t["point"] is not None:
+                assert np.allclose(t["point"], predicted[c]["point_lps_mm"], atol=1e-2), c
         # Points live in the frame of reference of the study's own series.
         for_uids = {
             str(pydicom.dcmread(f, stop_before_pixels=True).FrameOfReferenceUID)
@@ -349,6 +389,9 @@ def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from spinegrade.serve.service import study_key
+
+    svc = served[0]
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
@@ -379,7 +422,13 @@ def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
         link.click()
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grades td"))
         cells = driver.find_elements(By.CSS_SELECTOR, "#grades td")
-        assert len(cells) == 25 and all(c.get_attribute("data-grade") in "012" for c in cells)
+        shown = [c.get_attribute("data-grade") for c in cells]
+        assert len(cells) == 25 and set(shown) <= {"0", "1", "2"}, shown
+        # The study's own grades, each once (the table orders them by condition and level).
+        key = driver.current_url.rstrip("/").rsplit("/", 1)[-1]
+        (row,) = [r for r in svc.state.all(svc.model.model_id) if study_key(r.study_uid) == key]
+        graded = [SEVERITY_INDEX[t["grade"]] for t in row.result["targets"].values()]
+        assert sorted(map(int, shown)) == sorted(graded)
         # The run learned from phantoms only: the reader is told before the grades.
         assert driver.find_element(By.CSS_SELECTOR, "p.caution").text == PHANTOM_CAUTION
         img = driver.find_element(By.CSS_SELECTOR, "img.fig")

@@ -5,7 +5,7 @@
   schedule, its per-epoch checkpoints and weight average;
 - :mod:`.losses`: the metric-shaped losses (1/2/4 weights, the any-severe term);
 - :mod:`.stages`: one fold's localiser and graders;
-- :mod:`.cv`: the folds, out-of-fold predictions (graded through :mod:`spinegrade.inference`),
+- :mod:`.cv`: the folds, out-of-fold predictions (graded through the inference package),
   ``oof.csv`` and ``cv.json``.
 
 May import every floor below it; only the demo and the CLI import it.

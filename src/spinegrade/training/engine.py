@@ -22,6 +22,7 @@ One plain PyTorch loop (no Lightning) that works the same on 2 CPU cores and on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from spinegrade.training.checkpoints import WeightAverage, load_checkpoint, save
 from spinegrade.training.optim import lr_at, make_optimizer, set_lr
 from spinegrade.util.atomic import crash_point
 from spinegrade.util.progress import progress_bar
-from spinegrade.util.runtime import Runtime, collective, fault_point, to_device
+from spinegrade.util.runtime import Runtime, collective, fault_point, to_device, unwrap
 
 
 @dataclass
@@ -77,7 +78,8 @@ def fit(
     on the weights that will be kept (the weight average when ``spec.average`` > 0).
     ``log`` (rank 0) receives every epoch record and, with ``spec.log_every`` > 0, a step record
     every ``log_every`` optimiser steps (see :class:`_Stepper`). Returns the per-epoch records,
-    each with ``steps`` (optimiser steps of the epoch) and ``world_size``.
+    each with ``steps`` (optimiser steps of the epoch), ``world_size`` and ``param_sha`` (every
+    rank's :func:`param_digest` after the epoch, in rank order).
     """
     model.to(runtime.device)
     if runtime.channels_last:
@@ -108,6 +110,8 @@ def fit(
         with collective(runtime, f"training {spec.name} epoch {epoch + 1}"):
             record = step.epoch(loader, epoch)
         record["world_size"] = runtime.world_size
+        # DDP keeps every rank's replica identical; the log shows it (one digest per rank).
+        record["param_sha"] = runtime.gather(param_digest(model), f"comparing {spec.name} ranks")
         fault_point(f"{spec.name}:epoch", runtime)
         due = (epoch + 1) % max(1, spec.eval_every) == 0 or epoch + 1 == spec.epochs
         if evaluate is not None and due:
@@ -125,6 +129,16 @@ def fit(
     if average is not None:
         average.copy_to(model)
     return history
+
+
+def param_digest(model: nn.Module) -> str:
+    """A short sha256 of the model's parameters (names and bytes). Buffers are left out: under
+    DDP each rank's BatchNorm statistics follow its own batches."""
+    h = hashlib.sha256()
+    for name, p in unwrap(model).named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _evaluate(model: nn.Module, average: WeightAverage | None, evaluate) -> dict[str, float]:
