@@ -3,7 +3,9 @@
 Every mutation is applied to a scratch copy of ``src/`` and ``tests/`` (the checkout is never
 touched), then the tests that claim the mechanism run against that copy. A mutation the tests
 catch is ``killed`` (good: they went red); one they miss ``SURVIVED`` (a test that cannot fail).
-A mutation whose code no longer exists is an error: the table must follow the code.
+A mutation whose code no longer exists is an error: the table must follow the code. First the
+same tests run on an unmutated copy (the control): a red there would make every ``killed`` mean
+nothing, so it stops the check.
 
     .venv/bin/python bench/mutate.py [--only NAME ...] [--json OUT.json]
     make mutate
@@ -153,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and len(chosen) != len(args.only):
         known = ", ".join(m.name for m in MUTATIONS)
         raise SystemExit(f"unknown mutation in {args.only}; known: {known}")
+    tests = tuple(sorted({t for m in chosen for t in m.tests}))
+    with tempfile.TemporaryDirectory(prefix="spinegrade-mutate-") as tmp:
+        scratch_copy(Path(tmp))
+        outcome, secs, last = run_tests(Path(tmp), tests, args.timeout)
+    print(f"control (no mutation): {last} in {secs:.0f} s", file=sys.stderr, flush=True)
+    if outcome != "SURVIVED":  # the unmutated tests must pass for a red to mean anything
+        raise SystemExit(f"control run failed ({outcome}: {last}); fix the suite first")
     rows = []
     for m in chosen:
         with tempfile.TemporaryDirectory(prefix="spinegrade-mutate-") as tmp:
