@@ -25,6 +25,13 @@ sacrum is cut at the edge) or both, as sites with smaller or differently centred
 them. The truth only places the cut; the localiser sees a real image with a real field edge.
 A localiser that names levels by where they sit in the field, or by counting discs from its
 top, fails here; one that reads the anatomy does not.
+
+``--oof`` scores the run's own out-of-fold points instead (``RUN_DIR/oof_points.csv``: every
+study a fold did not train on, located by that fold), for runs that trained on the real set too
+(`spinegrade import spider`, then `train PHANTOM SPIDER ...`): the imported studies are matched to
+REAL_DIR's cases through their data folder's ``cases.csv``, no model is run, and the located
+disc centres are scored by their 3D distance to the true ones as well. Only out-of-fold points
+count on a set the run trained on.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spinegrade.evaluation.anatomy import misnamed, score_case, summarise
 from spinegrade.inference.ensemble import run_folds
 from spinegrade.inference.fold_models import load_fold_models
 from spinegrade.inference.run_folder import fold_dir, load_run_config
@@ -48,87 +56,12 @@ from spinegrade.io import read_series
 from spinegrade.localization.localize import localize_consensus, localize_study
 from spinegrade.localization.localizer import DECODERS
 from spinegrade.preprocessing.series import CacheParams, cache_series
-from spinegrade.task import LEVEL_TITLES, LEVELS, SAG_T2, TITLE_TO_LEVEL
+from spinegrade.task import LEVELS, SAG_T2, TITLE_TO_LEVEL
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the repository (a worktree one level deeper finds it one folder further up)
 _CANDIDATES = [base / "shared" / "real" / "spider-t2space" for base in REPO.parents[:2]]
 DEFAULT_REAL = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
-
-
-def spine_axes(centres: np.ndarray) -> np.ndarray:
-    """(5, 3) unit local spine axes at the discs (head first), pointing to the head.
-
-    The tangent of the curve through the disc centres: at an inner disc the line through its two
-    neighbours, at L1/L2 and L5/S1 the end tangent of the parabola through the last three
-    centres. So a canal point behind the disc is measured along the spine, not across it. The
-    end tangent matters at L5/S1, where the lordosis curves most: the one-sided chord to L4/L5
-    put a perfect canal point 4.5 mm (3.6-5.8) off its mid-plane on 40 phantom spines, whose
-    exact disc planes are known; the end tangent, 1.1 mm (0.5-1.9; inner discs -0.5..-0.2 mm).
-    """
-    c = np.asarray(centres, dtype=float)
-    n = len(c)
-    out = np.zeros_like(c)
-    for i in range(n):
-        if 0 < i < n - 1:
-            v = c[i - 1] - c[i + 1]
-        elif i == 0:
-            v = (3 * c[0] - 4 * c[1] + c[2]) / 2
-        else:
-            v = (-3 * c[-1] + 4 * c[-2] - c[-3]) / 2
-        out[i] = v / np.linalg.norm(v)
-    return out
-
-
-def plane_distances(point: np.ndarray, centres: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """Signed distance (mm, + = towards the head) of ``point`` to every disc's mid-plane."""
-    return np.einsum("ij,ij->i", point[None, :] - centres, axes)
-
-
-def score_case(located: np.ndarray, centres: np.ndarray) -> list[dict]:
-    """Per level: signed mid-plane distance, and the disc whose mid-plane is nearest."""
-    axes = spine_axes(centres)
-    rows = []
-    for j, level in enumerate(LEVELS):
-        p = located[j]
-        if not np.isfinite(p).all():
-            rows.append({"level": level, "dist_mm": np.nan, "nearest": None, "found": False})
-            continue
-        d = plane_distances(p, centres, axes)
-        rows.append(
-            {
-                "level": level,
-                "dist_mm": float(d[j]),
-                "nearest": LEVELS[int(np.argmin(np.abs(d)))],
-                "found": True,
-            }
-        )
-    return rows
-
-
-def misnamed(df: pd.DataFrame) -> pd.Series:
-    """Rows whose level was not found or lies nearer another disc's mid-plane than its own."""
-    return (~df["found"]) | (df["nearest"] != df["level"])
-
-
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Per level and overall: n, median / p90 |distance|, within 5 / 10 mm, misnamed, bias."""
-    out = []
-    for name, g in [*((lv, df[df["level"] == lv]) for lv in LEVELS), ("all", df)]:
-        a = g["dist_mm"].abs()
-        out.append(
-            {
-                "level": LEVEL_TITLES.get(name, name) if name != "all" else "all",
-                "n": len(g),
-                "median_mm": a.median(),
-                "p90_mm": a.quantile(0.9),
-                "within_5mm": (a <= 5).mean(),
-                "within_10mm": (a <= 10).mean(),
-                "misnamed": int(misnamed(g).sum()),
-                "mean_signed_mm": g["dist_mm"].mean(),
-            }
-        )
-    return pd.DataFrame(out)
 
 
 def by_quartile(df: pd.DataFrame, values: dict[str, float], name: str) -> pd.DataFrame:
@@ -207,6 +140,84 @@ def draw_case(path: Path, stack, truth_lps: np.ndarray, located: np.ndarray) -> 
     img.save(path, optimize=True)
 
 
+def oof_cases(run_dir: Path, truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Case id -> the run's out-of-fold points of that case (oof_points.csv rows).
+
+    Studies are matched to cases through the ``cases.csv`` (study_id, case_id) of the run's data
+    folders (those written by ``spinegrade import``).
+    """
+    from spinegrade.data.sources import CASES_FILE, configured_sources
+
+    path = run_dir / "oof_points.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: a run trained by this version writes it")
+    points = pd.read_csv(path)
+    case_of: dict[int, str] = {}
+    for src in configured_sources(load_run_config(run_dir)):
+        cases = src.data_dir / CASES_FILE
+        if cases.is_file():
+            c = pd.read_csv(cases, dtype={"case_id": str})
+            case_of.update(zip(c["study_id"].astype(int), c["case_id"], strict=True))
+    points["case"] = points["study_id"].map(case_of)
+    known = points[points["case"].isin(set(truth["case_id"].astype(str)))]
+    return {str(case): g for case, g in known.groupby("case", sort=False)}
+
+
+def score_oof(args: argparse.Namespace, truth: pd.DataFrame) -> None:
+    """``--oof``: the run's own out-of-fold canal and disc points against the real truth."""
+    cases = oof_cases(args.run_dir, truth)
+    if not cases:
+        raise SystemExit(
+            f"no out-of-fold study of {args.run_dir} is a case of {args.real_dir}: train on the "
+            "imported set (`spinegrade import spider`) beside the phantom"
+        )
+    cfg = load_run_config(args.run_dir)
+    params = CacheParams.from_config(cfg.data)
+    out_dir = args.out or args.run_dir / "real_bench_oof"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, disc_err = [], []
+    for case, g in truth.groupby("case_id", sort=False):
+        pts = cases.get(str(case))
+        g = g.assign(lv=g["level"].map(TITLE_TO_LEVEL)).set_index("lv").reindex(list(LEVELS))
+        if pts is None or g["x_mm"].isna().any():
+            continue
+        centres = g[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+
+        def located(target: str, pts=pts) -> np.ndarray:
+            t = pts[pts["target"] == target].set_index("level").reindex(list(LEVELS))
+            return t[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+
+        canal, disc = located("canal"), located("disc_centre")
+        disc_err += np.linalg.norm(disc - centres, axis=1).tolist()
+        fold = int(pts["fold"].iloc[0]) if "fold" in pts else -1
+        case_rows = [{"case": case, "fold": fold, **r} for r in score_case(canal, centres)]
+        rows += case_rows
+        wrong = any(r["nearest"] != r["level"] for r in case_rows)
+        if (wrong and args.pictures == "misnamed") or args.pictures == "all":
+            read = read_series(args.real_dir / "series" / str(case))
+            stack = cache_series(read.stacks, params, 0, 0, SAG_T2)[0]
+            draw_case(out_dir / f"{case}.png", stack, centres, canal)
+    df = pd.DataFrame(rows)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    print(f"run {args.run_dir}: out-of-fold points of {df['case'].nunique()} real cases "
+          f"from {args.real_dir}")  # fmt: skip
+    print("distance of the located canal point to its disc's mid-plane (mm, along the spine axis)")
+    print(summarise(df).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    err = np.asarray(disc_err)
+    err = err[np.isfinite(err)]
+    if len(err):
+        print(f"disc centres: {len(err)} located, 3D distance to the true centre median "
+              f"{np.median(err):.1f} mm, p90 {np.quantile(err, 0.9):.1f} mm, within 5 mm "
+              f"{np.mean(err <= 5):.0%}")  # fmt: skip
+    bad = df[misnamed(df)]
+    if len(bad):
+        names = (f"{r.case} {r.level}->{r.nearest}" for r in bad.itertuples())
+        print("misnamed:", ", ".join(names))
+    print(f"pictures (cases with a misnamed level{'; all' if args.pictures == 'all' else ''}): "
+          f"{out_dir}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -226,12 +237,24 @@ def main() -> None:
         help="cut each real field --margin mm beyond the end discs (see above)",
     )
     ap.add_argument("--margin", type=float, default=35.0)
+    ap.add_argument(
+        "--oof", action="store_true", help="score the run's own out-of-fold points (see above)"
+    )
+    ap.add_argument(
+        "--pictures",
+        choices=("misnamed", "all", "none"),
+        default="misnamed",
+        help="--oof: which cases get a picture",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     truth_path = args.real_dir / "truth.csv"
     if not truth_path.is_file():
         raise SystemExit(f"{truth_path} not found: give REAL_DIR (series/ + truth.csv)")
-    truth = pd.read_csv(truth_path)
+    truth = pd.read_csv(truth_path, dtype={"case_id": str})
+    if args.oof:
+        score_oof(args, truth)
+        return
     cfg = load_run_config(args.run_dir)
     folds = run_folds(args.run_dir, args.folds)
     localizers = [load_fold_models(fold_dir(args.run_dir, k)).localizer for k in folds]

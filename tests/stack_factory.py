@@ -128,7 +128,7 @@ def truncated_copy(stack: CachedStack, series_id: int, keep: slice) -> CachedSta
 
 
 def write_world(
-    root: Path, n_studies: int = 6, seed: int = 0, duplicates: bool = False
+    root: Path, n_studies: int = 6, seed: int = 0, duplicates: bool = False, first_id: int = 1000
 ) -> tuple[Path, Path]:
     """An RSNA-layout data folder (CSVs only) and a matching cache; returns (data, cache).
 
@@ -140,7 +140,7 @@ def write_world(
     data.mkdir(parents=True)
     labels, series, coords, index = [], [], [], []
     for k in range(n_studies):
-        sid = 1000 + k
+        sid = first_id + k
         grades = rng.choice(3, size=25, p=[0.6, 0.25, 0.15])
         labels.append(
             {

@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from bench_real_anatomy import score_case, spine_axes, summarise
 from bench_real_anatomy_seeds import parse_args
+from spinegrade.evaluation.anatomy import score_case, spine_axes, summarise
 from spinegrade.task import LEVELS
 
 
@@ -72,3 +72,57 @@ def test_seeds_bench_takes_overrides_after_its_options():
     assert args.overrides == ["localizer.pretrained=false", "localizer.epochs=1"]
     bare = parse_args(["D", "C", "O"])
     assert bare.overrides == [] and bare.seeds == [42, 7, 11, 1, 2, 3]
+
+
+def test_oof_mode_scores_a_runs_own_points_against_the_real_truth(tmp_path):
+    # A run trained on an imported real set: its oof_points.csv is matched to the real cases
+    # through the data folder's cases.csv, and scored without running a model.
+    import subprocess
+
+    from spinegrade.config import load_config, save_config
+    from spinegrade.task import LEVEL_TITLES
+
+    centres, backwards = _lordotic_spine()
+    data = tmp_path / "imported"
+    data.mkdir()
+    pd.DataFrame({"study_id": [7, 8], "case_id": ["spider_1", "spider_2"],
+                  "patient_id": ["a", "b"]}).to_csv(data / "cases.csv", index=False)  # fmt: skip
+    real = tmp_path / "real"
+    real.mkdir()
+    truth = [
+        {"case_id": case, "level": LEVEL_TITLES[lv], "x_mm": c[0], "y_mm": c[1], "z_mm": c[2]}
+        for case in ("spider_1", "spider_2", "spider_3")  # spider_3: not in the run
+        for lv, c in zip(LEVELS, centres, strict=True)
+    ]
+    pd.DataFrame(truth).to_csv(real / "truth.csv", index=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("quick")
+    cfg.data.data_dir = str(data)
+    save_config(cfg, run / "config.yaml")
+    canal = centres + 20.0 * backwards
+    wrong = canal.copy()
+    wrong[1] = centres[2] + 20.0 * backwards[2]  # study 8: L2/L3 put on the L3/L4 disc
+    rows = []
+    for sid, pts in ((7, canal), (8, wrong)):
+        for j, lv in enumerate(LEVELS):
+            rows.append([sid, lv, "canal", *pts[j], 0])
+            rows.append([sid, lv, "disc_centre", *(centres[j] + [0, 3.0, 0]), 0])  # 3 mm off
+    cols = ["study_id", "level", "target", "x_mm", "y_mm", "z_mm", "fold"]
+    pd.DataFrame(rows, columns=cols).to_csv(run / "oof_points.csv", index=False)
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_real_anatomy.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), str(run), str(real), "--oof", "--pictures", "none"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "out-of-fold points of 2 real cases" in out
+    assert "misnamed: spider_2 l2_l3->l3_l4" in out
+    table = out.split("mid-plane")[1]
+    all_row = next(line for line in table.splitlines() if line.strip().startswith("all"))
+    # 10 levels, 9 within 5 mm of their own disc's mid-plane, 1 misnamed.
+    assert (
+        all_row.split()[1:2] == ["10"] and "0.90" in all_row.split() and all_row.split()[6] == "1"
+    )
+    assert "disc centres: 10 located" in out and "within 5 mm 100%" in out

@@ -163,7 +163,7 @@ def test_rsna_input_gives_the_competition_rows_and_reports(trained, tmp_path: Pa
         assert {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} == set(grades["series"])
         assert grades["model"]["init"]["model"] == [{"source": "random"}]
         # Trained on `spinegrade synth` data: every study's grades carry the caution.
-        assert grades["model"]["training_data"] == ["phantom"]
+        assert grades["model"]["training_data"] == {"grader": ["phantom"], "localizer": ["phantom"]}
         assert grades["model"]["notes"] == [PHANTOM_CAUTION]
     assert result.model_notes == [PHANTOM_CAUTION]
     html = (out / "report" / "index.html").read_text()
@@ -446,13 +446,13 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(
 
 
 def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) -> None:
-    # The fold records what it learned from (metrics.json); a run trained on real images, or an
-    # older run that did not record it, predicts without the phantom caution.
+    # The fold records what each network learned from (metrics.json); a run trained on real
+    # images, or an older run that did not record it, predicts without the phantom caution.
     import shutil
     from types import SimpleNamespace
 
-    from spinegrade.inference.ensemble import Predictor
-    from spinegrade.inference.fold_models import load_fold_models
+    from spinegrade.inference.ensemble import LOCALIZER_CAUTION, Predictor, grader_caution
+    from spinegrade.inference.fold_models import learned_from, load_fold_models
     from spinegrade.rsna import is_phantom
 
     data, run = trained
@@ -460,19 +460,39 @@ def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) ->
     (tmp_path / "truth").mkdir()
     (tmp_path / "truth" / "phantom.json").write_text('{"generator": "someone else"}')
     assert not is_phantom(tmp_path)
-    assert json.loads((run / "fold_0" / "metrics.json").read_text())["training_data"] == "phantom"
+    metrics = json.loads((run / "fold_0" / "metrics.json").read_text())
+    assert metrics["sources"]["phantom"]["kind"] == "phantom"
+    assert set(metrics["training_data"]) == {"localizer_spinal", "localizer_foraminal",
+                                             "grader_spinal", "grader_foraminal",
+                                             "grader_subarticular"}  # fmt: skip
+    assert load_fold_models(run / "fold_0").training_data == {
+        "localizer": ["phantom"],
+        "grader": ["phantom"],
+    }
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    metrics = copy / "fold_0" / "metrics.json"
-    old = json.loads(metrics.read_text())
+    path = copy / "fold_0" / "metrics.json"
+    old = json.loads(path.read_text())
     del old["training_data"]
-    metrics.write_text(json.dumps(old))
-    assert load_fold_models(copy / "fold_0").training_data == ""
+    path.write_text(json.dumps(old))
+    assert load_fold_models(copy / "fold_0").training_data == {}
+    # Folds from before several sources recorded one word for the whole fold.
+    assert learned_from({"training_data": "phantom"}) == {"localizer": ["phantom"],
+                                                          "grader": ["phantom"]}  # fmt: skip
+    assert learned_from({"training_data": "images"}) == {"localizer": ["real"], "grader": ["real"]}
 
-    def caution(*kinds: str) -> list[str]:
+    def caution(*kinds: dict) -> list[str]:
         models = [SimpleNamespace(training_data=k) for k in kinds]
         return Predictor(run, list(range(len(kinds))), models, "cpu").describe_training()
 
-    assert caution("phantom", "phantom") == [PHANTOM_CAUTION]
-    assert caution("images", "images") == [] and caution("", "") == []
-    assert caution("images", "phantom") == [PHANTOM_CAUTION]  # any fold that saw only phantoms
+    phantom = {"localizer": ["phantom"], "grader": ["phantom"]}
+    real = {"localizer": ["real"], "grader": ["real"]}
+    mixed = {"localizer": ["phantom", "real"], "grader": ["phantom"]}
+    assert caution(phantom, phantom) == [PHANTOM_CAUTION]
+    assert caution(real, real) == [] and caution({}, {}) == []
+    assert caution(real, phantom) == [PHANTOM_CAUTION]  # any fold that saw only phantoms
+    assert caution({"localizer": ["phantom"]}) == [PHANTOM_CAUTION]  # a localiser-only run
+    # The demo: levels learned from phantoms and real spines, grades from phantoms only.
+    assert caution(mixed, mixed) == [grader_caution(["phantom", "real"])]
+    assert "real spines" in caution(mixed)[0] and "grades are not validated" in caution(mixed)[0]
+    assert caution({"localizer": ["phantom"], "grader": ["real"]}) == [LOCALIZER_CAUTION]

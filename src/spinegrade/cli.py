@@ -239,45 +239,76 @@ def _split_folds_overrides(
     folds: list[str] | None, extra: list[str] | None
 ) -> tuple[list[int] | None, list[str]]:
     """``--folds 0 1 2 key=value``: bare integers after --folds are folds, the rest overrides."""
-    overrides, wanted = [], []
+    wanted, overrides, rest = _split_train_args(folds, extra)
+    if rest:
+        raise ValueError(f"{rest[0]!r} is neither a fold number nor a key=value override")
+    return wanted, overrides
+
+
+def _split_train_args(
+    folds: list[str] | None, extra: list[str] | None
+) -> tuple[list[int] | None, list[str], list[str]]:
+    """(fold numbers, key=value overrides, other words) of ``train``'s free arguments.
+
+    The other words are data folders. Bare integers are fold numbers when ``--folds`` was given
+    (``--folds 0 1`` leaves the ``1`` among the free arguments), unless a folder of that name
+    exists.
+    """
+    overrides, wanted, rest = [], [], []
     for item in [*(folds or []), *(extra or [])]:
         parts = [p for p in item.split(",") if p]
-        if "=" not in item and parts and all(p.strip().lstrip("-").isdigit() for p in parts):
+        is_int = "=" not in item and parts and all(p.strip().lstrip("-").isdigit() for p in parts)
+        if is_int and not Path(item).is_dir():
             wanted += [int(p) for p in parts]
         elif "=" in item:
             overrides.append(item)
         else:
-            raise ValueError(f"{item!r} is neither a fold number nor a key=value override")
+            rest.append(item)
     if wanted and not folds:
         raise ValueError(f"fold numbers {wanted} need --folds before them (e.g. --folds 0 1)")
-    return (wanted or None), overrides
+    return (wanted or None), overrides, rest
 
 
 def _echo_cv(cv: dict) -> None:
     terms = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
-    typer.echo(f"{'':<16}" + "".join(f"{t[:12]:>13}" for t in terms))
-    rows = [("OOF (model)", cv["oof"]), *cv["baselines"].items()]
-    if cv.get("true_probs"):
-        rows.append(("true probs", cv["true_probs"]))
-    if cv.get("bayes_limit"):
-        rows.append(("Bayes limit", cv["bayes_limit"]))
-    for name, res in rows:
-        typer.echo(f"{name:<16}" + "".join(f"{res[t]:>13.4f}" for t in terms))
-    for group, e in cv["localizer"].items():
+    for name, src in (cv.get("sources") or {}).items():
         typer.echo(
-            f"localizer {group:<13} median {e['median_mm']:.1f} mm, p90 {e['p90_mm']:.1f} mm, "
-            f"right slice {100 * e['slice_acc']:.0f}% (n={e['n']})"
+            f"source {name:<16} {src['kind']:<8} {src['studies']} studies, {src['graded']} "
+            f"with grades ({src['data_dir']})"
         )
+    if cv.get("oof") is None:
+        typer.echo("no grades in the training data: localisation only, no grading score")
+    else:
+        typer.echo(f"{'':<16}" + "".join(f"{t[:12]:>13}" for t in terms))
+        rows = [("OOF (model)", cv["oof"]), *cv["baselines"].items()]
+        if cv.get("true_probs"):
+            rows.append(("true probs", cv["true_probs"]))
+        if cv.get("bayes_limit"):
+            rows.append(("Bayes limit", cv["bayes_limit"]))
+        for name, res in rows:
+            typer.echo(f"{name:<16}" + "".join(f"{res[t]:>13.4f}" for t in terms))
+    by_source = cv.get("localizer_by_source") or {"": cv["localizer"]}
+    for source, errors in by_source.items():
+        for group, e in errors.items():
+            typer.echo(
+                f"localizer {group:<13}{f' ({source})' if source else ''} median "
+                f"{e['median_mm']:.1f} mm, p90 {e['p90_mm']:.1f} mm, right slice "
+                f"{100 * e['slice_acc']:.0f}% (n={e['n']})"
+            )
 
 
 @app.command(context_settings={"allow_interspersed_args": True})
 @cli_errors
 def train(
-    data_dir: Path = typer.Argument(..., help="RSNA data folder (train.csv, CSVs; synthetic ok)"),
-    overrides: list[str] | None = typer.Argument(
-        None, help="key=value config overrides, e.g. train.epochs=3 crops.size=48"
+    args: list[str] = typer.Argument(
+        ...,
+        help="DATA folder(s) (RSNA layout; synthetic or imported ok), then key=value config "
+        "overrides, e.g. train.epochs=3 crops.size=48",
+        metavar="DATA... [KEY=VALUE]...",
     ),
-    cache: Path = typer.Option(..., "--cache", help="Cache folder written by `preprocess`"),
+    cache: list[Path] = typer.Option(
+        ..., "--cache", help="Cache folder written by `preprocess`; one per DATA, same order"
+    ),
     out: Path = typer.Option(..., "--out", help="Run folder (created; resumed if it exists)"),
     config: str = typer.Option("quick", "--config", help="quick | default | FILE.yaml"),
     folds: list[str] | None = typer.Option(
@@ -285,22 +316,44 @@ def train(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars"),
 ) -> None:
-    """Cross-validate: train every fold (localiser + graders), write OOF predictions and cv.json."""
+    """Cross-validate: train every fold (localiser + graders), write OOF predictions and cv.json.
+
+    Several data folders train one model together (e.g. the phantom and real spines imported
+    with `spinegrade import spider`): `train PHANTOM SPIDER --cache C1 --cache C2 --out RUN`.
+    """
     import os
 
     _passive_openmp()  # before torch is imported: shared CPUs, see BENCHMARKS.md
     from spinegrade.config import load_config
     from spinegrade.training.cv import cross_validate
 
-    wanted, overrides = _split_folds_overrides(folds, overrides)
+    wanted, overrides, data_dirs = _split_train_args(folds, args)
+    if not data_dirs:
+        raise ValueError("name at least one DATA folder before the key=value overrides")
+    if len(cache) != len(data_dirs):
+        raise ValueError(
+            f"{len(data_dirs)} data folder(s) but {len(cache)} --cache folder(s): give one "
+            "--cache per data folder, in the same order"
+        )
     cfg = load_config(config, overrides)
-    cv = cross_validate(data_dir, cache, out, cfg, folds_to_run=wanted, progress=progress)
+    if cfg.data.sources and len(data_dirs) > 1:
+        raise ValueError(
+            "give the further data folders on the command line or in data.sources, not both"
+        )
+    if len(data_dirs) > 1:
+        cfg.data.sources = [
+            {"data_dir": d, "cache_dir": str(c)}
+            for d, c in zip(data_dirs[1:], cache[1:], strict=True)
+        ]
+    cv = cross_validate(
+        Path(data_dirs[0]), cache[0], out, cfg, folds_to_run=wanted, progress=progress
+    )
     if cv is None:
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
             typer.echo(f"folds {wanted} done in {out}; run `spinegrade merge {out}` when all exist")
         return
     _echo_cv(cv)
-    typer.echo(f"run folder: {out} (cv.json, oof.csv)")
+    typer.echo(f"run folder: {out} (cv.json, oof.csv, oof_points.csv)")
 
 
 @app.command()
@@ -309,7 +362,7 @@ def merge(
     run_dir: Path = typer.Argument(..., help="Run folder whose folds were trained separately"),
     data: Path | None = typer.Option(None, "--data", help="Data folder (default: the run's)"),
 ) -> None:
-    """Merge a run's folds: oof.csv, localizer_errors.csv and cv.json."""
+    """Merge a run's folds: oof.csv, oof_points.csv, localizer_errors.csv and cv.json."""
     from spinegrade.training.cv import merge_run
 
     _echo_cv(merge_run(run_dir, data))
@@ -328,17 +381,25 @@ def demo(
     ),
     workers: int = typer.Option(0, "--workers", min=0, help="Processes (0 = all usable cores)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars"),
+    real: str = typer.Option(
+        "vendored",
+        "--real",
+        help="Real spines the localiser also learns from: the SPIDER set (folder or .tar.xz), "
+        "'vendored' (the repository's copy) or 'none' (phantom only)",
+    ),
 ) -> None:
-    """Synthesise, preprocess, train 5 folds, predict held-out studies, score and report."""
+    """Synthesise, import real spines, preprocess, train 5 folds, predict, score and report."""
     _passive_openmp()
     from rich.console import Console
 
-    from spinegrade.demo import print_summary, run_demo
+    from spinegrade.demo import VENDORED_REAL, print_summary, run_demo
 
     console = Console()
+    real_set = {"vendored": VENDORED_REAL, "none": None}.get(real, Path(real))
     result = run_demo(
         out, studies, test_studies, seed, config, overrides or [], workers or None, progress,
         echo=lambda text: console.print(text, style="bold cyan", highlight=False),
+        real=real_set,
     )  # fmt: skip
     print_summary(result, console)
 

@@ -59,6 +59,10 @@ class DataConfig:
     cache_size: int = 512
     cache_mm: float = 0.7
     n_folds: int = 5
+    # Further training data trained on together with data_dir (phantom + real, RSNA + a
+    # hospital's own studies): each {data_dir: ..., cache_dir: ...}. Studies keep their source
+    # (folds.csv, metrics.json, cv.json) and folds are stratified by it.
+    sources: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass

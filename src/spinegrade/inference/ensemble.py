@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,10 +162,34 @@ class Predictor:
         ]
 
     def describe_training(self) -> list[str]:
-        """A caution when any fold learned from phantom studies only (empty otherwise)."""
-        if not any(m.training_data == "phantom" for m in self.models):
-            return []
-        return [PHANTOM_CAUTION]
+        """Cautions for networks that some fold trained on phantom studies only (else empty).
+
+        Both stages phantom-only: :data:`PHANTOM_CAUTION`. A localiser that learned from real
+        spines with graders that did not (the demo): the grades are not validated on real images
+        (:func:`grader_caution`); the reverse: :data:`LOCALIZER_CAUTION`.
+        """
+        only = {"phantom"}
+
+        def phantom_only(role: str) -> bool:
+            return any(set(m.training_data.get(role, ())) == only for m in self.models)
+
+        loc, grad = phantom_only("localizer"), phantom_only("grader")
+        if loc and (grad or not any(m.training_data.get("grader") for m in self.models)):
+            return [PHANTOM_CAUTION]
+        lines = [LOCALIZER_CAUTION] if loc else []
+        if grad:
+            kinds = sorted({k for m in self.models for k in m.training_data.get("localizer", ())})
+            lines.append(grader_caution(kinds))
+        return lines
+
+    @property
+    def training_data(self) -> dict[str, list[str]]:
+        """Role -> kinds of data any fold's networks of that role learned from."""
+        out: dict[str, set[str]] = {}
+        for m in self.models:
+            for role, kinds in m.training_data.items():
+                out.setdefault(role, set()).update(kinds)
+        return {role: sorted(kinds) for role, kinds in sorted(out.items())}
 
     @property
     def crop_config(self):
@@ -246,3 +270,20 @@ PHANTOM_CAUTION = (
     "one disc off, and its grades are not validated on real images. Check the level labels on "
     "each figure; not for clinical use."
 )
+# A localiser trained on phantoms only, beside graders that learned from real images.
+LOCALIZER_CAUTION = (
+    "Its localiser learned from synthetic phantom studies only: on real spines it can put a "
+    "level one disc off. Check the level labels on each figure."
+)
+
+
+def grader_caution(localizer_kinds: Sequence[str]) -> str:
+    """The caution of graders trained on phantoms only (e.g. the demo's), naming what the
+    localiser learned from."""
+    seen = {"phantom": "synthetic phantoms", "real": "real spines"}
+    source = " and ".join(seen.get(k, k) for k in localizer_kinds) or "data not recorded"
+    return (
+        f"Levels found by a localiser trained on {source}; grades from graders trained on "
+        "synthetic phantom studies only: the grades are not validated on real images. Not for "
+        "clinical use."
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,9 @@ class FoldModels:
     fallback: np.ndarray  # (25, 3) probabilities for targets that cannot be graded
     crops: CropConfig
     prior_mix: float = 0.0  # weight of the fallback mixed into every graded prediction
-    training_data: str = ""  # "phantom" or "images" (metrics.json); "" = not recorded (older runs)
+    # What its networks learned from: role ("localizer", "grader") -> kinds of the sources
+    # ("phantom", "real"); empty = not recorded (older runs). See :func:`learned_from`.
+    training_data: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,10 +260,29 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
         # predicts ~20% faster on 2 CPU cores (BENCHMARKS.md, "Prediction latency").
         net.to(memory_format=torch.channels_last)
     metrics = fold_dir / "metrics.json"  # written last by training; older runs lack the entry
-    trained_on = (
-        json.loads(metrics.read_text()).get("training_data", "") if metrics.is_file() else ""
-    )
+    trained_on = learned_from(json.loads(metrics.read_text()) if metrics.is_file() else {})
     return FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on)
+
+
+def learned_from(metrics: Mapping) -> dict[str, list[str]]:
+    """A fold's ``metrics.json`` -> role ("localizer", "grader") -> kinds of data it learned from.
+
+    Folds record per network the studies of each source it learned from (``training_data``) and
+    each source's kind (``sources``); folds from before several sources recorded one word for
+    the fold ("phantom" or "images"), and older ones nothing (empty result).
+    """
+    recorded = metrics.get("training_data")
+    if not recorded:
+        return {}
+    if isinstance(recorded, str):
+        kinds = ["phantom" if recorded == "phantom" else "real"]
+        return {"localizer": kinds, "grader": kinds}
+    kind_of = {name: s.get("kind", "real") for name, s in metrics.get("sources", {}).items()}
+    out: dict[str, set[str]] = {}
+    for net, counts in recorded.items():
+        role = "localizer" if net.startswith("localizer") else "grader"
+        out.setdefault(role, set()).update(kind_of.get(n, "real") for n, c in counts.items() if c)
+    return {role: sorted(kinds) for role, kinds in out.items()}
 
 
 def _read_fallback(path: Path) -> np.ndarray:

@@ -347,6 +347,6 @@ def _report_study(predictor: Predictor, pred, stacks: dict, report_dir: Path) ->
     crops = make_crops(stacks, points, predictor.crop_config, columns=graded) if stacks else {}
     inputs = ReportInputs(stacks=stacks, crops=crops, saliency_fn=predictor.saliency)
     info = {"folds": predictor.folds, "device": predictor.device, "init": predictor.init}
-    info["training_data"] = sorted({m.training_data or "not recorded" for m in predictor.models})
+    info["training_data"] = predictor.training_data or "not recorded"
     info["notes"] = predictor.describe_training()
     write_study_report(report_dir, pred, inputs, info)

@@ -3,16 +3,16 @@
 Run folder (self-contained: prediction rebuilds everything from it)::
 
     RUN_DIR/config.yaml            resolved config (data and cache folders included)
-    RUN_DIR/folds.csv              study_id,fold (made once, reused by every later call)
+    RUN_DIR/folds.csv              study_id,fold,source,patient_id (made once, then reused)
     RUN_DIR/fold_K/                one per fold; a fold is complete when metrics.json exists
         localizer_{spinal,foraminal}.safetensors + .json, localizer_geometry.json
         grader_{spinal,foraminal,subarticular}.safetensors + .json
         fallback.json              training-fold constant for targets no series can show
         log.jsonl                  a runtime line (world size, device), then one line per stage
                                    and epoch (loss, val metrics, speed, steps)
-        oof.csv, localizer_errors.csv, metrics.json
+        oof.csv, oof_points.csv, localizer_errors.csv, metrics.json
         checkpoints/               per-epoch checkpoints while a stage trains (removed after)
-    RUN_DIR/oof.csv, localizer_errors.csv, cv.json   written by :func:`.cv.merge_run`
+    RUN_DIR/oof.csv, oof_points.csv, localizer_errors.csv, cv.json   by :func:`.cv.merge_run`
 
 A run folder keeps one config: calls that train its folds may differ only in where and how they
 run (:data:`RUNTIME_KEYS`), so folds can be trained on different machines and merged.
@@ -88,13 +88,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def ensure_folds(
-    run_dir: Path, labels: pd.DataFrame, cfg: Config, runtime: Runtime
+    run_dir: Path,
+    labels: pd.DataFrame,
+    cfg: Config,
+    runtime: Runtime,
+    studies: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The run's folds.csv: made once (seeded, stratified, grouped by study), then reused."""
+    """The run's folds.csv: made once (seeded; stratified by source and severity, grouped by
+    patient; ``studies``: study_id, source, patient_id), then reused."""
     from spinegrade.rsna import load_folds, make_folds, save_folds
 
     path = run_dir / "folds.csv"
     if runtime.is_main and not path.is_file():
-        save_folds(make_folds(labels, cfg.data.n_folds, cfg.seed), path)
+        save_folds(make_folds(labels, cfg.data.n_folds, cfg.seed, studies), path)
     runtime.barrier()
     return load_folds(path, labels["study_id"].tolist())

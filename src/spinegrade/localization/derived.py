@@ -16,9 +16,6 @@ from spinegrade.localization.points import StudyPoints
 from spinegrade.task import CONDITIONS, LEVELS
 
 SPINAL, LEFT_FOR, RIGHT_FOR = CONDITIONS[0], CONDITIONS[1], CONDITIONS[2]
-SPINAL, LEFT_FOR, RIGHT_FOR = CONDITIONS[0], CONDITIONS[1], CONDITIONS[2]
-SPINAL, LEFT_FOR, RIGHT_FOR = CONDITIONS[0], CONDITIONS[1], CONDITIONS[2]
-LEFT_SUB, RIGHT_SUB = CONDITIONS[3], CONDITIONS[4]
 LEFT_SUB, RIGHT_SUB = CONDITIONS[3], CONDITIONS[4]
 
 
@@ -28,16 +25,22 @@ def fit_offsets(points: Sequence[StudyPoints]) -> dict[str, np.ndarray]:
     ``subarticular`` (2, 5, 3): recess minus canal point per side (left, right) and level: the
     recesses sit just lateral and posterior of the canal centre. ``spinal_from_foramina`` (5, 3):
     canal point minus the midpoint of the two foramina, used when the T2 series is missing.
+    ``disc_from_spinal`` (5, 3): disc centre minus canal point, only when some training study
+    has labelled disc centres (imported real sets); without it no disc centre is derived.
     Levels without examples fall back to the median over levels (then zero).
     """
     xyz = np.stack([p.xyz for p in points]) if points else np.full((0, 5, 5, 3), np.nan)
     spinal = xyz[:, 0]
     sub = np.stack([xyz[:, 3] - spinal, xyz[:, 4] - spinal], axis=1)  # (N, 2, 5, 3)
     mid = 0.5 * (xyz[:, 1] + xyz[:, 2])
-    return {
+    out = {
         "subarticular": _robust_median(sub, axis=0),
         "spinal_from_foramina": _robust_median(spinal - mid, axis=0),
     }
+    disc = np.stack([p.disc for p in points]) - spinal if points else np.full((0, 5, 3), np.nan)
+    if np.isfinite(disc).all(axis=-1).any():
+        out["disc_from_spinal"] = _robust_median(disc, axis=0)
+    return out
 
 
 def _robust_median(values: np.ndarray, axis: int) -> np.ndarray:
@@ -86,11 +89,13 @@ def fuse_level_points(
 
 
 def derive_points(points: StudyPoints, offsets: Mapping[str, np.ndarray]) -> StudyPoints:
-    """Fill points no network predicts: the canal from the foramina (no T2), the recesses.
+    """Fill points no network predicts: the canal from the foramina (no T2), the recesses, and
+    the disc centre (when the localiser learned its offset from labelled discs).
 
     Only NaN points are filled, so true or predicted points always win.
     """
     out = points.copy()
+    disc_offset = offsets.get("disc_from_spinal")
     for j, level in enumerate(LEVELS):
         left, right = out.get(LEFT_FOR, level), out.get(RIGHT_FOR, level)
         if out.get(SPINAL, level) is None and left is not None and right is not None:
@@ -98,6 +103,8 @@ def derive_points(points: StudyPoints, offsets: Mapping[str, np.ndarray]) -> Stu
         spinal = out.get(SPINAL, level)
         if spinal is None:
             continue
+        if disc_offset is not None and out.get_disc(level) is None:
+            out.disc[j] = spinal + disc_offset[j]
         for side, condition in enumerate((LEFT_SUB, RIGHT_SUB)):
             if out.get(condition, level) is None:
                 out.set(condition, level, spinal + offsets["subarticular"][side, j])

@@ -153,6 +153,7 @@ def consensus_points(points: Sequence[StudyPoints]) -> StudyPoints:
     between two discs). Targets that no fold located stay NaN.
     """
     xyz = np.stack([p.xyz for p in points])
+    disc = np.stack([p.disc for p in points])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN targets: NaN, as meant
-        return StudyPoints(np.nanmedian(xyz, axis=0))
+        return StudyPoints(np.nanmedian(xyz, axis=0), np.nanmedian(disc, axis=0))

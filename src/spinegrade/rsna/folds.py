@@ -1,7 +1,8 @@
-"""Cross-validation folds as data: grouped by study, stratified by each study's severity profile.
+"""Cross-validation folds as data: grouped by patient, stratified by source and severity profile.
 
-Folds are made once (seeded), written to ``folds.csv`` and read back by every later call, so every
-out-of-fold number of a run comes from the same split.
+Folds are made once (seeded), written to ``folds.csv`` (``study_id, fold`` and, for runs that
+record them, each study's ``source`` and ``patient_id``) and read back by every later call, so
+every out-of-fold number of a run comes from the same split.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from spinegrade.task import (
 )
 
 FOLD_COLUMNS: tuple[str, ...] = ("study_id", "fold")
+SOURCE_COLUMNS: tuple[str, ...] = ("source", "patient_id")  # optional, recorded by training
 
 
 def severity_profile(wide: pd.DataFrame) -> pd.DataFrame:
@@ -77,14 +79,25 @@ def fold_strata(wide: pd.DataFrame, n_folds: int) -> pd.Series:
     return pd.Series(keys, index=profile["study_id"], name="stratum")
 
 
-def make_folds(wide: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+def make_folds(
+    wide: pd.DataFrame,
+    n_folds: int = 5,
+    seed: int = 42,
+    studies: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Assign every study to one of ``n_folds`` folds: DataFrame(study_id, fold), by study_id.
 
-    One row per study makes the split grouped by study (all series and levels of a patient stay
+    One row per study makes the split grouped by study (all series and levels of a study stay
     together); stratifying by the severity profile keeps rare severe cases in every fold. The
-    result depends only on the labels, ``n_folds`` and ``seed`` (not on the row order).
+    result depends only on the labels, ``n_folds``, ``seed`` and ``studies`` (not row order).
+
+    ``studies`` (study_id, source, patient_id; e.g. from several data folders) adds both columns
+    to the result, stratifies by source first (every fold validates on every source, e.g. on
+    real spines as well as phantoms) and groups by patient (a patient with two studies never
+    sits on both sides of a fold). One source with one study a patient gives the same folds as
+    without ``studies``.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
@@ -97,12 +110,37 @@ def make_folds(wide: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataF
             "or fewer, or add studies"
         )
     ordered = wide.sort_values("study_id", kind="stable").reset_index(drop=True)
-    strata = fold_strata(ordered, n_folds).to_numpy()
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    ids = ordered["study_id"].to_numpy(np.int64)
+    if studies is None:
+        strata = fold_strata(ordered, n_folds).to_numpy()
+        groups = None
+    else:
+        info = studies.set_index("study_id").loc[ids]
+        # Severity strata are made within each source (coarsened to its own size), then keyed by
+        # the source: the sort order of the keys, and so the split, is unchanged for one source.
+        strata = np.empty(len(ids), dtype=object)
+        for name in pd.unique(info["source"]):
+            m = (info["source"] == name).to_numpy()
+            inner = fold_strata(ordered[m], min(n_folds, int(m.sum()))).to_numpy()
+            strata[m] = [f"{name}|{k}" for k in inner]
+        patients = info["patient_id"].astype(str).to_numpy()
+        groups = patients if len(set(patients)) < len(patients) else None
     fold = np.empty(len(ordered), dtype=np.int64)
-    for k, (_, test_idx) in enumerate(splitter.split(np.zeros(len(ordered)), strata)):
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        split = splitter.split(np.zeros(len(ordered)), strata)
+    else:
+        if len(set(groups)) < n_folds:
+            raise ValueError(f"{len(set(groups))} patients cannot fill {n_folds} folds")
+        grouped = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        split = grouped.split(np.zeros(len(ordered)), strata, groups)
+    for k, (_, test_idx) in enumerate(split):
         fold[test_idx] = k
-    return pd.DataFrame({"study_id": ordered["study_id"].to_numpy(np.int64), "fold": fold})
+    out = pd.DataFrame({"study_id": ids, "fold": fold})
+    if studies is not None:
+        out["source"] = info["source"].to_numpy()
+        out["patient_id"] = info["patient_id"].astype(str).to_numpy()
+    return out
 
 
 def fold_summary(wide: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
@@ -130,12 +168,25 @@ def save_folds(folds: pd.DataFrame, path: Path | str) -> Path:
     from spinegrade.util.atomic import write_csv
 
     _require_columns(folds, FOLD_COLUMNS, "fold table")
-    return write_csv(path, folds[list(FOLD_COLUMNS)])
+    extra = [c for c in SOURCE_COLUMNS if c in folds.columns]
+    return write_csv(path, folds[[*FOLD_COLUMNS, *extra]])
+
+
+def _text_cell(text: str) -> str:
+    if not text:
+        raise ValueError("empty")
+    return text
 
 
 def load_folds(path: Path | str, study_ids: Sequence[int] | None = None) -> pd.DataFrame:
-    """Read a ``folds.csv``; with ``study_ids``, check that each of them has a fold."""
+    """Read a ``folds.csv``; with ``study_ids``, check that each of them has a fold.
+
+    Runs record each study's ``source`` and ``patient_id`` beside its fold; older folds.csv
+    files (``study_id, fold`` only) load as they are.
+    """
     parsers: dict[str, Parser] = {"study_id": _int_cell, "fold": _int_cell}
+    if _has_source_columns(Path(path)):
+        parsers |= dict.fromkeys(SOURCE_COLUMNS, _text_cell)
     folds, lines = _load(path, parsers, ["study_id"])
     negative = [
         f"line {ln}: fold {f} < 0" for ln, f in zip(lines, folds["fold"], strict=True) if f < 0
@@ -150,3 +201,13 @@ def load_folds(path: Path | str, study_ids: Sequence[int] | None = None) -> pd.D
                 [f"{len(absent)} studies have no fold, e.g. {absent[:5]}; remake the folds"],
             )
     return folds
+
+
+def _has_source_columns(path: Path) -> bool:
+    """Whether a folds.csv header names the source columns (read before the strict parse)."""
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+            header = {h.strip() for h in fh.readline().split(",")}
+    except OSError:
+        return False  # the strict loader reports the missing file
+    return set(SOURCE_COLUMNS) <= header

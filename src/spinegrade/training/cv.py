@@ -21,11 +21,20 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
 from spinegrade.config import Config
-from spinegrade.data.studies import StudyData, load_studies
+from spinegrade.data.sources import (
+    TrainingTables,
+    configured_sources,
+    group_counts,
+    load_tables,
+    load_training_studies,
+)
+from spinegrade.data.studies import StudyData
+from spinegrade.evaluation.anatomy import score_case
 from spinegrade.evaluation.metrics import (
     best_constant_probs,
     best_constant_submission,
@@ -44,6 +53,7 @@ from spinegrade.inference.run_folder import (
 from spinegrade.localization.derived import derive_points, fit_offsets
 from spinegrade.localization.errors import point_errors, summarize_errors
 from spinegrade.localization.localizer import Localizer
+from spinegrade.localization.points import POINT_COLUMNS, StudyPoints, point_rows
 from spinegrade.localization.samples import LocalizerSample, build_localizer_samples
 from spinegrade.localization.tasks import configured_tasks
 from spinegrade.models.weights import (
@@ -53,8 +63,9 @@ from spinegrade.models.weights import (
     weights_complete,
 )
 from spinegrade.preprocessing.guard import check_cache
-from spinegrade.rsna import is_phantom, load_dataset, load_folds, load_train, normalize_coordinates
+from spinegrade.rsna import label_matrix, load_folds
 from spinegrade.rsna.submission import submission_frame
+from spinegrade.task import COLUMN_CONDITION, CONDITION_GROUP, CONDITIONS, LABEL_COLUMNS
 from spinegrade.training.engine import JsonlLog
 from spinegrade.training.stages import train_grader, train_localizer
 from spinegrade.util.atomic import crash_point, write_csv, write_json
@@ -85,6 +96,8 @@ def cross_validate(
     require_pretrained(cfg)
     configured_tasks(cfg)
     check_cache(cache_dir, cfg.data, data_dir)
+    for extra in configured_sources(cfg)[1:]:
+        check_cache(extra.cache_dir, cfg.data, extra.data_dir)
     runtime = setup_runtime(cfg.train)
     try:
         return _cross_validate(
@@ -102,10 +115,13 @@ def _cross_validate(
         str(Path(data_dir).resolve()),
         str(Path(cache_dir).resolve()),
     )
+    cfg.data.sources = [
+        {k: str(Path(v).resolve()) for k, v in entry.items()} for entry in cfg.data.sources
+    ]
     if runtime.is_main:
         write_or_check_config(cfg, run_dir)
-    ds = load_dataset(data_dir)
-    folds = ensure_folds(run_dir, ds.labels, cfg, runtime)
+    tables = load_tables(configured_sources(cfg))
+    folds = ensure_folds(run_dir, tables.labels, cfg, runtime, tables.studies)
     all_folds = sorted(int(k) for k in folds["fold"].unique())
     wanted = list(folds_to_run if folds_to_run is not None else (cfg.train.folds or all_folds))
     unknown = sorted(set(wanted) - set(all_folds))
@@ -126,21 +142,22 @@ def _cross_validate(
 
 def _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime: Runtime, progress: bool) -> None:
     """Train ``todo`` folds one after the other in this process (GPU, DDP or one CPU worker)."""
-    ds = load_dataset(data_dir)
+    tables = load_tables(configured_sources(cfg))
     folds = load_folds(Path(run_dir) / "folds.csv")
-    coords = normalize_coordinates(ds.coordinates) if ds.coordinates is not None else None
-    ids = ds.labels["study_id"].tolist()
-    studies = load_studies(cache_dir, ids, ds.labels, coords, progress=progress)
+    studies = load_training_studies(tables, progress=progress)
     loc_samples = build_localizer_samples(
         {s: (d.stacks, d.points) for s, d in studies.items()}, cfg
     )
     for k in todo:
         if runtime.is_main:
             log.info("fold %d: training (%s)", k, fold_dir(run_dir, k))
-        metrics = run_fold(cfg, k, folds, studies, loc_samples, ds.labels, Path(run_dir), runtime)
+        metrics = run_fold(cfg, k, folds, studies, loc_samples, tables, Path(run_dir), runtime)
         if metrics is not None:
-            score, secs = metrics["oof"]["score"], metrics["timing"]["total_s"]
-            log.info("fold %d: OOF score %.4f in %.0f s", k, score, secs)
+            secs = metrics["timing"]["total_s"]
+            if metrics["oof"] is None:
+                log.info("fold %d: localisation only (no grades) in %.0f s", k, secs)
+            else:
+                log.info("fold %d: OOF score %.4f in %.0f s", k, metrics["oof"]["score"], secs)
 
 
 # The CPU fold pool lives here rather than in a module of its own: a spawned fold process has to
@@ -194,7 +211,8 @@ def _train_in_processes(
             k = futures[fut]
             fut.result()
             path = fold_dir(run_dir, k) / "metrics.json"
-            score = json.loads(path.read_text())["oof"]["score"] if path.is_file() else None
+            oof = json.loads(path.read_text())["oof"] if path.is_file() else None
+            score = oof["score"] if oof else None
             log.info("fold %d: done%s", k, "" if score is None else f" (OOF score {score:.4f})")
             bar.update(1)
 
@@ -219,11 +237,16 @@ def run_fold(
     folds: pd.DataFrame,
     studies: Mapping[int, StudyData],
     loc_samples: Mapping[str, Mapping[int, object]],
-    labels: pd.DataFrame,
+    tables: TrainingTables,
     run_dir: Path,
     runtime: Runtime,
 ) -> dict | None:
-    """Train (or resume) one fold and write its out-of-fold predictions and metrics."""
+    """Train (or resume) one fold and write its out-of-fold predictions and metrics.
+
+    A grader is trained only when the fold's training studies hold labels of its group: a run
+    on localisation-only data (an imported real set without grades) trains the localiser, and
+    its studies add nothing to (and take nothing from) the graders of a mixed run.
+    """
     from spinegrade.models.weights import save_weights
 
     out = fold_dir(run_dir, fold)
@@ -244,7 +267,13 @@ def run_fold(
     # Training crops: true points; recesses without a label come from the canal + offsets.
     points = {s: derive_points(studies[s].points, localizer.offsets) for s in train_ids + val_ids}
     graders: dict[str, nn.Module] = {}
+    taught: dict[str, list[int]] = {}  # network -> training studies whose labels it learned from
     for group in cfg.train.groups:
+        taught[f"grader_{group}"] = [s for s in train_ids if _has_grades(studies[s], group)]
+        if not taught[f"grader_{group}"]:
+            log.info("fold %d: no %s grades among the training studies; no %s grader", fold,
+                     group, group)  # fmt: skip
+            continue
         t1 = time.perf_counter()
         path = out / f"grader_{group}.safetensors"
         if weights_complete(path):
@@ -261,6 +290,7 @@ def run_fold(
         graders[group] = model
         timing[f"grader_{group}_s"] = round(time.perf_counter() - t1, 1)
     runtime.barrier("waiting for every rank to finish training")
+    labels = tables.labels
     train_wide = labels[labels["study_id"].isin(train_ids)]
     fallback = best_constant_probs(train_wide)
     if runtime.is_main:
@@ -273,7 +303,7 @@ def run_fold(
     parts = runtime.gather(part, "gathering the out-of-fold predictions")
     if not runtime.is_main:
         return None
-    metrics = _write_oof(parts, fold, val_ids, labels, out)
+    metrics = _write_oof(parts, fold, val_ids, labels, out, tables.source_of())
     timing["oof_s"] = round(time.perf_counter() - t2, 1)
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     metrics.update(
@@ -284,13 +314,31 @@ def run_fold(
     nets = {f"localizer_{k}": v for k, v in localizer.nets.items()}
     nets.update({f"grader_{g}": m for g, m in graders.items()})
     metrics["init"] = {name: init_source(net) for name, net in nets.items()}
-    # What the fold learned from: predictions on real studies by phantom-trained folds carry a
-    # caution (their localisers misname levels on real spines; BENCHMARKS.md, "Real anatomy").
-    metrics["training_data"] = "phantom" if is_phantom(cfg.data.data_dir) else "images"
+    # What each network learned from, per source (studies whose labels it trained on), and what
+    # kind each source is: predictions carry a caution for networks that saw phantoms only
+    # (their localisers misname levels on real spines; BENCHMARKS.md, "Real anatomy").
+    source_of = tables.source_of()
+    for name, samples in loc_samples.items():
+        if f"localizer_{name}" in nets:
+            taught[f"localizer_{name}"] = [s for s in train_ids if s in samples]
+    metrics["sources"] = {
+        src.name: {"kind": src.kind, "train": group_counts(source_of, train_ids).get(src.name, 0),
+                   "val": group_counts(source_of, val_ids).get(src.name, 0)}
+        for src in tables.sources
+    }  # fmt: skip
+    metrics["training_data"] = {
+        net: group_counts(source_of, ids) for net, ids in taught.items() if net in nets
+    }
     crash_point("fold_metrics")
     write_json(out / "metrics.json", metrics)  # last: it marks the fold complete
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
+
+
+def _has_grades(study: StudyData, group: str) -> bool:
+    """Whether a study has a graded cell of ``group`` (and a series to cut its crops from)."""
+    cols = [i for i, c in enumerate(LABEL_COLUMNS) if CONDITION_GROUP[COLUMN_CONDITION[c]] == group]
+    return bool(study.stacks) and bool((study.labels[cols] >= 0).any())
 
 
 def _stage1(
@@ -320,13 +368,16 @@ def _grade_oof(models: FoldModels, ids, studies, runtime: Runtime, cfg: Config) 
         models, {sid: studies[sid].stacks for sid in ids}, runtime,
         batch_size=cfg.train.eval_batch_size, workers=runtime.num_workers,
     )  # fmt: skip
-    probs, errors, n_fallback = {}, [], 0
+    probs, errors, points, n_fallback = {}, [], [], 0
     for sid, pred in preds.items():
         study = studies[sid]
         probs[sid] = pred.probs
         n_fallback += int((~pred.graded & (study.labels >= 0)).sum())
-        errors += point_errors(sid, pred.points, study.points, study.stacks)
-    return {"probs": probs, "errors": errors, "fallback": n_fallback}
+        errors += _with_level_names(
+            point_errors(sid, pred.points, study.points, study.stacks), pred.points, study.points
+        )
+        points += point_rows(sid, pred.points)
+    return {"probs": probs, "errors": errors, "points": points, "fallback": n_fallback}
 
 
 def _steps_per_epoch(out: Path) -> dict[str, int]:
@@ -340,8 +391,14 @@ def _steps_per_epoch(out: Path) -> dict[str, int]:
     return steps
 
 
-def _write_oof(parts: Sequence[dict], fold: int, val_ids, labels, out: Path) -> dict:
-    """Out-of-fold predictions (predicted points), localiser errors, fold metrics."""
+def _write_oof(
+    parts: Sequence[dict], fold: int, val_ids, labels, out: Path, source_of: Mapping[int, str]
+) -> dict:
+    """Out-of-fold predictions (predicted points), points, localiser errors, fold metrics.
+
+    The grading score covers the validation studies with grades; ``oof`` is None when none has
+    any (a localisation-only fold). Localiser errors are summarised overall and per source.
+    """
     probs: dict[int, object] = {}
     for p in parts:
         dup = set(probs) & set(p["probs"])
@@ -354,29 +411,102 @@ def _write_oof(parts: Sequence[dict], fold: int, val_ids, labels, out: Path) -> 
     probs = {sid: probs[sid] for sid in val_ids}
     order = {sid: i for i, sid in enumerate(val_ids)}
     errors = sorted((e for p in parts for e in p["errors"]), key=lambda e: order[e["study_id"]])
+    located = sorted((r for p in parts for r in p["points"]), key=lambda r: order[r["study_id"]])
     n_fallback = sum(p["fallback"] for p in parts)
     oof = submission_frame(probs)
     write_csv(out / "oof.csv", oof)
-    err = pd.DataFrame(errors)
+    err = pd.DataFrame(errors, columns=ERROR_COLUMNS)
     err.insert(0, "fold", fold)
+    err.insert(2, "source", err["study_id"].map(source_of))
     write_csv(out / "localizer_errors.csv", err)
-    scores = score_frames(labels[labels["study_id"].isin(val_ids)], oof)
-    return {"oof": scores, "localizer": summarize_errors(errors), "fallback_cells": n_fallback}
+    pts = pd.DataFrame(located, columns=list(POINT_COLUMNS))
+    pts["fold"] = fold
+    write_csv(out / "oof_points.csv", pts)
+    return {
+        "oof": _score_graded(labels[labels["study_id"].isin(val_ids)], oof),
+        "localizer": summarize_errors(errors),
+        "localizer_by_source": _errors_by_source(err),
+        "levels_by_source": _levels_by_source(err),
+        "fallback_cells": n_fallback,
+    }
+
+
+# Columns of localizer_errors.csv (point_errors' rows; fold and source are added in front, and
+# plane_mm / named_as where the study's true disc centres are known, see _with_level_names).
+ERROR_COLUMNS = (
+    "study_id", "condition", "level", "group", "error_mm", "slice_ok", "plane_mm", "named_as"
+)  # fmt: skip
+
+
+def _with_level_names(rows: list[dict], pred: StudyPoints, true: StudyPoints) -> list[dict]:
+    """Canal rows of a study with labelled disc centres (imported real sets) get the located
+    point's distance to its disc's mid-plane and the disc it is nearest (``evaluation.anatomy``):
+    whether the report would name the level right, beside the 3D error."""
+    if not np.isfinite(true.disc).all():
+        return rows
+    named = {r["level"]: r for r in score_case(pred.xyz[0], true.disc)}
+    for row in rows:
+        if row["condition"] == CONDITIONS[0] and named[row["level"]]["found"]:
+            row["plane_mm"] = named[row["level"]]["dist_mm"]
+            row["named_as"] = named[row["level"]]["nearest"]
+    return rows
+
+
+def _levels_by_source(err: pd.DataFrame) -> dict[str, dict]:
+    """Per source with labelled discs: canal points within 5 / 10 mm of their disc's mid-plane,
+    and levels named as another disc (or not found), out of fold."""
+    out = {}
+    rows = err[err["condition"] == CONDITIONS[0]]
+    for name, g in rows.groupby("source", sort=False):
+        if g["plane_mm"].isna().all() and g["named_as"].isna().all():
+            continue
+        scored = g[g["plane_mm"].notna() | g["error_mm"].isna()]  # unfound levels count too
+        a = scored["plane_mm"].abs()
+        out[str(name)] = {
+            "n": len(scored),
+            "median_mm": float(a.median()),
+            "within_5mm": float((a <= 5).mean()),
+            "within_10mm": float((a <= 10).mean()),
+            "misnamed": int((scored["named_as"] != scored["level"]).sum()),
+        }
+    return out
+
+
+def _score_graded(labels: pd.DataFrame, oof: pd.DataFrame) -> dict | None:
+    """The metric on the studies that have grades (None when none has any)."""
+    codes = label_matrix(labels)
+    graded = labels[(codes >= 0).any(axis=1)]
+    if graded.empty:
+        return None
+    return score_frames(graded, oof[oof["row_id"].str.partition("_")[0].astype(int).isin(
+        graded["study_id"])])  # fmt: skip
+
+
+def _errors_by_source(err: pd.DataFrame) -> dict[str, dict]:
+    """:func:`summarize_errors` per source (a mixed run: how it does on real spines)."""
+    return {
+        str(name): summarize_errors(g[["group", "error_mm", "slice_ok"]].to_dict("records"))
+        for name, g in err.groupby("source", sort=False)
+    }
 
 
 # ---------------------------------------------------------------------------------------- merge
 
 
 def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
-    """Merge the folds of a run: oof.csv, localizer_errors.csv and cv.json (returned).
+    """Merge the folds of a run: oof.csv, oof_points.csv, localizer_errors.csv, cv.json (returned).
 
     cv.json holds the OOF metric terms and score, the uniform, class-prior and best-constant
     baselines on the same folds (priors learned on each fold's training part), the localiser's
-    errors and per-fold results. (On the phantom, the demo adds the Bayes limit beside them.)
+    errors (overall and per source), the studies per source and per-fold results. (On the
+    phantom, the demo adds the Bayes limit beside them.) The scores cover the studies with
+    grades; a run whose data have none (localisation only) has ``oof`` and ``baselines`` None.
+    ``data_dir`` replaces the run's first data folder (moved since training).
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    data_dir = Path(data_dir or cfg.data.data_dir)
+    if data_dir is not None:
+        cfg.data.data_dir = str(data_dir)
     folds = load_folds(run_dir / "folds.csv")
     all_folds = sorted(int(k) for k in folds["fold"].unique())
     missing = [k for k in all_folds if not fold_done(run_dir, k)]
@@ -386,7 +516,8 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
             f"`spinegrade train DATA --cache CACHE --out {run_dir} --folds "
             f"{' '.join(map(str, missing))}`"
         )
-    labels = load_train(data_dir / "train.csv")
+    tables = load_tables(configured_sources(cfg))
+    labels = tables.labels
     labels = labels[labels["study_id"].isin(folds["study_id"])].reset_index(drop=True)
     oof = pd.concat([pd.read_csv(fold_dir(run_dir, k) / "oof.csv") for k in all_folds])
     oof = oof.sort_values("row_id", kind="stable").reset_index(drop=True)
@@ -395,31 +526,68 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
         [pd.read_csv(fold_dir(run_dir, k) / "localizer_errors.csv") for k in all_folds]
     )
     write_csv(run_dir / "localizer_errors.csv", errors)
-    prior, best = [], []
-    for k in all_folds:
-        val = folds.loc[folds["fold"] == k, "study_id"].tolist()
-        train_wide = labels[~labels["study_id"].isin(val)]
-        prior.append(prior_submission(train_wide, val))
-        best.append(best_constant_submission(train_wide, val))
+    point_parts = [fold_dir(run_dir, k) / "oof_points.csv" for k in all_folds]
+    if all(p.is_file() for p in point_parts):  # runs from before oof_points.csv lack them
+        write_csv(run_dir / "oof_points.csv", pd.concat([pd.read_csv(p) for p in point_parts]))
     per_fold = [json.loads((fold_dir(run_dir, k) / "metrics.json").read_text()) for k in all_folds]
+    graded = set(tables.graded_ids())
     cv = {
         "config": cfg.name,
         "n_studies": len(labels),
         "n_folds": len(all_folds),
-        "oof": score_frames(labels, oof),
-        "baselines": {
-            "uniform": score_frames(labels, uniform_submission(labels["study_id"].tolist())),
-            "prior": score_frames(labels, pd.concat(prior)),
-            "best_constant": score_frames(labels, pd.concat(best)),
-        },
-        "localizer": summarize_errors(errors.to_dict("records")),
+        "sources": _source_summary(tables, folds),
+        "oof": None,
+        "baselines": None,
+        "localizer": summarize_errors(errors.drop(columns=["source"], errors="ignore")
+                                      .to_dict("records")),
+        "localizer_by_source": (
+            _errors_by_source(errors) if "source" in errors.columns else None
+        ),
+        "levels_by_source": _levels_by_source(errors) if "plane_mm" in errors.columns else None,
         "per_fold": [
-            {"fold": m["fold"], **m["oof"], "time_s": m["timing"]["total_s"], "init": m.get("init")}
+            {"fold": m["fold"], **(m["oof"] or {}), "time_s": m["timing"]["total_s"],
+             "init": m.get("init")}
             for m in per_fold
         ],
         "fallback_cells": int(sum(m["fallback_cells"] for m in per_fold)),
         "train_time_s": round(sum(m["timing"]["total_s"] for m in per_fold), 1),
         "init": summarize_init(m.get("init") for m in per_fold),
-    }
+    }  # fmt: skip
+    if graded:
+        cv["oof"], cv["baselines"] = _oof_and_baselines(labels, oof, folds, all_folds, graded)
     write_json(run_dir / "cv.json", cv)
     return cv
+
+
+def _oof_and_baselines(labels, oof, folds, all_folds, graded: set[int]) -> tuple[dict, dict]:
+    """The OOF score and the three constant baselines on the graded studies (same folds)."""
+    scored = labels[labels["study_id"].isin(graded)].reset_index(drop=True)
+    prior, best = [], []
+    for k in all_folds:
+        val = [s for s in folds.loc[folds["fold"] == k, "study_id"] if s in graded]
+        train_wide = scored[~scored["study_id"].isin(val)]
+        prior.append(prior_submission(train_wide, val))
+        best.append(best_constant_submission(train_wide, val))
+    ids = oof["row_id"].str.partition("_")[0].astype(int)
+    return score_frames(scored, oof[ids.isin(graded)]), {
+        "uniform": score_frames(scored, uniform_submission(scored["study_id"].tolist())),
+        "prior": score_frames(scored, pd.concat(prior)),
+        "best_constant": score_frames(scored, pd.concat(best)),
+    }
+
+
+def _source_summary(tables: TrainingTables, folds: pd.DataFrame) -> dict[str, dict]:
+    """Per source: its kind, folder, studies, graded studies and studies per fold."""
+    graded = set(tables.graded_ids())
+    fold_of = folds.set_index("study_id")["fold"]
+    out = {}
+    for src in tables.sources:
+        ids = [s for s in tables.source_ids(src.name) if s in fold_of.index]
+        out[src.name] = {
+            "kind": src.kind,
+            "data_dir": str(src.data_dir),
+            "studies": len(ids),
+            "graded": sum(s in graded for s in ids),
+            "per_fold": [int((fold_of.loc[ids] == k).sum()) for k in sorted(set(fold_of))],
+        }
+    return out
