@@ -109,6 +109,10 @@ class ModelConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.1  # stochastic depth, backbone and transformer
     level_embedding: bool = True  # condition the CLS token on the disc level (priors vary by level)
+    # A run folder (RUN_DIR of `spinegrade train`): every fold's graders start from its weights
+    # (fold_K/grader_<group>.safetensors, whole network, strict) instead of the backbone init
+    # above; see spinegrade.training.init_from. None: the backbone init.
+    init_from: str | None = None
 
 
 @dataclass
@@ -218,6 +222,9 @@ class LocalizerConfig:
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.01
+    # A run folder: every fold's stage-1 nets start from its fold_K/localizer_<task>.safetensors
+    # (as model.init_from for the graders). None: the backbone init.
+    init_from: str | None = None
     augment: LocalizerAugmentConfig = field(default_factory=LocalizerAugmentConfig)
 
 

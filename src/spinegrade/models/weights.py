@@ -301,17 +301,23 @@ def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
 def init_source(model: nn.Module) -> dict[str, Any]:
     """Where a model's backbone (``model.encoder``, or ``model`` itself) started from.
 
-    ``{"source": "hub", "id"}``, ``{"source": "file", "path", "sha256"}`` or
-    ``{"source": "random"}``.
+    ``{"source": "hub", "id"}``, ``{"source": "file", "path", "sha256"}``, ``{"source": "run",
+    "path", "fold", "file", "sha256"}`` (the whole net started from another run's fold weights,
+    ``*.init_from``) or ``{"source": "random"}``.
     """
     encoder = getattr(model, "encoder", model)
     return dict(getattr(encoder, "init_source", RANDOM_INIT))
 
 
 def describe_source(src: dict[str, Any] | None) -> str:
-    """One line for reports: ``hub timm/...``, ``file PATH (sha256 abc123...)`` or ``random``."""
+    """One line for reports: ``hub timm/...``, ``file PATH (sha256 abc123...)``, ``run RUN_DIR
+    fold K (FILE, sha256 abc123...)`` or ``random``."""
     if not src:
         return "unknown"
+    if src.get("source") == "run":
+        fold = f" fold {src['fold']}" if src.get("fold") is not None else ""
+        file = f" ({src['file']}, sha256 {str(src.get('sha256'))[:12]})" if src.get("file") else ""
+        return f"run {src.get('path')}{fold}{file}"
     if src.get("source") == "hub":
         return f"ImageNet, hub {src.get('id')}"
     if src.get("source") == "file":
@@ -349,12 +355,18 @@ def require_pretrained(cfg: Any) -> dict[str, dict[str, Any]]:
     Returns ``{"model": source, "localizer": source}``; raises :class:`PretrainedUnavailable`
     (with the ways out) when one cannot be had. Online this also fills timm's cache, so the
     folds' models then load from it. A run that trains no grader (``train.groups: []``, e.g.
-    a localiser experiment) needs no grader weights, so ``model`` is then left out.
+    a localiser experiment) needs no grader weights, so ``model`` is then left out. A section
+    with ``init_from`` (another run folder) needs none either: that run's weights replace the
+    whole net, backbone included, and ``spinegrade.training.init_from.check_init_from`` checks
+    them; its source is ``{"source": "run", "path"}``.
     """
     out = {}
     for key in ("model", "localizer"):
         section = getattr(cfg, key)
         if key == "model" and not cfg.train.groups:
+            continue
+        if getattr(section, "init_from", None):
+            out[key] = {"source": "run", "path": str(Path(section.init_from).resolve())}
             continue
         if not section.pretrained:
             out[key] = dict(RANDOM_INIT)

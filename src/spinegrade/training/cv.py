@@ -67,6 +67,7 @@ from spinegrade.rsna import label_matrix, load_folds
 from spinegrade.rsna.submission import submission_frame
 from spinegrade.task import COLUMN_CONDITION, CONDITION_GROUP, CONDITIONS, LABEL_COLUMNS
 from spinegrade.training.engine import JsonlLog
+from spinegrade.training.init_from import check_init_from
 from spinegrade.training.stages import train_grader, train_localizer
 from spinegrade.util.atomic import crash_point, write_csv, write_json
 from spinegrade.util.runtime import Runtime, fault_point, setup_runtime
@@ -94,6 +95,7 @@ def cross_validate(
     # Pretrained weights or a clear error now, not after minutes of loading data; then the cache
     # must be the one this config asks for. All before anything is written or trained.
     require_pretrained(cfg)
+    check_init_from(cfg, folds_to_run, run_dir, data_dir)  # *.init_from: runs whose nets fit
     configured_tasks(cfg)
     check_cache(cache_dir, cfg.data, data_dir)
     for extra in configured_sources(cfg)[1:]:
@@ -261,7 +263,7 @@ def run_fold(
     timing: dict[str, float] = {}
 
     localizer = _stage1(
-        cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed
+        cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed, fold
     )
     timing["localizer_s"] = round(time.perf_counter() - t0, 1)
     # Training crops: true points; recesses without a label come from the canal + offsets.
@@ -283,7 +285,7 @@ def run_fold(
             continue
         model = train_grader(
             cfg, group, [studies[s] for s in train_ids], [studies[s] for s in val_ids], points,
-            runtime, ckpt / f"grader_{group}", log_fn, seed,
+            runtime, ckpt / f"grader_{group}", log_fn, seed, fold,
         )  # fmt: skip
         if runtime.is_main:
             save_weights(model, path, meta={"fold": fold, "group": group, "config": cfg.to_dict()})
@@ -310,7 +312,7 @@ def run_fold(
         {"fold": fold, "n_train": len(train_ids), "n_val": len(val_ids), "timing": timing,
          "runtime": {**runtime.describe(), "steps_per_epoch": _steps_per_epoch(out)}}
     )  # fmt: skip
-    # Where each network's backbone started: ImageNet (hub id or file + sha256) or random.
+    # Where each network started: ImageNet (hub id or file + sha256), another run or random.
     nets = {f"localizer_{k}": v for k, v in localizer.nets.items()}
     nets.update({f"grader_{g}": m for g, m in graders.items()})
     metrics["init"] = {name: init_source(net) for name, net in nets.items()}
@@ -342,7 +344,7 @@ def _has_grades(study: StudyData, group: str) -> bool:
 
 
 def _stage1(
-    cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed
+    cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed, fold
 ) -> Localizer:
     """Train (or reload) the fold's localiser."""
     if (out / "localizer_geometry.json").is_file():
@@ -352,7 +354,7 @@ def _stage1(
     def pick(ids: list[int]) -> dict[str, list[LocalizerSample]]:
         return {t: [m[s] for s in ids if s in m] for t, m in loc_samples.items()}
 
-    nets = train_localizer(cfg, pick(train_ids), pick(val_ids), runtime, ckpt, log_fn, seed)
+    nets = train_localizer(cfg, pick(train_ids), pick(val_ids), runtime, ckpt, log_fn, seed, fold)
     c = cfg.localizer
     localizer = Localizer(
         nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine

@@ -24,6 +24,7 @@ from spinegrade.localization.samples import LocalizerSample
 from spinegrade.localization.tasks import configured_tasks
 from spinegrade.task import LEVELS
 from spinegrade.training.engine import FitSpec, fit
+from spinegrade.training.init_from import start_net
 from spinegrade.training.losses import grading_loss, localizer_loss
 from spinegrade.util.runtime import Runtime
 
@@ -49,17 +50,20 @@ def train_localizer(
     ckpt_dir: Path | None = None,
     log_fn=None,
     seed: int = 0,
+    fold: int | None = None,
 ) -> dict[str, nn.Module]:
-    """Train one stage-1 network per task (tasks without samples are skipped)."""
-    from spinegrade.models.registry import build_localizer
+    """Train one stage-1 network per task (tasks without samples are skipped).
 
+    Each net starts from the backbone init, or with ``localizer.init_from`` from that run's
+    weights for ``fold`` (:mod:`spinegrade.training.init_from`); a checkpoint still resumes.
+    """
     c = cfg.localizer
     nets: dict[str, nn.Module] = {}
-    for name, task in configured_tasks(cfg).items():
+    for name in configured_tasks(cfg):
         if not samples.get(name):
             continue
         torch.manual_seed(seed)  # the initial weights too: a rerun gives the same fold
-        net = build_localizer(cfg, n_targets=len(task.targets))
+        net = start_net(cfg, "localizer", name, fold)
         spec = FitSpec(
             f"localizer_{name}", c.epochs, c.batch_size, c.lr, cfg.optim, c.weight_decay, seed,
             average=cfg.train.weight_average, eval_every=cfg.train.eval_every,
@@ -125,12 +129,15 @@ def train_grader(
     ckpt_path: Path | None = None,
     log_fn=None,
     seed: int = 0,
+    fold: int | None = None,
 ) -> nn.Module:
-    """Train the stage-2 model of one group on crops around the (jittered) true points."""
-    from spinegrade.models.registry import build_grader
+    """Train the stage-2 model of one group on crops around the (jittered) true points.
 
+    It starts from the backbone init, or with ``model.init_from`` from that run's grader of
+    ``group`` for ``fold`` (:mod:`spinegrade.training.init_from`); a checkpoint still resumes.
+    """
     torch.manual_seed(seed)
-    model = build_grader(cfg, n_targets=1)
+    model = start_net(cfg, "model", group, fold)
     t = cfg.train
     dataset = GraderDataset(train, points, group, cfg.crops, augment=True, seed=seed)
     if len(dataset) == 0:
