@@ -11,6 +11,7 @@ import pytest
 from label_factory import random_labels, write_csv, write_train
 from spinegrade.rsna import (
     COORDINATE_COLUMNS,
+    DISC_COORDINATE_COLUMNS,
     MISSING_LABEL,
     RSNAFormatError,
     coordinates_to_titles,
@@ -18,6 +19,7 @@ from spinegrade.rsna import (
     label_matrix,
     load_coordinates,
     load_dataset,
+    load_disc_coordinates,
     load_series_descriptions,
     load_train,
     long_to_wide,
@@ -144,6 +146,33 @@ def test_coordinate_validation(tmp_path: Path) -> None:
     assert any(p.startswith("line 6, column 'y'") and "empty" in p for p in problems)
     good = load_coordinates(write_csv(tmp_path / "ok.csv", list(COORDINATE_COLUMNS), rows[:1]))
     assert good.dtypes["instance_number"] == np.int64 and good.loc[0, "x"] == 10.5
+
+
+def test_disc_coordinates_load_and_name_their_problems(tmp_path: Path) -> None:
+    """Disc centres: the coordinates' level spelling, no condition, one point per series level."""
+    header = list(DISC_COORDINATE_COLUMNS)
+    good = [[5_100_000_005, 5_200_000_005, 2, "L4/L5", 130.14, 236.5]]
+    table = load_disc_coordinates(write_csv(tmp_path / "ok.csv", header, good))
+    assert list(table.columns) == header
+    assert table.loc[0, "study_id"] == 5_100_000_005 and table.loc[0, "level"] == "L4/L5"
+    assert table.dtypes["instance_number"] == np.int64 and table.loc[0, "y"] == 236.5
+    bad = [
+        *good,
+        [5_100_000_005, 5_200_000_005, 2, "l3_l4", 1.0, 2.0],  # snake_case level
+        [5_100_000_005, 5_200_000_005, 2, "L2/L3", 1.0, ""],  # empty row coordinate
+    ]
+    with pytest.raises(RSNAFormatError) as err:
+        load_disc_coordinates(write_csv(tmp_path / "bad.csv", header, bad))
+    problems = err.value.problems
+    assert len(problems) == 2 and "bad.csv" in str(err.value)
+    assert problems[0].startswith("line 3, column 'level'") and "'l3_l4'" in problems[0]
+    assert problems[1].startswith("line 4, column 'y'") and "empty" in problems[1]
+    with pytest.raises(RSNAFormatError, match="line 3: duplicate"):
+        load_disc_coordinates(write_csv(tmp_path / "dup.csv", header, good * 2))
+    with_condition = ["condition", *header]
+    rows = [["Spinal Canal Stenosis", *good[0]]]
+    with pytest.raises(RSNAFormatError, match="columns must be exactly"):
+        load_disc_coordinates(write_csv(tmp_path / "cond.csv", with_condition, rows))
 
 
 def test_duplicates_are_errors(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 - :mod:`.tables`: strict loading and validation of the CSVs, wide <-> long label tables, label
   matrices, the metric's solution rows, coordinates in package vocabulary;
-- :mod:`.folds`: study-grouped, severity-stratified folds, saved as ``folds.csv`` and reused.
+- :mod:`.folds`: study-grouped, severity-stratified folds, saved as ``folds.csv`` and reused;
+- :mod:`.spider`: ``spinegrade import spider``, the SPIDER T2-SPACE set as an RSNA-layout
+  training folder (imported on demand: it reads DICOM headers with pydicom).
 """
 
 from spinegrade.rsna.folds import (
@@ -16,6 +18,7 @@ from spinegrade.rsna.folds import (
 )
 from spinegrade.rsna.tables import (
     COORDINATE_COLUMNS,
+    DISC_COORDINATE_COLUMNS,
     LONG_COLUMNS,
     MISSING_LABEL,
     SERIES_COLUMNS,
@@ -28,6 +31,7 @@ from spinegrade.rsna.tables import (
     label_matrix,
     load_coordinates,
     load_dataset,
+    load_disc_coordinates,
     load_series_descriptions,
     load_train,
     long_to_wide,
@@ -39,6 +43,7 @@ from spinegrade.rsna.tables import (
 
 __all__ = [
     "COORDINATE_COLUMNS",
+    "DISC_COORDINATE_COLUMNS",
     "FOLD_COLUMNS",
     "LONG_COLUMNS",
     "MISSING_LABEL",
@@ -54,6 +59,7 @@ __all__ = [
     "label_matrix",
     "load_coordinates",
     "load_dataset",
+    "load_disc_coordinates",
     "load_folds",
     "load_series_descriptions",
     "load_train",

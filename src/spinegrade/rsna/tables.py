@@ -64,6 +64,10 @@ _MAX_REPORTED = 20  # problems listed in one error message; the count says how m
 class RSNAFormatError(ValueError):
     """A CSV does not follow the RSNA 2024 format; ``problems`` lists every finding."""
 
+    # What the file is and how to get out; subclasses for other sources' CSVs change these.
+    kind = "RSNA CSV"
+    fix = "fix the file (or regenerate it) and retry"
+
     def __init__(self, path: Path | str, problems: Sequence[str]) -> None:
         self.path = Path(path)
         self.problems = list(problems)
@@ -71,8 +75,8 @@ class RSNAFormatError(ValueError):
         more = len(self.problems) - _MAX_REPORTED
         tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(
-            f"{self.path}: {len(self.problems)} problem(s) with this RSNA CSV; fix the file "
-            f"(or regenerate it) and retry:\n  {shown}{tail}"
+            f"{self.path}: {len(self.problems)} problem(s) with this {self.kind}; "
+            f"{self.fix}:\n  {shown}{tail}"
         )
 
 
@@ -136,18 +140,40 @@ COORDINATE_PARSERS: dict[str, Parser] = {
     "x": _float_cell,  # image column, pixels
     "y": _float_cell,  # image row, pixels
 }
+# Disc centres of sagittal series (train_disc_coordinates.csv, e.g. from `spinegrade import
+# spider`): kept apart from train_label_coordinates.csv, whose conditions are RSNA's five only.
+DISC_COORDINATE_PARSERS: dict[str, Parser] = {
+    name: COORDINATE_PARSERS[name]
+    for name in ("study_id", "series_id", "instance_number", "level", "x", "y")
+}
+DISC_COORDINATE_COLUMNS: tuple[str, ...] = tuple(DISC_COORDINATE_PARSERS)
 
 
-def _read_rows(path: Path, expected: Sequence[str]) -> tuple[list[int], dict[str, list[str]]]:
-    """Read a CSV into stripped string columns plus the editor line number of every record."""
+def _read_rows(
+    path: Path, expected: Sequence[str], extra_ok: bool = False
+) -> tuple[list[int], dict[str, list[str]]]:
+    """Read a CSV into stripped string columns plus the editor line number of every record.
+
+    ``extra_ok`` accepts columns beyond ``expected`` (other sources' tables carry more than the
+    importer needs); missing or repeated columns are always an error.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; point spinegrade at an RSNA data folder")
     # utf-8-sig: spreadsheets often save a byte-order mark that would corrupt the first header.
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
-        if sorted(header) != sorted(expected):
-            missing = [c for c in expected if c not in header]
+        missing = [c for c in expected if c not in header]
+        repeated = [c for i, c in enumerate(header) if c in header[:i]]
+        if extra_ok and (missing or repeated):
+            raise RSNAFormatError(
+                path,
+                [
+                    f"line 1: missing columns {missing}, repeated {repeated}; the file needs "
+                    f"the columns {list(expected)} (any order, others are kept)"
+                ],
+            )
+        if not extra_ok and sorted(header) != sorted(expected):
             extra = [c for i, c in enumerate(header) if c not in expected or c in header[:i]]
             raise RSNAFormatError(
                 path,
@@ -175,11 +201,17 @@ def _read_rows(path: Path, expected: Sequence[str]) -> tuple[list[int], dict[str
 
 
 def _load(
-    path: Path | str, parsers: dict[str, Parser], unique: list[str] | None = None
+    path: Path | str,
+    parsers: dict[str, Parser],
+    unique: list[str] | None = None,
+    extra_ok: bool = False,
 ) -> tuple[pd.DataFrame, list[int]]:
-    """Parse every cell of ``path``; all bad cells are reported at once. Returns (table, lines)."""
+    """Parse every cell of ``path``; all bad cells are reported at once. Returns (table, lines).
+
+    With ``extra_ok`` columns without a parser are kept as text, in the file's column order.
+    """
     path = Path(path)
-    lines, raw = _read_rows(path, tuple(parsers))
+    lines, raw = _read_rows(path, tuple(parsers), extra_ok)
     problems: list[tuple[int, int, str]] = []  # (line, column index, message) for sorting
     data: dict[str, list[Any]] = {}
     for col, (name, parse) in enumerate(parsers.items()):
@@ -194,7 +226,8 @@ def _load(
         data[name] = parsed
     if problems:
         raise RSNAFormatError(path, [msg for _, _, msg in sorted(problems)])
-    frame = pd.DataFrame(data, columns=list(parsers))
+    columns = list(raw) if extra_ok else list(parsers)
+    frame = pd.DataFrame({name: data.get(name, raw[name]) for name in columns}, columns=columns)
     ints = [name for name, parse in parsers.items() if parse is _int_cell]
     frame = frame.astype(dict.fromkeys(ints, "int64"))
     if unique:
@@ -220,6 +253,15 @@ def load_series_descriptions(path: Path | str) -> pd.DataFrame:
 def load_coordinates(path: Path | str) -> pd.DataFrame:
     """Load ``train_label_coordinates.csv`` in its own vocabulary (Title Case, ``L1/L2``)."""
     return _load(path, COORDINATE_PARSERS)[0]
+
+
+def load_disc_coordinates(path: Path | str) -> pd.DataFrame:
+    """Load ``train_disc_coordinates.csv``: one disc centre per (study, series, level).
+
+    Columns study_id, series_id, instance_number, level (``L1/L2`` ... ``L5/S1``, as in the
+    label coordinates), x, y (column and row in that instance's pixel grid).
+    """
+    return _load(path, DISC_COORDINATE_PARSERS, ["study_id", "series_id", "level"])[0]
 
 
 @dataclass
