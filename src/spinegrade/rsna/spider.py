@@ -351,6 +351,7 @@ The images and the segmentations the points were computed from belong to the SPI
 data set:
 
 > {CITATION}
+>
 > Data: Zenodo, {DOI_DATA}
 
 SPIDER is shared under the Creative Commons Attribution 4.0 International licence (CC BY 4.0,
