@@ -8,12 +8,15 @@ where training reads them back (through the preprocessing cache) at the source's
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from typer.testing import CliRunner
 
@@ -46,6 +49,7 @@ ROW_DIR, COL_DIR = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])
 LEVELS_BOTTOM_UP = tuple(reversed(LEVEL_TITLES.values()))  # the source lists L5/S1 first
 POINT_COLUMNS = ["case_id", "level", "x_mm", "y_mm", "z_mm", "instance_number", "x", "y"]
 DISC_NAME = "train_disc_coordinates.csv"
+VENDOR_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vendor_spider.py"
 
 
 def slice_origin(j: int) -> np.ndarray:
@@ -377,3 +381,40 @@ def test_the_command_line(spider: Path, tmp_path: Path) -> None:
     assert low.exit_code == 2 and "below 2**32" in low.output
     missing = CliRunner().invoke(app, ["import", "spider", str(tmp_path / "nope"), str(out)])
     assert missing.exit_code == 2 and "nope: not found" in missing.output
+
+
+# ------------------------------------------------------------------------------ the vendor copy
+def _vendor_module():
+    spec = importlib.util.spec_from_file_location("vendor_spider", VENDOR_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_vendored_tarball_is_reproducible_and_imports(spider: Path, tmp_path: Path) -> None:
+    vendor = _vendor_module()
+    first = vendor.build(spider, tmp_path / "one" / "spider-t2space.tar.xz")
+    second = vendor.build(spider, tmp_path / "two" / "spider-t2space.tar.xz")
+    assert first.read_bytes() == second.read_bytes()  # a rebuild is byte-identical
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+        names = [m.name for m in members]
+        assert names == sorted(names)
+        assert all(m.mtime == 0 and m.uid == m.gid == 0 and not m.uname for m in members)
+        assert {"truth.csv", "canal.csv", "cases.csv", "gradings.csv", "excluded.csv"} <= set(names)
+        assert "masks/spider_5/1.png" in names and "series/spider_118/3.dcm" in names
+        original = (spider / "series" / "spider_7" / "2.dcm").read_bytes()
+        packed = tar.extractfile("series/spider_7/2.dcm").read()
+    before, after = pydicom.dcmread(io.BytesIO(original)), pydicom.dcmread(io.BytesIO(packed))
+    n = len(before.PixelData)
+    assert original[:-n] == packed[:-n]  # every header byte as it was
+    assert after.pixel_array.dtype == np.uint16 and not (after.pixel_array % 8).any()
+    expected = (np.rint(before.pixel_array / 8) * 8).astype(np.uint16)
+    assert np.array_equal(after.pixel_array, expected)
+    assert (before.pixel_array % 8).any()  # the test data did need rounding
+
+    imported = import_spider(first, tmp_path / "out", progress=False)
+    reference = import_spider(spider, tmp_path / "ref", progress=False)
+    assert imported.studies == 3 and imported.fingerprint != reference.fingerprint
+    assert csv_bytes(tmp_path / "out") == csv_bytes(tmp_path / "ref")
+    assert os.path.getsize(first) > 0
