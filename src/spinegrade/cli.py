@@ -472,6 +472,32 @@ def convert_lite0(
     )
 
 
+import_app = typer.Typer(
+    no_args_is_help=True, help="Bring other data sets into the RSNA layout, ready for training."
+)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("spider")
+@cli_errors
+def import_spider_cmd(
+    src: Path = typer.Argument(
+        ..., help="SPIDER T2-SPACE folder, or a .tar.xz of it (vendor/spider-t2space/)"
+    ),
+    out: Path = typer.Argument(..., help="RSNA-layout folder to create (train_images/, CSVs)"),
+    id_base: int | None = typer.Option(
+        None, "--id-base", help="study_id = ID_BASE + SPIDER patient (default 5100000000)"
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
+) -> None:
+    """Import the SPIDER T2-SPACE set (38 real sagittal T2 series, disc and canal points)."""
+    from spinegrade.rsna.spider import ID_BASE, import_spider
+
+    base = ID_BASE if id_base is None else id_base
+    summary = import_spider(src, out, id_base=base, progress=progress)
+    typer.echo(summary.describe())
+
+
 @app.command()
 @cli_errors
 def serve(
