@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from spinegrade.demo import print_summary, run_demo, summary_rows
+from spinegrade.demo import VENDORED_REAL, print_summary, run_demo, summary_rows
 from spinegrade.task import submission_row_ids
+from test_spider_import import write_spider
 from tiny_config import TINY_RUN
 
 TINY = TINY_RUN  # 2 folds, one epoch, tiny models: the plumbing is checked
@@ -18,13 +19,32 @@ TINY = TINY_RUN  # 2 folds, one epoch, tiny models: the plumbing is checked
 def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     from rich.console import Console
 
+    from spinegrade.inference.ensemble import grader_caution
+
     out = tmp_path / "demo"
     lines: list[str] = []
+    # The localiser also learns from real spines: a tiny SPIDER look-alike stands in for the
+    # vendored set (3 patients), imported, cached and trained on beside the phantom.
+    real = write_spider(tmp_path / "spider")
     demo = run_demo(
         out, n_studies=4, n_test=2, seed=1, overrides=TINY, workers=1, progress=False,
-        echo=lines.append,
+        echo=lines.append, real=real,
     )  # fmt: skip
-    assert [line[:5] for line in lines] == [f"[{k}/5]" for k in range(1, 6)]
+    stage_lines = [line for line in lines if line.startswith("[")]
+    assert [line[:5] for line in stage_lines] == [f"[{k}/6]" for k in range(1, 7)]
+    assert (out / "real" / "import.json").is_file()
+    sources = demo.cv["sources"]
+    assert sources["phantom"]["studies"] == 4 and sources["phantom"]["graded"] == 4
+    assert sources["spider-t2space"] | {"data_dir": ""} == {
+        "kind": "real", "data_dir": "", "studies": 3, "graded": 0,
+        "per_fold": sources["spider-t2space"]["per_fold"],
+    }  # fmt: skip
+    assert min(sources["spider-t2space"]["per_fold"]) >= 1  # every fold validates on real spines
+    # Level naming on the real spines, out of fold: every level of the three cases.
+    assert demo.real is not None and demo.real["n"] == 3 * 5
+    assert demo.n_train == 4  # the graded (phantom) studies
+    grades = json.loads(next((out / "report").glob("*/grades.json")).read_text())
+    assert grades["model"]["notes"] == [grader_caution(["phantom", "real"])]
     # Held-out predictions: the competition's rows for the test studies, scored against truth.
     test_ids = sorted(pd.read_csv(out / "data" / "truth" / "test_labels.csv")["study_id"])
     assert pd.read_csv(demo.submission)["row_id"].tolist() == submission_row_ids(test_ids)
@@ -44,8 +64,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     assert demo.index_html.is_file() and len(list((out / "report").glob("*/figure.png"))) == 2
     saved = json.loads((out / "demo.json").read_text())
     assert saved["test"]["model"]["score"] == pytest.approx(demo.test["model"]["score"])
+    assert saved["real_levels_oof"] == demo.real
     assert set(saved["stage_seconds"]) == {
         "synthesise_s",
+        "import_s",
         "preprocess_s",
         "train_s",
         "predict_s",
@@ -58,13 +80,14 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     print_summary(demo, console)
     text = console.export_text()
     assert "Bayes limit" in text and str(demo.index_html.resolve()) in text
+    assert f"real spines (SPIDER, out of fold): {demo.real['within_5mm']:.0%} of 15 levels" in text
 
     # Resuming: data, cache and folds are reused, so the rerun skips straight to prediction.
     stamp = (out / "data" / "truth" / "phantom.json").stat().st_mtime_ns
     fold_stamp = (out / "run" / "fold_0" / "metrics.json").stat().st_mtime_ns
     again = run_demo(
         out, n_studies=4, n_test=2, seed=1, overrides=TINY, workers=1, progress=False,
-        echo=lambda _: None,
+        echo=lambda _: None, real=real,
     )  # fmt: skip
     assert (out / "data" / "truth" / "phantom.json").stat().st_mtime_ns == stamp
     assert (out / "run" / "fold_0" / "metrics.json").stat().st_mtime_ns == fold_stamp
@@ -73,3 +96,12 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     # Another size in the same folder is refused instead of silently mixing datasets.
     with pytest.raises(ValueError, match="another --out folder"):
         run_demo(out, n_studies=5, n_test=2, seed=1, overrides=TINY, progress=False)
+
+
+def test_the_demo_names_a_missing_real_set_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--real none"):
+        run_demo(tmp_path / "demo", n_studies=4, n_test=2, overrides=TINY, progress=False,
+                 real=tmp_path / "nowhere.tar.xz")  # fmt: skip
+    assert not (tmp_path / "demo").exists()
+    # In a source checkout the default is the vendored set.
+    assert VENDORED_REAL.is_file() and VENDORED_REAL.parent.name == "spider-t2space"

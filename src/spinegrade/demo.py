@@ -1,14 +1,22 @@
-"""The one-command demo: synthetic data -> cache -> 5-fold CV -> held-out prediction -> reports.
+"""The one-command demo: phantom + real spines -> cache -> 5-fold CV -> prediction -> reports.
 
 ``spinegrade demo --out DIR`` (and ``make demo``) runs every stage of the package on the phantom
 dataset, whose true label probabilities are known, and ends with the scores that matter side by
 side: the out-of-fold score, the constant baselines, the Bayes limit (the best any model can do
 given the readers' noise), and the same on held-out test studies the training never saw.
 
+Its localiser also learns from real spines: the SPIDER T2 set vendored in the repository
+(``vendor/spider-t2space``, CC BY 4.0; see its README) is imported and trained on beside the
+phantom, under the same patient-grouped folds, so the demo reports how well it names real
+levels out of fold. SPIDER has no RSNA grades: the graders learn from the phantom only, and the
+predictions say so.
+
 Layout of ``DIR``::
 
     data/            synthetic RSNA layout (+ truth/: test labels and true probabilities)
+    real/            the real spines in RSNA layout (`spinegrade import spider`)
     cache/           preprocessed volumes, train and test splits
+    cache_real/      preprocessed real spines
     run/             the training run (config.yaml, folds.csv, fold_K/, oof.csv, cv.json)
     submission.csv   held-out test predictions (competition format)
     report/          index.html + one folder per test study
@@ -35,7 +43,12 @@ from spinegrade.util.atomic import write_json
 log = logging.getLogger(__name__)
 
 TERMS: tuple[str, ...] = ("spinal", "foraminal", "subarticular", "any_severe_spinal")
-STAGES: tuple[str, ...] = ("synthesise", "preprocess", "train", "predict", "score")
+STAGES: tuple[str, ...] = ("synthesise", "import real spines", "preprocess", "train", "predict",
+                           "score")  # fmt: skip
+# The vendored real set, in a source checkout (an installed package has no vendor/ folder).
+VENDORED_REAL = (
+    Path(__file__).resolve().parents[2] / "vendor" / "spider-t2space" / "spider-t2space.tar.xz"
+)
 
 
 @dataclass
@@ -50,6 +63,7 @@ class DemoResult:
     per_study_ms: float = 0.0
     n_train: int = 0
     n_test: int = 0
+    real: dict | None = None  # out-of-fold level naming on the real spines (cv levels_by_source)
 
     @property
     def index_html(self) -> Path:
@@ -170,8 +184,13 @@ def run_demo(
     workers: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    real: Path | str | None = VENDORED_REAL,
 ) -> DemoResult:
-    """Run (or resume) every stage of the demo in ``out_dir``; returns its numbers."""
+    """Run (or resume) every stage of the demo in ``out_dir``; returns its numbers.
+
+    ``real``: the SPIDER set (folder or tarball) the localiser also learns from; None trains on
+    the phantom alone. A ``real`` that does not exist is an error (no silent phantom-only run).
+    """
     from spinegrade.config import load_config
     from spinegrade.inference.predict import predict
     from spinegrade.preprocessing.build import preprocess_dataset
@@ -179,8 +198,14 @@ def run_demo(
 
     out = Path(out_dir)
     data, cache, run = out / "data", out / "cache", out / "run"
+    real_data, real_cache = out / "real", out / "cache_real"
     workers = workers or default_workers()
     cfg = load_config(config, list(overrides or []))  # fail on a bad override before any work
+    if real is not None and not Path(real).exists():
+        raise FileNotFoundError(
+            f"{real}: the real spine set is not there; it ships in the repository "
+            "(vendor/spider-t2space), or pass --real none to train on the phantom alone"
+        )
     times: dict[str, float] = {}
 
     def stage(k: int, text: str) -> float:
@@ -192,7 +217,16 @@ def run_demo(
     times["synthesise_s"] = time.perf_counter() - t
     if not made:
         echo("      already there, kept")
-    t = stage(2, f"preprocess: train and test splits -> {cache}")
+    t = stage(2, f"real spines: {real} -> {real_data}" if real else "real spines: none (--real)")
+    if real is not None:
+        from spinegrade.rsna.spider import import_spider
+
+        done = import_spider(real, real_data, progress=progress)
+        echo(f"      {'already there, kept' if done.skipped else 'imported'}: {done.studies} "
+             "studies (SPIDER, CC BY 4.0: van der Graaf et al., Sci Data 2024)")  # fmt: skip
+        cfg.data.sources = [{"data_dir": str(real_data), "cache_dir": str(real_cache)}]
+    times["import_s"] = time.perf_counter() - t
+    t = stage(3, f"preprocess: train and test splits -> {cache}")
     for split in ("train", "test"):
         summary = preprocess_dataset(
             data, cache, split=split, workers=workers, size=cfg.data.cache_size,
@@ -200,20 +234,27 @@ def run_demo(
         )  # fmt: skip
         if summary.failures:
             echo(f"      {split}: {len(summary.failures)} series could not be cached")
+    if real is not None:
+        summary = preprocess_dataset(
+            real_data, real_cache, split="train", workers=workers, size=cfg.data.cache_size,
+            mm=cfg.data.cache_mm, progress=progress,
+        )  # fmt: skip
+        if summary.failures:
+            echo(f"      real: {len(summary.failures)} series could not be cached")
     times["preprocess_s"] = time.perf_counter() - t
-    t = stage(3, f"train: '{config}' config, {cfg.data.n_folds}-fold CV -> {run}")
+    t = stage(4, f"train: '{config}' config, {cfg.data.n_folds}-fold CV -> {run}")
     cv = cross_validate(data, cache, run, cfg, progress=progress) or merge_run(run)
     cv = add_truth_to_cv(run, data)
     times["train_s"] = time.perf_counter() - t
     train_truth = {k: cv[k] for k in ("true_probs", "bayes_limit") if cv.get(k)}
-    t = stage(4, "predict the held-out studies with the fold ensemble, write the reports")
+    t = stage(5, "predict the held-out studies with the fold ensemble, write the reports")
     # The work folder is the demo folder, so predict reuses the test split already cached.
     result = predict(
         run, data, out / "submission.csv", report_dir=out / "report", cache_dir=out,
         workers=workers, progress=progress,
     )  # fmt: skip
     times["predict_s"] = time.perf_counter() - t
-    t = stage(5, "score the held-out predictions against their truth")
+    t = stage(6, "score the held-out predictions against their truth")
     test = score_test(data, result.submission)
     times["score_s"] = time.perf_counter() - t
     demo = DemoResult(
@@ -223,8 +264,9 @@ def run_demo(
         train_truth,
         stage_seconds={k: round(v, 1) for k, v in times.items()},
         per_study_ms=1000 * sum(result.per_study_s) / max(len(result.per_study_s), 1),
-        n_train=int(cv.get("n_studies", 0)),
+        n_train=int((cv.get("sources") or {}).get("phantom", {}).get("studies", cv["n_studies"])),
         n_test=len(result.study_ids),
+        real=(cv.get("levels_by_source") or {}).get("spider-t2space"),
     )
     _write_summary(demo)
     return demo
@@ -239,6 +281,7 @@ def _write_summary(demo: DemoResult) -> Path:
         "oof_baselines": demo.cv.get("baselines"),
         "oof_truth": demo.train_truth,
         "test": demo.test,
+        "real_levels_oof": demo.real,
         "stage_seconds": demo.stage_seconds,
         "predict_ms_per_study": round(demo.per_study_ms, 1),
     }
@@ -283,6 +326,12 @@ def print_summary(demo: DemoResult, console=None) -> None:
         "studies. truth: the phantom's true probabilities; Bayes limit: truth x 1/2/4, the best "
         "score to expect. Lower is better."
     )
+    if demo.real:
+        r = demo.real
+        console.print(
+            f"real spines (SPIDER, out of fold): {r['within_5mm']:.0%} of {r['n']} levels within "
+            f"5 mm of their disc's mid-plane, {r['misnamed']} named as another disc"
+        )
     minutes = sum(demo.stage_seconds.values()) / 60
     stages = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in demo.stage_seconds.items())
     console.print(f"this run took {minutes:.1f} min ({stages})")
