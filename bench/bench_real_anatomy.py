@@ -163,8 +163,26 @@ def oof_cases(run_dir: Path, truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {str(case): g for case, g in known.groupby("case", sort=False)}
 
 
+def canal_truth(real_dir: Path) -> dict[str, np.ndarray]:
+    """Case -> true canal points (5, 3), head first, from REAL_DIR/canal.csv (if it exists).
+
+    They give each disc its own mid-plane (``evaluation.anatomy.disc_axes``); without them the
+    planes lie across the spine axis, which at L5/S1 misjudges even the true canal points.
+    """
+    path = real_dir / "canal.csv"
+    if not path.is_file():
+        return {}
+    canal = pd.read_csv(path, dtype={"case_id": str})
+    out = {}
+    for case, g in canal.groupby("case_id", sort=False):
+        g = g.assign(lv=g["level"].map(TITLE_TO_LEVEL)).set_index("lv").reindex(list(LEVELS))
+        out[str(case)] = g[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+    return out
+
+
 def score_oof(args: argparse.Namespace, truth: pd.DataFrame) -> None:
     """``--oof``: the run's own out-of-fold canal and disc points against the real truth."""
+    true_canal = {} if args.spine_axis else canal_truth(args.real_dir)
     cases = oof_cases(args.run_dir, truth)
     if not cases:
         raise SystemExit(
@@ -182,6 +200,7 @@ def score_oof(args: argparse.Namespace, truth: pd.DataFrame) -> None:
         if pts is None or g["x_mm"].isna().any():
             continue
         centres = g[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+        planes = true_canal.get(str(case))  # each disc's own mid-plane, where known
 
         def located(target: str, pts=pts) -> np.ndarray:
             t = pts[pts["target"] == target].set_index("level").reindex(list(LEVELS))
@@ -190,7 +209,8 @@ def score_oof(args: argparse.Namespace, truth: pd.DataFrame) -> None:
         canal, disc = located("canal"), located("disc_centre")
         disc_err += np.linalg.norm(disc - centres, axis=1).tolist()
         fold = int(pts["fold"].iloc[0]) if "fold" in pts else -1
-        case_rows = [{"case": case, "fold": fold, **r} for r in score_case(canal, centres)]
+        scored = score_case(canal, centres, planes)
+        case_rows = [{"case": case, "fold": fold, **r} for r in scored]
         rows += case_rows
         wrong = any(r["nearest"] != r["level"] for r in case_rows)
         if (wrong and args.pictures == "misnamed") or args.pictures == "all":
@@ -241,6 +261,10 @@ def main() -> None:
         "--oof", action="store_true", help="score the run's own out-of-fold points (see above)"
     )
     ap.add_argument(
+        "--spine-axis", action="store_true",
+        help="mid-planes across the spine axis even where canal.csv gives each disc's own",
+    )  # fmt: skip
+    ap.add_argument(
         "--pictures",
         choices=("misnamed", "all", "none"),
         default="misnamed",
@@ -252,6 +276,7 @@ def main() -> None:
     if not truth_path.is_file():
         raise SystemExit(f"{truth_path} not found: give REAL_DIR (series/ + truth.csv)")
     truth = pd.read_csv(truth_path, dtype={"case_id": str})
+    true_canal = {} if args.spine_axis else canal_truth(args.real_dir)
     if args.oof:
         score_oof(args, truth)
         return
@@ -273,6 +298,7 @@ def main() -> None:
             print(f"{case}: skipped, truth does not name all five levels")
             continue
         centres = g[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+        planes = true_canal.get(str(case))  # each disc's own mid-plane, where known
         paths[str(case)] = float(np.linalg.norm(np.diff(centres, axis=0), axis=1).sum())
         read = read_series(args.real_dir / "series" / str(case))
         if not read.stacks:
@@ -290,7 +316,7 @@ def main() -> None:
             looks.append(("consensus", localize_consensus(localizers, {SAG_T2: [stack]}).xyz[0]))
         case_values = {"path_mm": paths[str(case)], "height_mm": heights[str(case)]}
         for k, located in looks:
-            for r in score_case(located, centres):
+            for r in score_case(located, centres, planes):
                 rows.append({"case": case, "fold": k, **r, **case_values})
         draw_case(out_dir / f"{case}.png", stack, centres, looks[-1][1])
     df = pd.DataFrame(rows)

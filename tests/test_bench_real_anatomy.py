@@ -126,3 +126,25 @@ def test_oof_mode_scores_a_runs_own_points_against_the_real_truth(tmp_path):
         all_row.split()[1:2] == ["10"] and "0.90" in all_row.split() and all_row.split()[6] == "1"
     )
     assert "disc centres: 10 located" in out and "within 5 mm 100%" in out
+
+
+def test_a_tilted_disc_is_judged_in_its_own_plane_where_its_canal_point_is_known():
+    # L5/S1's wedge-shaped disc is tilted against the spine's curve: a canal point placed on the
+    # disc's own long axis (as SPIDER's are) is on its mid-plane, though off the spine-axis plane.
+    from spinegrade.evaluation.anatomy import disc_axes
+
+    centres, backwards = _lordotic_spine()
+    tilt = np.deg2rad(15.0)  # rotate L5/S1's antero-posterior axis in the sagittal plane
+    b = backwards[-1]
+    along = np.array([0.0, b[1] * np.cos(tilt) - b[2] * np.sin(tilt),
+                      b[1] * np.sin(tilt) + b[2] * np.cos(tilt)])  # fmt: skip
+    canal = centres + 25.0 * backwards
+    canal[-1] = centres[-1] + 25.0 * along
+    axes = disc_axes(centres, canal)
+    assert np.allclose(np.linalg.norm(axes, axis=1), 1.0) and (axes[:, 2] > 0.5).all()
+    assert abs(axes[-1] @ along) < 1e-9  # the normal is across the disc's own axis
+    own = score_case(canal, centres, canal)
+    across = score_case(canal, centres)
+    assert max(abs(r["dist_mm"]) for r in own) < 1e-6
+    assert abs(across[-1]["dist_mm"]) > 5.0  # 25 mm x sin(15 deg): the spine-axis plane misses
+    assert [r["nearest"] for r in own] == list(LEVELS)

@@ -218,6 +218,9 @@ class LocalizerConfig:
     # without one grades those targets at derived points or the prior; experiments on the canal
     # alone (bench/bench_real_anatomy_seeds.py) train only "spinal", in half the time.
     tasks: list[str] = field(default_factory=lambda: ["spinal", "foraminal"])
+    # Real studies (a source that is not a phantom) are shown this many times an epoch: a few
+    # dozen real spines beside a hundred phantoms are what teaches real anatomy.
+    real_repeat: int = 1
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4

@@ -1,9 +1,14 @@
 """Are the levels named right? Located canal points scored against the true disc centres.
 
 A canal point lies about 2 cm behind its disc, so it is scored by its distance to the disc's
-mid-plane along the local spine axis (the tangent of the curve through the five disc centres,
-:func:`spine_axes`), not by a 3D distance. A level is *misnamed* when its point lies nearer
-another disc's mid-plane than its own: a report that names L4/L5 on the L3/L4 disc. Used by
+mid-plane, not by a 3D distance. The mid-plane is the disc's own where its canal point is known
+(:func:`disc_axes`: the plane through the disc centre that holds the line from the disc to its
+canal point and the left-right axis, which is how SPIDER's canal points were placed), else the
+plane across the local spine axis (the tangent of the curve through the five disc centres,
+:func:`spine_axes`). The two differ most at L5/S1, whose wedge-shaped disc is tilted against the
+spine's curve: there SPIDER's own canal points lie 7 mm (median) off the spine-axis plane and
+within 1.5 mm of their disc's plane. A level is *misnamed* when its point lies nearer another
+disc's mid-plane than its own: a report that names L4/L5 on the L3/L4 disc. Used by
 cross-validation on real sets with labelled disc centres (SPIDER) and by
 ``bench/bench_real_anatomy.py``.
 """
@@ -40,14 +45,44 @@ def spine_axes(centres: np.ndarray) -> np.ndarray:
     return out
 
 
+def disc_axes(centres: np.ndarray, canal: np.ndarray | None) -> np.ndarray:
+    """(5, 3) unit normals of the discs' mid-planes (head first), pointing to the head.
+
+    Where a disc's canal point is known, the normal of the plane holding the disc centre, the
+    line to the canal point (the disc's antero-posterior axis in the sagittal plane) and the
+    left-right axis (LPS x): the disc's own plane. Elsewhere the spine axis (:func:`spine_axes`).
+    """
+    axes = spine_axes(centres)
+    if canal is None:
+        return axes
+    out = axes.copy()
+    for j in range(len(axes)):
+        d = np.asarray(canal[j], dtype=float) - centres[j]
+        if not np.isfinite(d).all():
+            continue
+        n = np.array([0.0, -d[2], d[1]])  # cross(left-right, d): in the sagittal plane, normal to d
+        norm = np.linalg.norm(n)
+        if norm < 1e-6:
+            continue
+        n /= norm
+        out[j] = n if n @ axes[j] >= 0 else -n  # towards the head, as the spine axis
+    return out
+
+
 def plane_distances(point: np.ndarray, centres: np.ndarray, axes: np.ndarray) -> np.ndarray:
     """Signed distance (mm, + = towards the head) of ``point`` to every disc's mid-plane."""
     return np.einsum("ij,ij->i", point[None, :] - centres, axes)
 
 
-def score_case(located: np.ndarray, centres: np.ndarray) -> list[dict]:
-    """Per level: signed mid-plane distance, and the disc whose mid-plane is nearest."""
-    axes = spine_axes(centres)
+def score_case(
+    located: np.ndarray, centres: np.ndarray, canal: np.ndarray | None = None
+) -> list[dict]:
+    """Per level: signed mid-plane distance, and the disc whose mid-plane is nearest.
+
+    ``canal``: the true canal points (5, 3), when known, give each disc its own plane
+    (:func:`disc_axes`); without them the planes lie across the spine axis.
+    """
+    axes = disc_axes(np.asarray(centres, dtype=float), canal)
     rows = []
     for j, level in enumerate(LEVELS):
         p = located[j]
@@ -91,4 +126,4 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["misnamed", "plane_distances", "score_case", "spine_axes", "summarise"]
+__all__ = ["disc_axes", "misnamed", "plane_distances", "score_case", "spine_axes", "summarise"]

@@ -262,8 +262,10 @@ def run_fold(
     ckpt = out / "checkpoints"
     timing: dict[str, float] = {}
 
+    kind_of = {sid: tables.kinds[src] for sid, src in tables.source_of().items()}
+    real = {s for s in train_ids if kind_of.get(s) == "real"}
     localizer = _stage1(
-        cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed, fold
+        cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed, fold, real
     )
     timing["localizer_s"] = round(time.perf_counter() - t0, 1)
     # Training crops: true points; recesses without a label come from the canal + offsets.
@@ -344,17 +346,37 @@ def _has_grades(study: StudyData, group: str) -> bool:
 
 
 def _stage1(
-    cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed, fold
+    cfg,
+    out,
+    ckpt,
+    train_ids,
+    val_ids,
+    studies,
+    loc_samples,
+    runtime,
+    log_fn,
+    seed,
+    fold,
+    real: set[int] = frozenset(),
 ) -> Localizer:
-    """Train (or reload) the fold's localiser."""
+    """Train (or reload) the fold's localiser.
+
+    Real studies (``real``) are shown ``localizer.real_repeat`` times an epoch: a few dozen real
+    spines beside a hundred phantoms are what teaches the nets real anatomy.
+    """  # fmt: skip
     if (out / "localizer_geometry.json").is_file():
         return Localizer.load(out, str(runtime.device))
     offsets = fit_offsets([studies[s].points for s in train_ids])
 
-    def pick(ids: list[int]) -> dict[str, list[LocalizerSample]]:
-        return {t: [m[s] for s in ids if s in m] for t, m in loc_samples.items()}
+    def pick(ids: list[int], repeat: int = 1) -> dict[str, list[LocalizerSample]]:
+        times = {s: repeat if s in real else 1 for s in ids}
+        return {t: [m[s] for s in ids if s in m for _ in range(times[s])]
+                for t, m in loc_samples.items()}  # fmt: skip
 
-    nets = train_localizer(cfg, pick(train_ids), pick(val_ids), runtime, ckpt, log_fn, seed, fold)
+    nets = train_localizer(
+        cfg, pick(train_ids, cfg.localizer.real_repeat), pick(val_ids), runtime, ckpt, log_fn,
+        seed, fold,
+    )  # fmt: skip
     c = cfg.localizer
     localizer = Localizer(
         nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine
@@ -442,11 +464,12 @@ ERROR_COLUMNS = (
 
 def _with_level_names(rows: list[dict], pred: StudyPoints, true: StudyPoints) -> list[dict]:
     """Canal rows of a study with labelled disc centres (imported real sets) get the located
-    point's distance to its disc's mid-plane and the disc it is nearest (``evaluation.anatomy``):
-    whether the report would name the level right, beside the 3D error."""
+    point's distance to its disc's mid-plane (the disc's own plane where the true canal point
+    is known) and the disc it is nearest (``evaluation.anatomy``): whether the report would
+    name the level right, beside the 3D error."""
     if not np.isfinite(true.disc).all():
         return rows
-    named = {r["level"]: r for r in score_case(pred.xyz[0], true.disc)}
+    named = {r["level"]: r for r in score_case(pred.xyz[0], true.disc, true.xyz[0])}
     for row in rows:
         if row["condition"] == CONDITIONS[0] and named[row["level"]]["found"]:
             row["plane_mm"] = named[row["level"]]["dist_mm"]
