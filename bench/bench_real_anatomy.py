@@ -193,7 +193,7 @@ def score_oof(args: argparse.Namespace, truth: pd.DataFrame) -> None:
     params = CacheParams.from_config(cfg.data)
     out_dir = args.out or args.run_dir / "real_bench_oof"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, disc_err = [], []
+    rows, disc_err, drawn = [], [], []
     for case, g in truth.groupby("case_id", sort=False):
         pts = cases.get(str(case))
         g = g.assign(lv=g["level"].map(TITLE_TO_LEVEL)).set_index("lv").reindex(list(LEVELS))
@@ -217,12 +217,14 @@ def score_oof(args: argparse.Namespace, truth: pd.DataFrame) -> None:
             read = read_series(args.real_dir / "series" / str(case))
             stack = cache_series(read.stacks, params, 0, 0, SAG_T2)[0]
             draw_case(out_dir / f"{case}.png", stack, centres, canal)
+            drawn.append(out_dir / f"{case}.png")
     df = pd.DataFrame(rows)
     if args.csv:
         df.to_csv(args.csv, index=False)
     print(f"run {args.run_dir}: out-of-fold points of {df['case'].nunique()} real cases "
           f"from {args.real_dir}")  # fmt: skip
-    print("distance of the located canal point to its disc's mid-plane (mm, along the spine axis)")
+    plane = "each disc's own plane" if true_canal else "planes across the spine axis"
+    print(f"distance of the located canal point to its disc's mid-plane (mm; {plane})")
     print(summarise(df).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     err = np.asarray(disc_err)
     err = err[np.isfinite(err)]
@@ -236,6 +238,25 @@ def score_oof(args: argparse.Namespace, truth: pd.DataFrame) -> None:
         print("misnamed:", ", ".join(names))
     print(f"pictures (cases with a misnamed level{'; all' if args.pictures == 'all' else ''}): "
           f"{out_dir}")  # fmt: skip
+    if drawn:
+        print(f"montage: {montage(drawn, out_dir / 'montage.png')}")
+
+
+def montage(paths: list[Path], out: Path, per_row: int = 6) -> Path:
+    """The case pictures side by side, each captioned with its case id (one PNG)."""
+    from PIL import Image, ImageDraw
+
+    tiles = [Image.open(p).convert("RGB") for p in paths]
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles) + 14
+    rows = -(-len(tiles) // per_row)
+    sheet = Image.new("RGB", (w * min(per_row, len(tiles)), h * rows))
+    draw = ImageDraw.Draw(sheet)
+    for i, (tile, path) in enumerate(zip(tiles, paths, strict=True)):
+        x, y = (i % per_row) * w, (i // per_row) * h
+        sheet.paste(tile, (x, y + 14))
+        draw.text((x + 2, y + 1), path.stem, fill=(255, 255, 255))
+    sheet.save(out, optimize=True)
+    return out
 
 
 def main() -> None:
@@ -331,7 +352,8 @@ def main() -> None:
             else ""
         )
     )
-    print("distance of the located canal point to its disc's mid-plane (mm, along the spine axis)")
+    plane = "each disc's own plane" if true_canal else "planes across the spine axis"
+    print(f"distance of the located canal point to its disc's mid-plane (mm; {plane})")
     fold_rows = df[df["fold"] != "consensus"]
     if len(folds) > 1:
         print(f"each fold's points, pooled over folds {folds}:")
