@@ -313,15 +313,15 @@ def test_an_unknown_localiser_task_is_named_with_the_choices(tmp_path):
 
 
 def test_cli_splits_fold_numbers_from_overrides():
-    from spinegrade.cli import _split_folds_overrides
+    from spinegrade.cli import _split_train_args
 
-    assert _split_folds_overrides(["0"], ["1", "train.epochs=2"]) == ([0, 1], ["train.epochs=2"])
-    assert _split_folds_overrides(["2,3"], None) == ([2, 3], [])
-    assert _split_folds_overrides(None, ["a.b=1"]) == (None, ["a.b=1"])
+    assert _split_train_args(["0"], ["1", "train.epochs=2"]) == ([0, 1], ["train.epochs=2"], [])
+    assert _split_train_args(["2,3"], None) == ([2, 3], [], [])
+    assert _split_train_args(None, ["a.b=1"]) == (None, ["a.b=1"], [])
     with pytest.raises(ValueError, match="need --folds"):
-        _split_folds_overrides(None, ["3"])
-    with pytest.raises(ValueError, match="neither"):
-        _split_folds_overrides(None, ["epochs"])
+        _split_train_args(None, ["3"])
+    # Any other word is a data folder (train takes several, see test_sources.py).
+    assert _split_train_args(None, ["epochs"]) == (None, [], ["epochs"])
 
 
 def test_fold_workers_keep_every_core_busy(monkeypatch):

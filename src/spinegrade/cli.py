@@ -235,16 +235,6 @@ def predict(
         typer.echo(f"report:     {result.index_html}")
 
 
-def _split_folds_overrides(
-    folds: list[str] | None, extra: list[str] | None
-) -> tuple[list[int] | None, list[str]]:
-    """``--folds 0 1 2 key=value``: bare integers after --folds are folds, the rest overrides."""
-    wanted, overrides, rest = _split_train_args(folds, extra)
-    if rest:
-        raise ValueError(f"{rest[0]!r} is neither a fold number nor a key=value override")
-    return wanted, overrides
-
-
 def _split_train_args(
     folds: list[str] | None, extra: list[str] | None
 ) -> tuple[list[int] | None, list[str], list[str]]:

@@ -33,6 +33,17 @@ def condition_columns(condition: str) -> list[str]:
 # ------------------------------------------------------------------------ stage-2 training data
 
 
+def labelled_conditions(study: StudyData, group: str) -> list[str]:
+    """The conditions of ``group`` with a graded cell in ``study`` (none without a series)."""
+    if not study.stacks:
+        return []
+    return [
+        condition
+        for condition in GROUP_CONDITIONS[group]
+        if (study.labels[[LABEL_COLUMNS.index(c) for c in condition_columns(condition)]] >= 0).any()
+    ]
+
+
 class GraderDataset(EpochDataset):
     """One item = the five level crops of one (study, condition) of a stage-2 group.
 
@@ -53,12 +64,11 @@ class GraderDataset(EpochDataset):
     ) -> None:
         self.studies, self.points, self.group, self.cfg = list(studies), points, group, cfg
         self.augment, self.seed = augment, seed
-        self.items: list[tuple[int, str]] = []
-        for i, study in enumerate(self.studies):
-            for condition in GROUP_CONDITIONS[group]:
-                cols = [LABEL_COLUMNS.index(c) for c in condition_columns(condition)]
-                if (study.labels[cols] >= 0).any() and study.stacks:
-                    self.items.append((i, condition))
+        self.items: list[tuple[int, str]] = [
+            (i, condition)
+            for i, study in enumerate(self.studies)
+            for condition in labelled_conditions(study, group)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)

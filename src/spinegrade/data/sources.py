@@ -114,8 +114,13 @@ class TrainingTables:
 
     def graded_ids(self) -> list[int]:
         """Studies with at least one graded label cell (what the metric can score)."""
-        codes = label_matrix(self.labels)
-        return self.labels["study_id"][(codes >= 0).any(axis=1)].astype(int).tolist()
+        return graded_ids(self.labels)
+
+
+def graded_ids(labels: pd.DataFrame) -> list[int]:
+    """Studies of a wide label table with at least one graded cell."""
+    codes = label_matrix(labels)
+    return labels["study_id"][(codes >= 0).any(axis=1)].astype(int).tolist()
 
 
 def load_tables(sources: Sequence[Source]) -> TrainingTables:

@@ -26,9 +26,11 @@ import pandas as pd
 from torch import nn
 
 from spinegrade.config import Config
+from spinegrade.data.grader_dataset import labelled_conditions
 from spinegrade.data.sources import (
     TrainingTables,
     configured_sources,
+    graded_ids,
     group_counts,
     load_tables,
     load_training_studies,
@@ -63,9 +65,9 @@ from spinegrade.models.weights import (
     weights_complete,
 )
 from spinegrade.preprocessing.guard import check_cache
-from spinegrade.rsna import label_matrix, load_folds
+from spinegrade.rsna import load_folds
 from spinegrade.rsna.submission import submission_frame
-from spinegrade.task import COLUMN_CONDITION, CONDITION_GROUP, CONDITIONS, LABEL_COLUMNS
+from spinegrade.task import CONDITIONS
 from spinegrade.training.engine import JsonlLog
 from spinegrade.training.init_from import check_init_from
 from spinegrade.training.stages import train_grader, train_localizer
@@ -262,8 +264,8 @@ def run_fold(
     ckpt = out / "checkpoints"
     timing: dict[str, float] = {}
 
-    kind_of = {sid: tables.kinds[src] for sid, src in tables.source_of().items()}
-    real = {s for s in train_ids if kind_of.get(s) == "real"}
+    source_of = tables.source_of()
+    real = {s for s in train_ids if tables.kinds[source_of[s]] == "real"}
     localizer = _stage1(
         cfg, out, ckpt, train_ids, val_ids, studies, loc_samples, runtime, log_fn, seed, fold, real
     )
@@ -273,7 +275,7 @@ def run_fold(
     graders: dict[str, nn.Module] = {}
     taught: dict[str, list[int]] = {}  # network -> training studies whose labels it learned from
     for group in cfg.train.groups:
-        taught[f"grader_{group}"] = [s for s in train_ids if _has_grades(studies[s], group)]
+        taught[f"grader_{group}"] = [s for s in train_ids if labelled_conditions(studies[s], group)]
         if not taught[f"grader_{group}"]:
             log.info("fold %d: no %s grades among the training studies; no %s grader", fold,
                      group, group)  # fmt: skip
@@ -307,7 +309,7 @@ def run_fold(
     parts = runtime.gather(part, "gathering the out-of-fold predictions")
     if not runtime.is_main:
         return None
-    metrics = _write_oof(parts, fold, val_ids, labels, out, tables.source_of())
+    metrics = _write_oof(parts, fold, val_ids, labels, out, source_of)
     timing["oof_s"] = round(time.perf_counter() - t2, 1)
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     metrics.update(
@@ -321,13 +323,13 @@ def run_fold(
     # What each network learned from, per source (studies whose labels it trained on), and what
     # kind each source is: predictions carry a caution for networks that saw phantoms only
     # (their localisers misname levels on real spines; BENCHMARKS.md, "Real anatomy").
-    source_of = tables.source_of()
     for name, samples in loc_samples.items():
         if f"localizer_{name}" in nets:
             taught[f"localizer_{name}"] = [s for s in train_ids if s in samples]
+    n_train, n_val = group_counts(source_of, train_ids), group_counts(source_of, val_ids)
     metrics["sources"] = {
-        src.name: {"kind": src.kind, "train": group_counts(source_of, train_ids).get(src.name, 0),
-                   "val": group_counts(source_of, val_ids).get(src.name, 0)}
+        src.name: {"kind": src.kind, "train": n_train.get(src.name, 0),
+                   "val": n_val.get(src.name, 0)}
         for src in tables.sources
     }  # fmt: skip
     metrics["training_data"] = {
@@ -337,12 +339,6 @@ def run_fold(
     write_json(out / "metrics.json", metrics)  # last: it marks the fold complete
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
-
-
-def _has_grades(study: StudyData, group: str) -> bool:
-    """Whether a study has a graded cell of ``group`` (and a series to cut its crops from)."""
-    cols = [i for i, c in enumerate(LABEL_COLUMNS) if CONDITION_GROUP[COLUMN_CONDITION[c]] == group]
-    return bool(study.stacks) and bool((study.labels[cols] >= 0).any())
 
 
 def _stage1(
@@ -363,7 +359,7 @@ def _stage1(
 
     Real studies (``real``) are shown ``localizer.real_repeat`` times an epoch: a few dozen real
     spines beside a hundred phantoms are what teaches the nets real anatomy.
-    """  # fmt: skip
+    """
     if (out / "localizer_geometry.json").is_file():
         return Localizer.load(out, str(runtime.device))
     offsets = fit_offsets([studies[s].points for s in train_ids])
@@ -483,7 +479,7 @@ def _levels_by_source(err: pd.DataFrame) -> dict[str, dict]:
     out = {}
     rows = err[err["condition"] == CONDITIONS[0]]
     for name, g in rows.groupby("source", sort=False):
-        if g["plane_mm"].isna().all() and g["named_as"].isna().all():
+        if g["plane_mm"].isna().all():  # no labelled discs (set with named_as)
             continue
         scored = g[g["plane_mm"].notna() | g["error_mm"].isna()]  # unfound levels count too
         a = scored["plane_mm"].abs()
@@ -499,12 +495,15 @@ def _levels_by_source(err: pd.DataFrame) -> dict[str, dict]:
 
 def _score_graded(labels: pd.DataFrame, oof: pd.DataFrame) -> dict | None:
     """The metric on the studies that have grades (None when none has any)."""
-    codes = label_matrix(labels)
-    graded = labels[(codes >= 0).any(axis=1)]
-    if graded.empty:
+    graded = graded_ids(labels)
+    if not graded:
         return None
-    return score_frames(graded, oof[oof["row_id"].str.partition("_")[0].astype(int).isin(
-        graded["study_id"])])  # fmt: skip
+    return score_frames(labels[labels["study_id"].isin(graded)], _rows_of(oof, graded))
+
+
+def _rows_of(oof: pd.DataFrame, study_ids) -> pd.DataFrame:
+    """The submission rows (``row_id`` = ``{study_id}_...``) of ``study_ids``."""
+    return oof[oof["row_id"].str.partition("_")[0].astype(int).isin(study_ids)]
 
 
 def _errors_by_source(err: pd.DataFrame) -> dict[str, dict]:
@@ -560,11 +559,10 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
         "config": cfg.name,
         "n_studies": len(labels),
         "n_folds": len(all_folds),
-        "sources": _source_summary(tables, folds),
+        "sources": _source_summary(tables, folds, graded),
         "oof": None,
         "baselines": None,
-        "localizer": summarize_errors(errors.drop(columns=["source"], errors="ignore")
-                                      .to_dict("records")),
+        "localizer": summarize_errors(errors.to_dict("records")),
         "localizer_by_source": (
             _errors_by_source(errors) if "source" in errors.columns else None
         ),
@@ -593,17 +591,17 @@ def _oof_and_baselines(labels, oof, folds, all_folds, graded: set[int]) -> tuple
         train_wide = scored[~scored["study_id"].isin(val)]
         prior.append(prior_submission(train_wide, val))
         best.append(best_constant_submission(train_wide, val))
-    ids = oof["row_id"].str.partition("_")[0].astype(int)
-    return score_frames(scored, oof[ids.isin(graded)]), {
+    return score_frames(scored, _rows_of(oof, graded)), {
         "uniform": score_frames(scored, uniform_submission(scored["study_id"].tolist())),
         "prior": score_frames(scored, pd.concat(prior)),
         "best_constant": score_frames(scored, pd.concat(best)),
     }
 
 
-def _source_summary(tables: TrainingTables, folds: pd.DataFrame) -> dict[str, dict]:
+def _source_summary(
+    tables: TrainingTables, folds: pd.DataFrame, graded: set[int]
+) -> dict[str, dict]:
     """Per source: its kind, folder, studies, graded studies and studies per fold."""
-    graded = set(tables.graded_ids())
     fold_of = folds.set_index("study_id")["fold"]
     out = {}
     for src in tables.sources:
