@@ -4,6 +4,7 @@ localisation-only source, out-of-fold points, and what the caution says (tiny, C
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,71 @@ def test_cli_takes_several_data_folders_with_one_cache_each(tmp_path):
     assert _split_train_args(None, [str(tmp_path / "7")]) == (None, [], [str(tmp_path / "7")])
     res = CliRunner().invoke(app, ["train", "A", "B", "--cache", "C", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "one --cache per data folder" in res.output
+
+
+def test_a_folder_with_its_own_task_learns_its_grades_out_of_fold(
+    two_sources, tmp_path, monkeypatch
+):
+    """An imported set graded as another task (SPIDER's discs): one disc network with an output
+    per finding, scored per condition beside constants; prediction refuses it clearly; after
+    the phantom, the same folder teaches the localiser only."""
+    from spinegrade.evaluation.grades import score_grades
+    from spinegrade.inference.ensemble import Predictor
+    from spinegrade.models.weights import read_sidecar
+    from spinegrade.rsna.tables import matrix_to_wide
+    from spinegrade.task import SPIDER_DISCS, TASK_FILE, TaskError, load_task, save_task
+
+    monkeypatch.setenv("SPINEGRADE_PROGRESS", "0")
+    (pdata, pcache), (rdata, rcache) = two_sources
+    disc = tmp_path / "discs"
+    shutil.copytree(rdata, disc)
+    ids = pd.read_csv(disc / "train.csv")["study_id"].tolist()
+    rng = np.random.default_rng(3)
+    task = SPIDER_DISCS
+    codes = np.stack(
+        [rng.integers(0, len(task.column_condition(c).grades), len(ids)) for c in task.columns],
+        axis=1,
+    )
+    codes[0, 5:10] = -1  # a study whose narrowing was not graded
+    matrix_to_wide(ids, codes, task).to_csv(disc / "train.csv", index=False)
+    save_task(task, disc / TASK_FILE)
+
+    run = tmp_path / "run"
+    cfg = load_config("quick", [*TINY, "train.fold_workers=1", "localizer.tasks=[spinal]"])
+    cv = cross_validate(disc, rcache, run, cfg, progress=False)
+    assert cv["task"] == "spider_discs" and load_task(run / TASK_FILE) == task
+    for k in range(2):
+        fold = run / f"fold_{k}"
+        assert sorted(p.name for p in fold.glob("grader_*.safetensors")) == [
+            "grader_disc.safetensors"
+        ]
+        spec = read_sidecar(fold / "grader_disc.safetensors")["spec"]["kwargs"]
+        assert (spec["n_targets"], spec["n_classes"]) == (5, 5)
+    oof = pd.read_csv(run / "oof.csv")
+    assert oof.columns.tolist() == ["row_id", "grade_1", "grade_2", "grade_3", "grade_4",
+                                    "grade_5", "absent", "present"]  # fmt: skip
+    assert len(oof) == len(ids) * 25
+    pf = oof[oof["row_id"].str.contains("pfirrmann")]
+    assert np.allclose(pf[[f"grade_{g}" for g in range(1, 6)]].sum(axis=1), 1.0)
+    binary = oof[~oof["row_id"].str.contains("pfirrmann")]
+    assert binary["grade_1"].isna().all()
+    assert np.allclose(binary[["absent", "present"]].sum(axis=1), 1.0)
+    wide = load_train(disc / "train.csv", task)
+    assert cv["oof"] == score_grades(wide, oof, task)
+    assert set(cv["oof"]["conditions"]) == set(task.condition_names)
+    assert "qwk" in cv["oof"]["conditions"]["pfirrmann"]
+    assert "roc_auc" in cv["oof"]["conditions"]["disc_bulging"]
+    assert cv["oof"]["conditions"]["disc_narrowing"]["n"] == len(ids) * 5 - 5
+    assert set(cv["baselines"]) == {"uniform", "prior", "best_constant"}
+    with pytest.raises(TaskError, match=r"supports only the RSNA 2024 task.*spider_discs"):
+        Predictor.from_run_dir(run)
+
+    # The phantom first: the run grades RSNA and the disc folder teaches the localiser only.
+    mixed = tmp_path / "mixed"
+    cfg = load_config(
+        "quick", [*TINY, "train.fold_workers=1", "localizer.tasks=[spinal]",
+                  f"data.sources=[{{data_dir: {disc}, cache_dir: {rcache}}}]"]
+    )  # fmt: skip
+    cv = cross_validate(pdata, pcache, mixed, cfg, progress=False)
+    assert cv["task"] == "rsna2024" and cv["sources"]["fake-real"]["graded"] == 0
+    assert cv["oof"]["score"] > 0

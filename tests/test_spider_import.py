@@ -40,7 +40,14 @@ from spinegrade.rsna.spider import (
     SpiderSourceError,
     import_spider,
 )
-from spinegrade.task import LABEL_COLUMNS, LEVEL_TITLES, SAG_T2, TITLE_TO_LEVEL
+from spinegrade.task import (
+    LABEL_COLUMNS,
+    LEVEL_TITLES,
+    SAG_T2,
+    SPIDER_DISCS,
+    TITLE_TO_LEVEL,
+    dataset_task,
+)
 
 PATIENTS = (5, 7, 118)
 N_SLICES, SHAPE, SPACING, STEP = 3, (40, 32), 0.9375, 4.0  # SPIDER's grid, smaller images
@@ -88,8 +95,8 @@ def write_spider(root: Path, seed: int = 0) -> Path:
                 mm = slice_origin(instance - 1) + x * SPACING * ROW_DIR + y * SPACING * COL_DIR
                 mm[0] += rng.uniform(-1.9, 1.9)  # a centroid between slices, as in the real set
                 table.append([case, level, *np.round(mm, 2), instance, x, y])
-            gradings.append([case, level, k + 1, int(rng.integers(1, 6)), 0, 1])
-        gradings.append([case, "T12/L1", 6, 2, 0, 0])  # thoracic discs are graded too
+            gradings.append([case, level, k + 1, int(rng.integers(1, 6)), 0, 1, k % 2, 0, 0])
+        gradings.append([case, "T12/L1", 6, 2, 0, 0, 1, 1, 1])  # thoracic discs are graded too
         cases.append([case, patient, f"{patient}_t2_SPACE", "training", N_SLICES, ""])
     cases[-1][3] = "validation"
     cases[0][5] = "disc masks change every 2nd slice, a note with a comma"
@@ -109,7 +116,17 @@ def write_spider(root: Path, seed: int = 0) -> Path:
         ),
         "gradings.csv": pd.DataFrame(
             gradings,
-            columns=["case_id", "level", "spider_ivd_label", "pfirrmann", "modic", "disc_bulging"],
+            columns=[
+                "case_id",
+                "level",
+                "spider_ivd_label",
+                "pfirrmann",
+                "modic",
+                "disc_bulging",
+                "disc_narrowing",
+                "disc_herniation",
+                "spondylolisthesis",
+            ],
         ),
         "excluded.csv": pd.DataFrame(
             [[50, "50_t2_SPACE", "distorted anatomy"]],
@@ -158,7 +175,17 @@ def test_import_writes_an_rsna_training_folder(spider: Path, tmp_path: Path) -> 
 
     data = load_dataset(out)  # every cross-check of the RSNA loader passes
     assert data.study_ids == ids
-    assert data.labels[list(LABEL_COLUMNS)].isna().all().all()  # no RSNA grades, none invented
+    # SPIDER's lumbar gradings as the spider_discs task; no RSNA grades, none invented.
+    assert dataset_task(out) == SPIDER_DISCS
+    assert not set(LABEL_COLUMNS) & set(data.labels.columns)
+    source = pd.read_csv(spider / "gradings.csv")
+    for row in source[source["level"] != "T12/L1"].itertuples():
+        study = data.labels.set_index("study_id").loc[ID_BASE + int(row.case_id[7:])]
+        level = row.level.lower().replace("/", "_")
+        assert study[f"pfirrmann_{level}"] == str(row.pfirrmann)
+        assert study[f"disc_bulging_{level}"] == ("absent", "present")[row.disc_bulging]
+        assert study[f"disc_narrowing_{level}"] == ("absent", "present")[row.disc_narrowing]
+        assert study[f"disc_herniation_{level}"] == "absent"
     assert data.series.values.tolist() == [[s, s + SERIES_OFFSET, SAG_T2] for s in ids]
     coords = data.coordinates
     assert set(coords["condition"]) == {"Spinal Canal Stenosis"} and len(coords) == 15
@@ -418,3 +445,17 @@ def test_the_vendored_tarball_is_reproducible_and_imports(spider: Path, tmp_path
     assert imported.studies == 3 and imported.fingerprint != reference.fingerprint
     assert csv_bytes(tmp_path / "out") == csv_bytes(tmp_path / "ref")
     assert os.path.getsize(first) > 0
+
+
+def test_an_unknown_grade_names_the_file_the_case_and_the_value(
+    spider: Path, tmp_path: Path
+) -> None:
+    gradings = pd.read_csv(spider / "gradings.csv")
+    gradings.loc[1, "pfirrmann"] = 7  # Pfirrmann grades run 1-5
+    gradings.loc[2, "disc_bulging"] = 2  # a finding is 0 or 1
+    gradings.to_csv(spider / "gradings.csv", index=False)
+    with pytest.raises(SpiderFormatError) as err:
+        import_spider(spider, tmp_path / "out", progress=False)
+    text = str(err.value)
+    assert "gradings.csv" in text and "pfirrmann = '7'" in text and "disc_bulging = '2'" in text
+    assert not (tmp_path / "out").exists()

@@ -268,6 +268,12 @@ def _echo_cv(cv: dict) -> None:
         )
     if cv.get("oof") is None:
         typer.echo("no grades in the training data: localisation only, no grading score")
+    elif "conditions" in cv["oof"]:  # a task scored per condition (not RSNA's metric)
+        from spinegrade.evaluation.grades import format_table
+
+        typer.echo(f"task {cv.get('task')}: out of fold, beside constants learned on each fold")
+        for line in format_table(cv["oof"], cv["baselines"]):
+            typer.echo(line)
     else:
         typer.echo(f"{'':<16}" + "".join(f"{t[:12]:>13}" for t in terms))
         rows = [("OOF (model)", cv["oof"]), *cv["baselines"].items()]

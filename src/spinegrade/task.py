@@ -7,6 +7,12 @@ the metric, the model heads and the reports can never disagree about what column
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
 # Conditions in the order of the columns of train.csv.
@@ -114,3 +120,353 @@ def split_row_id(rid: str) -> tuple[int, str]:
 def submission_row_ids(study_ids: list[int] | tuple[int, ...]) -> list[str]:
     """Row ids in the order of the competition's sample submission (sorted by row_id string)."""
     return sorted(row_id(s, c) for s in study_ids for c in LABEL_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task definitions: what a run grades (RSNA 2024's 25 targets by default)
+# ---------------------------------------------------------------------------------------------
+# The points a crop can be centred on, by short name: the five RSNA click points of a level (a
+# row of StudyPoints.xyz each, condition order) and the centre of the disc itself.
+ANCHORS: tuple[str, ...] = (
+    "canal", "left_foramen", "right_foramen", "left_recess", "right_recess", "disc_centre"
+)  # fmt: skip
+VIEWS: tuple[str, ...] = ("sagittal", "axial")
+TASK_FILE = "task.yaml"  # a dataset's (and a run's) own task definition
+TASK_METRICS: tuple[str, ...] = ("rsna2024", "grades")
+
+
+class TaskError(ValueError):
+    """A task definition that cannot be used (unknown key, bad grade list, ...)."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One graded finding, read at every level of its task.
+
+    ``grades`` are the names written in train.csv's cells, in class order (severity or grade
+    order when ``ordinal``); ``columns`` name the probability columns of oof.csv and the
+    submission (one a grade). ``class_weights`` weight the loss and, for the RSNA metric, the
+    score. ``group`` is the grader network that reads it: conditions of one group share one
+    model; a condition and its ``mirror`` (the other side) share one output, their right-side
+    crops mirrored onto the left. ``series``/``view`` say what a radiologist reads it on, and
+    ``anchor`` which located point its crop is centred on.
+    """
+
+    name: str
+    title: str
+    grades: tuple[str, ...]
+    columns: tuple[str, ...]
+    class_weights: tuple[float, ...]
+    ordinal: bool
+    group: str
+    series: str
+    view: str
+    anchor: str
+    side: str | None = None
+    mirror: str = ""  # "" = itself (no side)
+
+    def __post_init__(self) -> None:
+        where = f"condition {self.name!r}"
+        if not self.name.isidentifier() or self.name != self.name.lower():
+            raise TaskError(f"{where}: names are lower-case identifiers (e.g. disc_narrowing)")
+        if len(self.grades) < 2 or len(set(self.grades)) != len(self.grades):
+            raise TaskError(f"{where}: needs two or more distinct grades, got {self.grades}")
+        if len(self.columns) != len(self.grades) or len(set(self.columns)) != len(self.columns):
+            raise TaskError(f"{where}: one distinct probability column per grade")
+        if len(self.class_weights) != len(self.grades) or min(self.class_weights) <= 0:
+            raise TaskError(f"{where}: one positive class weight per grade")
+        if self.series not in SERIES_DESCRIPTIONS:
+            raise TaskError(f"{where}: series must be one of {list(SERIES_DESCRIPTIONS)}")
+        if self.view not in VIEWS or self.anchor not in ANCHORS:
+            raise TaskError(f"{where}: view in {list(VIEWS)}, anchor in {list(ANCHORS)}")
+        if self.side not in (None, "left", "right"):
+            raise TaskError(f"{where}: side is left, right or empty")
+        if not self.mirror:
+            object.__setattr__(self, "mirror", self.name)
+
+    @property
+    def severities(self) -> tuple[str, ...]:
+        return self.grades
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a run grades: its conditions, at ``levels``, scored by ``metric``.
+
+    ``rsna2024`` is the competition's weighted log loss (three severity terms plus any-severe
+    spinal; only the built-in RSNA task can use it); ``grades`` scores each condition on its own
+    (quadratic-weighted kappa and within-one-grade accuracy where ordinal, ROC AUC where binary,
+    balanced accuracy and log loss always: :mod:`spinegrade.evaluation.grades`). Columns are
+    condition-major, ``{condition}_{level}``, as train.csv's.
+    """
+
+    name: str
+    conditions: tuple[Condition, ...]
+    levels: tuple[str, ...] = LEVELS
+    metric: str = "grades"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.conditions]
+        if not names or len(set(names)) != len(names):
+            raise TaskError(f"task {self.name!r}: needs distinct conditions, got {names}")
+        if tuple(self.levels) != LEVELS:
+            # The localiser finds L1/L2..L5/S1; other levels (thoracic discs) need its targets.
+            raise TaskError(f"task {self.name!r}: levels must be {list(LEVELS)} (the localiser's)")
+        if self.metric not in TASK_METRICS:
+            raise TaskError(f"task {self.name!r}: metric must be one of {list(TASK_METRICS)}")
+        by_name = dict(zip(names, self.conditions, strict=True))
+        for c in self.conditions:
+            other = by_name.get(c.mirror)
+            if other is None or other.mirror != c.name or other.group != c.group:
+                raise TaskError(
+                    f"task {self.name!r}: condition {c.name!r} mirrors {c.mirror!r}, which must "
+                    "be a condition of the same group mirroring it back"
+                )
+            if other.grades != c.grades:
+                raise TaskError(f"task {self.name!r}: {c.name!r} and its mirror differ in grades")
+
+    # -- lookups -----------------------------------------------------------------------------
+    def condition(self, name: str) -> Condition:
+        for c in self.conditions:
+            if c.name == name:
+                return c
+        raise KeyError(f"task {self.name!r} has no condition {name!r}")
+
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.conditions)
+
+    @functools.cached_property
+    def columns(self) -> tuple[str, ...]:
+        """The label columns, condition-major: ``{condition}_{level}``."""
+        return tuple(f"{c.name}_{lv}" for c in self.conditions for lv in self.levels)
+
+    @functools.cached_property
+    def _column_index(self) -> dict[str, int]:
+        return {col: i for i, col in enumerate(self.columns)}
+
+    def column_index(self, column: str) -> int:
+        try:
+            return self._column_index[column]
+        except KeyError:
+            raise KeyError(f"{column!r} is not a label column of task {self.name!r}") from None
+
+    def column_condition(self, column: str) -> Condition:
+        return self.conditions[self.column_index(column) // len(self.levels)]
+
+    def column_level(self, column: str) -> str:
+        return self.levels[self.column_index(column) % len(self.levels)]
+
+    def condition_columns(self, name: str) -> list[str]:
+        """The level columns of one condition, L1/L2 -> L5/S1."""
+        return [f"{name}_{lv}" for lv in self.levels]
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The grader networks, in order of their first condition."""
+        return tuple(dict.fromkeys(c.group for c in self.conditions))
+
+    def select_groups(self, requested: Sequence[str]) -> list[str]:
+        """The grader groups to train for ``train.groups``: as listed for RSNA; for another
+        task, its groups among those listed, or all of them when the list names none of them
+        (the config's default lists RSNA's three), so ``train.groups=[]`` still trains none."""
+        if self.is_rsna:
+            return list(requested)
+        mine = [g for g in self.groups if g in requested]
+        return mine if mine or not requested else list(self.groups)
+
+    def group_conditions(self, group: str) -> tuple[str, ...]:
+        return tuple(c.name for c in self.conditions if c.group == group)
+
+    def heads(self, group: str) -> tuple[str, ...]:
+        """A group's outputs: one per condition, a mirrored pair sharing the first one's."""
+        out: list[str] = []
+        for name in self.group_conditions(group):
+            if self.condition(name).mirror not in out:
+                out.append(name)
+        return tuple(out)
+
+    def head_of(self, name: str) -> int:
+        """The output of ``name`` within its group's network."""
+        c = self.condition(name)
+        heads = self.heads(c.group)
+        return heads.index(name) if name in heads else heads.index(c.mirror)
+
+    @property
+    def n_classes(self) -> int:
+        """Width of a probability row: the most grades any condition has (shorter ones padded)."""
+        return max(len(c.grades) for c in self.conditions)
+
+    def group_classes(self, group: str) -> int:
+        return max(len(self.condition(n).grades) for n in self.group_conditions(group))
+
+    @property
+    def is_rsna(self) -> bool:
+        return self.metric == "rsna2024"
+
+    def require_rsna(self, what: str) -> None:
+        """Refuse a task other than RSNA 2024 in a part that only knows its 25 targets."""
+        if not self.is_rsna:
+            raise TaskError(
+                f"{what} supports only the RSNA 2024 task; this run's task is {self.name!r} "
+                f"({', '.join(self.condition_names)}). Use the run's oof.csv and cv.json instead."
+            )
+
+    # -- files -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain dict (YAML-ready); :func:`task_from_dict` reads it back."""
+        conditions = []
+        for c in self.conditions:
+            d = dataclasses.asdict(c)
+            d["grades"], d["columns"] = list(c.grades), list(c.columns)
+            d["class_weights"] = list(c.class_weights)
+            conditions.append(d)
+        return {
+            "name": self.name,
+            "description": self.description,
+            "metric": self.metric,
+            "levels": list(self.levels),
+            "conditions": conditions,
+        }
+
+
+_CONDITION_KEYS = {f.name for f in dataclasses.fields(Condition)}
+
+
+def task_from_dict(data: dict, where: str = "task") -> Task:
+    """A :class:`Task` from its dict (``task.yaml``); errors name ``where`` and the key."""
+    if not isinstance(data, dict):
+        raise TaskError(f"{where}: a task is a mapping with name, conditions, ...")
+    unknown = set(data) - {"name", "description", "metric", "levels", "conditions"}
+    if unknown:
+        raise TaskError(f"{where}: unknown keys {sorted(unknown)}")
+    conditions = []
+    for i, raw in enumerate(data.get("conditions") or []):
+        if not isinstance(raw, dict):
+            raise TaskError(f"{where}: conditions[{i}] is not a mapping")
+        bad = set(raw) - _CONDITION_KEYS
+        if bad:
+            raise TaskError(f"{where}: conditions[{i}] has unknown keys {sorted(bad)}")
+        lacking = [
+            k for k in ("name", "grades", "group", "series", "view", "anchor") if k not in raw
+        ]
+        if lacking:
+            raise TaskError(f"{where}: conditions[{i}] lacks {', '.join(lacking)}")
+        try:
+            grades = tuple(str(g) for g in raw["grades"])
+            kw = dict(raw)
+            kw["grades"] = grades
+            kw["columns"] = tuple(str(c) for c in raw.get("columns") or grade_columns(grades))
+            kw["class_weights"] = tuple(
+                float(w) for w in raw.get("class_weights") or [1.0] * len(grades)
+            )
+            kw.setdefault("ordinal", False)
+            kw.setdefault("title", raw["name"].replace("_", " ").capitalize())
+            conditions.append(Condition(**kw))
+        except KeyError as err:
+            raise TaskError(f"{where}: conditions[{i}] lacks {err}") from None
+        except TypeError as err:
+            raise TaskError(f"{where}: conditions[{i}]: {err}") from None
+    if "name" not in data:
+        raise TaskError(f"{where}: lacks name")
+    if data["name"] == RSNA_2024.name and data.get("metric", "rsna2024") == "rsna2024":
+        task = Task(
+            str(data["name"]), tuple(conditions), tuple(data.get("levels") or LEVELS),
+            "rsna2024", str(data.get("description") or ""),
+        )  # fmt: skip
+        if task.to_dict() != RSNA_2024.to_dict():
+            raise TaskError(f"{where}: a task named {RSNA_2024.name!r} must be the built-in one")
+        return RSNA_2024
+    if data.get("metric") == "rsna2024":
+        raise TaskError(f"{where}: the rsna2024 metric belongs to the built-in RSNA task only")
+    return Task(
+        str(data["name"]), tuple(conditions), tuple(data.get("levels") or LEVELS),
+        str(data.get("metric") or "grades"), str(data.get("description") or ""),
+    )  # fmt: skip
+
+
+def grade_columns(grades: tuple[str, ...]) -> tuple[str, ...]:
+    """Probability column names from grade names: ``Normal/Mild`` -> ``normal_mild``, ``3`` ->
+    ``grade_3``."""
+    out = []
+    for g in grades:
+        name = "".join(ch if ch.isalnum() else "_" for ch in g.lower()).strip("_")
+        out.append(f"grade_{name}" if not name or name[0].isdigit() else name)
+    return tuple(out)
+
+
+def load_task(path: str | Path) -> Task:
+    """Read a ``task.yaml`` (errors name the file)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise TaskError(f"{path}: cannot read the task definition ({err})") from None
+    try:
+        return task_from_dict(data, str(path))
+    except TaskError as err:
+        msg = str(err) if str(path) in str(err) else f"{path}: {err}"
+        raise TaskError(msg) from None
+
+
+def save_task(task: Task, path: str | Path) -> None:
+    """Write ``task.yaml`` atomically."""
+    import yaml
+
+    from spinegrade.util.atomic import write_text
+
+    write_text(path, yaml.safe_dump(task.to_dict(), sort_keys=False))
+
+
+def dataset_task(data_dir: str | Path) -> Task:
+    """The task of a data folder: its ``task.yaml``, else RSNA 2024."""
+    path = Path(data_dir) / TASK_FILE
+    return load_task(path) if path.is_file() else RSNA_2024
+
+
+def _rsna_condition(name: str, anchor: str) -> Condition:
+    return Condition(
+        name=name, title=CONDITION_TITLES[name], grades=SEVERITIES, columns=PROB_COLUMNS,
+        class_weights=CLASS_WEIGHTS, ordinal=True, group=CONDITION_GROUP[name],
+        series=CONDITION_SERIES[name],
+        view="axial" if CONDITION_SERIES[name] == AX_T2 else "sagittal",
+        anchor=anchor, side=CONDITION_SIDE[name], mirror=MIRROR_CONDITION[name],
+    )  # fmt: skip
+
+
+# RSNA 2024: 5 conditions x 5 levels, Normal/Mild, Moderate, Severe, the competition's metric.
+RSNA_2024 = Task(
+    name="rsna2024",
+    conditions=tuple(_rsna_condition(c, a) for c, a in zip(CONDITIONS, ANCHORS, strict=False)),
+    metric="rsna2024",
+    description="RSNA 2024 Lumbar Spine Degenerative Classification: 25 targets",
+)
+
+_ABSENT_PRESENT = ("absent", "present")
+
+
+def _disc_condition(name: str, title: str, grades: tuple[str, ...], ordinal: bool) -> Condition:
+    return Condition(
+        name=name, title=title, grades=grades, columns=grade_columns(grades),
+        class_weights=(1.0,) * len(grades), ordinal=ordinal, group="disc", series=SAG_T2,
+        view="sagittal", anchor="disc_centre",
+    )  # fmt: skip
+
+
+# SPIDER's radiological gradings of each lumbar disc, read on the sagittal T2 around the disc.
+SPIDER_DISCS = Task(
+    name="spider_discs",
+    conditions=(
+        _disc_condition("pfirrmann", "Pfirrmann grade", ("1", "2", "3", "4", "5"), True),
+        _disc_condition("disc_narrowing", "Disc narrowing", _ABSENT_PRESENT, False),
+        _disc_condition("disc_bulging", "Disc bulging", _ABSENT_PRESENT, False),
+        _disc_condition("disc_herniation", "Disc herniation", _ABSENT_PRESENT, False),
+        _disc_condition("spondylolisthesis", "Spondylolisthesis", _ABSENT_PRESENT, False),
+    ),
+    metric="grades",
+    description="Disc degeneration as SPIDER's readers graded it (Pfirrmann 1-5, four findings)",
+)
+BUILTIN_TASKS: dict[str, Task] = {t.name: t for t in (RSNA_2024, SPIDER_DISCS)}

@@ -28,18 +28,7 @@ from scipy import ndimage
 from spinegrade.config import CropConfig
 from spinegrade.localization.points import StudyPoints
 from spinegrade.preprocessing.cache import CachedStack, project_point
-from spinegrade.task import (
-    AX_T2,
-    COLUMN_CONDITION,
-    COLUMN_LEVEL,
-    CONDITION_GROUP,
-    CONDITION_SERIES,
-    CONDITION_SIDE,
-    LABEL_COLUMNS,
-    LPS_HEAD,
-    LPS_LEFT,
-    LPS_POSTERIOR,
-)
+from spinegrade.task import AX_T2, LPS_HEAD, LPS_LEFT, LPS_POSTERIOR, RSNA_2024, Task
 
 # ------------------------------------------------------------------------------ crop geometry
 
@@ -55,16 +44,25 @@ class CropView:
     want_slice: np.ndarray  # patient direction of increasing crop slice
 
 
-def crop_view(condition: str, cfg: CropConfig) -> CropView:
-    """The canonical view of ``condition`` (see module doc); right sides are mirrored."""
-    group = CONDITION_GROUP[condition]
-    side = -1.0 if CONDITION_SIDE[condition] == "right" else 1.0
-    desc = CONDITION_SERIES[condition]
-    if group == "subarticular":  # axial: lateral to the right of the image, posterior down
-        return CropView(desc, cfg.subarticular_mm, side * LPS_LEFT, LPS_POSTERIOR, LPS_HEAD)
-    field_mm = cfg.spinal_mm if group == "spinal" else cfg.foraminal_mm
+def crop_view(condition: str, cfg: CropConfig, task: Task = RSNA_2024) -> CropView:
+    """The canonical view of ``condition`` of ``task`` (see module doc); right sides are mirrored.
+
+    The field of view follows the anchor: the canal and the disc centre get ``spinal_mm``, a
+    foramen ``foraminal_mm``, a recess ``subarticular_mm``.
+    """
+    c = task.condition(condition)
+    side = -1.0 if c.side == "right" else 1.0
+    field_mm = (
+        cfg.subarticular_mm
+        if c.anchor.endswith("recess")
+        else cfg.foraminal_mm
+        if c.anchor.endswith("foramen")
+        else cfg.spinal_mm
+    )
+    if c.view == "axial":  # lateral to the right of the image, posterior down
+        return CropView(c.series, field_mm, side * LPS_LEFT, LPS_POSTERIOR, LPS_HEAD)
     # Sagittal: standard display (anterior left, head up); slices go lateral on the graded side.
-    return CropView(desc, field_mm, LPS_POSTERIOR, -LPS_HEAD, side * LPS_LEFT)
+    return CropView(c.series, field_mm, LPS_POSTERIOR, -LPS_HEAD, side * LPS_LEFT)
 
 
 def _inplane_axes(stack: CachedStack, want_x: np.ndarray, want_y: np.ndarray):
@@ -192,8 +190,9 @@ def make_crops(
     stacks: Mapping[str, Sequence[CachedStack]],
     points: StudyPoints,
     cfg: CropConfig,
-    columns: Sequence[str] = LABEL_COLUMNS,
+    columns: Sequence[str] | None = None,
     rng: np.random.Generator | None = None,
+    task: Task = RSNA_2024,
 ) -> dict[str, np.ndarray]:
     """Normalised crops ``(S, size, size)`` by label column, for the columns that can be cut.
 
@@ -201,12 +200,12 @@ def make_crops(
     caller then predicts the training prior for it. ``rng`` enables training jitter.
     """
     out: dict[str, np.ndarray] = {}
-    for column in columns:
-        condition, level = COLUMN_CONDITION[column], COLUMN_LEVEL[column]
-        point = points.get(condition, level)
+    for column in task.columns if columns is None else columns:
+        condition, level = task.column_condition(column), task.column_level(column)
+        point = points.anchor(condition.anchor, level)
         if point is None:
             continue
-        view = crop_view(condition, cfg)
+        view = crop_view(condition.name, cfg, task)
         stack = locate_in_series(stacks, view.description, point, cfg.max_project_mm)
         if stack is None:
             continue

@@ -10,14 +10,17 @@ cache. Their tables are joined here, study ids must not collide, and every study
 - its **patient** (``cases.csv``'s ``patient_id`` where a folder has one, else the study): folds
   are grouped by it, so two studies of one patient never sit on both sides of a fold.
 
-A source whose studies have no grades (an imported real set) teaches the localiser only.
+A source whose studies have no grades teaches the localiser only. So does a source whose grades
+belong to another task (its ``task.yaml``) than the run's: the run grades the task of its first
+folder (RSNA 2024 where the folder has no ``task.yaml``), e.g. the phantom's 25 RSNA targets
+beside SPIDER's spines, whose disc gradings another run (first folder SPIDER) learns.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +29,7 @@ from spinegrade.config import Config, ConfigError
 from spinegrade.data.studies import StudyData, load_studies
 from spinegrade.localization.points import add_disc_points
 from spinegrade.rsna import is_phantom, label_matrix, load_dataset, normalize_coordinates
-from spinegrade.task import TITLE_TO_LEVEL
+from spinegrade.task import TITLE_TO_LEVEL, Task, dataset_task
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class TrainingTables:
     coordinates: pd.DataFrame | None  # normalize_coordinates rows
     discs: pd.DataFrame | None  # study_id, series_id, instance_number, level, x, y
     studies: pd.DataFrame  # study_id, source, patient_id (one row a study, labels' order)
+    task: Task = field(default_factory=lambda: dataset_task(""))  # what the run grades
 
     def source_of(self) -> dict[int, str]:
         return dict(zip(self.studies["study_id"], self.studies["source"], strict=True))
@@ -114,21 +118,35 @@ class TrainingTables:
 
     def graded_ids(self) -> list[int]:
         """Studies with at least one graded label cell (what the metric can score)."""
-        return graded_ids(self.labels)
+        return graded_ids(self.labels, self.task)
 
 
-def graded_ids(labels: pd.DataFrame) -> list[int]:
+def graded_ids(labels: pd.DataFrame, task: Task | None = None) -> list[int]:
     """Studies of a wide label table with at least one graded cell."""
-    codes = label_matrix(labels)
+    codes = label_matrix(labels, task or dataset_task(""))
     return labels["study_id"][(codes >= 0).any(axis=1)].astype(int).tolist()
 
 
 def load_tables(sources: Sequence[Source]) -> TrainingTables:
-    """Read and join the training tables of every source; a study id in two sources is an error."""
+    """Read and join the training tables of every source; a study id in two sources is an error.
+
+    The run's task is the first source's; other sources' grades of another task are left out.
+    """
     labels, coords, discs, studies = [], [], [], []
     owner: dict[int, Source] = {}
+    task = dataset_task(sources[0].data_dir)
     for src in sources:
         ds = load_dataset(src.data_dir)
+        own = dataset_task(src.data_dir)
+        if own != task:
+            log.warning(
+                "%s grades the task %r, not this run's %r (the first folder's): its %d studies "
+                "teach the localiser only",
+                src.data_dir, own.name, task.name, len(ds.labels),
+            )  # fmt: skip
+            ds.labels = pd.DataFrame(
+                {"study_id": ds.labels["study_id"], **dict.fromkeys(task.columns, None)}
+            )
         ids = ds.labels["study_id"].astype(int).tolist()
         clash = [s for s in ids if s in owner]
         if clash:
@@ -154,6 +172,7 @@ def load_tables(sources: Sequence[Source]) -> TrainingTables:
         pd.concat(coords, ignore_index=True) if coords else None,
         pd.concat(discs, ignore_index=True) if discs else None,
         pd.concat(studies, ignore_index=True),
+        task,
     )
 
 
@@ -179,7 +198,7 @@ def load_training_studies(tables: TrainingTables, progress: bool = True) -> dict
         coords = None
         if tables.coordinates is not None:
             coords = tables.coordinates[tables.coordinates["study_id"].isin(ids)]
-        part = load_studies(src.cache_dir, ids, labels, coords, progress=progress)
+        part = load_studies(src.cache_dir, ids, labels, coords, progress=progress, task=tables.task)
         if tables.discs is not None:
             for sid, rows in tables.discs[tables.discs["study_id"].isin(ids)].groupby("study_id"):
                 study = part[int(sid)]

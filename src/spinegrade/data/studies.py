@@ -18,7 +18,7 @@ import pandas as pd
 
 from spinegrade.localization.points import StudyPoints, true_points
 from spinegrade.preprocessing.cache import CachedStack, load_stack, read_index
-from spinegrade.task import AX_T2, LABEL_COLUMNS, SERIES_DESCRIPTIONS
+from spinegrade.task import AX_T2, RSNA_2024, SERIES_DESCRIPTIONS, Task
 from spinegrade.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class StudyData:
     study_id: int
     stacks: dict[str, list[CachedStack]]
     points: StudyPoints
-    labels: np.ndarray  # int64 (25,): 0/1/2, -1 where the cell is empty
+    labels: np.ndarray  # int64 (the task's columns,): grade index, -1 where the cell is empty
 
 
 def select_stacks(
@@ -95,6 +95,7 @@ def load_studies(
     coordinates: pd.DataFrame | None = None,
     split: str = "train",
     progress: bool = True,
+    task: Task = RSNA_2024,
 ) -> dict[int, StudyData]:
     """Load the chosen stacks (and, for training, true points and labels) of ``study_ids``.
 
@@ -109,7 +110,7 @@ def load_studies(
     paths = index.groupby("study_id")["path"].apply(list).to_dict()
     codes = {}
     if labels is not None:
-        codes = dict(zip(labels["study_id"].astype(int), label_matrix(labels), strict=True))
+        codes = dict(zip(labels["study_id"].astype(int), label_matrix(labels, task), strict=True))
     by_study = dict(iter(coordinates.groupby("study_id"))) if coordinates is not None else {}
     out: dict[int, StudyData] = {}
     for sid in progress_bar(
@@ -119,7 +120,7 @@ def load_studies(
         all_stacks = [load_stack(cache_dir / p) for p in paths.get(sid, [])]
         coords = by_study.get(sid)
         pts = true_points(coords, all_stacks) if coords is not None else StudyPoints()
-        lab = codes.get(sid, np.full(len(LABEL_COLUMNS), -1, dtype=np.int64))
+        lab = codes.get(sid, np.full(len(task.columns), -1, dtype=np.int64))
         # Training reads the series the labels were drawn on; prediction the best-covering one.
         labelled = () if coords is None else coords["series_id"].astype(int).tolist()
         chosen = select_stacks(all_stacks, labelled)

@@ -26,14 +26,7 @@ from spinegrade.localization.localize import localize_study
 from spinegrade.localization.localizer import Localizer
 from spinegrade.localization.points import StudyPoints
 from spinegrade.preprocessing.cache import CachedStack
-from spinegrade.task import (
-    COLUMN_CONDITION,
-    COLUMN_LEVEL,
-    CONDITION_GROUP,
-    GROUPS,
-    LABEL_COLUMNS,
-    LEVELS,
-)
+from spinegrade.task import LEVELS, RSNA_2024, TASK_FILE, Task, load_task
 from spinegrade.util.runtime import Runtime
 
 
@@ -43,32 +36,49 @@ class FoldModels:
 
     localizer: Localizer
     graders: dict[str, nn.Module]  # group -> SpineGrader
-    fallback: np.ndarray  # (25, 3) probabilities for targets that cannot be graded
+    fallback: np.ndarray  # (columns, classes) probabilities for targets that cannot be graded
     crops: CropConfig
     prior_mix: float = 0.0  # weight of the fallback mixed into every graded prediction
     # What its networks learned from: role ("localizer", "grader") -> kinds of the sources
     # ("phantom", "real"); empty = not recorded (older runs). See :func:`learned_from`.
     training_data: dict[str, list[str]] = field(default_factory=dict)
+    task: Task = RSNA_2024  # what the graders grade (the run's task.yaml)
 
 
 @dataclass
 class StudyPrediction:
     """One study graded by one fold."""
 
-    probs: np.ndarray  # (25, 3) in LABEL_COLUMNS order
+    probs: np.ndarray  # (columns, classes) in the task's column order ((25, 3) for RSNA)
     points: StudyPoints
-    graded: np.ndarray  # bool (25,): False where the fallback was used
+    graded: np.ndarray  # bool (columns,): False where the fallback was used
+
+
+def column_probs(logits: torch.Tensor, columns: Sequence[str], task: Task) -> np.ndarray:
+    """A grader's logits (B, T, K) for crops of ``columns`` -> probabilities (B, task.n_classes):
+    each column's own output over its condition's grades, zero beyond them (RSNA: output 0)."""
+    if task.is_rsna:
+        return logits[:, 0].float().softmax(-1).cpu().numpy()
+    out = np.zeros((len(columns), task.n_classes))
+    for i, col in enumerate(columns):
+        c = task.column_condition(col)
+        row = logits[i, task.head_of(c.name), : len(c.grades)].float().softmax(-1)
+        out[i, : len(c.grades)] = row.cpu().numpy()
+    return out
 
 
 @torch.no_grad()
 def grade_crops(
-    graders: Mapping[str, nn.Module], crops: Mapping[str, np.ndarray], batch_size: int = 64
+    graders: Mapping[str, nn.Module],
+    crops: Mapping[str, np.ndarray],
+    batch_size: int = 64,
+    task: Task = RSNA_2024,
 ) -> dict[str, np.ndarray]:
-    """Crops by label column -> class probabilities (3,) by label column (eval mode, no grad)."""
+    """Crops by label column -> class probabilities by label column (eval mode, no grad)."""
     out: dict[str, np.ndarray] = {}
     by_group: dict[str, list[str]] = {}
     for col in crops:
-        by_group.setdefault(CONDITION_GROUP[COLUMN_CONDITION[col]], []).append(col)
+        by_group.setdefault(task.column_condition(col).group, []).append(col)
     for group, cols in by_group.items():
         model = graders.get(group)
         if model is None:
@@ -77,9 +87,8 @@ def grade_crops(
         for i in range(0, len(cols), batch_size):
             part = cols[i : i + batch_size]
             x = torch.from_numpy(np.stack([crops[c] for c in part])).to(device)
-            level = torch.tensor([LEVELS.index(COLUMN_LEVEL[c]) for c in part], device=device)
-            probs = model.eval()(x, level)[:, 0].float().softmax(-1).cpu().numpy()
-            out.update(zip(part, probs, strict=True))
+            level = torch.tensor([LEVELS.index(task.column_level(c)) for c in part], device=device)
+            out.update(zip(part, column_probs(model.eval()(x, level), part, task), strict=True))
     return out
 
 
@@ -114,15 +123,15 @@ def grade_study(
     if not stacks:
         return _mix(models, {}, points)
     if views is None:
-        views = crop_views(stacks, points, models.crops)
-    return _mix(models, _mean_over_views(models.graders, views), points)
+        views = crop_views(stacks, points, models.crops, models.task)
+    return _mix(models, _mean_over_views(models.graders, views, models.task), points)
 
 
 def _mix(models: FoldModels, graded: Mapping[str, np.ndarray], points: StudyPoints):
     """Graded columns shrunk towards the fallback by ``prior_mix``; the fallback elsewhere."""
     probs = models.fallback.copy()
-    mask = np.zeros(len(LABEL_COLUMNS), dtype=bool)
-    for j, col in enumerate(LABEL_COLUMNS):
+    mask = np.zeros(len(models.task.columns), dtype=bool)
+    for j, col in enumerate(models.task.columns):
         if col in graded:
             mixed = (1.0 - models.prior_mix) * graded[col] + models.prior_mix * models.fallback[j]
             probs[j], mask[j] = mixed, True
@@ -130,23 +139,28 @@ def _mix(models: FoldModels, graded: Mapping[str, np.ndarray], points: StudyPoin
 
 
 def _mean_over_views(
-    graders: Mapping[str, nn.Module], views: Sequence[Mapping[str, np.ndarray]]
+    graders: Mapping[str, nn.Module],
+    views: Sequence[Mapping[str, np.ndarray]],
+    task: Task = RSNA_2024,
 ) -> dict[str, np.ndarray]:
     """Mean probabilities over the centred crops and the ``crops.tta`` jittered ones."""
     sums: dict[str, np.ndarray] = {}
     for view in views:
-        for col, p in grade_crops(graders, view).items():
+        for col, p in grade_crops(graders, view, task=task).items():
             sums[col] = sums.get(col, 0.0) + p
     return {col: s / len(views) for col, s in sums.items()}
 
 
 def crop_views(
-    stacks: Mapping[str, Sequence[CachedStack]], points: StudyPoints, cfg: CropConfig
+    stacks: Mapping[str, Sequence[CachedStack]],
+    points: StudyPoints,
+    cfg: CropConfig,
+    task: Task = RSNA_2024,
 ) -> list[dict[str, np.ndarray]]:
     """The centred crops of a study and ``cfg.tta`` jittered sets (seeded per study)."""
     rng = np.random.default_rng(0)  # the same jitters for every study and run
-    views = [make_crops(stacks, points, cfg)]
-    return views + [make_crops(stacks, points, cfg, rng=rng) for _ in range(cfg.tta)]
+    views = [make_crops(stacks, points, cfg, task=task)]
+    return views + [make_crops(stacks, points, cfg, rng=rng, task=task) for _ in range(cfg.tta)]
 
 
 # --------------------------------------------------------------------- many studies at once
@@ -155,22 +169,30 @@ def crop_views(
 class _StudyViews(Dataset):
     """Item i: (study id, :func:`crop_views` of study i), cut in DataLoader worker processes."""
 
-    def __init__(self, items: Sequence[tuple[int, Mapping, StudyPoints]], cfg: CropConfig) -> None:
-        self.items, self.cfg = list(items), cfg
+    def __init__(
+        self,
+        items: Sequence[tuple[int, Mapping, StudyPoints]],
+        cfg: CropConfig,
+        task: Task = RSNA_2024,
+    ) -> None:
+        self.items, self.cfg, self.task = list(items), cfg, task
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, list[dict[str, np.ndarray]]]:
         sid, stacks, points = self.items[i]
-        return sid, (crop_views(stacks, points, self.cfg) if stacks else [])
+        return sid, (crop_views(stacks, points, self.cfg, self.task) if stacks else [])
 
 
 class _GroupQueue:
     """Crops of one grader's group from many studies, graded ``batch_size`` at a time."""
 
-    def __init__(self, model: nn.Module, batch_size: int, runtime: Runtime) -> None:
+    def __init__(
+        self, model: nn.Module, batch_size: int, runtime: Runtime, task: Task = RSNA_2024
+    ) -> None:
         self.model, self.batch_size, self.runtime = model.eval(), batch_size, runtime
+        self.task = task
         self.keys: list[tuple[int, str]] = []
         self.crops: list[np.ndarray] = []
 
@@ -186,10 +208,10 @@ class _GroupQueue:
             return
         device = self.runtime.device
         x = torch.from_numpy(np.stack(self.crops)).to(device, non_blocking=True)
-        lv = [LEVELS.index(COLUMN_LEVEL[c]) for _, c in self.keys]
+        lv = [LEVELS.index(self.task.column_level(c)) for _, c in self.keys]
         with self.runtime.autocast():
             logits = self.model(x, torch.tensor(lv, device=device))
-        probs = logits[:, 0].float().softmax(-1).cpu().numpy()
+        probs = column_probs(logits, [c for _, c in self.keys], self.task)
         for key, p in zip(self.keys, probs, strict=True):
             sums[key] = sums.get(key, 0.0) + p
         self.keys, self.crops = [], []
@@ -219,17 +241,19 @@ def predict_studies(
     items = [(sid, studies[sid], points[sid]) for sid in studies]
     ctx = "fork" if workers and "fork" in mp.get_all_start_methods() else None
     loader = DataLoader(
-        _StudyViews(items, models.crops), batch_size=None, num_workers=workers,
+        _StudyViews(items, models.crops, models.task), batch_size=None, num_workers=workers,
         multiprocessing_context=ctx,
     )  # fmt: skip
-    queues = {g: _GroupQueue(m, batch_size, runtime) for g, m in models.graders.items()}
+    queues = {
+        g: _GroupQueue(m, batch_size, runtime, models.task) for g, m in models.graders.items()
+    }
     sums: dict[tuple[int, str], np.ndarray] = {}
     n_views: dict[int, int] = {}
     for sid, views in loader:
         n_views[sid] = len(views)
         for view in views:
             for col, crop in view.items():
-                queue = queues.get(CONDITION_GROUP[COLUMN_CONDITION[col]])
+                queue = queues.get(models.task.column_condition(col).group)
                 if queue is not None:
                     queue.add((sid, col), crop, sums)
     for queue in queues.values():
@@ -246,13 +270,14 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
 
     fold_dir = Path(fold_dir)
     cfg = load_config(fold_dir.parent / "config.yaml")
+    task = run_task(fold_dir.parent)
     graders = {}
-    for group in GROUPS:
+    for group in task.groups:
         path = fold_dir / f"grader_{group}.safetensors"
         # A group the run trains must have its weights: never a silent prior for its targets.
-        if group in cfg.train.groups or path.is_file():
+        if group in task.select_groups(cfg.train.groups) or path.is_file():
             graders[group] = load_model(path, device=device)[0]
-    fallback = _read_fallback(fold_dir / "fallback.json")
+    fallback = _read_fallback(fold_dir / "fallback.json", task)
     localizer = Localizer.load(fold_dir, device)
     for net in [*graders.values(), *localizer.nets.values()]:
         # Convolution kernels in channels-last order: oneDNN's (CPU) and cuDNN's fast layout.
@@ -261,7 +286,15 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
         net.to(memory_format=torch.channels_last)
     metrics = fold_dir / "metrics.json"  # written last by training; older runs lack the entry
     trained_on = learned_from(json.loads(metrics.read_text()) if metrics.is_file() else {})
-    return FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on)
+    return FoldModels(
+        localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task
+    )
+
+
+def run_task(run_dir: str | Path) -> Task:
+    """The task a run grades: its ``task.yaml``; runs without one (and older runs) grade RSNA."""
+    path = Path(run_dir) / TASK_FILE
+    return load_task(path) if path.is_file() else RSNA_2024
 
 
 def learned_from(metrics: Mapping) -> dict[str, list[str]]:
@@ -285,18 +318,18 @@ def learned_from(metrics: Mapping) -> dict[str, list[str]]:
     return {role: sorted(kinds) for role, kinds in out.items()}
 
 
-def _read_fallback(path: Path) -> np.ndarray:
-    """A fold's ``fallback.json`` as (25, 3) probabilities (see :func:`write_fallback`)."""
+def _read_fallback(path: Path, task: Task = RSNA_2024) -> np.ndarray:
+    """A fold's ``fallback.json`` as (columns, classes) probabilities (:func:`write_fallback`)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the fold did not finish training")
     data = json.loads(path.read_text())
-    if list(data["columns"]) != list(LABEL_COLUMNS):
-        raise ValueError(f"{path}: columns do not match the 25 label columns")
+    if list(data["columns"]) != list(task.columns):
+        raise ValueError(f"{path}: columns do not match the label columns of task {task.name!r}")
     return np.asarray(data["probs"], dtype=np.float64)
 
 
-def write_fallback(path: Path, probs: np.ndarray) -> None:
-    """Write a fold's fallback (atomically): (25, 3) probabilities keyed by the label columns."""
+def write_fallback(path: Path, probs: np.ndarray, task: Task = RSNA_2024) -> None:
+    """Write a fold's fallback (atomically): probabilities keyed by the task's label columns."""
     from spinegrade.util.atomic import write_json
 
-    write_json(path, {"columns": list(LABEL_COLUMNS), "probs": probs.tolist()})
+    write_json(path, {"columns": list(task.columns), "probs": probs.tolist()})

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from spinegrade.config import Config, ConfigError, load_config, save_config
+from spinegrade.task import RSNA_2024, TASK_FILE, Task, save_task
 
 if TYPE_CHECKING:
     from spinegrade.util.runtime import Runtime
@@ -76,6 +77,22 @@ def write_or_check_config(cfg: Config, run_dir: Path) -> None:
     save_config(cfg, path)
 
 
+def write_or_check_task(task: Task, run_dir: Path) -> None:
+    """Record what the run grades (``task.yaml``); a run folder keeps one task."""
+    from spinegrade.task import load_task
+
+    path = run_dir / TASK_FILE
+    if path.is_file():
+        old = load_task(path)
+        if old != task:
+            raise ConfigError(
+                f"{path}: the run grades task {old.name!r}, its data now {task.name!r}; use the "
+                "same data to continue it, or a new --out folder"
+            )
+        return
+    save_task(task, path)
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     """Nested config dict -> ``{"section.key": value}`` (backbone kwargs stay one value)."""
     out = {}
@@ -93,6 +110,7 @@ def ensure_folds(
     cfg: Config,
     runtime: Runtime,
     studies: pd.DataFrame | None = None,
+    task: Task = RSNA_2024,
 ) -> pd.DataFrame:
     """The run's folds.csv: made once (seeded; stratified by source and severity, grouped by
     patient; ``studies``: study_id, source, patient_id), then reused."""
@@ -100,6 +118,6 @@ def ensure_folds(
 
     path = run_dir / "folds.csv"
     if runtime.is_main and not path.is_file():
-        save_folds(make_folds(labels, cfg.data.n_folds, cfg.seed, studies), path)
+        save_folds(make_folds(labels, cfg.data.n_folds, cfg.seed, studies, task), path)
     runtime.barrier()
     return load_folds(path, labels["study_id"].tolist())

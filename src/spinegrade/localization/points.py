@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from spinegrade.preprocessing.cache import CachedStack, find_stack
-from spinegrade.task import CONDITIONS, LEVELS
+from spinegrade.task import ANCHORS, CONDITIONS, LEVELS
 
 # ----------------------------------------------------------------------------------- points
 
@@ -36,6 +36,13 @@ class StudyPoints:
 
     def set(self, condition: str, level: str, point: Sequence[float] | np.ndarray) -> None:
         self.xyz[CONDITIONS.index(condition), LEVELS.index(level)] = np.asarray(point, float)
+
+    def anchor(self, anchor: str, level: str) -> np.ndarray | None:
+        """The point a crop is centred on (``task.ANCHORS``: a condition's point or the disc
+        centre), or None when it is unknown."""
+        if anchor == ANCHORS[-1]:
+            return self.get_disc(level)
+        return self.get(CONDITIONS[ANCHORS.index(anchor)], level)
 
     def get_disc(self, level: str) -> np.ndarray | None:
         """The disc centre, or None when it is unknown."""

@@ -32,7 +32,7 @@ from spinegrade.task import LEVELS, SEVERITIES
 
 
 class SpineGrader(nn.Module):
-    """Crop (B, S, H, W) [+ level (B,)] -> severity logits (B, n_targets, 3).
+    """Crop (B, S, H, W) [+ level (B,)] -> grade logits (B, n_targets, n_classes).
 
     Args:
         backbone: timm EfficientNet name (``timm.list_models('*efficientnet*')``).
@@ -41,8 +41,10 @@ class SpineGrader(nn.Module):
         dim, depth, heads, mlp_ratio: the transformer.
         dropout: on tokens and before the head; ``attn_dropout`` inside attention.
         drop_path: stochastic depth for backbone and transformer blocks.
-        n_targets: logit triplets per crop (1 for one condition at one level and side, 5 for
-            five levels, ...).
+        n_targets: logit sets per crop (1 for one condition at one level and side, one per
+            condition where a group grades several findings on one crop, e.g. the disc's).
+        n_classes: logits per target (3 RSNA severities; the most grades of the group's
+            conditions, fewer-grade conditions masked by the loss and at prediction).
         n_levels: size of the level embedding added to the CLS token; 0 disables it.
         feature_index: backbone stage giving the tokens (-1 = last; -2 = one stage earlier, finer).
         pretrained, pretrained_path: ImageNet weights
@@ -66,6 +68,7 @@ class SpineGrader(nn.Module):
         attn_dropout: float = 0.0,
         drop_path: float = 0.1,
         n_targets: int = 1,
+        n_classes: int = len(SEVERITIES),
         n_levels: int = len(LEVELS),
         feature_index: int = -1,
         pretrained: bool = False,
@@ -85,8 +88,10 @@ class SpineGrader(nn.Module):
                 pretrained_path=pretrained_path, backbone_kwargs=dict(backbone_kwargs or {}),
             ),
         }  # fmt: skip
+        if n_classes != len(SEVERITIES):  # RSNA graders' sidecars stay as they were
+            self.spec["kwargs"]["n_classes"] = n_classes
         self.in_slices, self.token_grid = in_slices, token_grid
-        self.n_targets, self.n_classes, self.n_levels = n_targets, len(SEVERITIES), n_levels
+        self.n_targets, self.n_classes, self.n_levels = n_targets, n_classes, n_levels
         # The pretrained part: optim.backbone_lr_scale scales the lr of ``encoder.*``.
         self.encoder = create_backbone(
             backbone,
@@ -136,7 +141,7 @@ class SpineGrader(nn.Module):
         return tokens.flatten(1, 2)
 
     def forward(self, x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, n_targets, 3) for crops ``x`` (B, S, H, W) at disc ``level`` (B,) in 0..4.
+        """Logits (B, n_targets, n_classes) for crops ``x`` (B, S, H, W) at ``level`` (B,) in 0..4.
 
         Pass ``level`` whenever the model has a level embedding: without it the embedding is
         unused (and DDP would need ``find_unused_parameters``).

@@ -16,13 +16,20 @@ from spinegrade.config import Config
 from spinegrade.models.grader import SpineGrader
 from spinegrade.models.localizer_net import LevelLocalizer
 from spinegrade.models.weights import WeightsError, load_weights, read_sidecar
-from spinegrade.task import LEVELS
+from spinegrade.task import LEVELS, SEVERITIES
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"grader": SpineGrader, "localizer": LevelLocalizer}
 
 
-def build_grader(cfg: Config, n_targets: int = 1, *, pretrained: bool | None = None) -> SpineGrader:
-    """The grader of ``cfg.model`` for ``cfg.crops.slices``-slice crops, ``n_targets`` triplets.
+def build_grader(
+    cfg: Config,
+    n_targets: int = 1,
+    *,
+    pretrained: bool | None = None,
+    n_classes: int = len(SEVERITIES),
+) -> SpineGrader:
+    """The grader of ``cfg.model`` for ``cfg.crops.slices``-slice crops, ``n_targets`` sets of
+    ``n_classes`` logits.
 
     ``pretrained`` overrides ``cfg.model.pretrained`` (e.g. False when weights will be loaded).
     """
@@ -39,6 +46,7 @@ def build_grader(cfg: Config, n_targets: int = 1, *, pretrained: bool | None = N
         attn_dropout=m.attn_dropout,
         drop_path=m.drop_path,
         n_targets=n_targets,
+        n_classes=n_classes,
         n_levels=len(LEVELS) if m.level_embedding else 0,
         feature_index=m.feature_index,
         pretrained=m.pretrained if pretrained is None else pretrained,

@@ -28,7 +28,9 @@ from spinegrade.task import (
     CONDITIONS,
     GROUPS,
     LABEL_COLUMNS,
+    RSNA_2024,
     SEVERITIES,
+    Task,
 )
 
 FOLD_COLUMNS: tuple[str, ...] = ("study_id", "fold")
@@ -56,16 +58,29 @@ _STRATUM_KEYS: tuple[Callable[[int, int, int], str], ...] = (
 )
 
 
-def fold_strata(wide: pd.DataFrame, n_folds: int) -> pd.Series:
+def _task_strata(wide: pd.DataFrame, task: Task) -> tuple[list, list[str], tuple]:
+    """Another task's strata: the worst grade of its first condition over the levels (e.g. the
+    most degenerated disc's Pfirrmann grade), nothing coarser before the pool."""
+    codes = label_matrix(wide, task)[:, : len(task.levels)]
+    worst = np.clip(codes.max(axis=1), -1, None).tolist()
+    return [(w,) for w in worst], [f"worst{w}" for w in worst], ()
+
+
+def fold_strata(wide: pd.DataFrame, n_folds: int, task: Task = RSNA_2024) -> pd.Series:
     """Stratum of every study (index study_id), coarsened until each has >= ``n_folds`` studies.
 
     Studies in rare strata move to the next coarser key; whatever is still rare after the
     coarsest key is pooled, and a pool smaller than ``n_folds`` joins the largest stratum.
     """
-    profile = severity_profile(wide)
-    triples = profile[list(GROUPS)].to_numpy(dtype=np.int64).tolist()
-    keys = [_STRATUM_KEYS[0](*t) for t in triples]
-    for coarser in (*_STRATUM_KEYS[1:], None):
+    if task.is_rsna:
+        profile = severity_profile(wide)
+        triples = profile[list(GROUPS)].to_numpy(dtype=np.int64).tolist()
+        keys = [_STRATUM_KEYS[0](*t) for t in triples]
+        coarser_keys: tuple = _STRATUM_KEYS[1:]
+    else:
+        triples, keys, coarser_keys = _task_strata(wide, task)
+        profile = wide[["study_id"]]
+    for coarser in (*coarser_keys, None):
         counts = pd.Series(keys).value_counts()
         rare = [i for i, k in enumerate(keys) if counts[k] < n_folds]
         if not rare:
@@ -84,6 +99,7 @@ def make_folds(
     n_folds: int = 5,
     seed: int = 42,
     studies: pd.DataFrame | None = None,
+    task: Task = RSNA_2024,
 ) -> pd.DataFrame:
     """Assign every study to one of ``n_folds`` folds: DataFrame(study_id, fold), by study_id.
 
@@ -112,7 +128,7 @@ def make_folds(
     ordered = wide.sort_values("study_id", kind="stable").reset_index(drop=True)
     ids = ordered["study_id"].to_numpy(np.int64)
     if studies is None:
-        strata = fold_strata(ordered, n_folds).to_numpy()
+        strata = fold_strata(ordered, n_folds, task).to_numpy()
         groups = None
     else:
         info = studies.set_index("study_id").loc[ids]
@@ -121,7 +137,7 @@ def make_folds(
         strata = np.empty(len(ids), dtype=object)
         for name in pd.unique(info["source"]):
             m = (info["source"] == name).to_numpy()
-            inner = fold_strata(ordered[m], min(n_folds, int(m.sum()))).to_numpy()
+            inner = fold_strata(ordered[m], min(n_folds, int(m.sum())), task).to_numpy()
             strata[m] = [f"{name}|{k}" for k in inner]
         patients = info["patient_id"].astype(str).to_numpy()
         groups = patients if len(set(patients)) < len(patients) else None

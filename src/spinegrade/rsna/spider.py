@@ -11,7 +11,10 @@ output reads like any RSNA training folder (``load_dataset``, ``spinegrade prepr
 * ``train_disc_coordinates.csv``: the disc centres of truth.csv (read by
   :func:`~spinegrade.rsna.tables.load_disc_coordinates`; kept out of the label coordinates so
   those hold RSNA's five conditions only);
-* ``train.csv``: every study with its 25 label cells empty (SPIDER has no RSNA grades);
+* ``train.csv`` and ``task.yaml``: SPIDER's gradings of the five lumbar discs as the task
+  ``spider_discs`` (Pfirrmann 1-5, disc narrowing, bulging, herniation, spondylolisthesis;
+  :data:`spinegrade.task.SPIDER_DISCS`). A run whose first folder is the import learns them; in a
+  run that grades RSNA (the phantom first) the import teaches the localiser only;
 * ``cases.csv``: study_id, case_id, patient_id (what cross-validation must group by: each SPIDER
   case is one patient), source, subset (SPIDER's training/validation);
 * ``gradings.csv``: SPIDER's own disc gradings, every row, with study_id in front;
@@ -50,7 +53,6 @@ from spinegrade.rsna.tables import (
     COORDINATE_COLUMNS,
     DISC_COORDINATE_COLUMNS,
     SERIES_COLUMNS,
-    TRAIN_COLUMNS,
     Parser,
     RSNAFormatError,
     _choice_cell,
@@ -58,7 +60,16 @@ from spinegrade.rsna.tables import (
     _int_cell,
     _load,
 )
-from spinegrade.task import CONDITION_TITLES, LEVEL_TITLES, LEVELS, SAG_T2
+from spinegrade.task import (
+    CONDITION_TITLES,
+    LEVEL_TITLES,
+    LEVELS,
+    SAG_T2,
+    SPIDER_DISCS,
+    TASK_FILE,
+    TITLE_TO_LEVEL,
+    save_task,
+)
 from spinegrade.util.progress import progress_bar
 
 SOURCE_NAME = "spider-t2space"
@@ -66,7 +77,7 @@ ID_BASE = 5_100_000_000  # first id above RSNA's uint32 study ids (and the phant
 SERIES_OFFSET = 100_000_000  # series_id = study_id + SERIES_OFFSET
 MIN_ID_BASE = 2**32  # below this an imported id could equal an RSNA (uint32) id
 MARKER = "import.json"
-MARKER_FORMAT = 1
+MARKER_FORMAT = 2  # 2: train.csv holds SPIDER's disc grades (task.yaml: spider_discs)
 REQUIRED_CSVS = ("truth.csv", "canal.csv", "cases.csv", "gradings.csv")
 _LEVEL_ORDER = {LEVEL_TITLES[lv]: k for k, lv in enumerate(LEVELS)}
 _CANAL = CONDITION_TITLES["spinal_canal_stenosis"]
@@ -392,6 +403,12 @@ def _check_out(out: Path, fingerprint: str, id_base: int) -> SpiderImport | None
             f"(fingerprint {str(meta.get('fingerprint'))[:12]}, this source "
             f"{fingerprint[:12]}); choose another OUT or remove that folder"
         )
+    if meta.get("format") != MARKER_FORMAT:
+        raise ValueError(
+            f"{out} was imported by an older spinegrade (format {meta.get('format')}, now "
+            f"{MARKER_FORMAT}: SPIDER's disc grades in train.csv); remove that folder and import "
+            "again"
+        )
     if meta.get("id_base") != id_base:
         raise ValueError(
             f"{refuse} an import with --id-base {id_base} (it used {meta.get('id_base')}); "
@@ -501,6 +518,46 @@ def import_spider(
     return summary
 
 
+# SPIDER's gradings.csv column -> the spider_discs condition it fills; 0/1 findings are
+# absent/present, Pfirrmann keeps its number.
+GRADING_CONDITIONS: dict[str, str] = {
+    "pfirrmann": "pfirrmann",
+    "disc_narrowing": "disc_narrowing",
+    "disc_bulging": "disc_bulging",
+    "disc_herniation": "disc_herniation",
+    "spondylolisthesis": "spondylolisthesis",
+}
+
+
+def disc_grades(gradings: pd.DataFrame, ids: dict[str, int], where: str) -> pd.DataFrame:
+    """train.csv of the ``spider_discs`` task from SPIDER's gradings (lumbar discs; thoracic
+    rows are kept in gradings.csv only: the localiser finds L1/L2..L5/S1). Every study gets a
+    row; a disc without a grading stays empty. Unknown values are an error naming ``where``."""
+    task = SPIDER_DISCS
+    train = pd.DataFrame({"study_id": sorted(ids.values())})
+    for col in task.columns:
+        train[col] = None
+    train = train.set_index("study_id")
+    missing = [c for c in GRADING_CONDITIONS if c not in gradings.columns]
+    if missing:
+        raise SpiderFormatError(where, [f"lacks the columns {missing}"])
+    problems = []
+    lumbar = gradings[gradings["level"].isin(TITLE_TO_LEVEL)]
+    for row in lumbar.itertuples(index=False):
+        study, level = ids[row.case_id], TITLE_TO_LEVEL[row.level]
+        for column, name in GRADING_CONDITIONS.items():
+            value = str(getattr(row, column)).strip()
+            grades = task.condition(name).grades
+            grade = value if name == "pfirrmann" else {"0": grades[0], "1": grades[1]}.get(value)
+            if grade not in grades:
+                problems.append(f"{row.case_id} {row.level}: {column} = {value!r}")
+                continue
+            train.loc[study, f"{name}_{level}"] = grade
+    if problems:
+        raise SpiderFormatError(where, problems)
+    return train.reset_index()
+
+
 def _write(
     dest: Path,
     source: _Source,
@@ -527,8 +584,8 @@ def _write(
     pd.DataFrame(described)[list(SERIES_COLUMNS)].to_csv(
         dest / "train_series_descriptions.csv", index=False
     )
-    train = pd.DataFrame({"study_id": order}).reindex(columns=list(TRAIN_COLUMNS))
-    train.to_csv(dest / "train.csv", index=False)
+    disc_grades(gradings, ids, source.name("gradings.csv")).to_csv(dest / "train.csv", index=False)
+    save_task(SPIDER_DISCS, dest / TASK_FILE)
     _point_table(canal, ids, COORDINATE_COLUMNS).to_csv(
         dest / "train_label_coordinates.csv", index=False
     )

@@ -29,11 +29,14 @@ from spinegrade.task import (
     LEVEL_TITLES,
     PHANTOM_GENERATOR,
     PROB_COLUMNS,
+    RSNA_2024,
     SERIES_DESCRIPTIONS,
     SEVERITIES,
     SEVERITY_INDEX,
     TITLE_TO_CONDITION,
     TITLE_TO_LEVEL,
+    Task,
+    dataset_task,
     row_id,
 )
 
@@ -240,9 +243,20 @@ def _load(
     return frame, lines
 
 
-def load_train(path: Path | str) -> pd.DataFrame:
-    """Load ``train.csv``: ``study_id`` (int) + the 25 label columns (strings, NaN where empty)."""
-    return _load(path, TRAIN_PARSERS, ["study_id"])[0]
+def train_parsers(task: Task = RSNA_2024) -> dict[str, Parser]:
+    """train.csv's cell parsers for ``task``: each column takes its condition's grade names."""
+    if task is RSNA_2024:
+        return TRAIN_PARSERS
+    parsers: dict[str, Parser] = {"study_id": _int_cell}
+    for c in task.conditions:
+        parsers.update(dict.fromkeys(task.condition_columns(c.name), _choice_cell(c.grades, True)))
+    return parsers
+
+
+def load_train(path: Path | str, task: Task = RSNA_2024) -> pd.DataFrame:
+    """Load ``train.csv``: ``study_id`` (int) + the task's label columns (the 25 RSNA ones by
+    default; grade names as strings, NaN where empty)."""
+    return _load(path, train_parsers(task), ["study_id"])[0]
 
 
 def load_series_descriptions(path: Path | str) -> pd.DataFrame:
@@ -317,7 +331,7 @@ def load_dataset(data_dir: Path | str, split: str = "train") -> RSNADataset:
     if split == "test":
         series = load_series_descriptions(series_path) if series_path.is_file() else None
         return RSNADataset(root=root, split=split, series=series)
-    labels = load_train(root / "train.csv")
+    labels = load_train(root / "train.csv", dataset_task(root))
     series, series_lines = _load(series_path, SERIES_PARSERS, ["study_id", "series_id"])
     orphans = _unknown_keys(series, ["study_id"], labels, series_lines, "train.csv")
     if orphans:
@@ -355,33 +369,46 @@ def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> 
         raise ValueError(f"{what} lacks columns {missing}; has {list(frame.columns)}")
 
 
-def label_matrix(wide: pd.DataFrame) -> np.ndarray:
-    """Integer labels (n_studies x 25, train.csv row order): 0/1/2 by severity, -1 where empty."""
-    _require_columns(wide, TRAIN_COLUMNS, "wide label table")
-    cells = wide[list(LABEL_COLUMNS)].to_numpy(dtype=object)
+def label_matrix(wide: pd.DataFrame, task: Task = RSNA_2024) -> np.ndarray:
+    """Integer labels (n_studies x the task's columns, train.csv row order): the grade's index
+    in its condition (0/1/2 by severity for RSNA), -1 where empty."""
+    columns = list(task.columns)
+    _require_columns(wide, ["study_id", *columns], "wide label table")
+    cells = wide[columns].to_numpy(dtype=object)
     codes = np.full(cells.shape, MISSING_LABEL, dtype=np.int64)
     missing = pd.isna(cells)
-    for severity, code in SEVERITY_INDEX.items():
-        codes[cells == severity] = code
+    for i, condition in enumerate(task.conditions):
+        part = slice(i * len(task.levels), (i + 1) * len(task.levels))
+        for code, grade in enumerate(condition.grades):
+            codes[:, part][cells[:, part] == grade] = code
     bad = np.argwhere((codes == MISSING_LABEL) & ~missing)
     if len(bad):
         r, c = bad[0]
+        grades = list(task.column_condition(columns[c]).grades)
         raise ValueError(
-            f"study {wide['study_id'].iloc[r]}, column {LABEL_COLUMNS[c]}: unknown severity "
-            f"{cells[r, c]!r} ({len(bad)} bad cell(s)); expected one of {list(SEVERITIES)} or empty"
+            f"study {wide['study_id'].iloc[r]}, column {columns[c]}: unknown grade "
+            f"{cells[r, c]!r} ({len(bad)} bad cell(s)); expected one of {grades} or empty"
         )
     return codes
 
 
-def matrix_to_wide(study_ids: Sequence[int] | np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+def matrix_to_wide(
+    study_ids: Sequence[int] | np.ndarray, labels: np.ndarray, task: Task = RSNA_2024
+) -> pd.DataFrame:
     """Inverse of :func:`label_matrix`: a train.csv-shaped table (NaN where the code is -1)."""
     labels = np.asarray(labels)
-    if labels.shape != (len(study_ids), len(LABEL_COLUMNS)):
-        raise ValueError(f"labels must be ({len(study_ids)}, 25), got {labels.shape}")
-    if not np.isin(labels, (MISSING_LABEL, *range(len(SEVERITIES)))).all():
-        raise ValueError("labels must hold only -1 (missing), 0, 1 or 2")
-    names = np.array((*SEVERITIES, None), dtype=object)  # index -1 picks the trailing None
-    frame = pd.DataFrame(names[labels], columns=list(LABEL_COLUMNS))
+    columns = list(task.columns)
+    if labels.shape != (len(study_ids), len(columns)):
+        raise ValueError(f"labels must be ({len(study_ids)}, {len(columns)}), got {labels.shape}")
+    cells = np.empty(labels.shape, dtype=object)
+    for i, condition in enumerate(task.conditions):
+        part = slice(i * len(task.levels), (i + 1) * len(task.levels))
+        if not np.isin(labels[:, part], (MISSING_LABEL, *range(len(condition.grades)))).all():
+            codes = ", ".join(str(k) for k in range(len(condition.grades)))
+            raise ValueError(f"{condition.name} labels must hold only -1 (missing), {codes}")
+        names = np.array((*condition.grades, None), dtype=object)  # -1 picks the trailing None
+        cells[:, part] = names[labels[:, part]]
+    frame = pd.DataFrame(cells, columns=columns)
     frame.insert(0, "study_id", np.asarray(study_ids, dtype=np.int64))
     return frame
 

@@ -36,6 +36,7 @@ from spinegrade.data.sources import (
     load_training_studies,
 )
 from spinegrade.data.studies import StudyData
+from spinegrade.evaluation import grades as grade_scores
 from spinegrade.evaluation.anatomy import score_case
 from spinegrade.evaluation.metrics import (
     best_constant_probs,
@@ -51,6 +52,7 @@ from spinegrade.inference.run_folder import (
     fold_done,
     load_run_config,
     write_or_check_config,
+    write_or_check_task,
 )
 from spinegrade.localization.derived import derive_points, fit_offsets
 from spinegrade.localization.errors import point_errors, summarize_errors
@@ -66,8 +68,7 @@ from spinegrade.models.weights import (
 )
 from spinegrade.preprocessing.guard import check_cache
 from spinegrade.rsna import load_folds
-from spinegrade.rsna.submission import submission_frame
-from spinegrade.task import CONDITIONS
+from spinegrade.task import CONDITIONS, RSNA_2024, Task
 from spinegrade.training.engine import JsonlLog
 from spinegrade.training.init_from import check_init_from
 from spinegrade.training.stages import train_grader, train_localizer
@@ -125,7 +126,9 @@ def _cross_validate(
     if runtime.is_main:
         write_or_check_config(cfg, run_dir)
     tables = load_tables(configured_sources(cfg))
-    folds = ensure_folds(run_dir, tables.labels, cfg, runtime, tables.studies)
+    if runtime.is_main:
+        write_or_check_task(tables.task, run_dir)
+    folds = ensure_folds(run_dir, tables.labels, cfg, runtime, tables.studies, tables.task)
     all_folds = sorted(int(k) for k in folds["fold"].unique())
     wanted = list(folds_to_run if folds_to_run is not None else (cfg.train.folds or all_folds))
     unknown = sorted(set(wanted) - set(all_folds))
@@ -274,8 +277,11 @@ def run_fold(
     points = {s: derive_points(studies[s].points, localizer.offsets) for s in train_ids + val_ids}
     graders: dict[str, nn.Module] = {}
     taught: dict[str, list[int]] = {}  # network -> training studies whose labels it learned from
-    for group in cfg.train.groups:
-        taught[f"grader_{group}"] = [s for s in train_ids if labelled_conditions(studies[s], group)]
+    task = tables.task
+    for group in task.select_groups(cfg.train.groups):
+        taught[f"grader_{group}"] = [
+            s for s in train_ids if labelled_conditions(studies[s], group, task)
+        ]
         if not taught[f"grader_{group}"]:
             log.info("fold %d: no %s grades among the training studies; no %s grader", fold,
                      group, group)  # fmt: skip
@@ -289,7 +295,7 @@ def run_fold(
             continue
         model = train_grader(
             cfg, group, [studies[s] for s in train_ids], [studies[s] for s in val_ids], points,
-            runtime, ckpt / f"grader_{group}", log_fn, seed, fold,
+            runtime, ckpt / f"grader_{group}", log_fn, seed, fold, task,
         )  # fmt: skip
         if runtime.is_main:
             save_weights(model, path, meta={"fold": fold, "group": group, "config": cfg.to_dict()})
@@ -298,18 +304,22 @@ def run_fold(
     runtime.barrier("waiting for every rank to finish training")
     labels = tables.labels
     train_wide = labels[labels["study_id"].isin(train_ids)]
-    fallback = best_constant_probs(train_wide)
+    fallback = (
+        best_constant_probs(train_wide)
+        if task.is_rsna
+        else grade_scores.best_constant_probs(train_wide, task)
+    )
     if runtime.is_main:
-        write_fallback(out / "fallback.json", fallback)
+        write_fallback(out / "fallback.json", fallback, task)
     t2 = time.perf_counter()
-    models = FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix)
+    models = FoldModels(localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, task=task)
     # Every rank grades its share of the validation studies; rank 0 gathers and writes.
     part = _grade_oof(models, runtime.shard(val_ids), studies, runtime, cfg)
     fault_point("oof", runtime)
     parts = runtime.gather(part, "gathering the out-of-fold predictions")
     if not runtime.is_main:
         return None
-    metrics = _write_oof(parts, fold, val_ids, labels, out, source_of)
+    metrics = _write_oof(parts, fold, val_ids, labels, out, source_of, task)
     timing["oof_s"] = round(time.perf_counter() - t2, 1)
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     metrics.update(
@@ -412,7 +422,13 @@ def _steps_per_epoch(out: Path) -> dict[str, int]:
 
 
 def _write_oof(
-    parts: Sequence[dict], fold: int, val_ids, labels, out: Path, source_of: Mapping[int, str]
+    parts: Sequence[dict],
+    fold: int,
+    val_ids,
+    labels,
+    out: Path,
+    source_of: Mapping[int, str],
+    task: Task = RSNA_2024,
 ) -> dict:
     """Out-of-fold predictions (predicted points), points, localiser errors, fold metrics.
 
@@ -433,7 +449,7 @@ def _write_oof(
     errors = sorted((e for p in parts for e in p["errors"]), key=lambda e: order[e["study_id"]])
     located = sorted((r for p in parts for r in p["points"]), key=lambda r: order[r["study_id"]])
     n_fallback = sum(p["fallback"] for p in parts)
-    oof = submission_frame(probs)
+    oof = grade_scores.predictions_frame(probs, task)
     write_csv(out / "oof.csv", oof)
     err = pd.DataFrame(errors, columns=ERROR_COLUMNS)
     err.insert(0, "fold", fold)
@@ -443,7 +459,7 @@ def _write_oof(
     pts["fold"] = fold
     write_csv(out / "oof_points.csv", pts)
     return {
-        "oof": _score_graded(labels[labels["study_id"].isin(val_ids)], oof),
+        "oof": _score_graded(labels[labels["study_id"].isin(val_ids)], oof, task),
         "localizer": summarize_errors(errors),
         "localizer_by_source": _errors_by_source(err),
         "levels_by_source": _levels_by_source(err),
@@ -493,12 +509,19 @@ def _levels_by_source(err: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def _score_graded(labels: pd.DataFrame, oof: pd.DataFrame) -> dict | None:
-    """The metric on the studies that have grades (None when none has any)."""
-    graded = graded_ids(labels)
+def _score_graded(labels: pd.DataFrame, oof: pd.DataFrame, task: Task = RSNA_2024) -> dict | None:
+    """The task's metric on the studies that have grades (None when none has any)."""
+    graded = graded_ids(labels, task)
     if not graded:
         return None
-    return score_frames(labels[labels["study_id"].isin(graded)], _rows_of(oof, graded))
+    return _score(labels[labels["study_id"].isin(graded)], _rows_of(oof, graded), task)
+
+
+def _score(wide: pd.DataFrame, predictions: pd.DataFrame, task: Task) -> dict:
+    """RSNA's competition metric, or another task's per-condition scores."""
+    if task.is_rsna:
+        return score_frames(wide, predictions)
+    return grade_scores.score_grades(wide, predictions, task)
 
 
 def _rows_of(oof: pd.DataFrame, study_ids) -> pd.DataFrame:
@@ -555,8 +578,10 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
         write_csv(run_dir / "oof_points.csv", pd.concat([pd.read_csv(p) for p in point_parts]))
     per_fold = [json.loads((fold_dir(run_dir, k) / "metrics.json").read_text()) for k in all_folds]
     graded = set(tables.graded_ids())
+    task = tables.task
     cv = {
         "config": cfg.name,
+        "task": task.name,
         "n_studies": len(labels),
         "n_folds": len(all_folds),
         "sources": _source_summary(tables, folds, graded),
@@ -577,24 +602,37 @@ def merge_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
         "init": summarize_init(m.get("init") for m in per_fold),
     }  # fmt: skip
     if graded:
-        cv["oof"], cv["baselines"] = _oof_and_baselines(labels, oof, folds, all_folds, graded)
+        cv["oof"], cv["baselines"] = _oof_and_baselines(labels, oof, folds, all_folds, graded, task)
     write_json(run_dir / "cv.json", cv)
     return cv
 
 
-def _oof_and_baselines(labels, oof, folds, all_folds, graded: set[int]) -> tuple[dict, dict]:
+def _oof_and_baselines(
+    labels, oof, folds, all_folds, graded: set[int], task: Task = RSNA_2024
+) -> tuple[dict, dict]:
     """The OOF score and the three constant baselines on the graded studies (same folds)."""
     scored = labels[labels["study_id"].isin(graded)].reset_index(drop=True)
     prior, best = [], []
     for k in all_folds:
         val = [s for s in folds.loc[folds["fold"] == k, "study_id"] if s in graded]
         train_wide = scored[~scored["study_id"].isin(val)]
-        prior.append(prior_submission(train_wide, val))
-        best.append(best_constant_submission(train_wide, val))
-    return score_frames(scored, _rows_of(oof, graded)), {
-        "uniform": score_frames(scored, uniform_submission(scored["study_id"].tolist())),
-        "prior": score_frames(scored, pd.concat(prior)),
-        "best_constant": score_frames(scored, pd.concat(best)),
+        if task.is_rsna:
+            prior.append(prior_submission(train_wide, val))
+            best.append(best_constant_submission(train_wide, val))
+        else:
+            g = grade_scores
+            prior.append(g.constant_frame(val, g.prior_probs(train_wide, task), task))
+            best.append(g.constant_frame(val, g.best_constant_probs(train_wide, task), task))
+    ids = scored["study_id"].tolist()
+    uniform = (
+        uniform_submission(ids)
+        if task.is_rsna
+        else grade_scores.constant_frame(ids, grade_scores.uniform_probs(task), task)
+    )
+    return _score(scored, _rows_of(oof, graded), task), {
+        "uniform": _score(scored, uniform, task),
+        "prior": _score(scored, pd.concat(prior), task),
+        "best_constant": _score(scored, pd.concat(best), task),
     }
 
 

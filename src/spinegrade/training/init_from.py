@@ -37,6 +37,7 @@ from spinegrade.inference.run_folder import fold_dir, fold_done, load_run_config
 from spinegrade.localization.tasks import configured_tasks
 from spinegrade.models.registry import build_grader, build_localizer
 from spinegrade.models.weights import read_sidecar, sha256, weights_complete
+from spinegrade.task import RSNA_2024, Task, dataset_task
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +115,27 @@ def source_fold(run: Path, fold: int | None, key: str) -> int:
 # ------------------------------------------------------------------------------ building, loading
 
 
-def _build(cfg: Config, key: str, name: str) -> nn.Module:
-    """This run's net of section ``key`` for task/group ``name``; random when it will be replaced
-    by a run's weights (its ImageNet backbone would be overwritten: never fetched for nothing)."""
+def _build(cfg: Config, key: str, name: str, task: Task = RSNA_2024) -> nn.Module:
+    """This run's net of section ``key`` for localiser task / grader group ``name`` (of the
+    grading ``task``); random when it will be replaced by a run's weights (its ImageNet backbone
+    would be overwritten: never fetched for nothing)."""
     pretrained = False if getattr(cfg, key).init_from else None
     if key == "localizer":
-        task = configured_tasks(cfg)[name]
-        return build_localizer(cfg, n_targets=len(task.targets), pretrained=pretrained)
-    return build_grader(cfg, n_targets=1, pretrained=pretrained)
+        loc_task = configured_tasks(cfg)[name]
+        return build_localizer(cfg, n_targets=len(loc_task.targets), pretrained=pretrained)
+    return build_grader(
+        cfg, n_targets=len(task.heads(name)), n_classes=task.group_classes(name),
+        pretrained=pretrained,
+    )  # fmt: skip
 
 
-def start_net(cfg: Config, key: str, name: str, fold: int | None) -> nn.Module:
+def start_net(
+    cfg: Config, key: str, name: str, fold: int | None, task: Task = RSNA_2024
+) -> nn.Module:
     """The net a fold's training starts from: built from ``cfg`` (``key``: ``localizer`` for task
     ``name``, ``model`` for grader group ``name``), then, with ``{key}.init_from``, loaded with
     that run's weights for ``fold`` (see :func:`source_fold`) and recorded as its init source."""
-    net = _build(cfg, key, name)
+    net = _build(cfg, key, name, task)
     run = source_run(cfg, key)
     if run is not None:
         load_from_run(net, run, source_fold(run, fold, key), name, key)
@@ -226,7 +233,11 @@ def check_init_from(
     wanted = sorted(
         set(folds if folds is not None else (cfg.train.folds or range(cfg.data.n_folds)))
     )
-    names = {"localizer": list(configured_tasks(cfg)), "model": list(cfg.train.groups)}
+    task = dataset_task(data_dir or cfg.data.data_dir)
+    names = {
+        "localizer": list(configured_tasks(cfg)),
+        "model": task.select_groups(cfg.train.groups),
+    }
     out: dict[str, Path] = {}
     for key in ("localizer", "model"):
         run = source_run(cfg, key)
@@ -241,7 +252,7 @@ def check_init_from(
         out[key] = run
         starts = {k: source_fold(run, k, key) for k in wanted}
         for name in names[key]:
-            net = _build(cfg, key, name)
+            net = _build(cfg, key, name, task)
             for fold in sorted(set(starts.values())):
                 load_from_run(net, run, fold, name, key)
         _warn_if_leaky(cfg, key, run, starts, data_dir)

@@ -109,6 +109,20 @@ def _weighted_bce(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return (weight * bce).sum() / total
 
 
+# A logit that no softmax picks: the grades a condition does not have (a binary finding beside
+# Pfirrmann's five grades in one network). Finite, so masked rows never make NaN.
+MASKED_GRADE = -1e4
+
+
+def select_heads(logits: torch.Tensor, head: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+    """(B, T, K) logits -> (B, 1, K): each row's own output ``head`` (B,), its classes beyond
+    ``grades`` (B,) masked; the layout :func:`grading_loss` takes."""
+    rows = logits[torch.arange(len(logits), device=logits.device), head.long()]
+    classes = torch.arange(logits.shape[-1], device=logits.device)
+    keep = classes[None, :] < grades.long()[:, None]
+    return torch.where(keep, rows, torch.full_like(rows, MASKED_GRADE))[:, None]
+
+
 def grading_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -22,10 +22,10 @@ from spinegrade.localization.errors import localizer_hits_errors, summarize_hits
 from spinegrade.localization.points import StudyPoints
 from spinegrade.localization.samples import LocalizerSample
 from spinegrade.localization.tasks import configured_tasks
-from spinegrade.task import LEVELS
+from spinegrade.task import LEVELS, RSNA_2024, Task
 from spinegrade.training.engine import FitSpec, fit
 from spinegrade.training.init_from import start_net
-from spinegrade.training.losses import grading_loss, localizer_loss
+from spinegrade.training.losses import grading_loss, localizer_loss, select_heads
 from spinegrade.util.runtime import Runtime
 
 # ------------------------------------------------------------------------------ stage-1 training
@@ -102,19 +102,29 @@ def train_localizer(
 
 
 class _GraderLoss:
-    """``step_loss`` for :func:`.engine.fit`: weighted CE (+ any-severe for spinal)."""
+    """``step_loss`` for :func:`.engine.fit`: weighted CE (+ any-severe for RSNA's spinal).
 
-    def __init__(self, cfg: Config, group: str) -> None:
-        self.loss, self.any_weight = (
-            cfg.loss,
-            cfg.loss.any_severe_weight if group == "spinal" else 0.0,
-        )
+    RSNA graders weigh classes by ``loss.class_weights`` (the metric's 1/2/4); another task's
+    by its conditions' own class weights, each row scored on its condition's output and grades.
+    """
+
+    def __init__(self, cfg: Config, group: str, task: Task = RSNA_2024) -> None:
+        self.loss, self.task = cfg.loss, task
+        self.any_weight = cfg.loss.any_severe_weight if task.is_rsna and group == "spinal" else 0.0
+        if task.is_rsna:
+            self.class_weights = list(cfg.loss.class_weights)
+        else:  # the longest grade list's weights; shorter ones are masked (see select_heads)
+            longest = max((task.condition(c) for c in task.group_conditions(group)),
+                          key=lambda c: len(c.grades))  # fmt: skip
+            self.class_weights = list(longest.class_weights)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = model(batch["x"], batch["level"])
+        if not self.task.is_rsna:
+            logits = select_heads(logits, batch["head"], batch["grades"])
         return grading_loss(
             logits, batch["labels"][:, None], study_index=batch["study"],
-            any_severe_weight=self.any_weight, class_weights=self.loss.class_weights,
+            any_severe_weight=self.any_weight, class_weights=self.class_weights,
             label_smoothing=self.loss.label_smoothing,
         )  # fmt: skip
 
@@ -130,25 +140,27 @@ def train_grader(
     log_fn=None,
     seed: int = 0,
     fold: int | None = None,
+    task: Task = RSNA_2024,
 ) -> nn.Module:
-    """Train the stage-2 model of one group on crops around the (jittered) true points.
+    """Train the stage-2 model of one group (of ``task``) on crops around the (jittered) true
+    points.
 
     It starts from the backbone init, or with ``model.init_from`` from that run's grader of
     ``group`` for ``fold`` (:mod:`spinegrade.training.init_from`); a checkpoint still resumes.
     """
     torch.manual_seed(seed)
-    model = start_net(cfg, "model", group, fold)
+    model = start_net(cfg, "model", group, fold, task)
     t = cfg.train
-    dataset = GraderDataset(train, points, group, cfg.crops, augment=True, seed=seed)
+    dataset = GraderDataset(train, points, group, cfg.crops, augment=True, seed=seed, task=task)
     if len(dataset) == 0:
         raise ValueError(f"no {group} training crops: check the labels and the cache")
-    val_set = GraderDataset(val, points, group, cfg.crops, augment=False)
+    val_set = GraderDataset(val, points, group, cfg.crops, augment=False, task=task)
     items = max(1, t.batch_size // len(LEVELS))  # an item holds the five levels of a study
     spec = FitSpec(
         f"grader_{group}", t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average,
         eval_every=t.eval_every, log_every=t.log_every,
     )  # fmt: skip
-    loss = _GraderLoss(cfg, group)
+    loss = _GraderLoss(cfg, group, task)
     evaluate = (
         (lambda m: _evaluate_grader(m, val_set, loss, runtime, t.eval_batch_size))
         if len(val_set)

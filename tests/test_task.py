@@ -1,0 +1,185 @@
+"""Task definitions: RSNA 2024 as the built-in default, another task read from task.yaml, its
+label tables, and the per-condition scores (quadratic-weighted kappa, ROC AUC, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from spinegrade.evaluation import grades
+from spinegrade.rsna.tables import label_matrix, load_train, matrix_to_wide
+from spinegrade.task import (
+    CONDITION_GROUP,
+    CONDITIONS,
+    LABEL_COLUMNS,
+    MIRROR_CONDITION,
+    RSNA_2024,
+    SPIDER_DISCS,
+    TASK_FILE,
+    TaskError,
+    dataset_task,
+    load_task,
+    save_task,
+    task_from_dict,
+)
+from spinegrade.training.losses import grading_loss, select_heads
+
+
+def test_rsna_is_the_default_and_agrees_with_the_package_vocabulary(tmp_path: Path) -> None:
+    assert RSNA_2024.columns == LABEL_COLUMNS and RSNA_2024.is_rsna
+    assert RSNA_2024.groups == ("spinal", "foraminal", "subarticular")
+    for c in RSNA_2024.conditions:
+        assert c.group == CONDITION_GROUP[c.name] and c.mirror == MIRROR_CONDITION[c.name]
+    # Left and right share one output (mirrored crops): one head a group, three grades.
+    assert [RSNA_2024.heads(g) for g in RSNA_2024.groups] == [(CONDITIONS[0],), (CONDITIONS[1],),
+                                                             (CONDITIONS[3],)]  # fmt: skip
+    assert RSNA_2024.head_of("right_subarticular_stenosis") == 0 and RSNA_2024.n_classes == 3
+    assert dataset_task(tmp_path) is RSNA_2024  # a folder without task.yaml grades RSNA
+    save_task(RSNA_2024, tmp_path / TASK_FILE)
+    assert load_task(tmp_path / TASK_FILE) is RSNA_2024
+
+
+def test_a_task_of_its_own_round_trips_and_shares_one_network_per_group(tmp_path: Path) -> None:
+    path = tmp_path / TASK_FILE
+    save_task(SPIDER_DISCS, path)
+    assert load_task(path) == SPIDER_DISCS
+    disc = SPIDER_DISCS
+    assert disc.groups == ("disc",) and disc.n_classes == 5 and not disc.is_rsna
+    assert disc.heads("disc") == disc.condition_names  # five findings, five outputs, one crop
+    assert [disc.head_of(n) for n in disc.condition_names] == [0, 1, 2, 3, 4]
+    assert disc.condition("pfirrmann").columns == ("grade_1", "grade_2", "grade_3", "grade_4",
+                                                   "grade_5")  # fmt: skip
+    # A hand-written task.yaml: grades, columns and weights may be left to their defaults.
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "modic",
+                "conditions": [
+                    {"name": "modic", "grades": ["0", "1", "2", "3"], "group": "endplate",
+                     "series": "Sagittal T2/STIR", "view": "sagittal", "anchor": "disc_centre"}
+                ],
+            }
+        )
+    )  # fmt: skip
+    task = dataset_task(tmp_path)
+    assert task.columns[0] == "modic_l1_l2" and task.condition("modic").class_weights == (1.0,) * 4
+    with pytest.raises(TaskError, match="prediction from R supports only the RSNA 2024 task"):
+        task.require_rsna("prediction from R")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"metric": "rsna2024"}, "rsna2024 metric belongs to the built-in RSNA task"),
+        ({"levels": ["t12_l1"]}, "levels must be"),
+        ({"colour": "red"}, "unknown keys"),
+        ({"conditions": [{"name": "x", "grades": ["a"]}]}, "lacks|two or more"),
+    ],
+)
+def test_bad_task_files_name_the_file_and_the_problem(tmp_path: Path, change, message) -> None:
+    data = {**SPIDER_DISCS.to_dict(), **change}
+    path = tmp_path / TASK_FILE
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(TaskError, match=message) as err:
+        load_task(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_one_sided_mirror_is_refused() -> None:
+    data = RSNA_2024.to_dict()
+    data["name"] = "half"
+    data["metric"] = "grades"
+    data["conditions"] = data["conditions"][:2]  # left foramen without its right
+    with pytest.raises(TaskError, match="mirrors 'right_neural_foraminal_narrowing'"):
+        task_from_dict(data)
+
+
+def _disc_labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    codes = np.stack(
+        [rng.integers(0, len(SPIDER_DISCS.column_condition(c).grades), n)
+         for c in SPIDER_DISCS.columns],
+        axis=1,
+    )  # fmt: skip
+    codes[0, :3] = -1  # empty cells stay empty
+    return codes
+
+
+def test_labels_of_another_task_read_and_write_by_grade_name(tmp_path: Path) -> None:
+    codes = _disc_labels(np.random.default_rng(0), 4)
+    wide = matrix_to_wide([11, 12, 13, 14], codes, SPIDER_DISCS)
+    assert wide.loc[1, "disc_bulging_l3_l4"] in ("absent", "present")
+    assert wide.loc[1, "pfirrmann_l1_l2"] == str(codes[1, 0] + 1)
+    wide.to_csv(tmp_path / "train.csv", index=False)
+    back = load_train(tmp_path / "train.csv", SPIDER_DISCS)
+    assert np.array_equal(label_matrix(back, SPIDER_DISCS), codes)
+    wide.loc[2, "pfirrmann_l4_l5"] = "Severe"  # an RSNA grade in a Pfirrmann column
+    with pytest.raises(ValueError, match=r"pfirrmann_l4_l5: unknown grade 'Severe'.*'1', '2'"):
+        label_matrix(wide, SPIDER_DISCS)
+
+
+def test_kappa_auc_and_accuracy_match_hand_computed_values() -> None:
+    y = np.array([0, 1, 2, 2])
+    # Predicted grades 0, 2, 2, 1: observed/expected disagreement by squared distance.
+    probs = np.eye(3)[[0, 2, 2, 1]] * 0.9 + 0.1 / 3
+    s = grades.condition_scores(y, probs, ordinal=True)
+    # Observed: (1,2) and (2,1) cost (1/2)^2 each -> 0.5. Expected from the margins r = c =
+    # (1, 1, 2): sum_ij r_i c_j (i - j)^2 = 9 + 3 + 10 = 22, x 1/4 (weights) / 4 (n) = 1.375.
+    assert s["qwk"] == pytest.approx(1 - 0.5 / 1.375)
+    assert s["within_one"] == 1.0 and s["exact"] == 0.5
+    assert s["balanced_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)
+    p_true = probs[np.arange(4), y]
+    assert s["log_loss"] == pytest.approx(-np.log(p_true).mean())
+    scores = np.array([[0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.2, 0.8]])
+    b = grades.condition_scores(np.array([0, 0, 1, 1]), scores, ordinal=False)
+    assert b["roc_auc"] == pytest.approx(3 / 4) and "qwk" not in b
+    const = grades.condition_scores(y, np.tile([0.2, 0.5, 0.3], (4, 1)), ordinal=True)
+    assert const["qwk"] == 0.0  # one predicted grade agrees no better than chance
+
+
+def test_scores_of_a_task_beside_its_constants() -> None:
+    task = SPIDER_DISCS
+    codes = _disc_labels(np.random.default_rng(1), 30)
+    ids = list(range(100, 130))
+    wide = matrix_to_wide(ids, codes, task)
+    perfect = np.zeros((len(task.columns), task.n_classes))
+    frames = {}
+    for r, sid in enumerate(ids):
+        p = perfect.copy()
+        for j, k in enumerate(codes[r]):
+            p[j, max(k, 0)] = 1.0
+        frames[sid] = p
+    table = grades.predictions_frame(frames, task)
+    assert table.columns.tolist() == ["row_id", "grade_1", "grade_2", "grade_3", "grade_4",
+                                      "grade_5", "absent", "present"]  # fmt: skip
+    assert len(table) == 30 * 25 and table["row_id"].is_monotonic_increasing
+    binary_rows = table[table["row_id"].str.contains("bulging")]
+    assert binary_rows["grade_1"].isna().all() and binary_rows["absent"].notna().all()
+    best = grades.score_grades(wide, table, task)
+    assert best["conditions"]["pfirrmann"]["qwk"] == pytest.approx(1.0)
+    assert best["conditions"]["disc_bulging"]["roc_auc"] == pytest.approx(1.0)
+    prior = grades.prior_probs(wide, task)
+    assert np.allclose(prior.sum(axis=1), 1) and (prior[5:, 2:] == 0).all()  # binary: 2 grades
+    constant = grades.score_grades(wide, grades.constant_frame(ids, prior, task), task)
+    assert constant["score"] > best["score"]
+    with pytest.raises(ValueError, match="no prediction for 101_"):
+        grades.score_grades(wide, table[~table["row_id"].str.startswith("101_")], task)
+
+
+def test_a_row_is_scored_on_its_own_output_and_grades() -> None:
+    logits = torch.randn(3, 5, 5, requires_grad=True)
+    head, n_grades = torch.tensor([0, 2, 4]), torch.tensor([5, 2, 2])
+    chosen = select_heads(logits, head, n_grades)
+    assert chosen.shape == (3, 1, 5)
+    probs = chosen.softmax(-1)[:, 0]
+    assert (
+        float(probs[1:, 2:].detach().sum()) < 1e-6
+    )  # a binary finding never spends mass on grade 3
+    assert torch.equal(chosen[1, 0, :2], logits[1, 2, :2])
+    loss = grading_loss(chosen, torch.tensor([[4], [1], [0]]), class_weights=[1.0] * 5)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and float(logits.grad[1, 2, :2].abs().sum()) > 0
+    assert float(logits.grad[1, 0].abs().sum()) == 0  # other outputs untouched by this row
