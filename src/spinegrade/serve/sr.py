@@ -195,6 +195,9 @@ def build_sc(ref: pydicom.Dataset, figure_png: Path | str) -> hd.sc.SCImage:
         patient_orientation=("A", "F"),
     )
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    # Body Part Examined: an unpaired part (PS3.16 Annex L: LSPINE <-> SCT 122496007 Lumbar spine),
+    # so General Series' Laterality (type 2C, required for a paired or unknown part) is not needed.
+    sc.BodyPartExamined = "LSPINE"
     return sc
 
 
