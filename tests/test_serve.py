@@ -233,6 +233,57 @@ def test_service_files_sr_and_sc_into_each_study(served, pacs, tmp_path) -> None
         assert {t["frame_of_reference"] for t in located} <= for_uids
 
 
+def dciodvfy_missing() -> str | None:
+    if shutil.which("dciodvfy") is None:
+        return (
+            "dciodvfy is not installed; run `sudo scripts/install-serve-deps.sh` "
+            "(Debian: apt-get install dicom3tools)"
+        )
+    return None
+
+
+def private_code_items(ds) -> int:
+    """Code items anywhere in ``ds`` (content tree, scheme declaration) in the private scheme."""
+    from spinegrade.serve.sr import SCHEME as PRIVATE_SCHEME
+
+    return sum(
+        e.keyword == "CodingSchemeDesignator" and e.value == PRIVATE_SCHEME for e in ds.iterall()
+    )
+
+
+def test_stored_sr_and_sc_pass_dciodvfy(served, pacs, tmp_path) -> None:
+    """What a PACS team runs on what we filed: no errors; warnings only for our private codes."""
+    import subprocess
+
+    from spinegrade.serve.sr import SCHEME as PRIVATE_SCHEME
+
+    missing = dciodvfy_missing()
+    if missing:
+        pytest.skip(missing)
+    private_warning = (
+        f"Warning - Unrecognized defined term <{PRIVATE_SCHEME}> for value 1 of attribute "
+        "<Coding Scheme Designator>"
+    )
+    svc, good, _, _, _, _ = served
+    for k, uid in enumerate(good):
+        row = svc.state.get(uid, svc.model.model_id)
+        for kind, series_uid in (("SR", row.sr_series_uid), ("SC", row.sc_series_uid)):
+            (ds,) = retrieve(pacs, uid, series_uid)  # as the PACS holds it
+            path = tmp_path / f"{k}-{kind}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
+                                 timeout=300, check=False)  # fmt: skip
+            lines = (run.stdout + run.stderr).splitlines()
+            errors = [ln for ln in lines if ln.startswith("Error")]
+            warnings = [ln for ln in lines if ln.startswith("Warning")]
+            assert errors == [], f"{kind}: {errors}"
+            assert [w for w in warnings if w != private_warning] == [], kind
+            # One warning per private code item: every other concept is coded by a standard.
+            assert len(warnings) == private_code_items(ds), kind
+            if kind == "SR":  # it has private codes: the output is read, not just empty
+                assert warnings
+
+
 def test_corrupt_study_fails_with_reason_and_others_are_graded(served, pacs) -> None:
     svc, good, bad, _, _, _ = served
     row = svc.state.get(bad, svc.model.model_id)
