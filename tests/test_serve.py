@@ -244,7 +244,7 @@ def dciodvfy_missing() -> str | None:
 
 def private_code_items(ds) -> int:
     """Code items anywhere in ``ds`` (content tree, scheme declaration) in the private scheme."""
-    from spinegrade.serve.sr import SCHEME as PRIVATE_SCHEME
+    from spinegrade.reporting.codes import PRIVATE_SCHEME
 
     return sum(
         e.keyword == "CodingSchemeDesignator" and e.value == PRIVATE_SCHEME for e in ds.iterall()
@@ -255,7 +255,7 @@ def test_stored_sr_and_sc_pass_dciodvfy(served, pacs, tmp_path) -> None:
     """What a PACS team runs on what we filed: no errors; warnings only for our private codes."""
     import subprocess
 
-    from spinegrade.serve.sr import SCHEME as PRIVATE_SCHEME
+    from spinegrade.reporting.codes import PRIVATE_SCHEME
 
     missing = dciodvfy_missing()
     if missing:
