@@ -284,6 +284,81 @@ def test_stored_sr_and_sc_pass_dciodvfy(served, pacs, tmp_path) -> None:
                 assert warnings
 
 
+def grades_from_codes(ds) -> dict[str, str]:
+    """Column -> grade of an SR, read with highdicom from its codes alone: finding type, finding
+    site and its laterality, grade. The tracking identifiers' text is blanked first, so nothing can
+    lean on "Spinal Canal Stenosis L4/L5"."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from spinegrade.reporting import codes as sg
+
+    ds = ds.copy()
+    for elem in ds.iterall():
+        if elem.keyword == "ContentSequence":
+            for child in elem.value:
+                name = child.get("ConceptNameCodeSequence")
+                if name and name[0].CodeValue == codes.DCM.TrackingIdentifier.value:
+                    child.TextValue = "?"
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    groups = [*report.get_planar_roi_measurement_groups(), *report.get_image_measurement_groups()]
+    recovered: dict[str, str] = {}
+    for g in groups:
+        (site,) = g.finding_sites
+        condition = sg.condition_of(g.finding_type, site.laterality)
+        column = f"{condition}_{sg.level_of(site.value)}"
+        (evaluation,) = g.get_qualitative_evaluations(name=sg.SEVERITY)
+        assert column not in recovered, column
+        recovered[column] = sg.severity_of(evaluation.value)
+        # Standard codes wherever a standard names the concept (SNOMED CT here).
+        assert site.value.scheme_designator == "SCT"
+        assert (g.finding_type.scheme_designator == "SCT") != ("subarticular" in condition)
+        assert site.laterality is None or site.laterality.scheme_designator == "SCT"
+        assert (evaluation.value.scheme_designator == "SCT") != (recovered[column] == "Normal/Mild")
+    assert sorted(recovered) == sorted(LABEL_COLUMNS)
+    return recovered
+
+
+def test_stored_sr_round_trips_from_its_codes_alone(served, pacs) -> None:
+    """The SR as the PACS holds it gives back every target's grade in the study's grades.json."""
+    from spinegrade.serve.service import study_key
+
+    svc, good, _, _, _, _ = served
+    for uid in good:
+        row = svc.state.get(uid, svc.model.model_id)
+        (ds,) = retrieve(pacs, uid, row.sr_series_uid)
+        grades = json.loads((svc.work / "results" / study_key(uid) / "grades.json").read_text())
+        want = {c: grades["targets"][c]["clinical"]["grade"] for c in LABEL_COLUMNS}
+        assert grades_from_codes(ds) == want
+
+
+def test_every_grade_round_trips_from_its_codes(tiny_trained) -> None:
+    """The tiny run grades the phantoms Normal/Mild throughout: here each target gets a chosen
+    grade (all three, on every condition), through build_sr, bytes and highdicom."""
+    import io
+
+    import pydicom
+
+    from spinegrade.serve.sr import ModelIdentity, build_sr, read_sr
+    from spinegrade.task import SEVERITIES
+
+    data, _ = tiny_trained
+    study = sorted((data / "test_images").iterdir())[0]
+    evidence = {}
+    for f in sorted(study.rglob("*.dcm")):
+        head = pydicom.dcmread(f, stop_before_pixels=True)
+        evidence.setdefault(str(head.SeriesDescription), head)
+    chosen = [(k + k // 5) % 3 for k in range(len(LABEL_COLUMNS))]  # each level, each condition
+    probs = np.full((len(LABEL_COLUMNS), 3), 0.1)
+    probs[np.arange(len(LABEL_COLUMNS)), chosen] = 0.8
+    sr = build_sr(evidence, probs, {c: None for c in LABEL_COLUMNS}, ModelIdentity("r", [0], "x"))
+    buf = io.BytesIO()
+    sr.save_as(buf)
+    want = {c: SEVERITIES[g] for c, g in zip(LABEL_COLUMNS, chosen, strict=True)}
+    assert grades_from_codes(pydicom.dcmread(io.BytesIO(buf.getvalue()))) == want
+    assert {c: t["grade"] for c, t in read_sr(buf.getvalue())["targets"].items()} == want
+
+
 def test_corrupt_study_fails_with_reason_and_others_are_graded(served, pacs) -> None:
     svc, good, bad, _, _, _ = served
     row = svc.state.get(bad, svc.model.model_id)
