@@ -49,8 +49,8 @@ def private(value: str, meaning: str) -> Code:
 # The RSNA "spinal canal stenosis" is central stenosis of the lumbar canal.
 LUMBAR_SPINAL_STENOSIS = Code("18347007", "SCT", "Spinal stenosis of lumbar region")
 # Neural foraminal narrowing. A SNOMED CT US Edition concept (namespace 1000119): the International
-# release has only cause-specific ones (osseous and subluxation / connective tissue and disc), which
-# a grade from an image cannot tell apart.
+# ones found beside it (203714006 osseous and subluxation, 203715007 connective tissue and disc
+# stenosis of intervertebral foramina) name a cause, which a grade from an image does not know.
 FORAMINAL_STENOSIS = Code("371000119109", "SCT", "Stenosis of intervertebral foramina")
 # Subarticular (lateral recess) stenosis: no SNOMED CT or DICOM concept found; the side is coded
 # by the standard laterality, so one private code serves both sides.
