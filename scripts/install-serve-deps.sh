@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The system packages `spinegrade serve`'s tests and local trial need: a real PACS (Orthanc with
-# its DICOMweb plugin) and a real browser (Chromium + chromedriver) for the page test.
+# its DICOMweb plugin), a real browser (Chromium + chromedriver) for the page test, and the DICOM
+# validator a PACS team runs on what we file (dicom3tools' dciodvfy).
 # Run as root on Debian/Ubuntu (CI does, from .ci/run). Elsewhere it installs nothing and exits 0
 # (a user's machine is not broken by it), but says loudly what is missing: the serve tests that
 # need it then skip, and pytest's short summary (-ra) gives each skip's reason.
 set -euo pipefail
-PKGS=(orthanc orthanc-dicomweb chromium chromium-driver)
+PKGS=(orthanc orthanc-dicomweb chromium chromium-driver dicom3tools)
 PLUGINS=(/usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/lib/orthanc/libOrthancDicomWeb.so)
 
 # What the tests look for (spinegrade.serve.orthanc, tests/test_serve.py), whoever installed it.
 missing_now() {
   local out=() b
-  for b in Orthanc chromium chromedriver; do command -v "$b" >/dev/null 2>&1 || out+=("$b"); done
+  for b in Orthanc chromium chromedriver dciodvfy; do command -v "$b" >/dev/null 2>&1 || out+=("$b"); done
   [ -f "${PLUGINS[0]}" ] || [ -f "${PLUGINS[1]}" ] || out+=("the Orthanc DICOMweb plugin")
   echo "${out[*]-}"
 }
@@ -19,8 +20,8 @@ missing_now() {
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   missing="$(missing_now)"
   if [ -z "$missing" ]; then
-    echo "install-serve-deps: not root or no apt-get, but Orthanc, its DICOMweb plugin and" \
-      "Chromium are already here"
+    echo "install-serve-deps: not root or no apt-get, but Orthanc, its DICOMweb plugin," \
+      "Chromium and dciodvfy are already here"
     exit 0
   fi
   {

@@ -233,6 +233,132 @@ def test_service_files_sr_and_sc_into_each_study(served, pacs, tmp_path) -> None
         assert {t["frame_of_reference"] for t in located} <= for_uids
 
 
+def dciodvfy_missing() -> str | None:
+    if shutil.which("dciodvfy") is None:
+        return (
+            "dciodvfy is not installed; run `sudo scripts/install-serve-deps.sh` "
+            "(Debian: apt-get install dicom3tools)"
+        )
+    return None
+
+
+def private_code_items(ds) -> int:
+    """Code items anywhere in ``ds`` (content tree, scheme declaration) in the private scheme."""
+    from spinegrade.reporting.codes import PRIVATE_SCHEME
+
+    return sum(
+        e.keyword == "CodingSchemeDesignator" and e.value == PRIVATE_SCHEME for e in ds.iterall()
+    )
+
+
+def test_stored_sr_and_sc_pass_dciodvfy(served, pacs, tmp_path) -> None:
+    """What a PACS team runs on what we filed: no errors; warnings only for our private codes."""
+    import subprocess
+
+    from spinegrade.reporting.codes import PRIVATE_SCHEME
+
+    missing = dciodvfy_missing()
+    if missing:
+        pytest.skip(missing)
+    private_warning = (
+        f"Warning - Unrecognized defined term <{PRIVATE_SCHEME}> for value 1 of attribute "
+        "<Coding Scheme Designator>"
+    )
+    svc, good, _, _, _, _ = served
+    for k, uid in enumerate(good):
+        row = svc.state.get(uid, svc.model.model_id)
+        for kind, series_uid in (("SR", row.sr_series_uid), ("SC", row.sc_series_uid)):
+            (ds,) = retrieve(pacs, uid, series_uid)  # as the PACS holds it
+            path = tmp_path / f"{k}-{kind}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
+                                 timeout=300, check=False)  # fmt: skip
+            lines = (run.stdout + run.stderr).splitlines()
+            errors = [ln for ln in lines if ln.startswith("Error")]
+            warnings = [ln for ln in lines if ln.startswith("Warning")]
+            assert errors == [], f"{kind}: {errors}"
+            assert [w for w in warnings if w != private_warning] == [], kind
+            # One warning per private code item: every other concept is coded by a standard.
+            assert len(warnings) == private_code_items(ds), kind
+            if kind == "SR":  # it has private codes: the output is read, not just empty
+                assert warnings
+
+
+def grades_from_codes(ds) -> dict[str, str]:
+    """Column -> grade of an SR, read with highdicom from its codes alone: finding type, finding
+    site and its laterality, grade. The tracking identifiers' text is blanked first, so nothing can
+    lean on "Spinal Canal Stenosis L4/L5"."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from spinegrade.reporting import codes as sg
+
+    ds = ds.copy()
+    for elem in ds.iterall():
+        if elem.keyword == "ContentSequence":
+            for child in elem.value:
+                name = child.get("ConceptNameCodeSequence")
+                if name and name[0].CodeValue == codes.DCM.TrackingIdentifier.value:
+                    child.TextValue = "?"
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    groups = [*report.get_planar_roi_measurement_groups(), *report.get_image_measurement_groups()]
+    recovered: dict[str, str] = {}
+    for g in groups:
+        (site,) = g.finding_sites
+        condition = sg.condition_of(g.finding_type, site.laterality)
+        column = f"{condition}_{sg.level_of(site.value)}"
+        (evaluation,) = g.get_qualitative_evaluations(name=sg.SEVERITY)
+        assert column not in recovered, column
+        recovered[column] = sg.severity_of(evaluation.value)
+        # Standard codes wherever a standard names the concept (SNOMED CT here).
+        assert site.value.scheme_designator == "SCT"
+        assert (g.finding_type.scheme_designator == "SCT") != ("subarticular" in condition)
+        assert site.laterality is None or site.laterality.scheme_designator == "SCT"
+        assert (evaluation.value.scheme_designator == "SCT") != (recovered[column] == "Normal/Mild")
+    assert sorted(recovered) == sorted(LABEL_COLUMNS)
+    return recovered
+
+
+def test_stored_sr_round_trips_from_its_codes_alone(served, pacs) -> None:
+    """The SR as the PACS holds it gives back every target's grade in the study's grades.json."""
+    from spinegrade.serve.service import study_key
+
+    svc, good, _, _, _, _ = served
+    for uid in good:
+        row = svc.state.get(uid, svc.model.model_id)
+        (ds,) = retrieve(pacs, uid, row.sr_series_uid)
+        grades = json.loads((svc.work / "results" / study_key(uid) / "grades.json").read_text())
+        want = {c: grades["targets"][c]["clinical"]["grade"] for c in LABEL_COLUMNS}
+        assert grades_from_codes(ds) == want
+
+
+def test_every_grade_round_trips_from_its_codes(tiny_trained) -> None:
+    """The tiny run grades the phantoms Normal/Mild throughout: here each target gets a chosen
+    grade (all three, on every condition), through build_sr, bytes and highdicom."""
+    import io
+
+    import pydicom
+
+    from spinegrade.serve.sr import ModelIdentity, build_sr, read_sr
+    from spinegrade.task import SEVERITIES
+
+    data, _ = tiny_trained
+    study = sorted((data / "test_images").iterdir())[0]
+    evidence = {}
+    for f in sorted(study.rglob("*.dcm")):
+        head = pydicom.dcmread(f, stop_before_pixels=True)
+        evidence.setdefault(str(head.SeriesDescription), head)
+    chosen = [(k + k // 5) % 3 for k in range(len(LABEL_COLUMNS))]  # each level, each condition
+    probs = np.full((len(LABEL_COLUMNS), 3), 0.1)
+    probs[np.arange(len(LABEL_COLUMNS)), chosen] = 0.8
+    sr = build_sr(evidence, probs, {c: None for c in LABEL_COLUMNS}, ModelIdentity("r", [0], "x"))
+    buf = io.BytesIO()
+    sr.save_as(buf)
+    want = {c: SEVERITIES[g] for c, g in zip(LABEL_COLUMNS, chosen, strict=True)}
+    assert grades_from_codes(pydicom.dcmread(io.BytesIO(buf.getvalue()))) == want
+    assert {c: t["grade"] for c, t in read_sr(buf.getvalue())["targets"].items()} == want
+
+
 def test_corrupt_study_fails_with_reason_and_others_are_graded(served, pacs) -> None:
     svc, good, bad, _, _, _ = served
     row = svc.state.get(bad, svc.model.model_id)

@@ -263,8 +263,9 @@ class Service:
         out = self.work / "results" / key
         out.mkdir(parents=True, exist_ok=True)
         _atomic_bytes(out / "sr.dcm", buf.getvalue())
-        shutil.copyfile(work / "report" / str(sid) / "figure.png", out / ".figure.tmp")
-        os.replace(out / ".figure.tmp", out / "figure.png")
+        for name in ("figure.png", "grades.json"):  # the grades kept beside the SR built from them
+            shutil.copyfile(work / "report" / str(sid) / name, out / f".{name}.tmp")
+            os.replace(out / f".{name}.tmp", out / name)
         result = {
             "targets": {
                 c: {"grade": SEVERITIES[int(np.argmax(clinical[k]))],

@@ -1,19 +1,15 @@
 """The DICOM results: a Comprehensive 3D SR (TID 1500 measurement report) and a secondary capture.
 
-One measurement group per condition and level: the grade (coded, SCT Severity), the three
-probabilities (class-weight lean removed, see :mod:`spinegrade.reporting.clinical`), the finding
-site (SCT intervertebral disc) and, where the localiser found the level, its point as SCOORD3D in
-the frame of reference of the series that condition is read on. Model identity goes into the device
-observer context and every group's algorithm identification.
+One measurement group per condition and level: the condition as finding type, the disc of the level
+as finding site (with the side as its laterality for the paired foramina and recesses), the grade
+(SCT Severity), the three probabilities (class-weight lean removed, see
+:mod:`spinegrade.reporting.clinical`) and, where the localiser found the level, its point as
+SCOORD3D in the frame of reference of the series that condition is read on. Model identity goes into
+the device observer context and every group's algorithm identification.
 
-Codes: DCM and SCT where a concept exists; otherwise the private coding scheme ``99SPINEGRADE``:
-
-- conditions (finding type): ``SPINAL_CANAL_STENOSIS``, ``LEFT_NEURAL_FORAMINAL_NARROWING``,
-  ``RIGHT_NEURAL_FORAMINAL_NARROWING``, ``LEFT_SUBARTICULAR_STENOSIS``,
-  ``RIGHT_SUBARTICULAR_STENOSIS``;
-- probabilities (measurement names): ``P_NORMAL_MILD``, ``P_MODERATE``, ``P_SEVERE``;
-- the grade value ``NORMAL_MILD`` (SNOMED has Mild but no "normal or mild");
-- the method ``DEWEIGHTED`` (probabilities with the training class weights removed).
+Codes: :mod:`spinegrade.reporting.codes` (standard where a standard names the concept; the few
+private ``99SPINEGRADE`` ones are declared in the SR's Coding Scheme Identification Sequence).
+:func:`read_sr` recovers every target from those codes alone.
 """
 
 from __future__ import annotations
@@ -29,46 +25,36 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from spinegrade import __version__
+from spinegrade.reporting.codes import (
+    BODY_PART,
+    CONDITION_FINDINGS,
+    CONDITION_LATERALITY,
+    DEWEIGHTED,
+    LEVEL_SITES,
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_NAME,
+    PRIVATE_SCHEME_ORGANIZATION,
+    PROBABILITY_NAMES,
+    PROCEDURE,
+    SEVERITY,
+    SEVERITY_CODES,
+    condition_of,
+    level_of,
+    probability_of,
+    severity_of,
+)
 from spinegrade.task import (
     CONDITION_SERIES,
     CONDITION_TITLES,
-    CONDITIONS,
     LABEL_COLUMNS,
     LEVEL_TITLES,
     SEVERITIES,
 )
 
-SCHEME = "99SPINEGRADE"
 MANUFACTURER = "spinegrade"
 SR_SERIES_DESCRIPTION = "spinegrade AI grading (SR)"
 SC_SERIES_DESCRIPTION = "spinegrade AI report figure"
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
-
-
-def private(value: str, meaning: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value, SCHEME, meaning)
-
-
-CONDITION_CODES = {c: private(c.upper(), CONDITION_TITLES[c]) for c in CONDITIONS}
-PROB_CODES = (
-    private("P_NORMAL_MILD", "Probability of Normal/Mild"),
-    private("P_MODERATE", "Probability of Moderate"),
-    private("P_SEVERE", "Probability of Severe"),
-)
-GRADE_CODES = (private("NORMAL_MILD", "Normal/Mild"), codes.SCT.Moderate, codes.SCT.Severe)
-DEWEIGHTED = private("DEWEIGHTED", "Probability with training class weights removed")
-# The disc below a vertebra: L1/L2 is the intervertebral disc of the first lumbar vertebra.
-LEVEL_SITES = {
-    lv: hd.sr.CodedConcept(code.value, code.scheme_designator, f"Intervertebral disc {title}")
-    for lv, title, code in (
-        ("l1_l2", "L1/L2", codes.SCT.IntervertebralDiscStructureOfFirstLumbarVertebra),
-        ("l2_l3", "L2/L3", codes.SCT.IntervertebralDiscStructureOfSecondLumbarVertebra),
-        ("l3_l4", "L3/L4", codes.SCT.IntervertebralDiscStructureOfThirdLumbarVertebra),
-        ("l4_l5", "L4/L5", codes.SCT.IntervertebralDiscStructureOfFourthLumbarVertebra),
-        ("l5_s1", "L5/S1", codes.SCT.IntervertebralDiscStructureOfFifthLumbarVertebra),
-    )
-}  # SNOMED's meanings exceed DICOM's 64 characters; the codes are SNOMED's own
-PROCEDURE = codes.SCT.LumbarSpine  # what was imaged; a procedure code for "MR L-spine" varies
 
 
 @dataclass
@@ -95,9 +81,18 @@ def target_title(column: str) -> str:
 
 def _probability(j: int, value: float, algorithm) -> hd.sr.Measurement:
     return hd.sr.Measurement(
-        name=PROB_CODES[j], value=float(value), unit=codes.UCUM.NoUnits, method=DEWEIGHTED,
-        algorithm_id=algorithm,
+        name=PROBABILITY_NAMES[SEVERITIES[j]], value=float(value), unit=codes.UCUM.NoUnits,
+        method=DEWEIGHTED, algorithm_id=algorithm,
     )  # fmt: skip
+
+
+def _private_scheme() -> pydicom.Dataset:
+    """The Coding Scheme Identification item that says whose ``99SPINEGRADE`` codes are."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORGANIZATION
+    return item
 
 
 def build_sr(
@@ -125,12 +120,14 @@ def build_sr(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=generate_uid(), identifier=target_title(column)
             ),
-            finding_type=CONDITION_CODES[condition],
-            finding_sites=[hd.sr.FindingSite(LEVEL_SITES[level])],
+            finding_type=CONDITION_FINDINGS[condition],
+            finding_sites=[
+                hd.sr.FindingSite(LEVEL_SITES[level], laterality=CONDITION_LATERALITY[condition])
+            ],
             algorithm_id=algorithm,
             measurements=[_probability(j, p[j], algorithm) for j in range(len(SEVERITIES))],
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(codes.SCT.Severity, GRADE_CODES[int(np.argmax(p))])
+                hd.sr.QualitativeEvaluation(SEVERITY, SEVERITY_CODES[SEVERITIES[int(np.argmax(p))]])
             ],
         )
         point = points.get(column)
@@ -172,6 +169,7 @@ def build_sr(
         previous_versions=[previous] if previous is not None else None,
     )
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
 
 
@@ -195,6 +193,9 @@ def build_sc(ref: pydicom.Dataset, figure_png: Path | str) -> hd.sc.SCImage:
         patient_orientation=("A", "F"),
     )
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    # The lumbar spine, an unpaired part: General Series' Laterality (type 2C, required for a
+    # paired or unknown part) is then not needed.
+    sc.BodyPartExamined = BODY_PART
     return sc
 
 
@@ -209,8 +210,21 @@ def _texts(item: pydicom.Dataset, concept) -> set[str]:
     return found
 
 
+def target_of(group) -> str:
+    """The column a measurement group grades, from its codes alone: finding type, disc, side.
+
+    The tracking identifier's text is never read: another system may rewrite it, the codes are
+    what a registry aggregates.
+    """
+    sites = group.finding_sites
+    if group.finding_type is None or len(sites) != 1:
+        raise ValueError("a measurement group needs one finding type and one finding site")
+    condition = condition_of(group.finding_type, sites[0].laterality)
+    return f"{condition}_{level_of(sites[0].value)}"
+
+
 def read_sr(data: bytes | pydicom.Dataset) -> dict:
-    """Re-read an SR: per column, grade and probabilities; points; the model parameters.
+    """Re-read an SR from its codes: per column, grade and probabilities; points; the model.
 
     Used to validate every SR before it is stored, and by the tests.
     """
@@ -219,18 +233,19 @@ def read_sr(data: bytes | pydicom.Dataset) -> dict:
     doc = sr.content
     if not isinstance(doc, hd.sr.MeasurementReport):
         raise ValueError("not a TID 1500 measurement report")
-    by_title = {target_title(c): c for c in LABEL_COLUMNS}
     out: dict = {"targets": {}, "parameters": sorted(_texts(ds, codes.DCM.AlgorithmParameters))}
     groups = list(doc.get_planar_roi_measurement_groups()) + list(
         doc.get_image_measurement_groups()
     )
     for g in groups:
-        column = by_title[g.tracking_identifier]
-        probs = [None] * 3
+        column = target_of(g)
+        if column in out["targets"]:
+            raise ValueError(f"two measurement groups grade {column}")
+        probs: list[float | None] = [None] * len(SEVERITIES)
         for m in g.get_measurements():
-            j = [c.value for c in PROB_CODES].index(m.name.value)
-            probs[j] = float(m.value)
-        grade = g.get_qualitative_evaluations(name=codes.SCT.Severity)[0].value
+            probs[SEVERITIES.index(probability_of(m.name))] = float(m.value)
+        (evaluation,) = g.get_qualitative_evaluations(name=SEVERITY)
+        grade = evaluation.value
         point = None
         region = getattr(g, "roi", None)
         if region is not None:
@@ -239,7 +254,7 @@ def read_sr(data: bytes | pydicom.Dataset) -> dict:
         else:
             for_uid = None
         out["targets"][column] = {
-            "probs": probs, "grade": grade.meaning, "grade_code": (grade.scheme_designator,
+            "probs": probs, "grade": severity_of(grade), "grade_code": (grade.scheme_designator,
             grade.value), "point": point, "frame_of_reference": for_uid,
         }  # fmt: skip
     if len(out["targets"]) != len(LABEL_COLUMNS):

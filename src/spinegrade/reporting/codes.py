@@ -1,0 +1,178 @@
+"""The coded concepts of the DICOM results: which code names each condition, grade, level and side.
+
+A PACS viewer renders, and a registry counts, SR content by its codes, so every concept carries a
+standard code (SNOMED CT ``SCT``, DICOM ``DCM``, LOINC ``LN``) where one exists; the private scheme
+``99SPINEGRADE`` is kept only for what no standard names (listed in :data:`PRIVATE_CODES` and the
+README). Every table is keyed by the names of :mod:`spinegrade.task` (conditions, levels,
+severities, sides), so the task's vocabulary and the codes cannot drift apart.
+
+Sources (each value checked against them; ``tests/test_codes.py`` re-checks the DICOM ones against
+pydicom's copy of PS3.16):
+
+- intervertebral discs: PS3.16 CID 7604 "Intervertebral Disc";
+- grades: CID 3832 "Stenosis Grade" (also CID 3716 "Severity"); concept name SCT 246112005;
+- sides: CID 244 "Laterality" (via CID 247), as the finding site's laterality modifier;
+- procedure: CID 100 "Quantitative Diagnostic Imaging Procedure" (TID 1500's Procedure Reported);
+- conditions: not in any DICOM context group; the SNOMED CT codes and meanings are those of the
+  NLM VSAC value set 2.16.840.1.113762.1.4.1021.95 "Conditions associated with chronic pain"
+  (SNOMED CT US Edition 2023-03-01).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pydicom.sr.coding import Code
+
+from spinegrade.task import CONDITION_SIDE, CONDITIONS, LEVELS, SEVERITIES
+
+PRIVATE_SCHEME = "99SPINEGRADE"
+# How the SR declares the private scheme (SOP Common, Coding Scheme Identification Sequence), so a
+# receiver can tell whose codes these are.
+PRIVATE_SCHEME_NAME = "spinegrade lumbar spine grading"
+PRIVATE_SCHEME_ORGANIZATION = "spinegrade project"
+
+
+def private(value: str, meaning: str) -> Code:
+    """A concept of the private scheme (only for what no standard terminology names).
+
+    Values stay within Code Value's 16 characters (VR SH): longer ones would go to Long Code
+    Value, which older viewers do not read.
+    """
+    if len(value) > 16:
+        raise ValueError(f"private code value {value!r} is longer than 16 characters")
+    return Code(value, PRIVATE_SCHEME, meaning)
+
+
+# ------------------------------------------------------------------------------------ findings
+
+# The RSNA "spinal canal stenosis" is central stenosis of the lumbar canal.
+LUMBAR_SPINAL_STENOSIS = Code("18347007", "SCT", "Spinal stenosis of lumbar region")
+# Neural foraminal narrowing. A SNOMED CT US Edition concept (namespace 1000119): the International
+# ones found beside it (203714006 osseous and subluxation, 203715007 connective tissue and disc
+# stenosis of intervertebral foramina) name a cause, which a grade from an image does not know.
+FORAMINAL_STENOSIS = Code("371000119109", "SCT", "Stenosis of intervertebral foramina")
+# Subarticular (lateral recess) stenosis: no SNOMED CT or DICOM concept found; the side is coded
+# by the standard laterality, so one private code serves both sides.
+SUBARTICULAR_STENOSIS = private("SUBART_STENOSIS", "Subarticular (lateral recess) stenosis")
+
+_FINDING_OF_GROUP = {
+    "spinal_canal_stenosis": LUMBAR_SPINAL_STENOSIS,
+    "left_neural_foraminal_narrowing": FORAMINAL_STENOSIS,
+    "right_neural_foraminal_narrowing": FORAMINAL_STENOSIS,
+    "left_subarticular_stenosis": SUBARTICULAR_STENOSIS,
+    "right_subarticular_stenosis": SUBARTICULAR_STENOSIS,
+}
+CONDITION_FINDINGS: dict[str, Code] = {c: _FINDING_OF_GROUP[c] for c in CONDITIONS}
+
+# CID 244 Laterality: the foramina and recesses are paired, the central canal is not.
+SIDE_CODES: dict[str, Code] = {
+    "left": Code("7771000", "SCT", "Left"),
+    "right": Code("24028007", "SCT", "Right"),
+}
+CONDITION_LATERALITY: dict[str, Code | None] = {
+    c: None if CONDITION_SIDE[c] is None else SIDE_CODES[CONDITION_SIDE[c]] for c in CONDITIONS
+}
+
+# CID 7604: the disc itself names the level (the RSNA levels are disc levels). L5/S1 is CID 7604's
+# "Structure of intervertebral disc of L5 and S1" (715056000), not 75782005 "Intervertebral disc
+# structure of fifth lumbar vertebra", which the SR used before and no context group lists.
+_DISCS = {
+    "l1_l2": Code("80064006", "SCT", "L1/L2 disc"),
+    "l2_l3": Code("67459009", "SCT", "L2/L3 disc"),
+    "l3_l4": Code("62551000", "SCT", "L3/L4 disc"),
+    "l4_l5": Code("84020006", "SCT", "L4/L5 disc"),
+    "l5_s1": Code("715056000", "SCT", "L5/S1 disc"),
+}
+LEVEL_SITES: dict[str, Code] = {lv: _DISCS[lv] for lv in LEVELS}
+
+# ------------------------------------------------------------------------------------- grades
+
+SEVERITY = Code("246112005", "SCT", "Severity")  # the qualitative evaluation's concept name
+# CID 3832 Stenosis Grade has Mild, Moderate, Severe; the RSNA grade "Normal/Mild" pools normal
+# with mild, which SCT Mild (255604002) would misstate, so it stays private.
+_GRADES = {
+    "Normal/Mild": private("NORMAL_MILD", "Normal/Mild"),
+    "Moderate": Code("6736007", "SCT", "Moderate"),
+    "Severe": Code("24484000", "SCT", "Severe"),
+}
+SEVERITY_CODES: dict[str, Code] = {s: _GRADES[s] for s in SEVERITIES}
+# The model's probability of each grade: no standard concept names "probability of grade X".
+_PROBABILITIES = {
+    "Normal/Mild": private("P_NORMAL_MILD", "Probability of Normal/Mild"),
+    "Moderate": private("P_MODERATE", "Probability of Moderate"),
+    "Severe": private("P_SEVERE", "Probability of Severe"),
+}
+PROBABILITY_NAMES: dict[str, Code] = {s: _PROBABILITIES[s] for s in SEVERITIES}
+# How the probabilities were derived (see spinegrade.reporting.clinical): ours alone.
+DEWEIGHTED = private("DEWEIGHTED", "Probability with training class weights removed")
+
+# --------------------------------------------------------------------------------- the study
+
+# TID 1500 takes the procedure from CID 100; the lumbar spine itself is in every finding site.
+PROCEDURE = Code("25056-3", "LN", "MRI unspecified body region")
+# Body Part Examined of the secondary capture (PS3.16 Annex L: LSPINE <-> SCT 122496007 Lumbar
+# spine): an unpaired part, so General Series needs no Laterality.
+BODY_PART = "LSPINE"
+
+PRIVATE_CODES: tuple[Code, ...] = (
+    SUBARTICULAR_STENOSIS,
+    SEVERITY_CODES["Normal/Mild"],
+    *PROBABILITY_NAMES.values(),
+    DEWEIGHTED,
+)
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+class Coded(Protocol):
+    """A pydicom ``Code`` or a highdicom ``CodedConcept`` (as read back from an SR)."""
+
+    @property
+    def value(self) -> str: ...
+    @property
+    def scheme_designator(self) -> str: ...
+
+
+def key(code: Coded) -> tuple[str, str]:
+    """(scheme, value): what identifies a concept; meanings are display text and may differ."""
+    return (str(code.scheme_designator), str(code.value))
+
+
+_CONDITION_OF = {
+    (key(CONDITION_FINDINGS[c]), None if lat is None else key(lat)): c
+    for c, lat in CONDITION_LATERALITY.items()
+}
+_LEVEL_OF = {key(code): lv for lv, code in LEVEL_SITES.items()}
+_SEVERITY_OF = {key(code): s for s, code in SEVERITY_CODES.items()}
+_PROBABILITY_OF = {key(code): s for s, code in PROBABILITY_NAMES.items()}
+
+
+def condition_of(finding: Coded, laterality: Coded | None = None) -> str:
+    """The task's condition named by a finding type and its site's laterality (None: unpaired)."""
+    found = _CONDITION_OF.get((key(finding), None if laterality is None else key(laterality)))
+    if found is None:
+        raise ValueError(f"no condition is coded {key(finding)} with laterality {laterality!r}")
+    return found
+
+
+def level_of(site: Coded) -> str:
+    """The task's level named by a finding site code."""
+    if key(site) not in _LEVEL_OF:
+        raise ValueError(f"{key(site)} is not the code of a graded level")
+    return _LEVEL_OF[key(site)]
+
+
+def severity_of(code: Coded) -> str:
+    """The task's severity named by a grade code."""
+    if key(code) not in _SEVERITY_OF:
+        raise ValueError(f"{key(code)} is not the code of a grade")
+    return _SEVERITY_OF[key(code)]
+
+
+def probability_of(name: Coded) -> str:
+    """The severity whose probability a measurement name codes."""
+    if key(name) not in _PROBABILITY_OF:
+        raise ValueError(f"{key(name)} is not the name of a grade probability")
+    return _PROBABILITY_OF[key(name)]
