@@ -184,10 +184,6 @@ class Condition:
         if not self.mirror:
             object.__setattr__(self, "mirror", self.name)
 
-    @property
-    def severities(self) -> tuple[str, ...]:
-        return self.grades
-
 
 @dataclass(frozen=True)
 class Task:
@@ -421,9 +417,10 @@ def save_task(task: Task, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(task.to_dict(), sort_keys=False))
 
 
-def dataset_task(data_dir: str | Path) -> Task:
-    """The task of a data folder: its ``task.yaml``, else RSNA 2024."""
-    path = Path(data_dir) / TASK_FILE
+def dataset_task(folder: str | Path) -> Task:
+    """The task of a data folder or a run folder: its ``task.yaml``, else RSNA 2024 (folders
+    without one, runs from before task definitions)."""
+    path = Path(folder) / TASK_FILE
     return load_task(path) if path.is_file() else RSNA_2024
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +29,7 @@ from spinegrade.config import Config, ConfigError
 from spinegrade.data.studies import StudyData, load_studies
 from spinegrade.localization.points import add_disc_points
 from spinegrade.rsna import is_phantom, label_matrix, load_dataset, normalize_coordinates
-from spinegrade.task import TITLE_TO_LEVEL, Task, dataset_task
+from spinegrade.task import RSNA_2024, TITLE_TO_LEVEL, Task
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class TrainingTables:
     coordinates: pd.DataFrame | None  # normalize_coordinates rows
     discs: pd.DataFrame | None  # study_id, series_id, instance_number, level, x, y
     studies: pd.DataFrame  # study_id, source, patient_id (one row a study, labels' order)
-    task: Task = field(default_factory=lambda: dataset_task(""))  # what the run grades
+    task: Task = RSNA_2024  # what the run grades (its first folder's task)
 
     def source_of(self) -> dict[int, str]:
         return dict(zip(self.studies["study_id"], self.studies["source"], strict=True))
@@ -121,9 +121,9 @@ class TrainingTables:
         return graded_ids(self.labels, self.task)
 
 
-def graded_ids(labels: pd.DataFrame, task: Task | None = None) -> list[int]:
+def graded_ids(labels: pd.DataFrame, task: Task = RSNA_2024) -> list[int]:
     """Studies of a wide label table with at least one graded cell."""
-    codes = label_matrix(labels, task or dataset_task(""))
+    codes = label_matrix(labels, task)
     return labels["study_id"][(codes >= 0).any(axis=1)].astype(int).tolist()
 
 
@@ -134,15 +134,15 @@ def load_tables(sources: Sequence[Source]) -> TrainingTables:
     """
     labels, coords, discs, studies = [], [], [], []
     owner: dict[int, Source] = {}
-    task = dataset_task(sources[0].data_dir)
+    task: Task | None = None
     for src in sources:
         ds = load_dataset(src.data_dir)
-        own = dataset_task(src.data_dir)
-        if own != task:
+        task = task or ds.task  # the first folder's
+        if ds.task != task:
             log.warning(
                 "%s grades the task %r, not this run's %r (the first folder's): its %d studies "
                 "teach the localiser only",
-                src.data_dir, own.name, task.name, len(ds.labels),
+                src.data_dir, ds.task.name, task.name, len(ds.labels),
             )  # fmt: skip
             ds.labels = pd.DataFrame(
                 {"study_id": ds.labels["study_id"], **dict.fromkeys(task.columns, None)}
@@ -172,7 +172,7 @@ def load_tables(sources: Sequence[Source]) -> TrainingTables:
         pd.concat(coords, ignore_index=True) if coords else None,
         pd.concat(discs, ignore_index=True) if discs else None,
         pd.concat(studies, ignore_index=True),
-        task,
+        task or RSNA_2024,
     )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinegrade.evaluation import grades
 from spinegrade.rsna.submission import submission_frame
 from spinegrade.task import (
     CLASS_WEIGHTS,
@@ -30,6 +31,7 @@ from spinegrade.task import (
     GROUPS,
     LABEL_COLUMNS,
     PROB_COLUMNS,
+    RSNA_2024,
     SEVERITY_INDEX,
     row_id,
 )
@@ -198,16 +200,6 @@ def evaluate_files(submission_csv: Path | str, labels_csv: Path | str) -> dict[s
 # ----------------------------------------------------------------------------------- baselines
 
 
-def _class_counts(labels_wide: pd.DataFrame) -> np.ndarray:
-    """(25, 3) counts of each class per label column (empty cells ignored)."""
-    counts = np.zeros((len(LABEL_COLUMNS), 3))
-    for j, col in enumerate(LABEL_COLUMNS):
-        vc = labels_wide[col].dropna().map(SEVERITY_INDEX).value_counts()
-        for k, n in vc.items():
-            counts[j, int(k)] = n
-    return counts
-
-
 def constant_submission(study_ids: Iterable[int], column_probs: np.ndarray) -> pd.DataFrame:
     """A submission that predicts the same (25, 3) column probabilities for every study."""
     return submission_frame(dict.fromkeys((int(s) for s in study_ids), column_probs))
@@ -220,14 +212,12 @@ def uniform_submission(study_ids: Iterable[int]) -> pd.DataFrame:
 
 def prior_probs(train_wide: pd.DataFrame, smoothing: float = 1.0) -> np.ndarray:
     """(25, 3) class frequencies per column, Laplace-smoothed so no class gets probability 0."""
-    counts = _class_counts(train_wide) + smoothing
-    return counts / counts.sum(axis=1, keepdims=True)
+    return grades.prior_probs(train_wide, RSNA_2024, smoothing)
 
 
 def best_constant_probs(train_wide: pd.DataFrame, smoothing: float = 1.0) -> np.ndarray:
     """(25, 3) p ∝ weight x count: the constant that minimises the weighted log loss."""
-    counts = (_class_counts(train_wide) + smoothing) * np.asarray(CLASS_WEIGHTS)
-    return counts / counts.sum(axis=1, keepdims=True)
+    return grades.best_constant_probs(train_wide, RSNA_2024, smoothing)
 
 
 def prior_submission(train_wide: pd.DataFrame, study_ids: Iterable[int]) -> pd.DataFrame:

@@ -131,12 +131,13 @@ class Predictor:
         cls, run_dir: Path | str, folds: list[int] | None = None, device: str = "auto"
     ) -> Predictor:
         """Load the folds' localisers and graders (safetensors + JSON only) from ``run_dir``."""
-        from spinegrade.inference.fold_models import load_fold_models, run_task
+        from spinegrade.inference.fold_models import load_fold_models
         from spinegrade.inference.run_folder import fold_dir
+        from spinegrade.task import dataset_task
 
         run_dir, device = Path(run_dir), resolve_device(device)
         # Prediction, its reports and the service still speak RSNA's 25 targets (#23).
-        run_task(run_dir).require_rsna(f"prediction from {run_dir}")
+        dataset_task(run_dir).require_rsna(f"prediction from {run_dir}")
         chosen = run_folds(run_dir, folds)
         models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in chosen]
         return cls(run_dir, chosen, models, device)

@@ -26,7 +26,7 @@ from spinegrade.localization.localize import localize_study
 from spinegrade.localization.localizer import Localizer
 from spinegrade.localization.points import StudyPoints
 from spinegrade.preprocessing.cache import CachedStack
-from spinegrade.task import LEVELS, RSNA_2024, TASK_FILE, Task, load_task
+from spinegrade.task import LEVELS, RSNA_2024, Task, dataset_task
 from spinegrade.util.runtime import Runtime
 
 
@@ -270,7 +270,7 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
 
     fold_dir = Path(fold_dir)
     cfg = load_config(fold_dir.parent / "config.yaml")
-    task = run_task(fold_dir.parent)
+    task = dataset_task(fold_dir.parent)  # the run's task.yaml; older runs graded RSNA
     graders = {}
     for group in task.groups:
         path = fold_dir / f"grader_{group}.safetensors"
@@ -289,12 +289,6 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
     return FoldModels(
         localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task
     )
-
-
-def run_task(run_dir: str | Path) -> Task:
-    """The task a run grades: its ``task.yaml``; runs without one (and older runs) grade RSNA."""
-    path = Path(run_dir) / TASK_FILE
-    return load_task(path) if path.is_file() else RSNA_2024
 
 
 def learned_from(metrics: Mapping) -> dict[str, list[str]]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from spinegrade.config import Config, ConfigError, load_config, save_config
-from spinegrade.task import RSNA_2024, TASK_FILE, Task, save_task
+from spinegrade.task import RSNA_2024, TASK_FILE, Task, load_task, save_task
 
 if TYPE_CHECKING:
     from spinegrade.util.runtime import Runtime
@@ -79,8 +79,6 @@ def write_or_check_config(cfg: Config, run_dir: Path) -> None:
 
 def write_or_check_task(task: Task, run_dir: Path) -> None:
     """Record what the run grades (``task.yaml``); a run folder keeps one task."""
-    from spinegrade.task import load_task
-
     path = run_dir / TASK_FILE
     if path.is_file():
         old = load_task(path)

@@ -287,6 +287,7 @@ class RSNADataset:
     series: pd.DataFrame | None
     labels: pd.DataFrame | None = None  # wide train.csv table
     coordinates: pd.DataFrame | None = None
+    task: Task = RSNA_2024  # what train.csv grades (the folder's task.yaml)
 
     @property
     def image_dir(self) -> Path:
@@ -331,7 +332,8 @@ def load_dataset(data_dir: Path | str, split: str = "train") -> RSNADataset:
     if split == "test":
         series = load_series_descriptions(series_path) if series_path.is_file() else None
         return RSNADataset(root=root, split=split, series=series)
-    labels = load_train(root / "train.csv", dataset_task(root))
+    task = dataset_task(root)
+    labels = load_train(root / "train.csv", task)
     series, series_lines = _load(series_path, SERIES_PARSERS, ["study_id", "series_id"])
     orphans = _unknown_keys(series, ["study_id"], labels, series_lines, "train.csv")
     if orphans:
@@ -344,7 +346,9 @@ def load_dataset(data_dir: Path | str, split: str = "train") -> RSNADataset:
         bad = _unknown_keys(coords, keys, series, coord_lines, series_path.name)
         if bad:
             raise RSNAFormatError(coord_path, bad)
-    return RSNADataset(root=root, split=split, series=series, labels=labels, coordinates=coords)
+    return RSNADataset(
+        root=root, split=split, series=series, labels=labels, coordinates=coords, task=task
+    )
 
 
 def _unknown_keys(

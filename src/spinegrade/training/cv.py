@@ -38,13 +38,7 @@ from spinegrade.data.sources import (
 from spinegrade.data.studies import StudyData
 from spinegrade.evaluation import grades as grade_scores
 from spinegrade.evaluation.anatomy import score_case
-from spinegrade.evaluation.metrics import (
-    best_constant_probs,
-    best_constant_submission,
-    prior_submission,
-    score_frames,
-    uniform_submission,
-)
+from spinegrade.evaluation.metrics import score_frames
 from spinegrade.inference.fold_models import FoldModels, predict_studies, write_fallback
 from spinegrade.inference.run_folder import (
     ensure_folds,
@@ -304,11 +298,7 @@ def run_fold(
     runtime.barrier("waiting for every rank to finish training")
     labels = tables.labels
     train_wide = labels[labels["study_id"].isin(train_ids)]
-    fallback = (
-        best_constant_probs(train_wide)
-        if task.is_rsna
-        else grade_scores.best_constant_probs(train_wide, task)
-    )
+    fallback = grade_scores.best_constant_probs(train_wide, task)
     if runtime.is_main:
         write_fallback(out / "fallback.json", fallback, task)
     t2 = time.perf_counter()
@@ -616,19 +606,11 @@ def _oof_and_baselines(
     for k in all_folds:
         val = [s for s in folds.loc[folds["fold"] == k, "study_id"] if s in graded]
         train_wide = scored[~scored["study_id"].isin(val)]
-        if task.is_rsna:
-            prior.append(prior_submission(train_wide, val))
-            best.append(best_constant_submission(train_wide, val))
-        else:
-            g = grade_scores
-            prior.append(g.constant_frame(val, g.prior_probs(train_wide, task), task))
-            best.append(g.constant_frame(val, g.best_constant_probs(train_wide, task), task))
+        g = grade_scores
+        prior.append(g.constant_frame(val, g.prior_probs(train_wide, task), task))
+        best.append(g.constant_frame(val, g.best_constant_probs(train_wide, task), task))
     ids = scored["study_id"].tolist()
-    uniform = (
-        uniform_submission(ids)
-        if task.is_rsna
-        else grade_scores.constant_frame(ids, grade_scores.uniform_probs(task), task)
-    )
+    uniform = grade_scores.constant_frame(ids, grade_scores.uniform_probs(task), task)
     return _score(scored, _rows_of(oof, graded), task), {
         "uniform": _score(scored, uniform, task),
         "prior": _score(scored, pd.concat(prior), task),
