@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -459,3 +460,19 @@ def test_an_unknown_grade_names_the_file_the_case_and_the_value(
     text = str(err.value)
     assert "gradings.csv" in text and "pfirrmann = '7'" in text and "disc_bulging = '2'" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_an_import_by_an_older_spinegrade_is_written_again(spider: Path, tmp_path: Path) -> None:
+    # Format 1 wrote no disc grades; a demo folder from then must keep working, not stop.
+    out = tmp_path / "imports" / "out"
+    import_spider(spider, out, progress=False)
+    marker = json.loads((out / "import.json").read_text())
+    (out / "import.json").write_text(json.dumps(marker | {"format": 1}))
+    (out / "task.yaml").unlink()
+    (out / "train.csv").write_text("study_id\n")
+    again = import_spider(spider, out, progress=False)
+    assert not again.skipped
+    assert json.loads((out / "import.json").read_text())["format"] == marker["format"]
+    assert dataset_task(out) == SPIDER_DISCS and len(pd.read_csv(out / "train.csv")) == 3
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # nothing left beside it
+    assert import_spider(spider, out, progress=False).skipped

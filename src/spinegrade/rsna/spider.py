@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -71,6 +72,8 @@ from spinegrade.task import (
     save_task,
 )
 from spinegrade.util.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 SOURCE_NAME = "spider-t2space"
 ID_BASE = 5_100_000_000  # first id above RSNA's uint32 study ids (and the phantom's)
@@ -403,17 +406,15 @@ def _check_out(out: Path, fingerprint: str, id_base: int) -> SpiderImport | None
             f"(fingerprint {str(meta.get('fingerprint'))[:12]}, this source "
             f"{fingerprint[:12]}); choose another OUT or remove that folder"
         )
-    if meta.get("format") != MARKER_FORMAT:
-        raise ValueError(
-            f"{out} was imported by an older spinegrade (format {meta.get('format')}, now "
-            f"{MARKER_FORMAT}: SPIDER's disc grades in train.csv); remove that folder and import "
-            "again"
-        )
     if meta.get("id_base") != id_base:
         raise ValueError(
             f"{refuse} an import with --id-base {id_base} (it used {meta.get('id_base')}); "
             "choose another OUT, or remove that folder to import again"
         )
+    if meta.get("format") != MARKER_FORMAT:
+        # Our own import of this very source, by an older spinegrade (format 1: no disc grades
+        # in train.csv): written again and swapped in, so a demo folder keeps working.
+        raise _Outdated(meta.get("format"))
     files = int(meta.get("files", -1))
     found = sum(1 for _ in (out / "train_images").glob("*/*/*.dcm"))
     if found != files:
@@ -427,9 +428,17 @@ def _check_out(out: Path, fingerprint: str, id_base: int) -> SpiderImport | None
     )  # fmt: skip
 
 
+class _Outdated(Exception):
+    """OUT holds a finished import of the same source in an older format (the format)."""
+
+
 def _remove_stale_partials(out: Path) -> None:
-    """Drop ``OUT.partial-<pid>`` folders of imports that were killed (their pid is gone)."""
-    for stale in out.parent.glob(f"{out.name}.partial-*"):
+    """Drop ``OUT.partial-<pid>`` folders of imports that were killed (their pid is gone), and
+    ``OUT.old-<pid>`` folders of outdated imports a killed upgrade had moved aside."""
+    for stale in [
+        *out.parent.glob(f"{out.name}.partial-*"),
+        *out.parent.glob(f"{out.name}.old-*"),
+    ]:
         pid = stale.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -447,7 +456,8 @@ def import_spider(
     """Write the SPIDER T2-SPACE set at ``src`` (folder or tarball) into ``out`` (RSNA layout).
 
     See the module docstring for the layout and ids. Idempotent: a finished import of the same
-    source into ``out`` is left as it is (``skipped``).
+    source into ``out`` is left as it is (``skipped``); one made by an older spinegrade (an
+    older ``format`` in ``import.json``) is written again and replaces it.
     """
     src, out = Path(src), Path(out)
     if id_base < MIN_ID_BASE:
@@ -461,7 +471,13 @@ def import_spider(
             what = ", ".join(missing + ([] if source.path("series").is_dir() else ["series/"]))
             raise FileNotFoundError(f"{source.name('')}: {what} not found; {_LAYOUT}")
         fingerprint, n_source_files = source_fingerprint(source.root)
-        done = _check_out(out, fingerprint, id_base)
+        outdated = False
+        try:
+            done = _check_out(out, fingerprint, id_base)
+        except _Outdated as old:
+            log.info("%s: an import in format %s; importing again (format %d)", out, old,
+                     MARKER_FORMAT)  # fmt: skip
+            done, outdated = None, True
         if done is not None:
             return done
 
@@ -508,25 +524,18 @@ def import_spider(
             )
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # an empty OUT made beforehand: take its place
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            if outdated:
+                os.rename(out, old)  # two renames: OUT is either the old import or the new
             try:
                 os.rename(partial, out)
             except OSError as exc:  # OUT appeared meanwhile (another import)
                 raise ValueError(f"{out} appeared during the import ({exc}); import again") from exc
+            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
     return summary
-
-
-# SPIDER's gradings.csv column -> the spider_discs condition it fills; 0/1 findings are
-# absent/present, Pfirrmann keeps its number.
-GRADING_CONDITIONS: dict[str, str] = {
-    "pfirrmann": "pfirrmann",
-    "disc_narrowing": "disc_narrowing",
-    "disc_bulging": "disc_bulging",
-    "disc_herniation": "disc_herniation",
-    "spondylolisthesis": "spondylolisthesis",
-}
 
 
 def disc_grades(gradings: pd.DataFrame, ids: dict[str, int], where: str) -> pd.DataFrame:
@@ -538,19 +547,21 @@ def disc_grades(gradings: pd.DataFrame, ids: dict[str, int], where: str) -> pd.D
     for col in task.columns:
         train[col] = None
     train = train.set_index("study_id")
-    missing = [c for c in GRADING_CONDITIONS if c not in gradings.columns]
+    # gradings.csv names its columns as the task's conditions; a 0/1 finding becomes
+    # absent/present, Pfirrmann keeps its number.
+    missing = [c for c in task.condition_names if c not in gradings.columns]
     if missing:
         raise SpiderFormatError(where, [f"lacks the columns {missing}"])
     problems = []
     lumbar = gradings[gradings["level"].isin(TITLE_TO_LEVEL)]
     for row in lumbar.itertuples(index=False):
         study, level = ids[row.case_id], TITLE_TO_LEVEL[row.level]
-        for column, name in GRADING_CONDITIONS.items():
-            value = str(getattr(row, column)).strip()
+        for name in task.condition_names:
+            value = str(getattr(row, name)).strip()
             grades = task.condition(name).grades
             grade = value if name == "pfirrmann" else {"0": grades[0], "1": grades[1]}.get(value)
             if grade not in grades:
-                problems.append(f"{row.case_id} {row.level}: {column} = {value!r}")
+                problems.append(f"{row.case_id} {row.level}: {name} = {value!r}")
                 continue
             train.loc[study, f"{name}_{level}"] = grade
     if problems:
