@@ -12,6 +12,63 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 
+from spinegrade.io.files import RECOPY, REEXPORT, BadFile, describe
+
+_UNCOMPRESSED = "re-export the series uncompressed (Explicit VR Little Endian)"
+
+
+def check_pixel_data(ds: Dataset) -> int:
+    """Pixels (rows x columns x frames) ``ds`` declares, checked before anything is decoded.
+
+    Refuses, with what to do: a header that cannot describe an image, a 1-bit image (a mask or
+    overlay, not MR), an unknown transfer syntax, and uncompressed pixel data shorter than the
+    header says (a file cut short, or Rows/Columns/NumberOfFrames that lie; nothing is allocated
+    for the size the header claims).
+    """
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+        raise BadFile(f"image header incomplete ({describe(exc)}); {REEXPORT}") from exc
+    if min(rows, cols, frames) <= 0:
+        raise BadFile(
+            f"Rows {rows} x Columns {cols} x {frames} frame(s) describe no image; {REEXPORT}"
+        )
+    if bits == 1:
+        raise BadFile(
+            "BitsAllocated 1: a bit mask (segmentation or overlay), not an MR image; leave it "
+            "out of the series"
+        )
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_transfer_syntax:
+        raise BadFile(f"transfer syntax {syntax} is unknown: it cannot be decoded; {_UNCOMPRESSED}")
+    if not syntax.is_compressed and bits % 8 == 0:
+        needed = rows * cols * frames * samples * bits // 8
+        have = len(ds.PixelData)
+        if have < needed:
+            raise BadFile(
+                f"pixel data holds {have} bytes but Rows {rows} x Columns {cols} x {frames} "
+                f"frame(s) of {bits}-bit samples need {needed}: the file is cut short or its "
+                f"header is wrong; {RECOPY}"
+            )
+    return rows * cols * frames
+
+
+def decode_reason(ds: Dataset, exc: Exception) -> str:
+    """Why ``ds``'s pixel data could not be decoded, and what to do about it."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    name = getattr(syntax, "name", str(syntax))
+    if isinstance(exc, NotImplementedError) or "is not supported" in str(exc):
+        return (
+            f"transfer syntax {syntax} ({name}) cannot be decoded here: {_UNCOMPRESSED}, or "
+            "install a pydicom decoder for it"
+        )
+    if syntax is not None and syntax.is_compressed:
+        return f"{name} pixel data cannot be decoded ({describe(exc)}): damaged; {RECOPY}"
+    return f"pixel data cannot be decoded ({describe(exc)}); {REEXPORT}"
+
 
 def decode(ds: Dataset) -> np.ndarray:
     """``ds.pixel_array`` as (frames, rows, columns), without copies pydicom need not make.
