@@ -9,6 +9,7 @@ identifiers are compared in memory and never written anywhere.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -80,3 +81,15 @@ def _identifying(part: str, identifiers: set[str]) -> bool:
     return part in identifiers or any(
         len(ident) >= MIN_PART and ident in part for ident in identifiers
     )
+
+
+def input_folder(paths: Iterable[Path], root: Path, identifiers: set[str]) -> str:
+    """The deepest folder holding all ``paths``, relative to ``root`` ("." for ``root``), with
+    identifying components blanked: how a study or series is named to the user."""
+    common = os.path.commonpath([os.path.dirname(os.fspath(p)) for p in paths])
+    return redact_folder(Path(os.path.relpath(common, root)).as_posix(), identifiers)
+
+
+def input_path(path: Path, root: Path, identifiers: set[str]) -> str:
+    """``path`` relative to ``root``, identifying components blanked."""
+    return redact_folder(Path(os.path.relpath(path, root)).as_posix(), identifiers)
