@@ -414,6 +414,32 @@ def _corrupt_rle(folder: Path, study: str) -> None:
     paths[2].write_bytes(bytes(data))
 
 
+def _unknown_vr(folder: Path, study: str) -> None:
+    """An element whose value representation is two bytes no standard names (found by
+    bench/bench_fuzz.py: pydicom parses it lazily and raised NotImplementedError on first read,
+    past every check, out of predict's discovery)."""
+    write_series(folder, study)
+    data = (folder / "3.dcm").read_bytes()
+    tag = b"\x02\x00\x02\x00UI"  # (0002,0002) MediaStorageSOPClassUID, explicit VR 'UI'
+    assert data.count(tag) == 1
+    (folder / "3.dcm").write_bytes(data.replace(tag, b"\x02\x00\x02\x00UH"))
+
+
+def _rle_overrun(folder: Path, study: str) -> None:
+    """RLE segments whose runs decode past the end of the frame (found by bench/bench_fuzz.py:
+    pylibjpeg-rle panics, and its PanicException is no Exception)."""
+    import struct
+
+    import pydicom
+
+    paths = write_series(folder, study, syntax=RLELossless)
+    ds = pydicom.dcmread(paths[2])
+    segment = b"\x81\x00" * 9  # nine runs of 128 zero bytes: 1,152 for a 1,024-byte segment
+    header = struct.pack("<16L", 2, 64, 64 + len(segment), *([0] * 13))
+    ds.PixelData = encapsulate([header + segment + segment])
+    ds.save_as(paths[2])
+
+
 def _deflated(folder: Path, study: str) -> None:
     write_series(folder, study, syntax=DeflatedExplicitVRLittleEndian)
 
@@ -619,6 +645,10 @@ KINDS: list[Kind] = [
          r"cannot be decoded", _corrupt_jpeg),
     Kind("corrupt_rle", "an RLE stream with a broken header", "refused", "3.dcm",
          r"cannot be decoded", _corrupt_rle),
+    Kind("unknown_vr", "an element with an unknown value representation", "refused", "3.dcm",
+         r"damaged DICOM header", _unknown_vr),
+    Kind("rle_overrun", "RLE runs past the end of the frame (a decoder panic)", "refused",
+         "3.dcm", r"cannot be decoded", _rle_overrun),
     Kind("deflated", "Deflated Explicit VR Little Endian", "graded", "", "", _deflated),
     Kind("big_endian", "Explicit VR Big Endian (retired)", "graded", "", "", _big_endian),
     Kind("no_preamble", "no preamble and no file meta", "graded", "", "", _no_preamble),

@@ -22,6 +22,7 @@ from spinegrade.io.files import (
     REEXPORT,
     BadFile,
     NotImage,
+    damaged_header,
     describe,
     is_dicomdir,
     open_dataset,
@@ -219,8 +220,9 @@ def _read_file(path: Path, budget: int, limit: int) -> list[SliceRecord]:
     ``budget``: bytes the series may still take as float32; ``limit``: all it may take.
     """
     ds = open_dataset(path)
-    _check_image(ds)
-    mb = 4 * check_pixel_data(ds) / 2**20
+    with damaged_header():
+        _check_image(ds)
+        mb = 4 * check_pixel_data(ds) / 2**20
     if mb > limit / 2**20:  # the file alone: its header claims more than any series may hold
         raise BadFile(
             f"its header claims {mb:.0f} MB of pixels (Rows x Columns x frames), more than the "
@@ -232,16 +234,17 @@ def _read_file(path: Path, budget: int, limit: int) -> list[SliceRecord]:
         frames = decode(ds)
     except Exception as exc:
         raise BadFile(decode_reason(ds, exc)) from exc
-    per_frame = ds[PER_FRAME].value if PER_FRAME in ds else None
-    shared = ds[SHARED].value[0] if SHARED in ds and len(ds[SHARED].value) else None
-    common = file_values(ds, path)
-    common["name_key"] = tuple(natural_key(path.name))
-    multi = frames.shape[0] > 1
-    out = []
-    for k in range(frames.shape[0]):
-        item = per_frame[k] if per_frame is not None and k < len(per_frame) else None
-        values = frame_values(ds, item, shared, multi_frame=multi)
-        out.append(SliceRecord(frame=k, pixels=frames[k], **common, **values))
+    with damaged_header():
+        per_frame = ds[PER_FRAME].value if PER_FRAME in ds else None
+        shared = ds[SHARED].value[0] if SHARED in ds and len(ds[SHARED].value) else None
+        common = file_values(ds, path)
+        common["name_key"] = tuple(natural_key(path.name))
+        multi = frames.shape[0] > 1
+        out = []
+        for k in range(frames.shape[0]):
+            item = per_frame[k] if per_frame is not None and k < len(per_frame) else None
+            values = frame_values(ds, item, shared, multi_frame=multi)
+            out.append(SliceRecord(frame=k, pixels=frames[k], **common, **values))
     return out
 
 

@@ -37,6 +37,7 @@ from spinegrade.io.files import (
     RECOPY,
     BadFile,
     NotImage,
+    damaged_header,
     entry_reason,
     is_dicomdir,
     open_dataset,
@@ -45,6 +46,7 @@ from spinegrade.io.files import (
 from spinegrade.io.geometry import plane_name
 from spinegrade.io.header import orientation_or_none
 from spinegrade.io.identifiers import input_folder, input_path, patient_identifiers
+from spinegrade.io.pixels import check_pixel_data, decode
 from spinegrade.task import AX_T2, SAG_T1, SAG_T2
 
 log = logging.getLogger(__name__)
@@ -228,8 +230,13 @@ def read_header(path: Path) -> _Header | str:
     """The header fields of ``path``, or the reason the file is not an MR image slice."""
     try:
         ds = open_dataset(path, header_only=True, tags=_TAGS)
+        with damaged_header():
+            return _header_of(path, ds)
     except (NotImage, BadFile) as exc:
         return str(exc)
+
+
+def _header_of(path: Path, ds) -> _Header | str:
     if is_dicomdir(ds):
         return DICOMDIR_REASON
     study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
@@ -399,12 +406,13 @@ def _mid_slice(headers: list[_Header]) -> np.ndarray | None:
         pick = headers[len(headers) // 2]
     try:
         ds = open_dataset(pick.path)
-        arr = np.asarray(ds.pixel_array, dtype=np.float64)
+        check_pixel_data(ds)
+        frames = decode(ds)
     except Exception as exc:  # decoder errors vary by transfer syntax
         log.debug("%s: cannot decode pixels for the contrast check (%s)", pick.path, exc)
         return None
-    if arr.ndim == 3:  # multi-frame: the middle frame
-        arr = arr[arr.shape[0] // 2]
+    # Multi-frame: the middle frame.
+    arr = np.asarray(frames[frames.shape[0] // 2], dtype=np.float64)
     return arr if arr.ndim == 2 and arr.size else None
 
 

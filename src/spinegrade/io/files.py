@@ -97,6 +97,21 @@ def open_dataset(path: Path, *, header_only: bool = False, tags: Sequence[str] =
     return ds
 
 
+@contextlib.contextmanager
+def damaged_header() -> Iterator[None]:
+    """Turn a failure while reading values of an opened data set into :class:`BadFile`.
+
+    pydicom parses elements lazily, so a damaged element (an unknown value representation, a
+    length past the end) fails only when it is first read, long after ``dcmread`` returned.
+    """
+    try:
+        yield
+    except (BadFile, NotImage):
+        raise
+    except Exception as exc:
+        raise BadFile(f"damaged DICOM header ({describe(exc)}); {RECOPY}") from exc
+
+
 def is_dicomdir(ds: Dataset) -> bool:
     """A DICOMDIR names its class in the file meta only (its data set has no SOPClassUID)."""
     meta = getattr(ds, "file_meta", None)

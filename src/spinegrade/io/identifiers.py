@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pydicom
 
+from spinegrade.io.files import open_dataset, pydicom_quiet
+
 REDACTED = "[patient]"
 # What identifies the person, as opposed to the scan: name, ids, birth date, accession number.
 IDENTIFIER_TAGS: tuple[str, ...] = (
@@ -52,18 +54,25 @@ def patient_identifiers(paths: Iterable[Path]) -> set[str]:
     One file per series is enough: every file of a study carries the same patient module.
     """
     found: set[str] = set()
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(IDENTIFIER_TAGS))
-        except Exception:  # a file discovery could read once; nothing to add if it cannot now
-            continue
-        for tag in IDENTIFIER_TAGS:
-            value = ds.get(tag)
-            if value is None:
+    with pydicom_quiet():
+        for path in paths:
+            try:
+                found |= _identifiers_of(path)
+            except Exception:  # a file discovery could read once; nothing to add if it cannot
                 continue
-            values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
-            for v in values:
-                found |= _variants(tag, str(v))
+    return found
+
+
+def _identifiers_of(path: Path) -> set[str]:
+    ds = open_dataset(path, header_only=True, tags=IDENTIFIER_TAGS)
+    found: set[str] = set()
+    for tag in IDENTIFIER_TAGS:
+        value = ds.get(tag)
+        if value is None:
+            continue
+        values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
+        for v in values:
+            found |= _variants(tag, str(v))
     return found
 
 
