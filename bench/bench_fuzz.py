@@ -5,8 +5,10 @@ Seeds are valid series: small generated ones in several encodings (explicit and 
 preamble, big endian, deflated, RLE, JPEG-LS, JPEG 2000, enhanced multi-frame) and real ones
 (the SPIDER T2-SPACE series under ``../shared/real/spider-t2space``, else the repository's
 vendored copy). Each case copies one seed series and mutates one or two of its files with one
-to three operators (bit flips, "interesting" integers such as 0xFFFFFFFF written over length
-fields, truncation, a chunk spliced in from another seed file, deleted or duplicated) or the
+to three operators (extreme values written into the header fields the reader needs, such as
+Rows 0, BitsAllocated 64 or PixelSpacing "NaN"; bit flips; "interesting" integers such as
+0xFFFFFFFF written over length fields; truncation; a chunk spliced in from another seed file,
+deleted or duplicated) or the
 series itself (a file dropped, doubled, or swapped for one of another series). Offsets fall in
 the header four times in five: flips in pixel data only change pixel values.
 
@@ -159,9 +161,47 @@ def _offset(rng: np.random.Generator, data: bytes) -> int:
     return int(rng.integers(0, end if rng.random() < 0.8 else len(data)))
 
 
+# Header fields the reader lives by, (group, element) -> kind, and what to write into them.
+FIELDS = {
+    (0x0028, 0x0010): "US", (0x0028, 0x0011): "US", (0x0028, 0x0100): "US",
+    (0x0028, 0x0101): "US", (0x0028, 0x0102): "US", (0x0028, 0x0103): "US",
+    (0x0028, 0x0002): "US", (0x0028, 0x0006): "US", (0x0028, 0x0008): "IS",
+    (0x0028, 0x0030): "DS", (0x0020, 0x0032): "DS", (0x0020, 0x0037): "DS",
+    (0x0028, 0x1053): "DS", (0x0028, 0x1052): "DS", (0x0020, 0x0013): "IS",
+    (0x0018, 0x0088): "DS", (0x0018, 0x0050): "DS", (0x0028, 0x0004): "CS",
+}  # fmt: skip
+US_VALUES = [0, 1, 2, 3, 7, 8, 12, 15, 16, 17, 24, 32, 64, 255, 0x7FFF, 0x8000, 0xFFFF]
+TEXT_VALUES = ["0", "-1", "NaN", "inf", "-inf", "1e308", "-0", "abc", "1\\2", "", "0\\0\\0\\0",
+               "RGB", "YBR_FULL", "PALETTE COLOR", "MONOCHROME1", "9" * 16]  # fmt: skip
+
+
+def mutate_field(rng: np.random.Generator, data: bytes) -> tuple[bytes, str] | None:
+    """Write an extreme value into one header field the reader needs (little endian files:
+    explicit VR with a 2-byte length, or implicit VR with a 4-byte one), keeping its length."""
+    (group, element), vr = list(FIELDS.items())[int(rng.integers(0, len(FIELDS)))]
+    tag = group.to_bytes(2, "little") + element.to_bytes(2, "little")
+    at = data.find(tag)
+    if at < 0:
+        return None
+    explicit = data[at + 4 : at + 6].isalpha()
+    size = int.from_bytes(data[at + 6 : at + 8] if explicit else data[at + 4 : at + 8], "little")
+    start, buf = at + 8, bytearray(data)  # tag, VR and length, or tag and length
+    if vr == "US" and size >= 2:
+        value = int(rng.choice(US_VALUES))
+        buf[start : start + 2] = value.to_bytes(2, "little")
+        return bytes(buf), f"({group:04X},{element:04X}) = {value}"
+    text = TEXT_VALUES[int(rng.integers(0, len(TEXT_VALUES)))]
+    buf[start : start + size] = text.encode()[:size].ljust(size)
+    return bytes(buf), f"({group:04X},{element:04X}) = {text!r}"
+
+
 def mutate_bytes(rng: np.random.Generator, data: bytes, donor: bytes) -> tuple[bytes, str]:
     """One operator applied to ``data``; returns the new bytes and what was done."""
     buf = bytearray(data)
+    if rng.random() < 0.3:
+        done = mutate_field(rng, data)
+        if done is not None:
+            return done
     op = rng.choice(["flip", "interesting", "truncate", "splice", "insert", "delete", "repeat"])
     at = _offset(rng, data)
     if op == "flip":
@@ -443,8 +483,11 @@ def train_tiny_run(root: Path) -> Path:
     return root / "run"
 
 
-def summarise(name: str, results: list[Result], sources: dict[int, str]) -> None:
-    """Counts per outcome (all, generated seeds, real seeds), generic messages, times."""
+def summarise(
+    name: str, results: list[Result], sources: dict[int, str], reasons: bool = True
+) -> None:
+    """Counts per outcome (all, generated seeds, real seeds), generic messages, the reasons
+    files were skipped or series refused (reader cases), times."""
     print(f"\n{name}: {len(results)} cases")
     extra = ("generic", "noisy")
     print(f"{'seeds':<12}" + "".join(f"{o:>10}" for o in (*OUTCOMES, *extra)))
@@ -454,19 +497,21 @@ def summarise(name: str, results: list[Result], sources: dict[int, str]) -> None
         counts["generic"] = sum(r.detail.startswith("generic") for r in rs)
         counts["noisy"] = sum(bool(r.noise) for r in rs)
         print(f"{label:<12}" + "".join(f"{counts[o]:>10}" for o in (*OUTCOMES, *extra)))
-    reasons = Counter(
+    kinds = Counter(
         _kind_of(line)
         for r in results
         for line in r.detail.splitlines()
-        if r.outcome in ("graded", "refused") and line
+        if reasons and r.outcome in ("graded", "refused") and line
     )
-    if reasons:
+    if kinds:
         print("files skipped or series refused, by reason (top 12):")
-        for reason, n in reasons.most_common(12):
+        for reason, n in kinds.most_common(12):
             print(f"  {n:>6}  {reason}")
     secs = [r.seconds for r in results]
     if secs:
-        print(f"seconds a case: median {statistics.median(secs):.3f}, max {max(secs):.2f}")
+        slowest = max(results, key=lambda r: r.seconds)
+        print(f"seconds a case: median {statistics.median(secs):.3f}, max {max(secs):.2f} "
+              f"(case {slowest.case}: {slowest.made})")  # fmt: skip
     for r in results:
         if r.outcome in ("crashed", "hung") or r.detail.startswith("generic") or r.noise:
             said = r.detail.splitlines()[-1][:300] if r.detail else f"noise: {r.noise}"
@@ -543,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                 predicted = pool.run(cases, make, done)
             finally:
                 pool.close()
-            summarise(f"predict, {time.perf_counter() - t2:.0f} s", predicted, sources)
+            summarise(f"predict, {time.perf_counter() - t2:.0f} s", predicted, sources, False)
         print(f"\ntotal {time.perf_counter() - t0:.0f} s; crashed or hung: {len(bad)}")
         return 1 if bad else 0
     finally:
