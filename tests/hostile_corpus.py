@@ -415,14 +415,14 @@ def _corrupt_rle(folder: Path, study: str) -> None:
 
 
 def _unknown_vr(folder: Path, study: str) -> None:
-    """An element whose value representation is two bytes no standard names (found by
-    bench/bench_fuzz.py: pydicom parses it lazily and raised NotImplementedError on first read,
-    past every check, out of predict's discovery)."""
+    """Rows with a value representation no standard names (found by bench/bench_fuzz.py, on
+    the file meta's SOP class: pydicom parses elements lazily and raised NotImplementedError on
+    first read, past every check, out of predict's discovery)."""
     write_series(folder, study)
     data = (folder / "3.dcm").read_bytes()
-    tag = b"\x02\x00\x02\x00UI"  # (0002,0002) MediaStorageSOPClassUID, explicit VR 'UI'
+    tag = b"\x28\x00\x10\x00US"  # (0028,0010) Rows, explicit VR 'US'
     assert data.count(tag) == 1
-    (folder / "3.dcm").write_bytes(data.replace(tag, b"\x02\x00\x02\x00UH"))
+    (folder / "3.dcm").write_bytes(data.replace(tag, b"\x28\x00\x10\x00UH"))
 
 
 def _rle_overrun(folder: Path, study: str) -> None:

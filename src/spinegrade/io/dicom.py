@@ -29,7 +29,7 @@ from spinegrade.io.files import (
     pydicom_quiet,
 )
 from spinegrade.io.header import PER_FRAME, SHARED, file_values, frame_values
-from spinegrade.io.pixels import check_pixel_data, decode, decode_reason
+from spinegrade.io.pixels import SAMPLES, check_pixel_data, decode, decode_reason
 from spinegrade.io.stacks import (
     SliceRecord,
     build_stacks,
@@ -252,16 +252,16 @@ def _check_image(ds: pydicom.Dataset) -> None:
     """Refuse what is not a grayscale image slice, with what it is instead."""
     if is_dicomdir(ds):
         raise NotImage(DICOMDIR_REASON)
-    sop = ds.get("SOPClassUID")
     if PIXEL_DATA not in ds:
+        sop = ds.get("SOPClassUID")
         name = str(getattr(sop, "name", "") or "")
         if "Rows" in ds or "Image Storage" in name:
             raise BadFile(f"image file without pixel data (cut short or damaged); {RECOPY}")
         if sop is None:
             raise BadFile(f"damaged: no readable data set after the DICOM header; {RECOPY}")
         raise NotImage(f"DICOM without pixel data ({name or sop}); ignored")
-    samples = ds.get("SamplesPerPixel") or 1
-    if samples != 1:
+    samples = ds[SAMPLES].value if SAMPLES in ds else 1
+    if (samples or 1) != 1:
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
         raise BadFile(
             f"colour image (SamplesPerPixel {samples}, {photometric or 'colour'}): a screenshot "

@@ -113,10 +113,17 @@ def damaged_header() -> Iterator[None]:
 
 
 def is_dicomdir(ds: Dataset) -> bool:
-    """A DICOMDIR names its class in the file meta only (its data set has no SOPClassUID)."""
-    meta = getattr(ds, "file_meta", None)
-    sop = meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""
-    return DICOMDIR_CLASS in (str(sop), str(ds.get("SOPClassUID", "")))
+    """A DICOMDIR names its class in the file meta only (its data set has no SOPClassUID).
+
+    Read from the raw element text: no conversion (this runs for every file the reader opens).
+    """
+    for holder, tag in ((getattr(ds, "file_meta", None), 0x00020002), (ds, 0x00080016)):
+        elem = holder.get_item(tag) if holder is not None else None
+        value = elem.value if elem is not None else b""
+        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        if text.strip(" \x00") == DICOMDIR_CLASS:
+            return True
+    return False
 
 
 DICOMDIR_REASON = "DICOMDIR (the index of an export, not an image); ignored"

@@ -21,6 +21,8 @@ from pydicom.uid import RLELossless
 from spinegrade.io.files import RECOPY, REEXPORT, BadFile, describe
 
 _UNCOMPRESSED = "re-export the series uncompressed (Explicit VR Little Endian)"
+ROWS, COLUMNS, FRAMES = 0x00280010, 0x00280011, 0x00280008
+BITS_ALLOCATED, SAMPLES, TRANSFER_SYNTAX = 0x00280100, 0x00280002, 0x00020010
 
 
 def check_pixel_data(ds: Dataset) -> int:
@@ -31,12 +33,12 @@ def check_pixel_data(ds: Dataset) -> int:
     header says (a file cut short, or Rows/Columns/NumberOfFrames that lie; nothing is allocated
     for the size the header claims).
     """
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+    try:  # by tag, not keyword: this runs for every file the reader opens
+        rows, cols = int(ds[ROWS].value), int(ds[COLUMNS].value)
+        frames = int(ds[FRAMES].value or 1) if FRAMES in ds else 1
+        bits = int(ds[BITS_ALLOCATED].value)
+        samples = int(ds[SAMPLES].value or 1) if SAMPLES in ds else 1
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise BadFile(f"image header incomplete ({describe(exc)}); {REEXPORT}") from exc
     if min(rows, cols, frames) <= 0:
         raise BadFile(
@@ -47,7 +49,7 @@ def check_pixel_data(ds: Dataset) -> int:
             "BitsAllocated 1: a bit mask (segmentation or overlay), not an MR image; leave it "
             "out of the series"
         )
-    syntax = ds.file_meta.get("TransferSyntaxUID")
+    syntax = transfer_syntax(ds)
     if not syntax:
         raise BadFile(f"no transfer syntax in the file meta (damaged header); {RECOPY}")
     if not syntax.is_transfer_syntax:
@@ -64,9 +66,16 @@ def check_pixel_data(ds: Dataset) -> int:
     return rows * cols * frames
 
 
+def transfer_syntax(ds: Dataset):
+    """The file meta's TransferSyntaxUID (None when absent), read by tag: this runs for every
+    file, and pydicom's keyword lookup costs more than the rest of the check."""
+    meta = getattr(ds, "file_meta", None)
+    return meta[TRANSFER_SYNTAX].value if meta is not None and TRANSFER_SYNTAX in meta else None
+
+
 def decode_reason(ds: Dataset, exc: Exception) -> str:
     """Why ``ds``'s pixel data could not be decoded, and what to do about it."""
-    syntax = ds.file_meta.get("TransferSyntaxUID")
+    syntax = transfer_syntax(ds)
     name = getattr(syntax, "name", str(syntax))
     if isinstance(exc, NotImplementedError) or "is not supported" in str(exc):
         return (
@@ -86,7 +95,7 @@ def decode(ds: Dataset) -> np.ndarray:
     data when those bits are actually set (rare in MR).
     """
     ds.pixel_array_options(view_only=True, correct_unused_bits=False)
-    if ds.file_meta.get("TransferSyntaxUID") == RLELossless:
+    if transfer_syntax(ds) == RLELossless:
         with _RUST_LOCK, _native_stderr_kept():
             arr = _pixel_array(ds)
     else:
@@ -116,6 +125,7 @@ def _pixel_array(ds: Dataset) -> np.ndarray:
 
 _RUST_LOCK = threading.Lock()  # file descriptor 2 is the process's: one capture at a time
 _PANIC = b"\nthread '"  # how a Rust panic message starts
+_HELD = None  # the scratch file native stderr goes to while held back
 
 
 @contextlib.contextmanager
@@ -126,15 +136,21 @@ def _native_stderr_kept() -> Iterator[None]:
     the process's stderr, past Python: the file's skip reason says it in one line instead.
     Anything else written meanwhile is written out afterwards, unchanged.
     """
+    global _HELD
+    if _HELD is None:  # one scratch file a process (creating one per slice costs ~0.1 ms)
+        _HELD = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the process)
+    held = _HELD
+    held.seek(0)
+    held.truncate()
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as held:
-        saved = os.dup(2)
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if held.tell() or os.fstat(held.fileno()).st_size:
             held.seek(0)
             text = b"\n" + held.read()
             keep = text[: text.find(_PANIC)] if _PANIC in text else text
