@@ -40,6 +40,10 @@ def test_parse_folds_accepts_commas_and_repeats() -> None:
 def test_paths_are_scrubbed_from_messages() -> None:
     text = scrub_paths("cannot read /data/DOE^JOHN/series 1/IM0001: bad header")
     assert "DOE" not in text and "IM0001" in text
+    assert "DOE" not in scrub_paths(r"cannot read C:\PACS\DOE^JOHN\1.dcm")
+    # A series type with a slash in its name is not a path.
+    text = "study 5: no usable Sagittal T2/STIR series"
+    assert scrub_paths(text) == text
 
 
 def test_missing_series_warning_names_the_study() -> None:

@@ -222,7 +222,8 @@ def predict(
     per, graded = 1000 * sum(result.per_study_s) / n, sum(result.graded_per_study) / n
     typer.echo(
         f"{len(result.study_ids)} studies ({result.input_kind} input), folds {result.folds} on "
-        f"{result.device}: {per:.0f} ms/study, {graded:.1f} of 25 targets graded a study; "
+        f"{result.device}: {per:.0f} ms/study, {graded:.1f} of {len(result.task.columns)} "
+        f"targets ({result.task.name}) graded a study; "
         f"{n_warn} studies with warnings"
     )
     for line in result.weights_init:

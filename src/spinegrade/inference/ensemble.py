@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from spinegrade.task import COLUMN_CONDITION, CONDITIONS, LABEL_COLUMNS, LEVELS
+from spinegrade.task import CONDITIONS, LEVELS, Task
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,10 @@ def run_folds(run_dir: Path, folds: list[int] | None = None) -> list[int]:
 class EnsemblePrediction:
     """One study through every fold: mean probabilities, the points graded, what models saw."""
 
-    probs: np.ndarray  # (25, 3), rows sum to 1
-    graded: np.ndarray  # bool (25,): some fold's grader saw this target
+    probs: np.ndarray  # (columns, classes) in the task's column order ((25, 3) for RSNA)
+    graded: np.ndarray  # bool (columns,): some fold's grader saw this target
     points: np.ndarray  # (5, 5, 3) LPS mm, the folds' consensus; NaN where no fold located it
+    discs: np.ndarray | None = None  # (5, 3) LPS mm disc centres; NaN where unknown
 
 
 @contextlib.contextmanager
@@ -136,11 +137,15 @@ class Predictor:
         from spinegrade.task import dataset_task
 
         run_dir, device = Path(run_dir), resolve_device(device)
-        # Prediction, its reports and the service still speak RSNA's 25 targets (#23).
-        dataset_task(run_dir).require_rsna(f"prediction from {run_dir}")
+        dataset_task(run_dir)  # an unreadable task.yaml stops here, before the folds load
         chosen = run_folds(run_dir, folds)
         models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in chosen]
         return cls(run_dir, chosen, models, device)
+
+    @property
+    def task(self) -> Task:
+        """What the run grades (its ``task.yaml``; RSNA 2024 for runs without one)."""
+        return self.models[0].task
 
     @property
     def init(self) -> dict[str, list[dict]]:
@@ -200,7 +205,7 @@ class Predictor:
 
     @property
     def fallback(self) -> np.ndarray:
-        """(25, 3) mean of the folds' training fallbacks."""
+        """(columns, classes) mean of the folds' training fallbacks."""
         return np.mean([m.fallback for m in self.models], axis=0)
 
     def predict(self, stacks) -> EnsemblePrediction:
@@ -226,7 +231,7 @@ class Predictor:
             for m in self.models:
                 key = repr(m.crops)  # the crop settings (a dataclass): equal settings, equal crops
                 if stacks and key not in views:
-                    views[key] = crop_views(stacks, points, m.crops)
+                    views[key] = crop_views(stacks, points, m.crops, m.task)
             preds = list(
                 each_fold(lambda m: grade_study(m, stacks, points, views.get(repr(m.crops))),
                           self.models)
@@ -237,30 +242,34 @@ class Predictor:
         weights = np.where(seen[None, :], graded, 1.0)[..., None]  # unseen: mean of fallbacks
         mean = (probs * weights).sum(axis=0) / weights.sum(axis=0)
         mean /= mean.sum(axis=1, keepdims=True)
-        return EnsemblePrediction(mean, seen, points.xyz)
+        return EnsemblePrediction(mean, seen, points.xyz, points.disc)
 
     def prior_prediction(self) -> EnsemblePrediction:
         """What a study no model could see gets: the folds' training fallback everywhere."""
         probs = self.fallback / self.fallback.sum(axis=1, keepdims=True)
         nan_points = np.full((len(CONDITIONS), len(LEVELS), 3), np.nan)
-        return EnsemblePrediction(probs, np.zeros(len(LABEL_COLUMNS), dtype=bool), nan_points)
+        graded = np.zeros(len(self.task.columns), dtype=bool)
+        return EnsemblePrediction(probs, graded, nan_points, np.full((len(LEVELS), 3), np.nan))
 
     def saliency(self, column: str, crop: np.ndarray) -> np.ndarray | None:
-        """Where the first fold's grader looked for ``column`` on ``crop`` (see report)."""
+        """Where the first fold's grader looked for ``column`` on ``crop`` (see report): the
+        input gradient of the expected grade of the column's condition."""
         import torch
 
         from spinegrade.reporting.report import input_saliency
-        from spinegrade.task import COLUMN_LEVEL, CONDITION_GROUP
 
-        model = self.models[0].graders.get(CONDITION_GROUP[COLUMN_CONDITION[column]])
+        task = self.task
+        condition = task.column_condition(column)
+        model = self.models[0].graders.get(condition.group)
         if model is None:
             return None
-        level = torch.tensor([LEVELS.index(COLUMN_LEVEL[column])], device=self.device)
-        severity = torch.tensor([0.0, 1.0, 2.0], device=self.device)
+        level = torch.tensor([LEVELS.index(task.column_level(column))], device=self.device)
+        head, n = (0 if task.is_rsna else task.head_of(condition.name)), len(condition.grades)
+        severity = torch.arange(n, dtype=torch.float32, device=self.device)
 
         def expected_severity(x: torch.Tensor) -> torch.Tensor:
-            probs = model.eval()(x.to(self.device), level)[:, 0].float().softmax(-1)
-            return (probs * severity).sum()
+            logits = model.eval()(x.to(self.device), level)[:, head, :n]
+            return (logits.float().softmax(-1) * severity).sum()
 
         return input_saliency(expected_severity, crop)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinegrade.evaluation.grades import predictions_frame
 from spinegrade.inference.ensemble import Predictor
 from spinegrade.inference.inputs import (
     SPLIT,
@@ -32,8 +33,7 @@ from spinegrade.inference.inputs import (
     study_folders,
     write_studies_csv,
 )
-from spinegrade.rsna.submission import submission_frame
-from spinegrade.task import COLUMN_CONDITION, CONDITION_SERIES, LABEL_COLUMNS
+from spinegrade.task import RSNA_2024, Task
 from spinegrade.util.atomic import write_csv
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,15 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------- submission
 
 
-def missing_series_warning(study_id: int, present: set[str]) -> str | None:
-    """The warning for a study lacking one or more series types (None when it has all three)."""
-    missing = sorted({s for s in CONDITION_SERIES.values()} - present)
+def missing_series_warning(study_id: int, present: set[str], task: Task = RSNA_2024) -> str | None:
+    """The warning for a study lacking a series type its task reads (None when it has all)."""
+    missing = sorted({c.series for c in task.conditions} - present)
     if not missing:
         return None
-    lost = [c for c in LABEL_COLUMNS if CONDITION_SERIES[COLUMN_CONDITION[c]] in missing]
+    lost = [c for c in task.columns if task.column_condition(c).series in missing]
     return (
-        f"study {study_id}: no usable {', '.join(missing)} series; {len(lost)} of its 25 targets "
-        "are predicted from the views it has or the training prior"
+        f"study {study_id}: no usable {', '.join(missing)} series; {len(lost)} of its "
+        f"{len(task.columns)} targets are predicted from the views it has or the training prior"
     )
 
 
@@ -75,17 +75,20 @@ class PredictResult:
     timings: dict[str, float] = field(default_factory=dict)
     per_study_s: list[float] = field(default_factory=list)  # model wall time per study
     per_study_cpu_s: list[float] = field(default_factory=list)  # its CPU time (all threads)
-    graded_per_study: list[int] = field(default_factory=list)  # targets a model saw (of 25)
+    graded_per_study: list[int] = field(default_factory=list)  # targets a model saw
+    task: Task = RSNA_2024  # what the run grades (the submission's columns)
     weights_init: list[str] = field(default_factory=list)  # where the backbones started training
     model_notes: list[str] = field(default_factory=list)  # e.g. a phantom-trained run's caution
 
 
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
+# A path starts after a space, quote or bracket: a slash inside a word is a name such as
+# "Sagittal T2/STIR", not a path.
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
 
 
 def scrub_paths(text: str) -> str:
     """Replace file paths in a message by their last part (folder names may carry patient names)."""
-    return _PATH.sub(lambda m: "…/" + Path(m.group(0).rstrip("/\\")).name, text)
+    return _PATH.sub(lambda m: "…/" + re.split(r"[/\\]", m.group(0).rstrip("/\\"))[-1], text)
 
 
 def study_warnings(
@@ -94,6 +97,7 @@ def study_warnings(
     graded: np.ndarray,
     failures: list[dict],
     inherited: list[str],
+    task: Task = RSNA_2024,
 ) -> list[str]:
     """Warnings of one study: guessed series types, unreadable or missing series, fallbacks."""
     out = [w for w in inherited if w.startswith(f"study {study_id}:")]
@@ -103,14 +107,14 @@ def study_warnings(
                 f"study {study_id}: series {f['series_id']} could not be cached "
                 f"({scrub_paths(str(f['reason']))[:200]})"
             )
-    missing = missing_series_warning(study_id, {d for d, v in stacks.items() if v})
+    missing = missing_series_warning(study_id, {d for d, v in stacks.items() if v}, task)
     if missing:
         out.append(missing)
     present = {d for d, v in stacks.items() if v}
     unlocated = [
         c
-        for j, c in enumerate(LABEL_COLUMNS)
-        if not graded[j] and CONDITION_SERIES[COLUMN_CONDITION[c]] in present
+        for j, c in enumerate(task.columns)
+        if not graded[j] and task.column_condition(c).series in present
     ]
     if unlocated:
         out.append(
@@ -135,7 +139,8 @@ def predict(
 ) -> PredictResult:
     """Predict every study of ``input_dir`` with the fold ensemble of ``run_dir``.
 
-    Writes ``out_csv`` (25 rows a study, the competition's row order, rows summing to 1),
+    Writes ``out_csv`` (RSNA: 25 rows a study, the competition's row order, rows summing to 1;
+    another task: a row per condition and level, a probability column per grade it names),
     ``studies.csv`` beside it (which input folder and series each study id stands for, see
     :data:`STUDIES_COLUMNS`) and, with ``report_dir``, the per-study reports and ``index.html``
     (with each study's input folder). ``cache_dir`` is the work
@@ -177,10 +182,11 @@ def predict(
     )  # fmt: skip
     result.weights_init = predictor.describe_init()
     result.model_notes = predictor.describe_training()
+    result.task = predictor.task
     preds = _predict_all(
         predictor, prepared, work / "cache", summary.failures, result, progress, workers
     )
-    result.submission = submission_frame({p.study_id: p.probs for p in preds})
+    result.submission = predictions_frame({p.study_id: p.probs for p in preds}, result.task)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out_csv, result.submission)
     result.studies_path = write_studies_csv(prepared.studies, out_csv.with_name(STUDIES_CSV))
@@ -211,7 +217,8 @@ def _check_fallbacks(result: PredictResult, strict: bool) -> None:
     """A run whose models graded nothing is an error, not a submission of priors."""
     ids = result.study_ids
     prior_only = [s for s, n in zip(ids, result.graded_per_study, strict=True) if n == 0]
-    some_prior = [s for s, n in zip(ids, result.graded_per_study, strict=True) if n < 25]
+    n_targets = len(result.task.columns)
+    some_prior = [s for s, n in zip(ids, result.graded_per_study, strict=True) if n < n_targets]
     written = f"{result.submission_path} was written for inspection"
     if ids and len(prior_only) == len(ids):
         raise FallbackError(
@@ -247,8 +254,9 @@ def _predict_all(
     from spinegrade.util.progress import progress_bar
 
     job = _StudyJob(
-        cache, (cache / "index.csv").is_file(), failures, prepared.warnings, result.report_dir
-    )
+        cache, (cache / "index.csv").is_file(), failures, prepared.warnings, result.report_dir,
+        result.task,
+    )  # fmt: skip
     ids = prepared.study_ids
     if workers > 1 and len(ids) > 1 and predictor.device == "cpu":
         from spinegrade.util.parallel import process_pool
@@ -289,6 +297,7 @@ class _StudyJob:
     failures: list[dict]
     input_warnings: dict
     report_dir: Path | None
+    task: Task = RSNA_2024
 
 
 def _predict_one(predictor: Predictor, sid: int, job: _StudyJob):
@@ -309,9 +318,13 @@ def _predict_one(predictor: Predictor, sid: int, job: _StudyJob):
         stacks, ens = {}, predictor.prior_prediction()
         errors.append(f"study {sid}: prediction failed ({type(exc).__name__}: {exc})")
     wall_s, cpu_s = time.perf_counter() - t, time.process_time() - c
-    warns = errors + study_warnings(sid, stacks, ens.graded, job.failures, job.input_warnings)
+    warns = errors + study_warnings(
+        sid, stacks, ens.graded, job.failures, job.input_warnings, job.task
+    )
     source = ["model" if g else "prior" for g in ens.graded]
-    pred = StudyPrediction(sid, ens.probs, source, ens.points, warns, used_series(stacks))
+    pred = StudyPrediction(
+        sid, ens.probs, source, ens.points, warns, used_series(stacks), job.task, ens.discs
+    )
     if job.report_dir is not None:
         try:
             _report_study(predictor, pred, stacks, job.report_dir)
@@ -342,11 +355,19 @@ def _report_study(predictor: Predictor, pred, stacks: dict, report_dir: Path) ->
 
     # Only targets the ensemble graded are shown: a crop for a prior-filled target would suggest
     # the model saw something it did not.
-    graded = [c for c, s in zip(LABEL_COLUMNS, pred.source, strict=True) if s == "model"]
+    task = pred.task
+    graded = [c for c, s in zip(task.columns, pred.source, strict=True) if s == "model"]
     points = StudyPoints(pred.points.copy())
-    crops = make_crops(stacks, points, predictor.crop_config, columns=graded) if stacks else {}
+    if pred.discs is not None:
+        points.disc = pred.discs.copy()
+    crops = (
+        make_crops(stacks, points, predictor.crop_config, columns=graded, task=task)
+        if stacks
+        else {}
+    )
     inputs = ReportInputs(stacks=stacks, crops=crops, saliency_fn=predictor.saliency)
     info = {"folds": predictor.folds, "device": predictor.device, "init": predictor.init}
+    info["task"] = task.name
     info["training_data"] = predictor.training_data or "not recorded"
     info["notes"] = predictor.describe_training()
     write_study_report(report_dir, pred, inputs, info)

@@ -122,6 +122,8 @@ class Service:
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.work = Path(cfg.work_dir)
         self.predictor = predictor or Predictor.from_run_dir(run_dir, cfg.folds, cfg.device)
+        # The worklist's grid and the SR's codes name RSNA's 25 targets.
+        self.predictor.task.require_rsna(f"spinegrade serve with {run_dir}")
         self.model = model_identity(self.run_dir, self.predictor.folds)
         self.pacs = Pacs(cfg.pacs_url, cfg.pacs_user, cfg.pacs_password)
         self.state = State(self.work / "state.db")
