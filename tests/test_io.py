@@ -269,8 +269,12 @@ def test_corrupt_and_truncated_files_are_skipped_with_warning(
         series = read_series(tmp_path)
     (stack,) = series.stacks
     np.testing.assert_array_equal(stack.pixels, _stacked(truth))
-    assert {sk.path.name for sk in series.skipped} == {"7.dcm", "8.dcm"}
-    assert all(sk.reason.startswith("unreadable") for sk in series.skipped)
+    reasons = {sk.path.name: sk.reason for sk in series.skipped}
+    assert set(reasons) == {"7.dcm", "8.dcm"}
+    # Each says what is wrong and what to do.
+    assert reasons["7.dcm"].startswith("pixel data holds 132 bytes but Rows 24 x Columns 20")
+    assert reasons["8.dcm"].startswith("damaged: no readable data set after the DICOM header")
+    assert all("copy it again" in r for r in reasons.values())
     logged = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "7.dcm" in logged and "8.dcm" in logged
 
@@ -294,7 +298,7 @@ def test_non_dicom_files_are_ignored_and_reported(
     assert reasons["notes.txt"].startswith("not a DICOM file")
     assert reasons[".DS_Store"].startswith("not a DICOM file")
     assert reasons["nested"].startswith("sub-folder ignored")
-    assert reasons["report.dcm"] == "DICOM without pixel data (Basic Text SR Storage)"
+    assert reasons["report.dcm"] == "DICOM without pixel data (Basic Text SR Storage); ignored"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -302,15 +306,19 @@ def test_file_without_geometry_in_located_series_is_skipped(tmp_path: Path) -> N
     write_stack(tmp_path, 4)
     lost = mr_dataset(np.zeros((24, 20), np.uint16), position=None, row=None, col=None)
     save(lost, tmp_path / "lost.dcm")
-    # A zeroed orientation (seen in broken exports) has no normal: same treatment.
+    # A zeroed orientation (seen in broken exports) has no normal: refused, saying so.
     broken = mr_dataset(
         np.zeros((24, 20), np.uint16), position=(0, 0, 0), row=(0, 0, 0), col=(0, 1, 0)
     )
     save(broken, tmp_path / "zero_iop.dcm")
     series = read_series(tmp_path)
     assert series.stacks[0].shape == (4, 24, 20)
-    assert sorted(sk.path.name for sk in series.skipped) == ["lost.dcm", "zero_iop.dcm"]
-    assert all("no patient geometry" in sk.reason for sk in series.skipped)
+    reasons = {sk.path.name: sk.reason for sk in series.skipped}
+    assert sorted(reasons) == ["lost.dcm", "zero_iop.dcm"]
+    assert reasons["lost.dcm"].startswith("no patient geometry")
+    assert reasons["zero_iop.dcm"].startswith(
+        "ImageOrientationPatient (0, 0, 0, 0, 1, 0) is not two perpendicular directions"
+    )
 
 
 def test_file_without_preamble_or_meta_is_read(tmp_path: Path) -> None:
@@ -329,8 +337,13 @@ def test_nothing_usable_raises_clear_error(tmp_path: Path) -> None:
     (tmp_path / "b.dcm").write_bytes(bytes(128) + b"DICM" + b"\x01" * 50)
     with pytest.raises(DicomReadError, match=r"no usable DICOM image among 2 entries") as err:
         read_series(tmp_path)
-    assert str(tmp_path) in str(err.value) and "series folder" in str(err.value)
+    # The folder, each file with what is wrong with it, and what to do about the damaged one.
+    assert str(tmp_path) in str(err.value) and "a.txt: not a DICOM file" in str(err.value)
+    assert "b.dcm: damaged" in str(err.value) and "copy it again" in str(err.value)
     assert isinstance(err.value, ValueError)
+    (tmp_path / "b.dcm").unlink()  # nothing but junk: was this a series folder at all?
+    with pytest.raises(DicomReadError, match="one series folder of DICOM files"):
+        read_series(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DicomReadError, match="folder is empty"):
         read_series(tmp_path / "empty")
@@ -508,7 +521,7 @@ def test_describe_series_is_json_able(tmp_path: Path) -> None:
     assert [st["tilt_deg"] for st in info["stacks"]] == [10.0, 12.0]
     assert info["stacks"][0]["spacing_mm"] == [0.7, 0.7, 4.0]
     assert info["skipped"] == [
-        {"file": "junk.bin", "reason": "not a DICOM file (no 'DICM' marker)"}
+        {"file": "junk.bin", "reason": "not a DICOM file (no 'DICM' marker); ignored"}
     ]
 
 

@@ -127,7 +127,9 @@ def load_studies(
         out[sid] = StudyData(sid, chosen, pts, np.asarray(lab, dtype=np.int64))
     missing = [s for s, d in out.items() if not d.stacks]
     if missing:
-        log.warning(
+        # Asked for one study (prediction, study by study), the caller says it in its own words,
+        # naming the study's input folder.
+        (log.warning if len(out) > 1 else log.debug)(
             "%d studies have no cached stack (e.g. %s): they get prior predictions; check "
             "index.csv (status/reason) in %s",
             len(missing),

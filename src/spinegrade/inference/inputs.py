@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -13,10 +16,12 @@ import pandas as pd
 
 from spinegrade.util.atomic import write_csv
 
+log = logging.getLogger(__name__)
 SPLIT = "test"
 SERIES_CSV = "test_series_descriptions.csv"
 LAYOUT_DIR = "layout"  # inside the work folder: symlinks to a raw input, in the RSNA layout
 STUDIES_CSV = "studies.csv"  # beside the submission: study id -> input folder and series
+SKIPPED_CSV = "skipped_inputs.csv"  # in the work folder: input entries not read, and why
 # One row per series found. Folders are POSIX paths relative to INPUT ("." for INPUT itself), with
 # any component naming the patient shown as "[patient]". series_description is the RSNA type the
 # model reads the series as ("" when it is not used, e.g. coronal); type_source says where that
@@ -44,6 +49,35 @@ class PreparedInput:
     discovery: pd.DataFrame | None = None  # raw input: every series found and how it was typed
     # studies.csv: which input folder and series each study id stands for (STUDIES_COLUMNS)
     studies: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=STUDIES_COLUMNS))
+    # raw input: (study, series) -> the input path (as shown to the user) of each layout link,
+    # in link order (00000.dcm, 00001.dcm, ...)
+    links: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+
+    def in_input_terms(self, rows: list[dict]) -> list[dict]:
+        """Rows of the cache (failures, notes) whose reasons name the input's files and folders
+        instead of the work folder's links to them (``00003.dcm`` -> ``ward/case1/IM0004``)."""
+        out = []
+        for row in rows:
+            key = (int(row["study_id"]), int(row["series_id"]))
+            names = self.links.get(key)
+            reason = str(row["reason"])
+            if self.kind == "rsna":  # the user's own files: name them relative to INPUT
+                reason = reason.replace(f"{self.data_dir}{os.sep}", "")
+            elif names:
+                folder = self.data_dir / "test_images" / str(key[0]) / str(key[1])
+                shown = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0])
+                reason = reason.replace(str(folder), shown or ".")
+                reason = _LINK.sub(functools.partial(_link_target, names=names), reason)
+            out.append({**row, "reason": reason})
+        return out
+
+
+_LINK = re.compile(r"\b(\d{5})\.dcm\b")  # the layout's link names, see build_symlink_layout
+
+
+def _link_target(match: re.Match, names: list[str]) -> str:
+    k = int(match.group(1))
+    return names[k] if k < len(names) else match.group(0)
 
 
 def is_rsna_test_layout(path: Path) -> bool:
@@ -93,6 +127,13 @@ def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
     from spinegrade.io.discover import discover_studies
 
     found = discover_studies(input_dir)
+    skipped = found.skipped_paths()
+    if skipped:
+        listed = write_csv(
+            work_dir / SKIPPED_CSV, pd.DataFrame(skipped, columns=["path", "reason"])
+        )
+        for line in skipped_lines(skipped, listed):
+            log.warning(line)
     layout = build_symlink_layout(found, work_dir / LAYOUT_DIR)
     return PreparedInput(
         "raw",
@@ -102,6 +143,7 @@ def prepare_input(input_dir: Path | str, work_dir: Path | str) -> PreparedInput:
         warnings=list(found.guesses),  # missing series are reported after caching
         discovery=found.table(),
         studies=discovered_studies(found),
+        links={(s.study_id, s.series_id): [found.shown(f) for f in s.files] for s in found.series},
     )
 
 
@@ -139,7 +181,7 @@ def discovered_studies(found) -> pd.DataFrame:
     A study's folder is the deepest folder holding all its files, a series' folder likewise.
     Components that carry the study's patient identifiers are blanked (io.identifiers).
     """
-    from spinegrade.io.identifiers import patient_identifiers, redact_folder
+    from spinegrade.io.identifiers import input_folder, patient_identifiers, redact_folder
 
     root = Path(found.root)
     by_study: dict[int, list] = {}
@@ -148,19 +190,13 @@ def discovered_studies(found) -> pd.DataFrame:
     rows = []
     for study_id, series in sorted(by_study.items()):
         secrets = patient_identifiers(s.files[0] for s in series if s.files)
-
-        def rel(paths: list[Path], secrets: set[str] = secrets) -> str:
-            common = os.path.commonpath([os.path.dirname(os.fspath(p)) for p in paths])
-            return redact_folder(Path(os.path.relpath(common, root)).as_posix(), secrets)
-
-        study_folder = rel([f for s in series for f in s.files])
         for s in sorted(series, key=lambda s: s.series_id):
             rows.append(
                 {
                     "study_id": study_id,
-                    "study_folder": study_folder,
+                    "study_folder": found.study_folders[study_id],
                     "series_id": s.series_id,
-                    "series_folder": rel(s.files),
+                    "series_folder": input_folder(s.files, root, secrets),
                     "series_description": s.series_description,
                     "type_source": s.type_source,
                     "guessed": bool(s.guessed),
@@ -182,6 +218,43 @@ def _visible_files(folder: Path) -> list[Path]:
 def _studies_frame(rows: list[dict]) -> pd.DataFrame:
     out = pd.DataFrame(rows, columns=STUDIES_COLUMNS)
     return out.sort_values(["study_id", "series_id"], kind="stable").reset_index(drop=True)
+
+
+# At most this many skipped input entries are named one by one (a folder of thousands of
+# screenshots would otherwise bury the rest of the output); SKIPPED_CSV lists them all.
+MAX_NAMED_SKIPS = 50
+
+
+def skipped_lines(
+    skipped: list[tuple[str, str]], listed: Path, limit: int = MAX_NAMED_SKIPS
+) -> list[str]:
+    """The lines naming input entries discovery did not read: a count, then one per entry.
+
+    ``skipped``: (path relative to INPUT, reason); ``listed``: the CSV that holds them all.
+    Zero-byte files, text files named ``.dcm``, a lone DICOMDIR, links back up the tree: none of
+    them may vanish without a word.
+    """
+    if not skipped:
+        return []
+    lines = [
+        f"{len(skipped)} input entr{'y was' if len(skipped) == 1 else 'ies were'} not read as "
+        "MR slices (each named below); remove or fix them if they should have been"
+    ]
+    lines += [f"skipped {path}: {reason}" for path, reason in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"... and {len(skipped) - limit} more: all are listed in {listed}")
+    return lines
+
+
+def name_study_folder(warning: str, study_id: int, folders: dict[int, str]) -> str:
+    """``study <id>: ...`` -> ``study <id> (<its input folder>): ...``; any other text as is.
+
+    Study ids are hashes of UIDs: without its folder a warning cannot be traced to an input.
+    """
+    head = f"study {study_id}:"
+    if study_id in folders and warning.startswith(head):
+        return f"study {study_id} ({folders[study_id]}):{warning[len(head) :]}"
+    return warning
 
 
 def study_folders(studies: pd.DataFrame) -> dict[int, str]:

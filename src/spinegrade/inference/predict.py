@@ -29,6 +29,7 @@ from spinegrade.inference.inputs import (
     STUDIES_CSV,
     PreparedInput,
     default_work_dir,
+    name_study_folder,
     prepare_input,
     study_folders,
     write_studies_csv,
@@ -81,9 +82,8 @@ class PredictResult:
     model_notes: list[str] = field(default_factory=list)  # e.g. a phantom-trained run's caution
 
 
-# A path starts after a space, quote or bracket: a slash inside a word is a name such as
-# "Sagittal T2/STIR", not a path.
-_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
+# A path starts a word: "Sagittal T2/STIR" or a DICOM value "0\0\1" is not one.
+_PATH = re.compile(r"(?<![\w.>])(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
 
 
 def scrub_paths(text: str) -> str:
@@ -103,10 +103,13 @@ def study_warnings(
     out = [w for w in inherited if w.startswith(f"study {study_id}:")]
     for f in failures:
         if int(f["study_id"]) == study_id:
-            out.append(
-                f"study {study_id}: series {f['series_id']} could not be cached "
-                f"({scrub_paths(str(f['reason']))[:200]})"
-            )
+            reason = scrub_paths(str(f["reason"]))[:400]
+            if f.get("status") == "ok":  # read, with files left out or without geometry
+                out.append(f"study {study_id}: series {f['series_id']}: {reason}")
+            else:
+                out.append(
+                    f"study {study_id}: series {f['series_id']} could not be cached ({reason})"
+                )
     missing = missing_series_warning(study_id, {d for d, v in stacks.items() if v}, task)
     if missing:
         out.append(missing)
@@ -183,9 +186,8 @@ def predict(
     result.weights_init = predictor.describe_init()
     result.model_notes = predictor.describe_training()
     result.task = predictor.task
-    preds = _predict_all(
-        predictor, prepared, work / "cache", summary.failures, result, progress, workers
-    )
+    noted = prepared.in_input_terms(summary.failures + summary.read_notes)
+    preds = _predict_all(predictor, prepared, work / "cache", noted, result, progress, workers)
     result.submission = predictions_frame({p.study_id: p.probs for p in preds}, result.task)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out_csv, result.submission)
@@ -277,13 +279,15 @@ def _predict_all(
         bar = progress_bar(ids, desc="predicting", unit="study", enabled=progress)
         done = [_predict_one(predictor, sid, job) for sid in bar]
     preds = []
+    folders = study_folders(prepared.studies)
     for pred, wall_s, cpu_s, graded in done:
         result.per_study_s.append(wall_s)
         result.per_study_cpu_s.append(cpu_s)
         result.graded_per_study.append(graded)
-        for w in pred.warnings:
-            log.warning(scrub_paths(w))
-        result.warnings[pred.study_id] = pred.warnings = [scrub_paths(w) for w in pred.warnings]
+        warns = [name_study_folder(scrub_paths(w), pred.study_id, folders) for w in pred.warnings]
+        for w in warns:
+            log.warning(w)
+        result.warnings[pred.study_id] = pred.warnings = warns
         preds.append(pred)
     return preds
 

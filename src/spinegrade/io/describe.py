@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from spinegrade.io.dicom import DicomReadError, natural_key, read_series
+from spinegrade.io.stacks import NO_GEOMETRY_NOTE
 from spinegrade.io.types import SeriesRead, Stack
 
 
@@ -138,6 +139,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 def print_inspection(report: dict[str, Any], console: Any = None) -> None:
     """Print :func:`inspect_path`'s report as one rich table per series."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -146,7 +148,7 @@ def print_inspection(report: dict[str, Any], console: Any = None) -> None:
     for s in report["series"]:
         name = Path(s["folder"]).name
         if "error" in s:
-            console.print(f"[bold red]series {name}: {s['error']}[/]")
+            console.print(f"[bold red]series {escape(name)}: {escape(s['error'])}[/]")
             continue
         descriptions = sorted({st["series_description"] for st in s["stacks"]} - {""})
         title = " ".join([f"series {name}", *descriptions, f"[dim]{s['series_instance_uid']}[/]"])
@@ -166,8 +168,10 @@ def print_inspection(report: dict[str, Any], console: Any = None) -> None:
                 _numbers_cell(st),
             )
         console.print(table)
+        if not all(st["has_geometry"] for st in s["stacks"]):
+            console.print(f"  [yellow]note[/] {escape(s['folder'])}: {NO_GEOMETRY_NOTE}")
         for sk in s["skipped"]:
-            console.print(f"  [yellow]skipped[/] {sk['file']}: {sk['reason']}")
+            console.print(f"  [yellow]skipped[/] {escape(sk['file'])}: {escape(sk['reason'])}")
 
 
 def _numbers_cell(st: dict[str, Any]) -> str:

@@ -15,11 +15,21 @@ from collections import Counter
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from spinegrade.io.files import (
+    DICOMDIR_REASON,
+    RECOPY,
+    REEXPORT,
+    BadFile,
+    NotImage,
+    damaged_header,
+    describe,
+    is_dicomdir,
+    open_dataset,
+    pydicom_quiet,
+)
 from spinegrade.io.header import PER_FRAME, SHARED, file_values, frame_values
-from spinegrade.io.pixels import decode
+from spinegrade.io.pixels import check_pixel_data, decode, decode_reason
 from spinegrade.io.stacks import (
     SliceRecord,
     build_stacks,
@@ -43,8 +53,11 @@ class DicomReadError(ValueError):
     """No usable image slice in a series folder (the message names the folder and the problems)."""
 
 
-class _NotImage(Exception):
-    """A file that is not a DICOM image (junk, DICOMDIR, a report): ignored, not an error."""
+# What one series may take in memory as float32 slices (the stack the reader returns): a lumbar
+# series holds tens to a few hundred slices of at most 1024 x 1024 (~0.4 GB at the most); 2 GB
+# leaves room for any real series while a folder of thousands of huge files is refused before
+# it fills the machine.
+MAX_SERIES_BYTES = 2 * 2**30
 
 
 def read_series(
@@ -53,6 +66,7 @@ def read_series(
     min_slices: int = 1,
     gap_factor: float = 3.0,
     angle_tol_deg: float = 1.0,
+    max_bytes: int | None = None,
 ) -> SeriesRead:
     """Read every DICOM image in ``folder`` (one series) into stacks ordered along their normals.
 
@@ -62,17 +76,18 @@ def read_series(
     spacing. SliceThickness and SpacingBetweenSlices are never needed. Files that are not DICOM
     images, or that cannot be read or decoded, are listed in ``SeriesRead.skipped`` (corrupt ones
     are also logged as warnings). Raises :class:`DicomReadError` when fewer than ``min_slices``
-    usable slices remain.
+    usable slices remain, or when the slices would take more than ``max_bytes`` (default
+    :data:`MAX_SERIES_BYTES`) in memory.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DicomReadError(f"{folder}: not a folder. {_FIX_HINT}")
-    slices, skipped = _read_folder(folder)
+    slices, skipped = _read_folder(folder, max_bytes)
     located = [s for s in slices if s.has_geometry]
     if located and len(located) < len(slices):
         reason = (
             "no patient geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing) "
-            "while the rest of the series has it"
+            f"while the rest of the series has it: left out; {REEXPORT} to keep it"
         )
         skip_unique(skipped, [s.path for s in slices if not s.has_geometry], reason, folder)
         slices = located
@@ -82,6 +97,8 @@ def read_series(
         plans = plan_with_geometry(slices, skipped, folder, gap_factor, angle_tol_deg)
     else:
         plans = [plan_without_geometry(slices, skipped, folder)]
+    if not plans:  # every slice was left out while planning (e.g. all at one position)
+        raise DicomReadError(_nothing_usable(folder, skipped))
     stacks = build_stacks(plans)
     n_slices = sum(st.shape[0] for st in stacks)
     if n_slices < min_slices:
@@ -97,16 +114,22 @@ def _nothing_usable(folder: Path, skipped: list[SkippedFile]) -> str:
     """The error text when no slice is left: what was there and why each kind was dropped."""
     if not skipped:
         return f"{folder}: the folder is empty. {_FIX_HINT}"
-    reasons = Counter(sk.reason.split(" (")[0] for sk in skipped)
-    summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common())
-    examples = "; ".join(f"{sk.path.name}: {sk.reason}" for sk in skipped[:3])
-    return (
-        f"{folder}: no usable DICOM image among {len(skipped)} entries ({summary}). "
-        f"First: {examples}. {_FIX_HINT}"
-    )
+    by_reason: dict[str, list[str]] = {}
+    for sk in skipped:
+        by_reason.setdefault(sk.reason, []).append(sk.path.name)
+    groups = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    shown = "; ".join(f"{_names(names)}: {reason}" for reason, names in groups[:3])
+    more = f"; and {len(groups) - 3} other reasons" if len(groups) > 3 else ""
+    # Each refused file's reason says what to do; a folder of things that are not images at all
+    # was probably not a series folder.
+    hint = "" if any("ignored" not in sk.reason for sk in skipped) else f" {_FIX_HINT}"
+    return f"{folder}: no usable DICOM image among {len(skipped)} entries: {shown}{more}.{hint}"
 
 
-# ----------------------------------------------------------------------------- reading files
+def _names(names: list[str], limit: int = 3) -> str:
+    """``a.dcm, b.dcm, c.dcm (+4 more)``."""
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def natural_key(name: str) -> list[object]:
@@ -114,75 +137,133 @@ def natural_key(name: str) -> list[object]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def _read_folder(folder: Path) -> tuple[list[SliceRecord], list[SkippedFile]]:
-    """Parse and decode every file of ``folder`` once; collect what could not be used and why."""
+def _read_folder(
+    folder: Path, max_bytes: int | None = None
+) -> tuple[list[SliceRecord], list[SkippedFile]]:
+    """Parse and decode every file of ``folder`` once; collect what could not be used and why.
+
+    Stops with :class:`DicomReadError` once the slices would need more than ``max_bytes``
+    (default :data:`MAX_SERIES_BYTES`) as float32, before decoding more.
+    """
+    limit = MAX_SERIES_BYTES if max_bytes is None else max_bytes
     entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
     slices: list[SliceRecord] = []
     skipped: list[SkippedFile] = []
-    for entry in entries:
-        path = Path(entry.path)
-        if entry.is_dir():
-            skipped.append(SkippedFile(path, "sub-folder ignored (a series folder holds files)"))
-            continue
-        try:
-            slices.extend(_read_file(path))
-        except _NotImage as exc:
-            skipped.append(SkippedFile(path, str(exc)))
-            logger.info("%s: ignored %s: %s", folder, path.name, exc)
-        except Exception as exc:  # any parser/decoder failure skips only this file
-            reason = f"unreadable ({type(exc).__name__}: {_first_line(exc)})"
-            skipped.append(SkippedFile(path, reason))
-            logger.warning("%s: skipped %s: %s", folder, path.name, reason)
-    return slices, skipped
+    total = 0
+    with pydicom_quiet() as said:
+        for entry in entries:
+            path = Path(entry.path)
+            said.clear()
+            try:
+                records = _read_file(path, limit - total, limit)
+            except NotImage as exc:
+                skipped.append(SkippedFile(path, str(exc)))
+                logger.info("%s: ignored %s: %s", folder, path.name, exc)
+                continue
+            except _OverBudget as exc:
+                raise DicomReadError(_over_budget(folder, limit, len(slices), str(exc))) from None
+            except Exception as exc:  # any parser/decoder failure skips only this file
+                reason = str(exc) if isinstance(exc, BadFile) else _unexpected(exc, said)
+                skipped.append(SkippedFile(path, reason))
+                logger.warning("%s: skipped %s: %s", folder, path.name, reason)
+                continue
+            slices.extend(records)
+            total += sum(4 * r.pixels.size for r in records)  # the float32 stack to come
+    return _one_series(slices, skipped, folder), skipped
 
 
-def _first_line(exc: Exception, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:limit] if text else ""
+def _unexpected(exc: Exception, said: list[str]) -> str:
+    """The reason for a failure no check foresaw: the exception, or the decoder's own words."""
+    words = f"{describe(exc)}" + (f"; {said[0]}" if said else "")
+    return f"unreadable ({words[:240]}): the file is damaged; {RECOPY}"
 
 
-def _load_dataset(path: Path) -> pydicom.Dataset:
-    """``dcmread`` once; files without the 128-byte preamble are read only if they start like a
-    DICOM data set (group 0002 or 0008), so that junk files are never parsed as DICOM."""
-    try:
-        return pydicom.dcmread(path)
-    except InvalidDicomError:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-        if head not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):
-            raise _NotImage("not a DICOM file (no 'DICM' marker)") from None
-    ds = pydicom.dcmread(path, force=True)
-    if "TransferSyntaxUID" not in ds.file_meta:
-        # No file meta: the transfer syntax is the encoding pydicom detected while parsing.
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian
-            if implicit
-            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+class _OverBudget(Exception):
+    """Decoding this file would take the series past its memory budget."""
+
+
+def _over_budget(folder: Path, limit: int, n_read: int, what: str) -> str:
+    return (
+        f"{folder}: {what}; a series may take at most {limit / 2**20:.0f} MB in memory "
+        f"(stopped after {n_read} slice(s)). A lumbar MR series needs far less: check that the "
+        "folder holds one series, or split it"
+    )
+
+
+def _one_series(slices: list[SliceRecord], skipped: list[SkippedFile], folder: Path) -> list:
+    """Keep the slices of the folder's main series (the SeriesInstanceUID most files carry).
+
+    A file of another series (another study's slice copied in, a stray CT) would otherwise be
+    ordered among these slices as if it were one of them.
+    """
+    uids = Counter(s.series_uid for s in slices)
+    if len(uids) < 2:
+        return slices
+    main, n = max(uids.items(), key=lambda kv: (kv[1], kv[0] != ""))
+    for s in slices:
+        if s.series_uid != main:
+            other = f"SeriesInstanceUID ...{s.series_uid[-12:]}" if s.series_uid else "none"
+            reason = (
+                f"belongs to another series ({other}) than the other {n} slice(s) here: put "
+                "each series in its own folder"
+                if s.series_uid
+                else "no SeriesInstanceUID, so it cannot be told apart from another series: "
+                f"{REEXPORT}"
+            )
+            skip_unique(skipped, [s.path], reason, folder)
+    return [s for s in slices if s.series_uid == main]
+
+
+def _read_file(path: Path, budget: int, limit: int) -> list[SliceRecord]:
+    """All frames of one file as slices (a classic MR file has one, an enhanced MR file many).
+
+    ``budget``: bytes the series may still take as float32; ``limit``: all it may take.
+    """
+    ds = open_dataset(path)
+    with damaged_header():
+        _check_image(ds)
+        mb = 4 * check_pixel_data(ds) / 2**20
+    if mb > limit / 2**20:  # the file alone: its header claims more than any series may hold
+        raise BadFile(
+            f"its header claims {mb:.0f} MB of pixels (Rows x Columns x frames), more than the "
+            f"{limit / 2**20:.0f} MB a whole series may take: damaged header; {RECOPY}"
         )
-    return ds
-
-
-def _read_file(path: Path) -> list[SliceRecord]:
-    """All frames of one file as slices (a classic MR file has one, an enhanced MR file many)."""
-    ds = _load_dataset(path)
-    if PIXEL_DATA not in ds:
-        if "Rows" in ds:
-            raise ValueError("image header without pixel data (truncated file?)")
-        if "SOPClassUID" not in ds:
-            raise ValueError("no readable data set after the DICOM header (corrupt file?)")
-        raise _NotImage(f"DICOM without pixel data ({getattr(ds.SOPClassUID, 'name', '')})")
-    if int(ds.get("SamplesPerPixel") or 1) != 1:
-        raise ValueError(f"colour image (SamplesPerPixel={ds.SamplesPerPixel}); MR is grayscale")
-    frames = decode(ds)
-    per_frame = ds[PER_FRAME].value if PER_FRAME in ds else None
-    shared = ds[SHARED].value[0] if SHARED in ds and len(ds[SHARED].value) else None
-    common = file_values(ds, path)
-    common["name_key"] = tuple(natural_key(path.name))
-    multi = frames.shape[0] > 1
-    out = []
-    for k in range(frames.shape[0]):
-        item = per_frame[k] if per_frame is not None and k < len(per_frame) else None
-        values = frame_values(ds, item, shared, multi_frame=multi)
-        out.append(SliceRecord(frame=k, pixels=frames[k], **common, **values))
+    if mb > budget / 2**20:
+        raise _OverBudget(f"{path.name} would take the series past the limit")
+    try:
+        frames = decode(ds)
+    except Exception as exc:
+        raise BadFile(decode_reason(ds, exc)) from exc
+    with damaged_header():
+        per_frame = ds[PER_FRAME].value if PER_FRAME in ds else None
+        shared = ds[SHARED].value[0] if SHARED in ds and len(ds[SHARED].value) else None
+        common = file_values(ds, path)
+        common["name_key"] = tuple(natural_key(path.name))
+        multi = frames.shape[0] > 1
+        out = []
+        for k in range(frames.shape[0]):
+            item = per_frame[k] if per_frame is not None and k < len(per_frame) else None
+            values = frame_values(ds, item, shared, multi_frame=multi)
+            out.append(SliceRecord(frame=k, pixels=frames[k], **common, **values))
     return out
+
+
+def _check_image(ds: pydicom.Dataset) -> None:
+    """Refuse what is not a grayscale image slice, with what it is instead."""
+    if is_dicomdir(ds):
+        raise NotImage(DICOMDIR_REASON)
+    sop = ds.get("SOPClassUID")
+    if PIXEL_DATA not in ds:
+        name = str(getattr(sop, "name", "") or "")
+        if "Rows" in ds or "Image Storage" in name:
+            raise BadFile(f"image file without pixel data (cut short or damaged); {RECOPY}")
+        if sop is None:
+            raise BadFile(f"damaged: no readable data set after the DICOM header; {RECOPY}")
+        raise NotImage(f"DICOM without pixel data ({name or sop}); ignored")
+    samples = ds.get("SamplesPerPixel") or 1
+    if samples != 1:
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+        raise BadFile(
+            f"colour image (SamplesPerPixel {samples}, {photometric or 'colour'}): a screenshot "
+            "or secondary capture, not an MR slice; leave it out of the series"
+        )

@@ -30,11 +30,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
-from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
+from spinegrade.io.files import (
+    DICOMDIR_REASON,
+    RECOPY,
+    BadFile,
+    NotImage,
+    damaged_header,
+    entry_reason,
+    is_dicomdir,
+    open_dataset,
+    pydicom_quiet,
+)
 from spinegrade.io.geometry import plane_name
+from spinegrade.io.header import orientation_or_none
+from spinegrade.io.identifiers import input_folder, input_path, patient_identifiers
+from spinegrade.io.pixels import check_pixel_data, decode
 from spinegrade.task import AX_T2, SAG_T1, SAG_T2
 
 log = logging.getLogger(__name__)
@@ -56,7 +68,6 @@ _TAGS = [
     "SOPClassUID",
     "SharedFunctionalGroupsSequence",  # enhanced multi-frame: orientation lives in here
 ]
-_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # An RSNA-style id is an integer that fits int64; real UIDs are dotted and longer.
 _MAX_ID = 2**63 - 1
 TABLE_COLUMNS: tuple[str, ...] = (
@@ -112,9 +123,22 @@ class Discovery:
 
     root: Path
     series: list[DiscoveredSeries]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # entries not read, and why
     warnings: list[str] = field(default_factory=list)  # guesses and missing series types
     guesses: list[str] = field(default_factory=list)  # only the guessed series types
+    # study id -> its folder relative to ``root``, patient identifiers blanked (io.identifiers)
+    study_folders: dict[int, str] = field(default_factory=dict)
+    # the identifiers of every study, only to blank them from the paths of skipped entries
+    _secrets: set[str] = field(default_factory=set, repr=False)
+
+    def shown(self, path: Path) -> str:
+        """``path`` as the user may see it: relative to ``root``, any component holding a
+        patient identifier of any study found blanked."""
+        return input_path(path, self.root, self._secrets)
+
+    def skipped_paths(self) -> list[tuple[str, str]]:
+        """(path as :meth:`shown`, reason) of each entry that was not read."""
+        return [(self.shown(p), r) for p, r in self.skipped]
 
     @property
     def study_ids(self) -> list[int]:
@@ -177,23 +201,24 @@ def _float_or_none(value: object) -> float | None:
     return out if np.isfinite(out) else None
 
 
-def _orientation(ds: pydicom.Dataset) -> np.ndarray | None:
+def _orientation(ds) -> np.ndarray | None:
+    """ImageOrientationPatient (enhanced MR: in the shared functional groups), or None when it
+    is absent or not two perpendicular directions (a zero one would make every plane sagittal)."""
     iop = ds.get("ImageOrientationPatient")
     if iop is None:
         # Enhanced MR: PlaneOrientationSequence within the shared functional groups.
         try:
             iop = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
             iop = iop.ImageOrientationPatient
-        except (AttributeError, IndexError, KeyError):
+        except (AttributeError, IndexError, KeyError, TypeError):
             return None
     try:
-        v = np.asarray([float(x) for x in iop], dtype=np.float64)
+        return orientation_or_none([float(x) for x in iop])
     except (TypeError, ValueError):
         return None
-    return v if v.shape == (6,) and np.isfinite(v).all() else None
 
 
-def _position(ds: pydicom.Dataset) -> np.ndarray | None:
+def _position(ds) -> np.ndarray | None:
     try:
         v = np.asarray([float(x) for x in ds.ImagePositionPatient], dtype=np.float64)
     except (AttributeError, TypeError, ValueError):
@@ -204,27 +229,34 @@ def _position(ds: pydicom.Dataset) -> np.ndarray | None:
 def read_header(path: Path) -> _Header | str:
     """The header fields of ``path``, or the reason the file is not an MR image slice."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-    except (InvalidDicomError, EOFError, OSError) as exc:
-        return f"not a DICOM file ({type(exc).__name__})"
-    except Exception as exc:  # a damaged header can raise nearly anything inside pydicom
-        return f"unreadable DICOM header ({type(exc).__name__}: {exc})"
-    if str(ds.get("SOPClassUID", "")) == _DICOMDIR_CLASS:
-        return "DICOMDIR index file"
+        ds = open_dataset(path, header_only=True, tags=_TAGS)
+        with damaged_header():
+            return _header_of(path, ds)
+    except (NotImage, BadFile) as exc:
+        return str(exc)
+
+
+def _header_of(path: Path, ds) -> _Header | str:
+    if is_dicomdir(ds):
+        return DICOMDIR_REASON
     study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
     if not study or not series:
-        return "no StudyInstanceUID/SeriesInstanceUID"
+        if "SOPClassUID" not in ds:
+            return f"damaged: no readable data set after the DICOM header; {RECOPY}"
+        return (
+            "no StudyInstanceUID/SeriesInstanceUID (every image has them: damaged, or "
+            "stripped by an anonymiser?): its study is unknown; ignored"
+        )
     modality = str(ds.get("Modality", "MR") or "MR")
     if modality not in ("MR", "OT"):
-        return f"modality {modality}, not MR"
+        return f"modality {modality}, not MR; ignored"
     desc = str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or "")
-    number = ds.get("SeriesNumber")
     return _Header(
         path=path,
         study_uid=study,
         series_uid=series,
         description=desc.strip(),
-        series_number=int(number) if number not in (None, "") else None,
+        series_number=_int_or_none(ds.get("SeriesNumber")),
         orientation=_orientation(ds),
         position=_position(ds),
         echo_time=_float_or_none(ds.get("EchoTime")),
@@ -234,13 +266,54 @@ def read_header(path: Path) -> _Header | str:
     )
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """Every regular file under ``root`` (hidden folders skipped), in a stable order."""
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every regular file under ``root`` once (hidden entries skipped), in a stable order, and
+    the entries not read, with the reason.
+
+    Links are followed, but no folder is entered twice and no file read twice: a link back up
+    the tree (``loop -> ..``) would otherwise make the walk read everything again at every level
+    until the path grows too long, and count each file as many times.
+    """
     files: list[Path] = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(folder) / n for n in sorted(names) if not n.startswith("."))
-    return files
+    skipped: list[tuple[Path, str]] = []
+    seen: dict[tuple[int, int], Path] = {}  # (device, inode) -> first path, folders and files
+
+    def first_visit(path: Path, kind: str) -> bool:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            skipped.append((path, f"a link to {kind} already read ({_rel(seen[key], root)})"))
+            return False
+        seen[key] = path
+        return True
+
+    def unreadable(err: OSError) -> None:
+        skipped.append((Path(err.filename), f"folder cannot be read ({err.strerror})"))
+
+    first_visit(root, "a folder")
+    for folder, dirs, names in os.walk(root, followlinks=True, onerror=unreadable):
+        kept = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in kept if first_visit(Path(folder) / d, "a folder")]
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = Path(folder) / name
+            reason = entry_reason(path)
+            if reason is not None:
+                skipped.append((path, reason))
+            elif first_visit(path, "a file"):
+                files.append(path)
+    return files, skipped
+
+
+def _rel(path: Path, root: Path) -> str:
+    rel = os.path.relpath(path, root)
+    return "the input folder" if rel == "." else rel
 
 
 # ------------------------------------------------------------------------------------- typing
@@ -332,13 +405,14 @@ def _mid_slice(headers: list[_Header]) -> np.ndarray | None:
     else:
         pick = headers[len(headers) // 2]
     try:
-        ds = pydicom.dcmread(pick.path)
-        arr = np.asarray(ds.pixel_array, dtype=np.float64)
+        ds = open_dataset(pick.path)
+        check_pixel_data(ds)
+        frames = decode(ds)
     except Exception as exc:  # decoder errors vary by transfer syntax
         log.debug("%s: cannot decode pixels for the contrast check (%s)", pick.path, exc)
         return None
-    if arr.ndim == 3:  # multi-frame: the middle frame
-        arr = arr[arr.shape[0] // 2]
+    # Multi-frame: the middle frame.
+    arr = np.asarray(frames[frames.shape[0] // 2], dtype=np.float64)
     return arr if arr.ndim == 2 and arr.size else None
 
 
@@ -441,14 +515,20 @@ def discover_studies(root: Path | str) -> Discovery:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder; give a folder of DICOM studies")
+    with pydicom_quiet():
+        return _discover(root)
+
+
+def _discover(root: Path) -> Discovery:
     groups: dict[tuple[str, str], list[_Header]] = defaultdict(list)
-    skipped: list[tuple[Path, str]] = []
-    for path in _walk_files(root):
+    paths, skipped = _walk_files(root)
+    for path in paths:
         h = read_header(path)
         if isinstance(h, str):
             skipped.append((path, h))
         else:
             groups[(h.study_uid, h.series_uid)].append(h)
+    skipped.sort(key=lambda item: str(item[0]))
     if not groups:
         raise ValueError(
             f"{root}: no MR DICOM series found among {len(skipped)} file(s); point INPUT at a "
@@ -461,13 +541,20 @@ def discover_studies(root: Path | str) -> Discovery:
         by_study[stable_id(study_uid)].append((stable_id(series_uid), headers))
     for study_id in sorted(by_study):
         members = sorted(by_study[study_id])
+        secrets = patient_identifiers(hs[0].path for _, hs in members)
+        out._secrets |= secrets
+        folder = input_folder([h.path for _, hs in members for h in hs], root, secrets)
+        out.study_folders[study_id] = folder
         typed = [_type_series(study_id, sid, hs) for sid, hs in members]
         _resolve_sagittals(typed, dict(members))
         out.series.extend(typed)
-        guesses = _guess_warnings(study_id, typed)
+        named = f"study {study_id} ({folder})"
+        guesses = _guess_warnings(named, typed)
         out.guesses.extend(guesses)
-        out.warnings.extend(guesses + _missing_warning(study_id, typed))
-    for w in out.warnings:
+        out.warnings.extend(guesses + _missing_warning(named, typed))
+    # Missing series are reported by whoever reads the series next (predict, after caching,
+    # knows which ones were also unreadable); guesses are only known here.
+    for w in out.guesses:
         log.warning(w)
     return out
 
@@ -485,10 +572,10 @@ def _check_unique_ids(groups: dict[tuple[str, str], list[_Header]]) -> None:
                 )
 
 
-def _guess_warnings(study_id: int, series: list[DiscoveredSeries]) -> list[str]:
-    """One warning per series whose type is a guess."""
+def _guess_warnings(study: str, series: list[DiscoveredSeries]) -> list[str]:
+    """One warning per series whose type is a guess (``study``: how the study is named)."""
     return [
-        f"study {study_id}: series {s.series_id} ({s.header_description or 'no description'}) "
+        f"{study}: series {s.series_id} ({s.header_description or 'no description'}) "
         f"taken as {s.series_description} from {s.type_source} -- a guess"
         + (f" ({s.note})" if s.note else "")
         for s in series
@@ -496,13 +583,13 @@ def _guess_warnings(study_id: int, series: list[DiscoveredSeries]) -> list[str]:
     ]
 
 
-def _missing_warning(study_id: int, series: list[DiscoveredSeries]) -> list[str]:
+def _missing_warning(study: str, series: list[DiscoveredSeries]) -> list[str]:
     """A warning when the study lacks one of the three series types."""
     have = {s.series_description for s in series}
     missing = [t for t in (SAG_T1, SAG_T2, AX_T2) if t not in have]
     if not missing:
         return []
     return [
-        f"study {study_id}: no {', '.join(missing)} series found; its grades will fall back "
+        f"{study}: no {', '.join(missing)} series found; its grades will fall back "
         "to the training prior where no other view sees them"
     ]

@@ -9,11 +9,14 @@ identifiers are compared in memory and never written anywhere.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import pydicom
+
+from spinegrade.io.files import open_dataset, pydicom_quiet
 
 REDACTED = "[patient]"
 # What identifies the person, as opposed to the scan: name, ids, birth date, accession number.
@@ -51,18 +54,25 @@ def patient_identifiers(paths: Iterable[Path]) -> set[str]:
     One file per series is enough: every file of a study carries the same patient module.
     """
     found: set[str] = set()
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(IDENTIFIER_TAGS))
-        except Exception:  # a file discovery could read once; nothing to add if it cannot now
-            continue
-        for tag in IDENTIFIER_TAGS:
-            value = ds.get(tag)
-            if value is None:
+    with pydicom_quiet():
+        for path in paths:
+            try:
+                found |= _identifiers_of(path)
+            except Exception:  # a file discovery could read once; nothing to add if it cannot
                 continue
-            values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
-            for v in values:
-                found |= _variants(tag, str(v))
+    return found
+
+
+def _identifiers_of(path: Path) -> set[str]:
+    ds = open_dataset(path, header_only=True, tags=IDENTIFIER_TAGS)
+    found: set[str] = set()
+    for tag in IDENTIFIER_TAGS:
+        value = ds.get(tag)
+        if value is None:
+            continue
+        values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
+        for v in values:
+            found |= _variants(tag, str(v))
     return found
 
 
@@ -80,3 +90,15 @@ def _identifying(part: str, identifiers: set[str]) -> bool:
     return part in identifiers or any(
         len(ident) >= MIN_PART and ident in part for ident in identifiers
     )
+
+
+def input_folder(paths: Iterable[Path], root: Path, identifiers: set[str]) -> str:
+    """The deepest folder holding all ``paths``, relative to ``root`` ("." for ``root``), with
+    identifying components blanked: how a study or series is named to the user."""
+    common = os.path.commonpath([os.path.dirname(os.fspath(p)) for p in paths])
+    return redact_folder(Path(os.path.relpath(common, root)).as_posix(), identifiers)
+
+
+def input_path(path: Path, root: Path, identifiers: set[str]) -> str:
+    """``path`` relative to ``root``, identifying components blanked."""
+    return redact_folder(Path(os.path.relpath(path, root)).as_posix(), identifiers)

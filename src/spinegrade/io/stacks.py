@@ -30,6 +30,12 @@ from spinegrade.io.pixels import assemble
 from spinegrade.io.types import SkippedFile, Stack
 
 logger = logging.getLogger("spinegrade.io.dicom")
+# What a series read without patient geometry means for the user, and what to do about it.
+NO_GEOMETRY_NOTE = (
+    "no patient geometry (ImagePositionPatient, ImageOrientationPatient or PixelSpacing "
+    "missing): slices in InstanceNumber order on a nominal 1 mm grid, points cannot be mapped "
+    "to other series; re-export the series with its geometry"
+)
 
 
 @dataclass
@@ -104,8 +110,31 @@ def plan_with_geometry(
             key = tuple(round(v, 4) for v in s.spacing)  # type: ignore[union-attr]
             by_spacing.setdefault(key, []).append(s)
         for group in by_spacing.values():
+            if _one_position(group, skipped, folder):
+                continue
             plans.extend(_split_group(group, gap_factor))
     return plans
+
+
+def _one_position(group: list[SliceRecord], skipped: list[SkippedFile], folder: Path) -> bool:
+    """Skip (and say so) a group of several slices that all lie at one place along the normal.
+
+    That is a header that copied one ImagePositionPatient into every file: the slice order is
+    then unknowable and the stack would have no thickness.
+    """
+    if len(group) < 2:
+        return False
+    normal = np.cross(group[0].row, group[0].col)  # type: ignore[arg-type]
+    d = np.array([s.position @ normal for s in group])  # type: ignore[operator]
+    if float(d.max() - d.min()) > 1e-3:
+        return False
+    pos = ", ".join(f"{v:g}" for v in group[0].position)  # type: ignore[union-attr]
+    reason = (
+        f"all {len(group)} slices of this plane lie at one position (ImagePositionPatient "
+        f"{pos}): their order is unknown; re-export the series with each slice's position"
+    )
+    skip_unique(skipped, [s.path for s in group], reason, folder)
+    return True
 
 
 def keep_majority_shape(
@@ -166,11 +195,7 @@ def plan_without_geometry(
     Without ImagePositionPatient the true slice order is unknowable; the acquisition numbering is
     the best guess, and ``has_geometry=False`` tells later stages not to trust patient coordinates.
     """
-    logger.warning(
-        "%s: no patient geometry in the files; slices kept in InstanceNumber order on a "
-        "nominal grid",
-        folder,
-    )
+    logger.warning("%s: %s", folder, NO_GEOMETRY_NOTE)
     members = sorted(keep_majority_shape(slices, skipped, folder), key=lambda s: s.tie_key)
     first = members[0]
     oriented = all(s.row is not None for s in members)
@@ -179,7 +204,7 @@ def plan_without_geometry(
         if oriented
         else (np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]))
     )
-    step = first.step or 1.0
+    step = first.step or 1.0  # header_values keeps only a positive, finite step
     origin = first.position if first.position is not None else np.zeros(3)
     positions = origin + np.outer(np.arange(len(members)) * step, np.cross(row, col))
     spacing = first.spacing or (1.0, 1.0)

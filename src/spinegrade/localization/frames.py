@@ -148,7 +148,9 @@ def canonical_volume(stack: CachedStack, frame: SagittalFrame) -> np.ndarray:
     window = frame.view_window()
     if window != (0, 0, *v.shape[1:]):
         v = _cut_window(v, window)
-    t = torch.from_numpy(np.ascontiguousarray(v)).float()[None]
+    # A real copy: a flipped one-slice stack counts as contiguous to numpy (so ascontiguousarray
+    # would keep its negative stride) but not to torch; the cached volume is read-only anyway.
+    t = torch.from_numpy(np.array(v, dtype=np.float32))[None]
     if t.shape[-2:] != (frame.size, frame.size):
         t = F.interpolate(t, size=(frame.size, frame.size), mode="bilinear", antialias=True)
     return (t[0] / 255.0).clamp(0, 1).numpy()

@@ -66,6 +66,8 @@ class Summary:
     n_slices: int = 0  # slices decoded by this run
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)  # study_id, series_id, stack, reason
+    # Series cached with a reason (files left out, no geometry): study_id, series_id, reason
+    read_notes: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -278,9 +280,16 @@ def _account(summary: Summary, outcome: StudyOutcome) -> None:
     elif outcome.status == "done":
         summary.n_processed += 1
     summary.n_slices += outcome.n_slices
+    noted: set[tuple] = set()
     for row in outcome.rows:
         if row["status"] == "ok":
             summary.n_stacks += 1
+            key = (row["study_id"], row["series_id"], row["reason"])
+            if row["reason"] and key not in noted:  # once per series, not once per stack
+                noted.add(key)
+                summary.read_notes.append(
+                    {"study_id": key[0], "series_id": key[1], "reason": key[2], "status": "ok"}
+                )
         else:
             summary.failures.append(
                 {k: row[k] for k in ("study_id", "series_id", "stack", "description", "reason")}
@@ -288,9 +297,8 @@ def _account(summary: Summary, outcome: StudyOutcome) -> None:
 
 
 def print_summary(summary: Summary, console=None, max_rows: int = 40) -> None:
-    """Print the run's counts and a table of what was skipped and why (rich)."""
+    """Print the run's counts, what was skipped and why, and what was read with a note."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console(stderr=False)
     rate = summary.slices_per_second
@@ -302,16 +310,20 @@ def print_summary(summary: Summary, console=None, max_rows: int = 40) -> None:
     )
     for note in summary.notes:
         console.print(f"note: {note}")
+    # One line per series, never wrapped: each names the study and series folder and says why.
+    plain = {"soft_wrap": True, "markup": False, "highlight": False}
+    for n in summary.read_notes[:max_rows]:
+        console.print(f"study {n['study_id']} series {n['series_id']}: {n['reason']}", **plain)
+    if len(summary.read_notes) > max_rows:
+        console.print(f"... and {len(summary.read_notes) - max_rows} more notes: see {INDEX_NAME}")
     if summary.failures:
-        table = Table(title="Skipped (status=error in the index)", show_lines=False)
-        for name in ("study", "series", "description", "reason"):
-            table.add_column(name, overflow="fold")
-        for f in summary.failures[:max_rows]:
-            series = str(f["series_id"]) if f["series_id"] >= 0 else "-"
-            table.add_row(str(f["study_id"]), series, str(f["description"]), str(f["reason"]))
-        console.print(table)
-        if len(summary.failures) > max_rows:
-            console.print(f"... and {len(summary.failures) - max_rows} more: see {INDEX_NAME}")
+        console.print(f"{len(summary.failures)} skipped (status=error in the index):")
+    for f in summary.failures[:max_rows]:
+        series = f"series {f['series_id']}" if f["series_id"] >= 0 else "all series"
+        desc = f" ({f['description']})" if f["description"] else ""
+        console.print(f"skipped study {f['study_id']} {series}{desc}: {f['reason']}", **plain)
+    if len(summary.failures) > max_rows:
+        console.print(f"... and {len(summary.failures) - max_rows} more: see {INDEX_NAME}")
     if summary.index_path is not None:
         console.print(f"index: {summary.index_path}")
     if summary.exit_code:

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spinegrade.io.stacks import NO_GEOMETRY_NOTE
 from spinegrade.preprocessing.cache import (
     FORMAT_VERSION,
     INDEX_COLUMNS,
@@ -21,7 +22,7 @@ from spinegrade.preprocessing.cache import (
 from spinegrade.preprocessing.series import CacheParams, cache_series
 
 RECORD_NAME = "study.json"
-_NO_GEOMETRY = "no patient geometry in the files: nominal grid, points cannot be mapped"
+_NO_GEOMETRY = NO_GEOMETRY_NOTE
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _process_series(
     task: StudyTask, series_id: int, description: str, cache_dir: Path, params: CacheParams
 ) -> tuple[list[dict], int]:
     """Read, cache and write one series; returns its index rows and the slices decoded."""
-    from spinegrade.io import read_series  # the only DICOM reader of the package
+    from spinegrade.io import DicomReadError, read_series  # the package's only DICOM reader
 
     folder = task.folder / str(series_id)
     if not folder.is_dir():
@@ -91,8 +92,11 @@ def _process_series(
             note = _skipped_note(read.skipped) or "the folder holds no DICOM files"
             return [_row(task, series_id, description, reason=f"no readable slices; {note}")], 0
         cached = cache_series(read.stacks, params, task.study_id, series_id, description)
+    except DicomReadError as err:  # says what is wrong with which file, and what to do
+        return [_row(task, series_id, description, reason=str(err))], 0
     except Exception as err:  # one bad series must not stop the study or the run
-        return [_row(task, series_id, description, reason=f"{type(err).__name__}: {err}")], 0
+        reason = f"unexpected error ({type(err).__name__}: {err}); please report it"
+        return [_row(task, series_id, description, reason=reason)], 0
     rows, n_slices, note = [], 0, _skipped_note(read.skipped)
     for cs in cached:
         rel = f"{task.split}/{task.study_id}/{series_id}_{cs.stack}.npz"
