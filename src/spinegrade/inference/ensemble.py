@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,33 +204,52 @@ class Predictor:
         return np.mean([m.fallback for m in self.models], axis=0)
 
     def predict(self, stacks) -> EnsemblePrediction:
-        """Ensemble prediction for one study's chosen stacks (description -> stacks).
+        """Ensemble prediction for one study's chosen stacks (description -> stacks); see
+        :meth:`predict_many`."""
+        return self.predict_many({0: stacks})[0]
+
+    def predict_many(
+        self, studies: Mapping[int, Mapping], batch_size: int = 8
+    ) -> dict[int, EnsemblePrediction]:
+        """Ensemble prediction for many studies (study -> description -> stacks), batched.
 
         Every fold localises, its zoomed look centred where the folds' whole looks agree, and
-        the folds' points are combined (:func:`.localize.localize_consensus`, so one fold's
+        the folds' points are combined (:func:`.localize.localize_consensus_many`, so one fold's
         misnamed levels are outvoted); every fold grades at the combined points.
-        So folds with the same crop settings grade the same crops: they are cut once. On CPU the
-        folds run side by side (:func:`fold_map`); the numbers are those of one after the other.
+        So folds with the same crop settings grade the same crops: they are cut once, as are the
+        looks every fold takes alike. Each network pass takes the looks or crops of several
+        studies (``batch_size`` stacks a localiser pass, 64 crops a grader pass), so one call
+        with many studies costs less than one call a study; the numbers are the same up to float
+        rounding. On CPU the folds run side by side (:func:`fold_map`).
         """
-        from spinegrade.inference.fold_models import crop_views, grade_study
-        from spinegrade.localization.localize import localize_consensus
+        from spinegrade.inference import fold_models
+        from spinegrade.localization.localize import localize_consensus_many
         from spinegrade.localization.points import StudyPoints
 
+        seen = {sid: st for sid, st in studies.items() if st}
         with fold_map(self.device, len(self.models)) as each_fold:
-            points = (
-                localize_consensus([m.localizer for m in self.models], stacks, each_fold)
-                if stacks
-                else StudyPoints()
+            located = localize_consensus_many(
+                [m.localizer for m in self.models], seen, each_fold, batch_size
             )
-            views: dict[str, list] = {}
+            points = {sid: located.get(sid, StudyPoints()) for sid in studies}
+            views: dict[str, dict[int, list]] = {}
             for m in self.models:
                 key = repr(m.crops)  # the crop settings (a dataclass): equal settings, equal crops
-                if stacks and key not in views:
-                    views[key] = crop_views(stacks, points, m.crops)
-            preds = list(
-                each_fold(lambda m: grade_study(m, stacks, points, views.get(repr(m.crops))),
-                          self.models)
-            )  # fmt: skip
+                if key not in views:
+                    views[key] = {
+                        sid: fold_models.crop_views(st, points[sid], m.crops, m.task)
+                        for sid, st in seen.items()
+                    }
+
+            def grade(m: Any) -> dict:
+                return fold_models.grade_studies(m, views[repr(m.crops)], points)
+
+            preds = list(each_fold(grade, self.models))
+        return {sid: self._combine([p[sid] for p in preds], points[sid]) for sid in studies}
+
+    @staticmethod
+    def _combine(preds: Sequence, points) -> EnsemblePrediction:
+        """The folds' predictions of one study -> their mean where any fold graded a target."""
         graded = np.stack([p.graded for p in preds])  # (F, 25)
         probs = np.stack([p.probs for p in preds])  # (F, 25, 3)
         seen = graded.any(axis=0)
