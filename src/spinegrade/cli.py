@@ -235,6 +235,35 @@ def predict(
         typer.echo(f"report:     {result.index_html}")
 
 
+@app.command()
+@cli_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `spinegrade train`"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (needs the [onnx] extra)"),
+    folds: list[str] | None = typer.Option(
+        None, "--folds", help="Export only these folds: --folds 0,1 (default: all complete)"
+    ),
+) -> None:
+    """Write each fold's networks as ONNX files beside their weights, checked against torch."""
+    _passive_openmp()
+    from spinegrade.inference.ensemble import parse_folds
+    from spinegrade.inference.export import export_run
+    from spinegrade.models.onnx import TOLERANCE
+
+    def said(net) -> None:
+        typer.echo(
+            f"fold {net.fold}: {net.path.name}  max |p_onnx - p_torch| = "
+            f"{net.max_abs_prob_diff:.1e}"
+        )
+
+    nets = export_run(run_dir, fmt, parse_folds(folds), on_net=said)
+    worst = max(n.max_abs_prob_diff for n in nets)
+    typer.echo(
+        f"{len(nets)} networks exported to {fmt} in {run_dir}; largest probability difference "
+        f"against torch {worst:.1e} (tolerance {TOLERANCE:.0e})"
+    )
+
+
 def _split_train_args(
     folds: list[str] | None, extra: list[str] | None
 ) -> tuple[list[int] | None, list[str], list[str]]:
