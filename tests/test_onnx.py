@@ -1,7 +1,8 @@
-"""`spinegrade export RUN --format onnx` (the ``[onnx]`` extra).
+"""`spinegrade export RUN --format onnx` and prediction by ONNX Runtime (the ``[onnx]`` extra).
 
 A copy of the session's tiny 2-fold run (conftest) is exported once per module through the CLI;
-the tests check the files against torch. The shared run itself is never exported.
+the tests check the files against torch, predict with both engines, and refuse stale exports.
+The shared run itself is never exported: the other prediction tests grade it with torch.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from spinegrade.cli import app
-from spinegrade.task import LEVELS
+from spinegrade.task import LEVELS, PROB_COLUMNS
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 pytest.importorskip("onnxscript", reason="the [onnx] extra is not installed")
@@ -103,6 +105,104 @@ def test_onnx_runtime_gives_torch_probabilities_on_new_inputs(exported) -> None:
         diff = np.abs(_probs(kind, want.numpy()) - _probs(kind, got.numpy())).max()
         worst = max(worst, float(diff))
     assert worst <= 1e-4
+
+
+def test_predict_with_onnx_runtime_equals_torch_and_says_so(exported, tmp_path: Path) -> None:
+    from spinegrade.inference.predict import predict
+
+    data, run, _ = exported
+    cache = tmp_path / "work"
+    out: dict[str, object] = {}
+    for engine in ("torch", "onnx"):
+        res = CliRunner().invoke(app, [
+            "predict", str(run), str(data), "--out", str(tmp_path / engine / "sub.csv"),
+            "--report", str(tmp_path / engine / "r"), "--cache", str(cache), "--no-progress",
+            "--engine", engine, "--device", "cpu",
+        ])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        out[engine] = res.output
+    assert "on cpu with onnxruntime 1." in str(out["onnx"])  # the summary line names the engine
+    assert "on cpu with torch 2." in str(out["torch"])
+    a, b = (pd.read_csv(tmp_path / e / "sub.csv") for e in ("torch", "onnx"))
+    assert a["row_id"].tolist() == b["row_id"].tolist()
+    assert np.abs(a[list(PROB_COLUMNS)].to_numpy() - b[list(PROB_COLUMNS)].to_numpy()).max() <= 1e-4
+    for sid in pd.read_csv(tmp_path / "onnx" / "studies.csv")["study_id"].unique():
+        grades = {e: json.loads((tmp_path / e / "r" / str(sid) / "grades.json").read_text())
+                  for e in ("torch", "onnx")}  # fmt: skip
+        assert grades["onnx"]["model"]["engine"].startswith("onnxruntime ")
+        assert grades["torch"]["model"]["engine"].startswith("torch ")
+        for col, t in grades["onnx"]["targets"].items():
+            assert t["source"] == grades["torch"]["targets"][col]["source"]
+            p, q = t["point_lps_mm"], grades["torch"]["targets"][col]["point_lps_mm"]
+            assert (p is None) == (q is None) and (p is None or np.allclose(p, q, atol=0.05))
+    html = (tmp_path / "onnx" / "r" / "index.html").read_text()
+    assert "graded by onnxruntime 1." in html
+    # auto: the exported run is graded by ONNX Runtime (the library's default, as the CLI's).
+    auto = predict(run, data, tmp_path / "auto.csv", cache_dir=cache, progress=False)
+    assert auto.engine.startswith("onnxruntime ")
+
+
+def test_engine_choice(exported, tmp_path: Path, caplog) -> None:
+    from spinegrade.inference.ensemble import Predictor, resolve_engine
+    from spinegrade.models.onnx import OnnxError
+
+    _, run, _ = exported
+    folds = [run / "fold_0", run / "fold_1"]
+    assert resolve_engine("auto", folds, "cpu") == "onnx"
+    assert resolve_engine("torch", folds, "cpu") == "torch"
+    assert resolve_engine("auto", folds, "cuda") == "torch"  # ONNX Runtime here is CPU-only
+    with pytest.raises(ValueError, match="--device cpu"):
+        resolve_engine("onnx", folds, "cuda")
+    with pytest.raises(ValueError, match="auto, torch, onnx"):
+        resolve_engine("tensorrt", folds, "cpu")
+    # A run exported in part: auto falls back to torch and says which file is missing; onnx
+    # names it.
+    part = tmp_path / "part"
+    shutil.copytree(run, part)
+    (part / "fold_1" / "grader_spinal.onnx").unlink()
+    with caplog.at_level("WARNING"):
+        assert resolve_engine("auto", [part / "fold_0", part / "fold_1"], "cpu") == "torch"
+    assert "grader_spinal.safetensors has no ONNX export" in caplog.text
+    with pytest.raises(OnnxError, match=r"grader_spinal.onnx \(or its sidecar\) is missing"):
+        Predictor.from_run_dir(part, device="cpu", engine="onnx")
+    assert Predictor.from_run_dir(part, device="cpu").engine == "torch"
+    assert Predictor.from_run_dir(run, device="cpu").engine == "onnx"
+
+
+def test_an_export_older_than_its_weights_is_refused(exported, tmp_path: Path) -> None:
+    from spinegrade.inference.ensemble import Predictor
+    from spinegrade.models.onnx import OnnxError, load_onnx
+    from spinegrade.models.registry import load_model
+    from spinegrade.models.weights import read_sidecar, save_weights
+
+    data, run, _ = exported
+    stale = tmp_path / "run"
+    shutil.copytree(run, stale)
+    # The localiser retrained after the export: other weights under the same name.
+    weights = stale / "fold_0" / "localizer_spinal.safetensors"
+    net, _ = load_model(weights)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    save_weights(net, weights, meta=read_sidecar(weights)["meta"])
+    for engine in ("auto", "onnx"):
+        res = CliRunner().invoke(app, [
+            "predict", str(stale), str(data), "--out", str(tmp_path / "sub.csv"), "--cache",
+            str(tmp_path / "w"), "--no-progress", "--engine", engine,
+        ])  # fmt: skip
+        assert res.exit_code == 2, res.output
+        assert "localizer_spinal.onnx was exported from other weights" in res.output
+        assert "re-export: spinegrade export" in res.output
+    assert Predictor.from_run_dir(stale, device="cpu", engine="torch").engine == "torch"
+    # A swapped ONNX file (not the one that was checked) is refused as well.
+    fold = stale / "fold_0"
+    shutil.copyfile(fold / "grader_spinal.onnx", fold / "grader_foraminal.onnx")
+    with pytest.raises(OnnxError, match="not the file that was exported and checked"):
+        load_onnx(fold / "grader_foraminal.safetensors")
+    # Fold 0 exported again, the run predicts with ONNX Runtime.
+    again = CliRunner().invoke(app, ["export", str(stale), "--folds", "0"])
+    assert again.exit_code == 0, again.output
+    assert Predictor.from_run_dir(stale, device="cpu", engine="onnx").engine == "onnx"
 
 
 def test_an_export_that_disagrees_with_torch_is_not_kept(exported, tmp_path: Path, monkeypatch):

@@ -401,7 +401,7 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(
     from spinegrade.inference.ensemble import Predictor, fold_map
 
     _, run = trained
-    predictor = Predictor.from_run_dir(run, device="cpu")
+    predictor = Predictor.from_run_dir(run, device="cpu", engine="torch")
     cache = run.parent / "cache"
     sid = int(pd.read_csv(cache / "index.csv").query("split == 'train'")["study_id"].iloc[0])
     stacks = load_studies(cache, [sid], progress=False)[sid].stacks

@@ -31,6 +31,56 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+ENGINES = ("auto", "torch", "onnx")
+
+
+def resolve_engine(engine: str, fold_dirs: Sequence[Path], device: str) -> str:
+    """``auto`` -> ``onnx`` when every network of the folds has its ONNX export and ONNX Runtime is
+    installed (CPU only), else ``torch``; ``onnx`` insists (errors say what to do).
+
+    A stale export (weights changed after it) is refused when it is loaded, in ``auto`` too: a
+    user who exported expects ONNX Runtime to grade, and must learn that the files are old.
+    """
+    from spinegrade.inference.export import fold_networks
+    from spinegrade.models.onnx import EXTRA_HINT, onnx_paths, runtime_available
+
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        return "torch"
+    if engine == "onnx" and device != "cpu":
+        raise ValueError(f"--engine onnx runs on the CPU, not {device}: add --device cpu")
+    if engine == "onnx" and not runtime_available():
+        raise ValueError(f"--engine onnx: ONNX Runtime is not installed; {EXTRA_HINT}")
+    if engine == "onnx":
+        return "onnx"  # a missing export is named when the folds load
+    if device != "cpu" or not runtime_available():
+        return "torch"
+    nets = [w for d in fold_dirs for w in fold_networks(Path(d))]
+    exported = [all(p.is_file() for p in onnx_paths(w)) for w in nets]
+    if nets and all(exported):
+        return "onnx"
+    if any(exported):
+        missing = next(w for w, e in zip(nets, exported, strict=True) if not e)
+        log.warning(
+            "%s has no ONNX export while other networks of the run have one: grading with torch; "
+            "run `spinegrade export RUN_DIR --format onnx` again",
+            missing,
+        )
+    return "torch"
+
+
+def describe_engine(engine: str) -> str:
+    """``onnxruntime 1.32.0`` or ``torch 2.14.1``: what graded, for reports and the CLI."""
+    if engine == "onnx":
+        from spinegrade.models.onnx import runtime_version
+
+        return f"onnxruntime {runtime_version()}"
+    import torch
+
+    return f"torch {torch.__version__.split('+')[0]}"
+
+
 def parse_folds(values: list[str] | None) -> list[int] | None:
     """``["0,1", "3"]`` -> ``[0, 1, 3]``; None or empty -> None (all folds)."""
     if not values:
@@ -123,14 +173,23 @@ class Predictor:
     fallback (best constant per column, learned on each fold's training studies) is used.
     """
 
-    def __init__(self, run_dir: Path, folds: list[int], models: list, device: str) -> None:
+    def __init__(
+        self, run_dir: Path, folds: list[int], models: list, device: str, engine: str = "torch"
+    ) -> None:
         self.run_dir, self.folds, self.models, self.device = run_dir, folds, models, device
+        self.engine = engine  # "torch" or "onnx": what runs the networks
+        self._saliency_nets: dict[str, Any] = {}
 
     @classmethod
     def from_run_dir(
-        cls, run_dir: Path | str, folds: list[int] | None = None, device: str = "auto"
+        cls,
+        run_dir: Path | str,
+        folds: list[int] | None = None,
+        device: str = "auto",
+        engine: str = "auto",
     ) -> Predictor:
-        """Load the folds' localisers and graders (safetensors + JSON only) from ``run_dir``."""
+        """Load the folds' localisers and graders (safetensors + JSON only, or their checked
+        ONNX exports: :func:`resolve_engine`) from ``run_dir``, once."""
         from spinegrade.inference.fold_models import load_fold_models
         from spinegrade.inference.run_folder import fold_dir
         from spinegrade.task import dataset_task
@@ -139,8 +198,16 @@ class Predictor:
         # Prediction, its reports and the service still speak RSNA's 25 targets (#23).
         dataset_task(run_dir).require_rsna(f"prediction from {run_dir}")
         chosen = run_folds(run_dir, folds)
-        models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in chosen]
-        return cls(run_dir, chosen, models, device)
+        engine = resolve_engine(engine, [fold_dir(run_dir, k) for k in chosen], device)
+        models = [
+            load_fold_models(fold_dir(run_dir, k), device=device, engine=engine) for k in chosen
+        ]
+        return cls(run_dir, chosen, models, device, engine)
+
+    @property
+    def engine_name(self) -> str:
+        """What grades, with its version (e.g. ``onnxruntime 1.32.0``)."""
+        return describe_engine(self.engine)
 
     @property
     def init(self) -> dict[str, list[dict]]:
@@ -220,14 +287,16 @@ class Predictor:
         looks every fold takes alike. Each network pass takes the looks or crops of several
         studies (``batch_size`` stacks a localiser pass, 64 crops a grader pass), so one call
         with many studies costs less than one call a study; the numbers are the same up to float
-        rounding. On CPU the folds run side by side (:func:`fold_map`).
+        rounding. On CPU with torch the folds run side by side (:func:`fold_map`).
         """
         from spinegrade.inference import fold_models
         from spinegrade.localization.localize import localize_consensus_many
         from spinegrade.localization.points import StudyPoints
 
         seen = {sid: st for sid, st in studies.items() if st}
-        with fold_map(self.device, len(self.models)) as each_fold:
+        # ONNX Runtime's sessions hold their own threads (torch's count), so its folds take turns.
+        side_by_side = len(self.models) if self.engine == "torch" else 1
+        with fold_map(self.device, side_by_side) as each_fold:
             located = localize_consensus_many(
                 [m.localizer for m in self.models], seen, each_fold, batch_size
             )
@@ -264,6 +333,20 @@ class Predictor:
         nan_points = np.full((len(CONDITIONS), len(LEVELS), 3), np.nan)
         return EnsemblePrediction(probs, np.zeros(len(LABEL_COLUMNS), dtype=bool), nan_points)
 
+    def _saliency_net(self, group: str) -> Any:
+        """The first fold's torch grader of ``group``: saliency needs its gradients, which ONNX
+        Runtime does not give, so with that engine it is loaded from its weights for reports."""
+        model = self.models[0].graders.get(group)
+        if model is None or self.engine == "torch":
+            return model
+        if group not in self._saliency_nets:
+            from spinegrade.inference.run_folder import fold_dir
+            from spinegrade.models.registry import load_model
+
+            path = fold_dir(self.run_dir, self.folds[0]) / f"grader_{group}.safetensors"
+            self._saliency_nets[group] = load_model(path, device=self.device)[0]
+        return self._saliency_nets[group]
+
     def saliency(self, column: str, crop: np.ndarray) -> np.ndarray | None:
         """Where the first fold's grader looked for ``column`` on ``crop`` (see report)."""
         import torch
@@ -271,7 +354,7 @@ class Predictor:
         from spinegrade.reporting.report import input_saliency
         from spinegrade.task import COLUMN_LEVEL, CONDITION_GROUP
 
-        model = self.models[0].graders.get(CONDITION_GROUP[COLUMN_CONDITION[column]])
+        model = self._saliency_net(CONDITION_GROUP[COLUMN_CONDITION[column]])
         if model is None:
             return None
         level = torch.tensor([LEVELS.index(COLUMN_LEVEL[column])], device=self.device)

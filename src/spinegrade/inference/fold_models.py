@@ -35,7 +35,7 @@ class FoldModels:
     """Everything one fold needs to predict a study: localise + crop + grade (+ fallback)."""
 
     localizer: Localizer
-    graders: dict[str, nn.Module]  # group -> SpineGrader
+    graders: dict[str, nn.Module]  # group -> SpineGrader (or its ONNX Runtime twin, see engine)
     fallback: np.ndarray  # (columns, classes) probabilities for targets that cannot be graded
     crops: CropConfig
     prior_mix: float = 0.0  # weight of the fallback mixed into every graded prediction
@@ -43,6 +43,7 @@ class FoldModels:
     # ("phantom", "real"); empty = not recorded (older runs). See :func:`learned_from`.
     training_data: dict[str, list[str]] = field(default_factory=dict)
     task: Task = RSNA_2024  # what the graders grade (the run's task.yaml)
+    engine: str = "torch"  # what runs the networks: "torch", or "onnx" (ONNX Runtime)
 
 
 @dataclass
@@ -269,9 +270,27 @@ def predict_studies(
     return {sid: _mix(models, graded.get(sid, {}), points[sid]) for sid in studies}
 
 
-def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
-    """Rebuild a trained fold from its folder (weights + sidecars + JSON, no pickles)."""
+def load_fold_models(
+    fold_dir: str | Path, device: str = "cpu", engine: str = "torch"
+) -> FoldModels:
+    """Rebuild a trained fold from its folder (weights + sidecars + JSON, no pickles).
+
+    ``engine`` "onnx": the networks are the fold's checked ONNX exports, run by ONNX Runtime on
+    the CPU (:func:`spinegrade.models.onnx.load_onnx`, which refuses an export older than its
+    weights); "torch": the safetensors weights in torch on ``device``.
+    """
     from spinegrade.models.registry import load_model
+
+    def load(path: Path):
+        if engine == "onnx":
+            from spinegrade.models.onnx import load_onnx
+
+            return load_onnx(path)
+        net = load_model(path, device=device)[0]
+        # Convolution kernels in channels-last order: oneDNN's (CPU) and cuDNN's fast layout.
+        # The same numbers up to float rounding (~1e-7); the 5-fold ensemble of the quick recipe
+        # predicts ~20% faster on 2 CPU cores (BENCHMARKS.md, "Prediction latency").
+        return net.to(memory_format=torch.channels_last)
 
     fold_dir = Path(fold_dir)
     cfg = load_config(fold_dir.parent / "config.yaml")
@@ -281,18 +300,16 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
         path = fold_dir / f"grader_{group}.safetensors"
         # A group the run trains must have its weights: never a silent prior for its targets.
         if group in task.select_groups(cfg.train.groups) or path.is_file():
-            graders[group] = load_model(path, device=device)[0]
+            graders[group] = load(path)
     fallback = _read_fallback(fold_dir / "fallback.json", task)
-    localizer = Localizer.load(fold_dir, device)
-    for net in [*graders.values(), *localizer.nets.values()]:
-        # Convolution kernels in channels-last order: oneDNN's (CPU) and cuDNN's fast layout.
-        # The same numbers up to float rounding (~1e-7); the 5-fold ensemble of the quick recipe
-        # predicts ~20% faster on 2 CPU cores (BENCHMARKS.md, "Prediction latency").
-        net.to(memory_format=torch.channels_last)
+    localizer = Localizer.load(fold_dir, device, engine)
+    if engine != "onnx":
+        for net in localizer.nets.values():
+            net.to(memory_format=torch.channels_last)  # as the graders' (see load above)
     metrics = fold_dir / "metrics.json"  # written last by training; older runs lack the entry
     trained_on = learned_from(json.loads(metrics.read_text()) if metrics.is_file() else {})
     return FoldModels(
-        localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task
+        localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task, engine
     )
 
 

@@ -67,6 +67,7 @@ class PredictResult:
     folds: list[int]
     device: str
     input_kind: str
+    engine: str  # what graded, with its version, e.g. "onnxruntime 1.32.0"
     work_dir: Path
     report_dir: Path | None = None
     index_html: Path | None = None
@@ -134,6 +135,7 @@ def predict(
     progress: bool = True,
     strict: bool = False,
     predictor: Predictor | None = None,
+    engine: str = "auto",
     batch_studies: int = 8,
 ) -> PredictResult:
     """Predict every study of ``input_dir`` with the fold ensemble of ``run_dir``.
@@ -144,7 +146,9 @@ def predict(
     (with each study's input folder). ``cache_dir`` is the work
     folder (default: ``.spinegrade_cache/<input hash>`` beside ``out_csv``); it is never inside
     the input. ``predictor``: an ensemble already loaded from ``run_dir`` (a service grading
-    study after study loads it once). ``batch_studies``: studies localised and graded together
+    study after study loads it once). ``engine``: what runs the networks (``auto``: ONNX Runtime
+    when the run has checked ONNX exports and the ``[onnx]`` extra is installed, else torch; see
+    :func:`.ensemble.resolve_engine`). ``batch_studies``: studies localised and graded together
     (their stacks are held in memory at once).
 
     Raises ValueError (after writing the outputs, for inspection) when every study fell back to
@@ -166,7 +170,7 @@ def predict(
     if (Path(run_dir) / "config.yaml").is_file():  # not a run folder: the Predictor says so
         refuse_other_cache(work / "cache", load_run_config(run_dir).data, run_dir)
     if predictor is None:  # fail fast, before preprocessing
-        predictor = Predictor.from_run_dir(run_dir, folds, device)
+        predictor = Predictor.from_run_dir(run_dir, folds, device, engine)
     data_cfg = load_run_config(run_dir).data
     t_load = time.perf_counter()
     prepared = prepare_input(input_dir, work)
@@ -177,7 +181,7 @@ def predict(
     t_pre = time.perf_counter()
     result = PredictResult(
         out_csv, pd.DataFrame(), prepared.study_ids, predictor.folds, predictor.device,
-        prepared.kind, work, Path(report_dir) if report_dir else None,
+        prepared.kind, predictor.engine_name, work, Path(report_dir) if report_dir else None,
     )  # fmt: skip
     result.weights_init = predictor.describe_init()
     result.model_notes = predictor.describe_training()
@@ -194,8 +198,9 @@ def predict(
 
         title = f"spinegrade report: {len(preds)} studies, {len(predictor.folds)}-fold ensemble"
         folders = study_folders(prepared.studies)
+        lines = [f"graded by {result.engine}", *result.weights_init]
         result.index_html = write_index_html(
-            result.report_dir, preds, title, folders, result.weights_init, result.model_notes
+            result.report_dir, preds, title, folders, lines, result.model_notes
         )
     t_end = time.perf_counter()
     result.timings = {
@@ -269,7 +274,7 @@ def _predict_all(
         from spinegrade.util.parallel import process_pool
 
         spawn = multiprocessing.get_context("spawn")  # never fork a process that holds torch
-        run = (predictor.run_dir, predictor.folds)
+        run = (predictor.run_dir, predictor.folds, predictor.engine)
         with process_pool(min(workers, len(batches)), spawn) as pool:
             for out in pool.map(_predict_in_worker, batches, [run] * len(batches),
                                 [job] * len(batches)):  # fmt: skip
@@ -375,14 +380,14 @@ def _finish_study(
 _WORKER_ENSEMBLE: dict[tuple, Predictor] = {}  # a worker process's ensemble, loaded once
 
 
-def _predict_in_worker(sids: list[int], run: tuple[Path, list[int]], job: _StudyJob):
+def _predict_in_worker(sids: list[int], run: tuple[Path, list[int], str], job: _StudyJob):
     """:func:`_predict_batch` in a worker process: one thread, the run's models loaded once."""
     import torch
 
-    key = (str(run[0]), tuple(run[1]))
+    key = (str(run[0]), tuple(run[1]), run[2])
     if key not in _WORKER_ENSEMBLE:
-        torch.set_num_threads(1)
-        _WORKER_ENSEMBLE[key] = Predictor.from_run_dir(Path(run[0]), list(run[1]), "cpu")
+        torch.set_num_threads(1)  # before loading: ONNX Runtime's sessions take torch's count
+        _WORKER_ENSEMBLE[key] = Predictor.from_run_dir(Path(run[0]), list(run[1]), "cpu", run[2])
     return _predict_batch(_WORKER_ENSEMBLE[key], sids, job)
 
 
@@ -399,6 +404,7 @@ def _report_study(predictor: Predictor, pred, stacks: dict, report_dir: Path) ->
     crops = make_crops(stacks, points, predictor.crop_config, columns=graded) if stacks else {}
     inputs = ReportInputs(stacks=stacks, crops=crops, saliency_fn=predictor.saliency)
     info = {"folds": predictor.folds, "device": predictor.device, "init": predictor.init}
+    info["engine"] = predictor.engine_name
     info["training_data"] = predictor.training_data or "not recorded"
     info["notes"] = predictor.describe_training()
     write_study_report(report_dir, pred, inputs, info)
