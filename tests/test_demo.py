@@ -31,7 +31,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
         echo=lines.append, real=real,
     )  # fmt: skip
     stage_lines = [line for line in lines if line.startswith("[")]
-    assert [line[:5] for line in stage_lines] == [f"[{k}/6]" for k in range(1, 7)]
+    assert [line[:5] for line in stage_lines] == [f"[{k}/7]" for k in range(1, 8)]
     assert (out / "real" / "import.json").is_file()
     sources = demo.cv["sources"]
     assert sources["phantom"]["studies"] == 4 and sources["phantom"]["graded"] == 4
@@ -43,6 +43,22 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     # Level naming on the real spines, out of fold: every level of the three cases.
     assert demo.real is not None and demo.real["n"] == 3 * 5
     assert demo.n_train == 4  # the graded (phantom) studies
+    # SPIDER's disc grades, learned out of fold on the first run's folds of the real spines,
+    # each fold starting from that fold's localiser as it is, scored beside the constants.
+    discs = out / "run_discs"
+    assert demo.real_grades["task"] == "spider_discs"
+    assert set(demo.real_grades["oof"]["conditions"]) >= {"pfirrmann", "disc_bulging"}
+    assert set(demo.real_grades["baselines"]) == {"uniform", "prior", "best_constant"}
+    run_folds = pd.read_csv(out / "run" / "folds.csv").set_index("study_id")["fold"]
+    disc_folds = pd.read_csv(discs / "folds.csv").set_index("study_id")["fold"]
+    assert len(disc_folds) == 3 and (run_folds.loc[disc_folds.index] == disc_folds).all()
+    from safetensors.torch import load_file
+
+    for k in range(2):
+        mine = load_file(discs / f"fold_{k}" / "localizer_spinal.safetensors")
+        theirs = load_file(out / "run" / f"fold_{k}" / "localizer_spinal.safetensors")
+        assert mine.keys() == theirs.keys()
+        assert all(bool((mine[n] == theirs[n]).all()) for n in mine)
     grades = json.loads(next((out / "report").glob("*/grades.json")).read_text())
     assert grades["model"]["notes"] == [grader_caution(["phantom", "real"])]
     # Held-out predictions: the competition's rows for the test studies, scored against truth.
@@ -65,11 +81,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     saved = json.loads((out / "demo.json").read_text())
     assert saved["test"]["model"]["score"] == pytest.approx(demo.test["model"]["score"])
     assert saved["real_levels_oof"] == demo.real
+    assert saved["real_grades_oof"]["oof"] == demo.real_grades["oof"]
     assert set(saved["stage_seconds"]) == {
         "synthesise_s",
         "import_s",
         "preprocess_s",
         "train_s",
+        "real_grades_s",
         "predict_s",
         "score_s",
     }
@@ -81,16 +99,20 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     text = console.export_text()
     assert "Bayes limit" in text and str(demo.index_html.resolve()) in text
     assert f"real spines (SPIDER, out of fold): {demo.real['within_5mm']:.0%} of 15 levels" in text
+    assert "real disc grades" in text and "pfirrmann" in text and "best_constant" in text
 
     # Resuming: data, cache and folds are reused, so the rerun skips straight to prediction.
     stamp = (out / "data" / "truth" / "phantom.json").stat().st_mtime_ns
     fold_stamp = (out / "run" / "fold_0" / "metrics.json").stat().st_mtime_ns
+    disc_stamp = (discs / "fold_0" / "metrics.json").stat().st_mtime_ns
     again = run_demo(
         out, n_studies=4, n_test=2, seed=1, overrides=TINY, workers=1, progress=False,
         echo=lambda _: None, real=real,
     )  # fmt: skip
     assert (out / "data" / "truth" / "phantom.json").stat().st_mtime_ns == stamp
     assert (out / "run" / "fold_0" / "metrics.json").stat().st_mtime_ns == fold_stamp
+    assert (discs / "fold_0" / "metrics.json").stat().st_mtime_ns == disc_stamp
+    assert again.real_grades["oof"] == demo.real_grades["oof"]
     assert again.cv["oof"] == demo.cv["oof"]
     assert again.test["model"]["score"] == pytest.approx(demo.test["model"]["score"])
     # Another size in the same folder is refused instead of silently mixing datasets.

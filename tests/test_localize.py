@@ -407,6 +407,10 @@ class _PriorNet(torch.nn.Module):
             heat[:, j, s // 2, 2 + 4 * j + self.bias, w // 8] = 30.0
         return {"heatmaps": heat}
 
+    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
+        """What the looks read (as :meth:`.LevelLocalizer.heatmaps`)."""
+        return self(x)["heatmaps"]
+
 
 def _record_zooms(monkeypatch, frac: float) -> list[tuple[float, float]]:
     """(y, x) centre of every zoomed look of share ``frac`` taken from now on."""
@@ -504,3 +508,32 @@ def test_the_canals_close_looks_read_only_the_slices_near_the_canal(n_targets):
     # Whatever the slices read, the close looks put each level on its peak in-plane: every level
     # lies where the net's maps peak in the zoomed look's window, within a heatmap cell.
     assert np.all(np.diff(y[:5]) > 0) and np.ptp(x) < 1e-6
+
+
+def test_folds_cut_the_looks_they_share_once(monkeypatch):
+    # Every fold's whole look at a stack is the same volume, and so is its zoomed look at the
+    # folds' agreed centre: an ensemble cuts them once (looks.LookCache), whatever the folds.
+    import spinegrade.localization.looks as looks
+    from spinegrade.localization.localize import localize_consensus_many
+
+    stacks = {
+        sid: {"Sagittal T2/STIR": [make_stack(P, -H, (0, 0, 0), (3, 256, 256), (1.2, 1.2), 4.0)]}
+        for sid in (1, 2)
+    }
+    folds = [
+        Localizer({"spinal": _PriorNet(b)}, fit_offsets([]), 96, 3, zoom=0.5, decoder="chain")
+        for b in (0, 0, 3)
+    ]
+    cut = looks.canonical_volume
+    calls: list[int] = []
+    monkeypatch.setattr(looks, "canonical_volume", lambda s, f: calls.append(1) or cut(s, f))
+    points = localize_consensus_many(folds, stacks)
+    assert len(calls) == 2 * 2  # two studies: a whole look and a zoomed one each, not per fold
+    assert [n.calls for f in folds for n in f.nets.values()] == [2, 2, 2]  # one batch a look
+    assert set(points) == {1, 2}
+    # The same as one study at a time.
+    from spinegrade.localization.localize import localize_consensus
+
+    for sid, st in stacks.items():
+        alone = localize_consensus(folds, st)
+        assert np.allclose(alone.xyz, points[sid].xyz, equal_nan=True)

@@ -40,6 +40,10 @@ def test_parse_folds_accepts_commas_and_repeats() -> None:
 def test_paths_are_scrubbed_from_messages() -> None:
     text = scrub_paths("cannot read /data/DOE^JOHN/series 1/IM0001: bad header")
     assert "DOE" not in text and "IM0001" in text
+    assert "DOE" not in scrub_paths(r"cannot read C:\PACS\DOE^JOHN\1.dcm")
+    # A series type with a slash in its name is not a path.
+    text = "study 5: no usable Sagittal T2/STIR series"
+    assert scrub_paths(text) == text
 
 
 def test_missing_series_warning_names_the_study() -> None:
@@ -274,20 +278,22 @@ def test_one_failing_study_gets_the_prior_and_the_batch_goes_on(
 
     data, run = trained
     test_ids = sorted(pd.read_csv(data / "test_series_descriptions.csv")["study_id"].unique())
-    original = Predictor.predict
-    calls = {"n": 0}
+    original = Predictor.predict_many
+    bad = test_ids[0]  # a study whose images make the models fail, in the batch of all three
 
-    def flaky(self, stacks):
-        calls["n"] += 1
-        if calls["n"] == 1:
+    def flaky(self, studies, *args, **kwargs):
+        if bad in studies:
             raise RuntimeError("simulated failure")
-        return original(self, stacks)
+        return original(self, studies, *args, **kwargs)
 
-    monkeypatch.setattr(Predictor, "predict", flaky)
+    monkeypatch.setattr(Predictor, "predict_many", flaky)
     result = predict(run, data, tmp_path / "sub.csv", cache_dir=tmp_path / "w", progress=False)
     _check_submission(pd.read_csv(tmp_path / "sub.csv"), test_ids)
-    assert "simulated failure" in " ".join(result.warnings[test_ids[0]])
-    assert not any("failed" in w for w in result.warnings[test_ids[1]])
+    assert "simulated failure" in " ".join(result.warnings[bad])
+    # The batch failed as a whole; its other studies were graded one by one.
+    graded = dict(zip(result.study_ids, result.graded_per_study, strict=True))
+    assert graded[bad] == 0 and all(graded[s] > 0 for s in test_ids[1:])
+    assert not any("failed" in w for s in test_ids[1:] for w in result.warnings[s])
 
 
 def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
@@ -301,23 +307,29 @@ def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
     from spinegrade.inference.ensemble import Predictor
 
     data, run = trained
-    original = Predictor.predict
+    original = Predictor.predict_many
     args = ["predict", str(run), str(data), "--cache", str(tmp_path / "w"), "--no-progress"]
 
-    def one_prior(self, stacks):  # every study: one target left to the prior
-        pred = original(self, stacks)
-        graded = pred.graded.copy()
-        graded[0] = False
-        return replace(pred, graded=graded)
+    def one_prior(self, studies, *a, **kw):  # every study: one target left to the prior
+        out = {}
+        for sid, pred in original(self, studies, *a, **kw).items():
+            graded = pred.graded.copy()
+            graded[0] = False
+            out[sid] = replace(pred, graded=graded)
+        return out
 
-    monkeypatch.setattr(Predictor, "predict", one_prior)
+    monkeypatch.setattr(Predictor, "predict_many", one_prior)
     ok = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.csv")])
     assert ok.exit_code == 0, ok.output
     assert "model backbone: random initialisation" in ok.output
     strict = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.csv"), "--strict"])
     n_test = len(pd.read_csv(data / "test_series_descriptions.csv")["study_id"].unique())
     assert strict.exit_code == 2 and f"--strict: {n_test} of {n_test} studies" in strict.output
-    monkeypatch.setattr(Predictor, "predict", lambda self, stacks: self.prior_prediction())
+    monkeypatch.setattr(
+        Predictor,
+        "predict_many",
+        lambda self, studies: {s: self.prior_prediction() for s in studies},
+    )
     none = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.csv")])
     assert (
         none.exit_code == 2
@@ -326,22 +338,24 @@ def test_all_prior_is_an_error_and_strict_refuses_any_fallback(
     assert (tmp_path / "c.csv").is_file()  # written, for inspection
 
 
-def _in_worker_noting_pid(sid: int, run: tuple, job) -> tuple:
-    """``predict._predict_in_worker`` that first leaves a file named after its process and study
-    beside the reports. Runs in the worker (pickled by name: this module is importable there)."""
+def _in_worker_noting_pid(sids: list[int], run: tuple, job) -> list:
+    """``predict._predict_in_worker`` that first leaves a file named after its process and each
+    study of its batch beside the reports. Runs in the worker (pickled by name: this module is
+    importable there)."""
     import spinegrade.inference.predict as predict
 
     pids = Path(job.report_dir).parent / "pids"
     pids.mkdir(parents=True, exist_ok=True)
-    (pids / f"{os.getpid()}-{sid}").touch()
-    return predict._predict_in_worker(sid, run, job)
+    for sid in sids:
+        (pids / f"{os.getpid()}-{sid}").touch()
+    return predict._predict_in_worker(sids, run, job)
 
 
 def test_worker_processes_predict_what_one_process_does(
     trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Two single-threaded processes, one study each at a time (the CLI's --workers): the same
-    # submission, reports and per-study records as one process, in the same study order.
+    # Two single-threaded processes, a batch of studies each at a time (the CLI's --workers): the
+    # same submission, reports and per-study records as one process, in the same study order.
     import spinegrade.inference.predict
     from spinegrade.inference.predict import predict
 
@@ -391,7 +405,7 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(
     from spinegrade.inference.ensemble import Predictor, fold_map
 
     _, run = trained
-    predictor = Predictor.from_run_dir(run, device="cpu")
+    predictor = Predictor.from_run_dir(run, device="cpu", engine="torch")
     cache = run.parent / "cache"
     sid = int(pd.read_csv(cache / "index.csv").query("split == 'train'")["study_id"].iloc[0])
     stacks = load_studies(cache, [sid], progress=False)[sid].stacks
@@ -405,16 +419,16 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(
         ran.append((threading.get_ident(), torch.get_num_threads()))
         if meet:
             together.wait(timeout=20)  # a fold run alone breaks the barrier: an error
-        return grade_study(*args, **kwargs)
+        return grade_studies(*args, **kwargs)
 
-    grade_study = inference.grade_study  # predict looks it up there on every call
+    grade_studies = inference.grade_studies  # predict looks it up there on every call
     before = torch.get_num_threads()
     seen: list[int] = []
     try:
         torch.set_num_threads(1)
         with fold_map("cpu", 2) as each:
             assert each is map
-        monkeypatch.setattr(inference, "grade_study", graded)
+        monkeypatch.setattr(inference, "grade_studies", graded)
         in_turn = predictor.predict(stacks)
         assert ran == [(threading.get_ident(), 1)] * 2  # one after the other, in this thread
         torch.set_num_threads(2)
@@ -423,7 +437,7 @@ def test_folds_side_by_side_predict_what_folds_in_turn_do(
             list(each(lambda _: seen.append(torch.get_num_threads()), range(2)))
         assert seen == [1, 1] and torch.get_num_threads() == 2
         ran.clear()
-        monkeypatch.setattr(inference, "grade_study", functools.partial(graded, meet=True))
+        monkeypatch.setattr(inference, "grade_studies", functools.partial(graded, meet=True))
         side_by_side = predictor.predict(stacks)
         # Two pool threads, at the same time, one torch thread each.
         assert len({t for t, _ in ran}) == 2 and threading.get_ident() not in dict(ran), ran
@@ -496,3 +510,29 @@ def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) ->
     assert caution(mixed, mixed) == [grader_caution(["phantom", "real"])]
     assert "real spines" in caution(mixed)[0] and "grades are not validated" in caution(mixed)[0]
     assert caution({"localizer": ["phantom"], "grader": ["real"]}) == [LOCALIZER_CAUTION]
+
+
+def test_batched_prediction_equals_study_by_study(trained) -> None:
+    # predict_many localises and grades several studies in shared network passes (looks and
+    # crops of all of them in one batch); each study's result is what predicting it alone gives,
+    # up to float rounding (a batch changes only how a convolution sums, ~1e-7).
+    from spinegrade.data.studies import load_studies
+    from spinegrade.inference.ensemble import Predictor
+
+    _, run = trained
+    predictor = Predictor.from_run_dir(run, device="cpu")
+    cache = run.parent / "cache"
+    ids = sorted(int(s) for s in pd.read_csv(cache / "index.csv")["study_id"].unique())[:4]
+    loaded = load_studies(cache, ids, progress=False)
+    studies = {sid: loaded[sid].stacks for sid in ids}
+    studies[-1] = {}  # a study with no usable series rides along: the prior, no points
+    together = predictor.predict_many(studies)
+    assert list(together) == [*ids, -1]
+    for sid in ids:
+        alone = predictor.predict(studies[sid])
+        assert alone.graded.any() and np.array_equal(alone.graded, together[sid].graded)
+        assert np.abs(alone.probs - together[sid].probs).max() <= 1e-6
+        assert np.allclose(alone.points, together[sid].points, atol=1e-4, equal_nan=True)
+    prior = predictor.prior_prediction()
+    assert not together[-1].graded.any() and np.isnan(together[-1].points).all()
+    assert np.allclose(together[-1].probs, prior.probs)

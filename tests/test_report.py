@@ -141,3 +141,97 @@ def test_full_report_writes_readable_files(tmp_path: Path) -> None:
     assert "<th>Input folder</th>" in text
     assert '<td class="folder">ward/&lt;case 7&gt;</td>' in text  # escaped
     assert '<td class="folder"></td>' in text  # study 8: no folder known
+
+
+def _title_boxes(fig):
+    renderer = fig.canvas.get_renderer()
+    return renderer, [
+        t.get_window_extent(renderer)
+        for ax in fig.axes
+        for t in (ax.title, ax._left_title, ax._right_title)
+        if t.get_text()
+    ]
+
+
+@pytest.mark.parametrize("n_cautions", [1, 2, 3])
+def test_cautions_stay_clear_of_the_panel_titles(n_cautions: int) -> None:
+    """A real study without a T1 series (the placeholders' one-line titles sit highest) and
+    the cautions of a run: no caution line is drawn over a panel's title."""
+    import matplotlib.pyplot as plt
+
+    from spinegrade.inference.ensemble import LOCALIZER_CAUTION, grader_caution
+    from spinegrade.reporting.report import build_figure
+
+    cautions = [PHANTOM_CAUTION, grader_caution(["phantom", "real"]), LOCALIZER_CAUTION]
+    inputs = ReportInputs(stacks={SAG_T2: [sagittal_stack(SAG_T2)]})
+    fig = build_figure(make_prediction(), inputs, cautions[:n_cautions])
+    try:
+        renderer, titles = _title_boxes(fig)
+        (caution,) = [t for t in fig.texts if t.get_text().startswith(cautions[0][:30])]
+        box = caution.get_window_extent(renderer)
+        assert box.height > 0 and titles
+        assert all(not box.overlaps(t) for t in titles), "a caution covers a panel title"
+    finally:
+        plt.close(fig)
+
+
+def disc_prediction() -> StudyPrediction:
+    """SPIDER's disc task: Pfirrmann 4 and bulging at L4/L5, everything else mild."""
+    from spinegrade.task import SPIDER_DISCS
+
+    task = SPIDER_DISCS
+    probs = np.zeros((len(task.columns), task.n_classes))
+    for k, column in enumerate(task.columns):
+        c = task.column_condition(column)
+        probs[k, : len(c.grades)] = (
+            [0.7, 0.3] if len(c.grades) == 2 else [0.1, 0.6, 0.2, 0.05, 0.05]
+        )
+    probs[task.column_index("pfirrmann_l4_l5"), :5] = [0.0, 0.05, 0.15, 0.7, 0.1]
+    probs[task.column_index("disc_bulging_l4_l5"), :2] = [0.2, 0.8]
+    source = ["model"] * len(task.columns)
+    source[task.column_index("disc_herniation_l1_l2")] = "prior"
+    discs = np.array([[0.0, -10.0, 32.0 - (9.5 + 11 * j)] for j in range(len(LEVELS))])
+    return StudyPrediction(9, probs, source, None, [], {}, task, discs)
+
+
+def test_a_task_report_reads_like_a_radiologists_list(tmp_path: Path) -> None:
+    """Another task's report: grades.json named by its grades, a line per level in the index,
+    the disc centres marked on the sagittal slice with their Pfirrmann grade."""
+    import matplotlib.pyplot as plt
+
+    from spinegrade.reporting.report import build_figure
+
+    pred = disc_prediction()
+    task = pred.task
+    rng = np.random.default_rng(2)
+    crops = {c: rng.random((5, 32, 32)).astype(np.float32) for c in task.columns}
+    inputs = ReportInputs(stacks={SAG_T2: [sagittal_stack(SAG_T2)]}, crops=crops,
+                          saliency={c: rng.random((32, 32)) for c in crops})  # fmt: skip
+    folder = write_study_report(tmp_path, pred, inputs, {"folds": [0]})
+    payload = json.loads((folder / "grades.json").read_text())
+    assert payload["task"] == "spider_discs" and list(payload["targets"]) == list(task.columns)
+    pf = payload["targets"]["pfirrmann_l4_l5"]
+    assert pf["grade"] == "4" and pf["level"] == "L4/L5"
+    assert pf["probabilities"] == {"1": 0.0, "2": 0.05, "3": 0.15, "4": 0.7, "5": 0.1}
+    assert pf["clinical"]["probabilities"] == pf["probabilities"]  # equal weights: no lean
+    assert pf["point_lps_mm"] == [0.0, -10.0, pytest.approx(32.0 - 42.5)]
+    bulging = payload["targets"]["disc_bulging_l4_l5"]
+    assert bulging["grade"] == "present" and list(bulging["probabilities"]) == ["absent", "present"]
+    assert payload["targets"]["disc_herniation_l1_l2"]["source"] == "prior"
+
+    index = write_index_html(tmp_path, [pred], "disc report").read_text()
+    assert "<th>Findings by level</th>" in index
+    assert "L4/L5: Pfirrmann grade 4, disc bulging</span>" in index
+    assert "L1/L2: Pfirrmann grade 2</span>" in index
+    assert "Moderate x2" not in index  # no class-weight lean to explain
+
+    fig = build_figure(pred, inputs)
+    try:
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert any(t.startswith("L4/L5 Pfirrmann grade 4 70%") for t in texts)
+        assert sum(t.startswith("L") and "Pfirrmann grade" in t for t in texts) == len(LEVELS)
+        titles = [ax.get_title() for ax in fig.axes]
+        assert any(t.startswith("L4/L5: Pfirrmann grade 4, disc bulging") for t in titles)
+        assert not any("axial" in t for t in titles)
+    finally:
+        plt.close(fig)

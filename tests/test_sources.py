@@ -194,7 +194,6 @@ def test_a_folder_with_its_own_task_learns_its_grades_out_of_fold(
     per finding, scored per condition beside constants; prediction refuses it clearly; after
     the phantom, the same folder teaches the localiser only."""
     from spinegrade.evaluation.grades import score_grades
-    from spinegrade.inference.ensemble import Predictor
     from spinegrade.models.weights import read_sidecar
     from spinegrade.rsna.tables import matrix_to_wide
     from spinegrade.task import SPIDER_DISCS, TASK_FILE, TaskError, load_task, save_task
@@ -241,8 +240,11 @@ def test_a_folder_with_its_own_task_learns_its_grades_out_of_fold(
     assert "roc_auc" in cv["oof"]["conditions"]["disc_bulging"]
     assert cv["oof"]["conditions"]["disc_narrowing"]["n"] == len(ids) * 5 - 5
     assert set(cv["baselines"]) == {"uniform", "prior", "best_constant"}
-    with pytest.raises(TaskError, match=r"supports only the RSNA 2024 task.*spider_discs"):
-        Predictor.from_run_dir(run)
+    _predicts_the_task_with_reports(run, disc, tmp_path / "pred", oof.columns.tolist())
+    with pytest.raises(TaskError, match=r"serve .* supports only the RSNA 2024 task"):
+        from spinegrade.serve.service import ServeConfig, Service
+
+        Service(run, ServeConfig(pacs_url="http://127.0.0.1:9", work_dir=str(tmp_path / "w")))
 
     # The phantom first: the run grades RSNA and the disc folder teaches the localiser only.
     mixed = tmp_path / "mixed"
@@ -253,3 +255,38 @@ def test_a_folder_with_its_own_task_learns_its_grades_out_of_fold(
     cv = cross_validate(pdata, pcache, mixed, cfg, progress=False)
     assert cv["task"] == "rsna2024" and cv["sources"]["fake-real"]["graded"] == 0
     assert cv["oof"]["score"] > 0
+
+
+def _predicts_the_task_with_reports(run: Path, data: Path, out: Path, columns: list[str]) -> None:
+    """`predict` on a task run: the task's table (the oof's columns, a row per condition and
+    level), grades.json named by its grades, a figure per study and an index that lists levels."""
+    from PIL import Image
+
+    from spinegrade.inference.predict import predict
+    from spinegrade.phantom import generate_dataset
+    from spinegrade.task import SPIDER_DISCS
+
+    generate_dataset(out / "phantom", n_train=0, n_test=2, seed=5, workers=1)
+    images = out / "phantom" / "test_images"  # DICOM studies (the run's folder holds a cache)
+    result = predict(run, images, out / "table.csv", report_dir=out / "report", progress=False)
+    table = pd.read_csv(out / "table.csv")
+    assert table.columns.tolist() == columns and len(table) == 2 * 25
+    assert result.task == SPIDER_DISCS and min(result.graded_per_study) > 0
+    pf = table[table["row_id"].str.contains("pfirrmann")]
+    assert np.allclose(pf[[f"grade_{g}" for g in range(1, 6)]].sum(axis=1), 1.0)
+    assert table.loc[~table.index.isin(pf.index), "grade_1"].isna().all()
+    assert not any("failed" in w for ws in result.warnings.values() for w in ws)
+    for sid in result.study_ids:
+        grades = json.loads((out / "report" / str(sid) / "grades.json").read_text())
+        assert grades["task"] == "spider_discs" and len(grades["targets"]) == 25
+        pfirrmann = grades["targets"]["pfirrmann_l4_l5"]
+        assert list(pfirrmann["probabilities"]) == ["1", "2", "3", "4", "5"]
+        assert pfirrmann["grade"] in "12345" and pfirrmann["point_lps_mm"] is not None
+        assert list(grades["targets"]["disc_bulging_l4_l5"]["probabilities"]) == [
+            "absent",
+            "present",
+        ]
+        with Image.open(out / "report" / str(sid) / "figure.png") as im:
+            assert im.size == (1360, 1120)
+    index = (out / "report" / "index.html").read_text()
+    assert "Findings by level" in index and "L4/L5: Pfirrmann grade" in index

@@ -207,6 +207,12 @@ def predict(
     strict: bool = typer.Option(
         False, "--strict", help="Fail (exit 2) if any target of any study falls back to the prior"
     ),
+    engine: str = typer.Option(
+        "auto",
+        "--engine",
+        help="auto (ONNX Runtime when the run is exported and the [onnx] extra is installed) "
+        "| torch | onnx",
+    ),
 ) -> None:
     """Predict new studies with a run's fold ensemble: submission.csv (+ reports)."""
     _passive_openmp()
@@ -215,14 +221,15 @@ def predict(
 
     result = run_predict(
         run_dir, input_dir, out, report_dir=report, folds=parse_folds(folds), cache_dir=cache,
-        device=device, workers=workers, progress=progress, strict=strict,
+        device=device, workers=workers, progress=progress, strict=strict, engine=engine,
     )  # fmt: skip
     n_warn = sum(bool(w) for w in result.warnings.values())
     n = max(len(result.per_study_s), 1)
     per, graded = 1000 * sum(result.per_study_s) / n, sum(result.graded_per_study) / n
     typer.echo(
         f"{len(result.study_ids)} studies ({result.input_kind} input), folds {result.folds} on "
-        f"{result.device}: {per:.0f} ms/study, {graded:.1f} of 25 targets graded a study; "
+        f"{result.device} with {result.engine}: {per:.0f} ms/study, {graded:.1f} of "
+        f"{len(result.task.columns)} targets ({result.task.name}) graded a study; "
         f"{n_warn} studies with warnings"
     )
     for line in result.weights_init:
@@ -233,6 +240,36 @@ def predict(
     typer.echo(f"studies:    {result.studies_path}")
     if result.index_html is not None:
         typer.echo(f"report:     {result.index_html}")
+
+
+@app.command()
+@cli_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `spinegrade train`"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (needs the [onnx] extra)"),
+    folds: list[str] | None = typer.Option(
+        None, "--folds", help="Export only these folds: --folds 0,1 (default: all complete)"
+    ),
+) -> None:
+    """Write each fold's networks as ONNX files beside their weights, checked against torch."""
+    _passive_openmp()
+    from spinegrade.inference.ensemble import parse_folds
+    from spinegrade.inference.export import export_run
+    from spinegrade.models.onnx import TOLERANCE
+
+    def said(net) -> None:
+        typer.echo(
+            f"fold {net.fold}: {net.path.name}  max |p_onnx - p_torch| = "
+            f"{net.max_abs_prob_diff:.1e}"
+        )
+
+    nets = export_run(run_dir, fmt, parse_folds(folds), on_net=said)
+    worst = max(n.max_abs_prob_diff for n in nets)
+    typer.echo(
+        f"{len(nets)} networks exported to {fmt} in {run_dir}; largest probability difference "
+        f"against torch {worst:.1e} (tolerance {TOLERANCE:.0e}); `spinegrade predict` and "
+        "`serve` now use ONNX Runtime (--engine torch to keep torch)"
+    )
 
 
 def _split_train_args(
@@ -503,13 +540,16 @@ def serve(
     ),
     port: int | None = typer.Option(None, "--port", help="Port of the worklist page (8765)"),
     config: Path | None = typer.Option(None, "--config", help="YAML serve settings (token etc.)"),
+    engine: str | None = typer.Option(
+        None, "--engine", help="auto (ONNX Runtime when the run is exported) | torch | onnx"
+    ),
 ) -> None:
     """Grade new lumbar MR studies from a PACS; file SR + figure back; serve the worklist page."""
     _passive_openmp()
     from spinegrade.serve.app import serve as run_service
     from spinegrade.serve.service import load_serve_config
 
-    cfg = load_serve_config(config, pacs_url=pacs, port=port)
+    cfg = load_serve_config(config, pacs_url=pacs, port=port, engine=engine)
     typer.echo(f"spinegrade serve: worklist on http://{cfg.host}:{cfg.port}/ (token required)")
     run_service(run_dir, cfg)
 

@@ -9,7 +9,9 @@ Its localiser also learns from real spines: the SPIDER T2 set vendored in the re
 (``vendor/spider-t2space``, CC BY 4.0; see its README) is imported and trained on beside the
 phantom, under the same patient-grouped folds, so the demo reports how well it names real
 levels out of fold. SPIDER has no RSNA grades: the graders learn from the phantom only, and the
-predictions say so.
+predictions say so. What SPIDER's readers did grade (Pfirrmann and four disc findings, the
+``spider_discs`` task) a second run learns out of fold on the same folds, starting from the
+first run's localisers (:func:`train_real_grades`); its table is printed beside the phantom's.
 
 Layout of ``DIR``::
 
@@ -18,6 +20,7 @@ Layout of ``DIR``::
     cache/           preprocessed volumes, train and test splits
     cache_real/      preprocessed real spines
     run/             the training run (config.yaml, folds.csv, fold_K/, oof.csv, cv.json)
+    run_discs/       SPIDER's disc grades learned out of fold (the same folds, run/'s localisers)
     submission.csv   held-out test predictions (competition format)
     report/          index.html + one folder per test study
     demo.json        every number printed at the end, and the time each stage took
@@ -43,8 +46,9 @@ from spinegrade.util.atomic import write_json
 log = logging.getLogger(__name__)
 
 TERMS: tuple[str, ...] = ("spinal", "foraminal", "subarticular", "any_severe_spinal")
-STAGES: tuple[str, ...] = ("synthesise", "import real spines", "preprocess", "train", "predict",
-                           "score")  # fmt: skip
+STAGES: tuple[str, ...] = ("synthesise", "import real spines", "preprocess", "train",
+                           "real grades", "predict", "score")  # fmt: skip
+REAL_SOURCE = "spider-t2space"  # the source name `spinegrade import spider` gives the set
 # The vendored real set, in a source checkout (an installed package has no vendor/ folder).
 VENDORED_REAL = (
     Path(__file__).resolve().parents[2] / "vendor" / "spider-t2space" / "spider-t2space.tar.xz"
@@ -64,6 +68,7 @@ class DemoResult:
     n_train: int = 0
     n_test: int = 0
     real: dict | None = None  # out-of-fold level naming on the real spines (cv levels_by_source)
+    real_grades: dict | None = None  # run_discs/cv.json: SPIDER's disc grades out of fold
 
     @property
     def index_html(self) -> Path:
@@ -194,6 +199,7 @@ def run_demo(
     from spinegrade.config import load_config
     from spinegrade.inference.predict import predict
     from spinegrade.preprocessing.build import preprocess_dataset
+    from spinegrade.task import dataset_task
     from spinegrade.training.cv import cross_validate, merge_run
 
     out = Path(out_dir)
@@ -247,14 +253,25 @@ def run_demo(
     cv = add_truth_to_cv(run, data)
     times["train_s"] = time.perf_counter() - t
     train_truth = {k: cv[k] for k in ("true_probs", "bayes_limit") if cv.get(k)}
-    t = stage(5, "predict the held-out studies with the fold ensemble, write the reports")
+    real_grades = None
+    if real is not None and (dataset_task(real_data).name != "rsna2024"):
+        t = stage(5, f"real grades: SPIDER's disc gradings, same folds, {run.name}'s localisers "
+                     f"-> {out / 'run_discs'}")  # fmt: skip
+        real_grades = train_real_grades(
+            run, real_data, real_cache, out / "run_discs", config, list(overrides or []),
+            progress,
+        )  # fmt: skip
+        times["real_grades_s"] = time.perf_counter() - t
+    else:
+        stage(5, "real grades: none (no real set)")
+    t = stage(6, "predict the held-out studies with the fold ensemble, write the reports")
     # The work folder is the demo folder, so predict reuses the test split already cached.
     result = predict(
         run, data, out / "submission.csv", report_dir=out / "report", cache_dir=out,
         workers=workers, progress=progress,
     )  # fmt: skip
     times["predict_s"] = time.perf_counter() - t
-    t = stage(6, "score the held-out predictions against their truth")
+    t = stage(7, "score the held-out predictions against their truth")
     test = score_test(data, result.submission)
     times["score_s"] = time.perf_counter() - t
     demo = DemoResult(
@@ -266,10 +283,47 @@ def run_demo(
         per_study_ms=1000 * sum(result.per_study_s) / max(len(result.per_study_s), 1),
         n_train=int((cv.get("sources") or {}).get("phantom", {}).get("studies", cv["n_studies"])),
         n_test=len(result.study_ids),
-        real=(cv.get("levels_by_source") or {}).get("spider-t2space"),
+        real=(cv.get("levels_by_source") or {}).get(REAL_SOURCE),
+        real_grades=real_grades,
     )
     _write_summary(demo)
     return demo
+
+
+def train_real_grades(
+    run: Path,
+    real_data: Path,
+    real_cache: Path,
+    out_run: Path,
+    config: str,
+    overrides: list[str],
+    progress: bool = True,
+) -> dict:
+    """SPIDER's disc grades (its ``task.yaml``) learned out of fold; returns the run's cv.json.
+
+    The folds are ``run``'s folds of the real spines, written ahead as data, and every fold's
+    spinal localiser is ``run``'s same fold, loaded as it is (``localizer.init_from``, no
+    further epochs): each disc is graded where a localiser that never saw its spine put it, so
+    the figures are out of fold for the localiser and the graders alike. Resumes like any run.
+    """
+    from spinegrade.config import load_config
+    from spinegrade.rsna import load_folds, save_folds
+    from spinegrade.training.cv import cross_validate, merge_run
+
+    folds = load_folds(run / "folds.csv")
+    ids = set(pd.read_csv(real_data / "train.csv")["study_id"].astype(int))
+    path = out_run / "folds.csv"
+    if not path.is_file():
+        out_run.mkdir(parents=True, exist_ok=True)
+        save_folds(folds[folds["study_id"].isin(ids)].reset_index(drop=True), path)
+    cfg = load_config(
+        config,
+        [*overrides, f"localizer.init_from={run}", "localizer.epochs=0",
+         "localizer.tasks=[spinal]", "data.sources=[]"],
+    )  # fmt: skip
+    return cross_validate(real_data, real_cache, out_run, cfg, progress=progress) or merge_run(
+        out_run
+    )
 
 
 def _write_summary(demo: DemoResult) -> Path:
@@ -282,6 +336,9 @@ def _write_summary(demo: DemoResult) -> Path:
         "oof_truth": demo.train_truth,
         "test": demo.test,
         "real_levels_oof": demo.real,
+        "real_grades_oof": None
+        if demo.real_grades is None
+        else {k: demo.real_grades.get(k) for k in ("task", "oof", "baselines")},
         "stage_seconds": demo.stage_seconds,
         "predict_ms_per_study": round(demo.per_study_ms, 1),
     }
@@ -332,6 +389,15 @@ def print_summary(demo: DemoResult, console=None) -> None:
             f"real spines (SPIDER, out of fold): {r['within_5mm']:.0%} of {r['n']} levels within "
             f"5 mm of their disc's mid-plane, {r['misnamed']} named as another disc"
         )
+    if demo.real_grades and demo.real_grades.get("oof"):
+        from spinegrade.evaluation.grades import format_table
+
+        console.print(
+            f"real disc grades (SPIDER's readers, {demo.real_grades['task']}, out of fold; "
+            "log loss lower is better, the others higher):"
+        )
+        for line in format_table(demo.real_grades["oof"], demo.real_grades["baselines"]):
+            console.print(line, markup=False, highlight=False)
     minutes = sum(demo.stage_seconds.values()) / 60
     stages = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in demo.stage_seconds.items())
     console.print(f"this run took {minutes:.1f} min ({stages})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from spinegrade.task import COLUMN_CONDITION, CONDITIONS, LABEL_COLUMNS, LEVELS
+from spinegrade.task import CONDITIONS, LEVELS, Task
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,56 @@ def resolve_device(device: str = "auto") -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
     return device
+
+
+ENGINES = ("auto", "torch", "onnx")
+
+
+def resolve_engine(engine: str, fold_dirs: Sequence[Path], device: str) -> str:
+    """``auto`` -> ``onnx`` when every network of the folds has its ONNX export and ONNX Runtime is
+    installed (CPU only), else ``torch``; ``onnx`` insists (errors say what to do).
+
+    A stale export (weights changed after it) is refused when it is loaded, in ``auto`` too: a
+    user who exported expects ONNX Runtime to grade, and must learn that the files are old.
+    """
+    from spinegrade.inference.export import fold_networks
+    from spinegrade.models.onnx import EXTRA_HINT, onnx_paths, runtime_available
+
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        return "torch"
+    if engine == "onnx" and device != "cpu":
+        raise ValueError(f"--engine onnx runs on the CPU, not {device}: add --device cpu")
+    if engine == "onnx" and not runtime_available():
+        raise ValueError(f"--engine onnx: ONNX Runtime is not installed; {EXTRA_HINT}")
+    if engine == "onnx":
+        return "onnx"  # a missing export is named when the folds load
+    if device != "cpu" or not runtime_available():
+        return "torch"
+    nets = [w for d in fold_dirs for w in fold_networks(Path(d))]
+    exported = [all(p.is_file() for p in onnx_paths(w)) for w in nets]
+    if nets and all(exported):
+        return "onnx"
+    if any(exported):
+        missing = next(w for w, e in zip(nets, exported, strict=True) if not e)
+        log.warning(
+            "%s has no ONNX export while other networks of the run have one: grading with torch; "
+            "run `spinegrade export RUN_DIR --format onnx` again",
+            missing,
+        )
+    return "torch"
+
+
+def describe_engine(engine: str) -> str:
+    """``onnxruntime 1.32.0`` or ``torch 2.14.1``: what graded, for reports and the CLI."""
+    if engine == "onnx":
+        from spinegrade.models.onnx import runtime_version
+
+        return f"onnxruntime {runtime_version()}"
+    import torch
+
+    return f"torch {torch.__version__.split('+')[0]}"
 
 
 def parse_folds(values: list[str] | None) -> list[int] | None:
@@ -82,9 +132,10 @@ def run_folds(run_dir: Path, folds: list[int] | None = None) -> list[int]:
 class EnsemblePrediction:
     """One study through every fold: mean probabilities, the points graded, what models saw."""
 
-    probs: np.ndarray  # (25, 3), rows sum to 1
-    graded: np.ndarray  # bool (25,): some fold's grader saw this target
+    probs: np.ndarray  # (columns, classes) in the task's column order ((25, 3) for RSNA)
+    graded: np.ndarray  # bool (columns,): some fold's grader saw this target
     points: np.ndarray  # (5, 5, 3) LPS mm, the folds' consensus; NaN where no fold located it
+    discs: np.ndarray | None = None  # (5, 3) LPS mm disc centres; NaN where unknown
 
 
 @contextlib.contextmanager
@@ -123,24 +174,45 @@ class Predictor:
     fallback (best constant per column, learned on each fold's training studies) is used.
     """
 
-    def __init__(self, run_dir: Path, folds: list[int], models: list, device: str) -> None:
+    def __init__(
+        self, run_dir: Path, folds: list[int], models: list, device: str, engine: str = "torch"
+    ) -> None:
         self.run_dir, self.folds, self.models, self.device = run_dir, folds, models, device
+        self.engine = engine  # "torch" or "onnx": what runs the networks
+        self._saliency_nets: dict[str, Any] = {}
 
     @classmethod
     def from_run_dir(
-        cls, run_dir: Path | str, folds: list[int] | None = None, device: str = "auto"
+        cls,
+        run_dir: Path | str,
+        folds: list[int] | None = None,
+        device: str = "auto",
+        engine: str = "auto",
     ) -> Predictor:
-        """Load the folds' localisers and graders (safetensors + JSON only) from ``run_dir``."""
+        """Load the folds' localisers and graders (safetensors + JSON only, or their checked
+        ONNX exports: :func:`resolve_engine`) from ``run_dir``, once."""
         from spinegrade.inference.fold_models import load_fold_models
         from spinegrade.inference.run_folder import fold_dir
         from spinegrade.task import dataset_task
 
         run_dir, device = Path(run_dir), resolve_device(device)
-        # Prediction, its reports and the service still speak RSNA's 25 targets (#23).
-        dataset_task(run_dir).require_rsna(f"prediction from {run_dir}")
+        dataset_task(run_dir)  # an unreadable task.yaml stops here, before the folds load
         chosen = run_folds(run_dir, folds)
-        models = [load_fold_models(fold_dir(run_dir, k), device=device) for k in chosen]
-        return cls(run_dir, chosen, models, device)
+        engine = resolve_engine(engine, [fold_dir(run_dir, k) for k in chosen], device)
+        models = [
+            load_fold_models(fold_dir(run_dir, k), device=device, engine=engine) for k in chosen
+        ]
+        return cls(run_dir, chosen, models, device, engine)
+
+    @property
+    def engine_name(self) -> str:
+        """What grades, with its version (e.g. ``onnxruntime 1.32.0``)."""
+        return describe_engine(self.engine)
+
+    @property
+    def task(self) -> Task:
+        """What the run grades (its ``task.yaml``; RSNA 2024 for runs without one)."""
+        return self.models[0].task
 
     @property
     def init(self) -> dict[str, list[dict]]:
@@ -200,67 +272,106 @@ class Predictor:
 
     @property
     def fallback(self) -> np.ndarray:
-        """(25, 3) mean of the folds' training fallbacks."""
+        """(columns, classes) mean of the folds' training fallbacks."""
         return np.mean([m.fallback for m in self.models], axis=0)
 
     def predict(self, stacks) -> EnsemblePrediction:
-        """Ensemble prediction for one study's chosen stacks (description -> stacks).
+        """Ensemble prediction for one study's chosen stacks (description -> stacks); see
+        :meth:`predict_many`."""
+        return self.predict_many({0: stacks})[0]
+
+    def predict_many(
+        self, studies: Mapping[int, Mapping], batch_size: int = 8
+    ) -> dict[int, EnsemblePrediction]:
+        """Ensemble prediction for many studies (study -> description -> stacks), batched.
 
         Every fold localises, its zoomed look centred where the folds' whole looks agree, and
-        the folds' points are combined (:func:`.localize.localize_consensus`, so one fold's
+        the folds' points are combined (:func:`.localize.localize_consensus_many`, so one fold's
         misnamed levels are outvoted); every fold grades at the combined points.
-        So folds with the same crop settings grade the same crops: they are cut once. On CPU the
-        folds run side by side (:func:`fold_map`); the numbers are those of one after the other.
+        So folds with the same crop settings grade the same crops: they are cut once, as are the
+        looks every fold takes alike. Each network pass takes the looks or crops of several
+        studies (``batch_size`` stacks a localiser pass, 64 crops a grader pass), so one call
+        with many studies costs less than one call a study; the numbers are the same up to float
+        rounding. On CPU with torch the folds run side by side (:func:`fold_map`).
         """
-        from spinegrade.inference.fold_models import crop_views, grade_study
-        from spinegrade.localization.localize import localize_consensus
+        from spinegrade.inference import fold_models
+        from spinegrade.localization.localize import localize_consensus_many
         from spinegrade.localization.points import StudyPoints
 
-        with fold_map(self.device, len(self.models)) as each_fold:
-            points = (
-                localize_consensus([m.localizer for m in self.models], stacks, each_fold)
-                if stacks
-                else StudyPoints()
+        seen = {sid: st for sid, st in studies.items() if st}
+        # ONNX Runtime's sessions hold their own threads (torch's count), so its folds take turns.
+        side_by_side = len(self.models) if self.engine == "torch" else 1
+        with fold_map(self.device, side_by_side) as each_fold:
+            located = localize_consensus_many(
+                [m.localizer for m in self.models], seen, each_fold, batch_size
             )
-            views: dict[str, list] = {}
+            points = {sid: located.get(sid, StudyPoints()) for sid in studies}
+            views: dict[str, dict[int, list]] = {}
             for m in self.models:
                 key = repr(m.crops)  # the crop settings (a dataclass): equal settings, equal crops
-                if stacks and key not in views:
-                    views[key] = crop_views(stacks, points, m.crops)
-            preds = list(
-                each_fold(lambda m: grade_study(m, stacks, points, views.get(repr(m.crops))),
-                          self.models)
-            )  # fmt: skip
-        graded = np.stack([p.graded for p in preds])  # (F, 25)
-        probs = np.stack([p.probs for p in preds])  # (F, 25, 3)
+                if key not in views:
+                    views[key] = {
+                        sid: fold_models.crop_views(st, points[sid], m.crops, m.task)
+                        for sid, st in seen.items()
+                    }
+
+            def grade(m: Any) -> dict:
+                return fold_models.grade_studies(m, views[repr(m.crops)], points)
+
+            preds = list(each_fold(grade, self.models))
+        return {sid: self._combine([p[sid] for p in preds], points[sid]) for sid in studies}
+
+    @staticmethod
+    def _combine(preds: Sequence, points) -> EnsemblePrediction:
+        """The folds' predictions of one study -> their mean where any fold graded a target."""
+        graded = np.stack([p.graded for p in preds])  # (F, columns)
+        probs = np.stack([p.probs for p in preds])  # (F, columns, classes)
         seen = graded.any(axis=0)
         weights = np.where(seen[None, :], graded, 1.0)[..., None]  # unseen: mean of fallbacks
         mean = (probs * weights).sum(axis=0) / weights.sum(axis=0)
         mean /= mean.sum(axis=1, keepdims=True)
-        return EnsemblePrediction(mean, seen, points.xyz)
+        return EnsemblePrediction(mean, seen, points.xyz, points.disc)
 
     def prior_prediction(self) -> EnsemblePrediction:
         """What a study no model could see gets: the folds' training fallback everywhere."""
         probs = self.fallback / self.fallback.sum(axis=1, keepdims=True)
         nan_points = np.full((len(CONDITIONS), len(LEVELS), 3), np.nan)
-        return EnsemblePrediction(probs, np.zeros(len(LABEL_COLUMNS), dtype=bool), nan_points)
+        graded = np.zeros(len(self.task.columns), dtype=bool)
+        return EnsemblePrediction(probs, graded, nan_points, np.full((len(LEVELS), 3), np.nan))
+
+    def _saliency_net(self, group: str) -> Any:
+        """The first fold's torch grader of ``group``: saliency needs its gradients, which ONNX
+        Runtime does not give, so with that engine it is loaded from its weights for reports."""
+        model = self.models[0].graders.get(group)
+        if model is None or self.engine == "torch":
+            return model
+        if group not in self._saliency_nets:
+            from spinegrade.inference.run_folder import fold_dir
+            from spinegrade.models.registry import load_model
+
+            path = fold_dir(self.run_dir, self.folds[0]) / f"grader_{group}.safetensors"
+            self._saliency_nets[group] = load_model(path, device=self.device)[0]
+        return self._saliency_nets[group]
 
     def saliency(self, column: str, crop: np.ndarray) -> np.ndarray | None:
-        """Where the first fold's grader looked for ``column`` on ``crop`` (see report)."""
+        """Where the first fold's grader looked for ``column`` on ``crop`` (see report): the
+        input gradient of the expected grade of the column's condition."""
         import torch
 
         from spinegrade.reporting.report import input_saliency
-        from spinegrade.task import COLUMN_LEVEL, CONDITION_GROUP
 
-        model = self.models[0].graders.get(CONDITION_GROUP[COLUMN_CONDITION[column]])
+        task = self.task
+        condition = task.column_condition(column)
+        model = self._saliency_net(condition.group)
         if model is None:
             return None
-        level = torch.tensor([LEVELS.index(COLUMN_LEVEL[column])], device=self.device)
-        severity = torch.tensor([0.0, 1.0, 2.0], device=self.device)
+        level = torch.tensor([LEVELS.index(task.column_level(column))], device=self.device)
+        head, n = (0 if task.is_rsna else task.head_of(condition.name)), len(condition.grades)
+        severity = torch.arange(n, dtype=torch.float32, device=self.device)
 
         def expected_severity(x: torch.Tensor) -> torch.Tensor:
-            probs = model.eval()(x.to(self.device), level)[:, 0].float().softmax(-1)
-            return (probs * severity).sum()
+            logits = model.eval()(x.to(self.device), level)[:, head, :n]
+            return (logits.float().softmax(-1) * severity).sum()
 
         return input_saliency(expected_severity, crop)
 

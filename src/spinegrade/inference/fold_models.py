@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ class FoldModels:
     """Everything one fold needs to predict a study: localise + crop + grade (+ fallback)."""
 
     localizer: Localizer
-    graders: dict[str, nn.Module]  # group -> SpineGrader
+    graders: dict[str, nn.Module]  # group -> SpineGrader (or its ONNX Runtime twin, see engine)
     fallback: np.ndarray  # (columns, classes) probabilities for targets that cannot be graded
     crops: CropConfig
     prior_mix: float = 0.0  # weight of the fallback mixed into every graded prediction
@@ -43,6 +43,7 @@ class FoldModels:
     # ("phantom", "real"); empty = not recorded (older runs). See :func:`learned_from`.
     training_data: dict[str, list[str]] = field(default_factory=dict)
     task: Task = RSNA_2024  # what the graders grade (the run's task.yaml)
+    engine: str = "torch"  # what runs the networks: "torch", or "onnx" (ONNX Runtime)
 
 
 @dataclass
@@ -67,7 +68,6 @@ def column_probs(logits: torch.Tensor, columns: Sequence[str], task: Task) -> np
     return out
 
 
-@torch.no_grad()
 def grade_crops(
     graders: Mapping[str, nn.Module],
     crops: Mapping[str, np.ndarray],
@@ -75,21 +75,7 @@ def grade_crops(
     task: Task = RSNA_2024,
 ) -> dict[str, np.ndarray]:
     """Crops by label column -> class probabilities by label column (eval mode, no grad)."""
-    out: dict[str, np.ndarray] = {}
-    by_group: dict[str, list[str]] = {}
-    for col in crops:
-        by_group.setdefault(task.column_condition(col).group, []).append(col)
-    for group, cols in by_group.items():
-        model = graders.get(group)
-        if model is None:
-            continue
-        device = next(model.parameters()).device
-        for i in range(0, len(cols), batch_size):
-            part = cols[i : i + batch_size]
-            x = torch.from_numpy(np.stack([crops[c] for c in part])).to(device)
-            level = torch.tensor([LEVELS.index(task.column_level(c)) for c in part], device=device)
-            out.update(zip(part, column_probs(model.eval()(x, level), part, task), strict=True))
-    return out
+    return _grade_views(graders, task, [(0, [crops])], None, batch_size).get(0, {})
 
 
 def predict_study(
@@ -120,11 +106,27 @@ def grade_study(
     has cut them already (folds that grade at the same points with the same crop settings see
     the same crops, so an ensemble cuts them once); by default they are cut here.
     """
-    if not stacks:
-        return _mix(models, {}, points)
     if views is None:
-        views = crop_views(stacks, points, models.crops, models.task)
-    return _mix(models, _mean_over_views(models.graders, views, models.task), points)
+        views = crop_views(stacks, points, models.crops, models.task) if stacks else []
+    return grade_studies(models, {0: views}, {0: points})[0]
+
+
+def grade_studies(
+    models: FoldModels,
+    views: Mapping[int, Sequence[Mapping[str, np.ndarray]]],
+    points: Mapping[int, StudyPoints],
+    batch_size: int = 64,
+    runtime: Runtime | None = None,
+) -> dict[int, StudyPrediction]:
+    """:func:`grade_study` of many studies at once: every study of ``points`` (study -> points),
+    graded on its :func:`crop_views` (study -> views; a study without them gets the fallback).
+
+    Each group's grader sees ``batch_size`` crops of several studies and views a forward pass,
+    which uses the cores better than one study's handful; the probabilities are the same up to
+    float rounding (a batch only shares the pass).
+    """
+    graded = _grade_views(models.graders, models.task, views.items(), runtime, batch_size)
+    return {sid: _mix(models, graded.get(sid, {}), p) for sid, p in points.items()}
 
 
 def _mix(models: FoldModels, graded: Mapping[str, np.ndarray], points: StudyPoints):
@@ -138,17 +140,36 @@ def _mix(models: FoldModels, graded: Mapping[str, np.ndarray], points: StudyPoin
     return StudyPrediction(probs, points, mask)
 
 
-def _mean_over_views(
+def _grade_views(
     graders: Mapping[str, nn.Module],
-    views: Sequence[Mapping[str, np.ndarray]],
-    task: Task = RSNA_2024,
-) -> dict[str, np.ndarray]:
-    """Mean probabilities over the centred crops and the ``crops.tta`` jittered ones."""
-    sums: dict[str, np.ndarray] = {}
-    for view in views:
-        for col, p in grade_crops(graders, view, task=task).items():
-            sums[col] = sums.get(col, 0.0) + p
-    return {col: s / len(views) for col, s in sums.items()}
+    task: Task,
+    views: Iterable[tuple[int, Sequence[Mapping[str, np.ndarray]]]],
+    runtime: Runtime | None,
+    batch_size: int,
+) -> dict[int, dict[str, np.ndarray]]:
+    """(study, its crop views) as they come -> study -> column -> probabilities, the mean over the
+    centred crops and the ``crops.tta`` jittered ones; crops of many studies share a batch."""
+    from spinegrade.models.registry import device_of
+
+    if runtime is None:
+        nets = list(graders.values())
+        runtime = Runtime(device_of(nets[0]) if nets else torch.device("cpu"))
+    queues = {g: _GroupQueue(m, batch_size, runtime, task) for g, m in graders.items()}
+    sums: dict[tuple[int, str], np.ndarray] = {}
+    n_views: dict[int, int] = {}
+    for sid, study_views in views:
+        n_views[sid] = len(study_views)
+        for view in study_views:
+            for col, crop in view.items():
+                queue = queues.get(task.column_condition(col).group)
+                if queue is not None:
+                    queue.add((sid, col), crop, sums)
+    for queue in queues.values():
+        queue.flush(sums)
+    graded: dict[int, dict[str, np.ndarray]] = {sid: {} for sid in n_views}
+    for (sid, col), total in sums.items():
+        graded[sid][col] = total / n_views[sid]
+    return graded
 
 
 def crop_views(
@@ -233,10 +254,11 @@ def predict_studies(
     per-study batches of 5-10 crops would leave it mostly idle.
     """
     from spinegrade.localization.localize import localize_studies
+    from spinegrade.models.registry import device_of
 
     if runtime is None:
         nets = [*models.graders.values(), *models.localizer.nets.values()]
-        runtime = Runtime(next(nets[0].parameters()).device if nets else torch.device("cpu"))
+        runtime = Runtime(device_of(nets[0]) if nets else torch.device("cpu"))
     points = localize_studies(models.localizer, studies, batch_size=max(1, batch_size // 8))
     items = [(sid, studies[sid], points[sid]) for sid in studies]
     ctx = "fork" if workers and "fork" in mp.get_all_start_methods() else None
@@ -244,29 +266,31 @@ def predict_studies(
         _StudyViews(items, models.crops, models.task), batch_size=None, num_workers=workers,
         multiprocessing_context=ctx,
     )  # fmt: skip
-    queues = {
-        g: _GroupQueue(m, batch_size, runtime, models.task) for g, m in models.graders.items()
-    }
-    sums: dict[tuple[int, str], np.ndarray] = {}
-    n_views: dict[int, int] = {}
-    for sid, views in loader:
-        n_views[sid] = len(views)
-        for view in views:
-            for col, crop in view.items():
-                queue = queues.get(models.task.column_condition(col).group)
-                if queue is not None:
-                    queue.add((sid, col), crop, sums)
-    for queue in queues.values():
-        queue.flush(sums)
-    graded: dict[int, dict[str, np.ndarray]] = {sid: {} for sid in studies}
-    for (sid, col), total in sums.items():
-        graded[sid][col] = total / n_views[sid]
-    return {sid: _mix(models, graded[sid], points[sid]) for sid in studies}
+    graded = _grade_views(models.graders, models.task, loader, runtime, batch_size)
+    return {sid: _mix(models, graded.get(sid, {}), points[sid]) for sid in studies}
 
 
-def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
-    """Rebuild a trained fold from its folder (weights + sidecars + JSON, no pickles)."""
+def load_fold_models(
+    fold_dir: str | Path, device: str = "cpu", engine: str = "torch"
+) -> FoldModels:
+    """Rebuild a trained fold from its folder (weights + sidecars + JSON, no pickles).
+
+    ``engine`` "onnx": the networks are the fold's checked ONNX exports, run by ONNX Runtime on
+    the CPU (:func:`spinegrade.models.onnx.load_onnx`, which refuses an export older than its
+    weights); "torch": the safetensors weights in torch on ``device``.
+    """
     from spinegrade.models.registry import load_model
+
+    def load(path: Path):
+        if engine == "onnx":
+            from spinegrade.models.onnx import load_onnx
+
+            return load_onnx(path)
+        net = load_model(path, device=device)[0]
+        # Convolution kernels in channels-last order: oneDNN's (CPU) and cuDNN's fast layout.
+        # The same numbers up to float rounding (~1e-7); the 5-fold ensemble of the quick recipe
+        # predicts ~20% faster on 2 CPU cores (BENCHMARKS.md, "Prediction latency").
+        return net.to(memory_format=torch.channels_last)
 
     fold_dir = Path(fold_dir)
     cfg = load_config(fold_dir.parent / "config.yaml")
@@ -276,18 +300,16 @@ def load_fold_models(fold_dir: str | Path, device: str = "cpu") -> FoldModels:
         path = fold_dir / f"grader_{group}.safetensors"
         # A group the run trains must have its weights: never a silent prior for its targets.
         if group in task.select_groups(cfg.train.groups) or path.is_file():
-            graders[group] = load_model(path, device=device)[0]
+            graders[group] = load(path)
     fallback = _read_fallback(fold_dir / "fallback.json", task)
-    localizer = Localizer.load(fold_dir, device)
-    for net in [*graders.values(), *localizer.nets.values()]:
-        # Convolution kernels in channels-last order: oneDNN's (CPU) and cuDNN's fast layout.
-        # The same numbers up to float rounding (~1e-7); the 5-fold ensemble of the quick recipe
-        # predicts ~20% faster on 2 CPU cores (BENCHMARKS.md, "Prediction latency").
-        net.to(memory_format=torch.channels_last)
+    localizer = Localizer.load(fold_dir, device, engine)
+    if engine != "onnx":
+        for net in localizer.nets.values():
+            net.to(memory_format=torch.channels_last)  # as the graders' (see load above)
     metrics = fold_dir / "metrics.json"  # written last by training; older runs lack the entry
     trained_on = learned_from(json.loads(metrics.read_text()) if metrics.is_file() else {})
     return FoldModels(
-        localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task
+        localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task, engine
     )
 
 

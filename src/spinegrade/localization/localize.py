@@ -17,7 +17,7 @@ import numpy as np
 from spinegrade.localization.derived import derive_points, fuse_level_points
 from spinegrade.localization.frames import sagittal_frame
 from spinegrade.localization.localizer import Localizer
-from spinegrade.localization.looks import locate_in_stacks, look_centre
+from spinegrade.localization.looks import LookCache, locate_in_stacks, look_centre
 from spinegrade.localization.points import StudyPoints
 from spinegrade.localization.tasks import LOCALIZER_TASKS
 from spinegrade.preprocessing.cache import CachedStack
@@ -54,8 +54,11 @@ def first_look_centres(
     localizer: Localizer,
     studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
     batch_size: int = 8,
+    cache: LookCache | None = None,
 ) -> dict[int, dict[str, tuple[float, float]]]:
-    """Where each study's zoomed look would be centred: the middle of the whole look's levels."""
+    """Where each study's zoomed look would be centred: the middle of the whole look's levels.
+
+    ``cache``: the folds' shared volumes (:class:`.looks.LookCache`)."""
     out: dict[int, dict[str, tuple[float, float]]] = {sid: {} for sid in studies}
     for name in LOCALIZER_TASKS:
         todo = _task_stacks(localizer, studies, name)
@@ -64,7 +67,7 @@ def first_look_centres(
         frames = [sagittal_frame(s, localizer.image_size, localizer.max_slices) for _, s in todo]
         found = locate_in_stacks(
             localizer.nets[name], [s for _, s in todo], frames, 0.0, batch_size,
-            decoder=localizer.decoder,
+            decoder=localizer.decoder, cache=cache,
         )  # fmt: skip
         for (sid, _), f in zip(todo, found, strict=True):
             out[sid][name] = look_centre(f)
@@ -76,11 +79,13 @@ def localize_studies(
     studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
     batch_size: int = 8,
     centres: Centres | None = None,
+    cache: LookCache | None = None,
 ) -> dict[int, StudyPoints]:
     """:func:`localize_study` for many studies, the network passes batched across studies.
 
     ``centres`` (study -> task -> (y, x), e.g. :func:`localize_consensus`'s) centre the zoomed
-    looks of the tasks every study has one for, in place of each study's own whole look.
+    looks of the studies and tasks they are given for, in place of the study's own whole look.
+    ``cache``: the folds' shared volumes (:class:`.looks.LookCache`).
     """
     found: dict[int, StudyPoints] = {sid: StudyPoints() for sid in studies}
     for name, task in LOCALIZER_TASKS.items():
@@ -98,7 +103,8 @@ def localize_studies(
             batch_size,
             decoder=localizer.decoder,
             fine=localizer.fine,
-            centres=given if all(c is not None for c in given) else None,  # type: ignore[arg-type]
+            centres=given,
+            cache=cache,
         )
         for (sid, stack), frame, (z, y, x) in zip(todo, frames, located, strict=True):
             lps = stack.voxel_to_patient(*frame.from_full(z, y, x))
@@ -117,7 +123,18 @@ def localize_consensus(
     stacks: Mapping[str, Sequence[CachedStack]],
     map_fn: Callable[..., Iterable[Any]] = map,
 ) -> StudyPoints:
-    """Several folds' localisers on one study -> one point per target.
+    """Several folds' localisers on one study -> one point per target (see
+    :func:`localize_consensus_many`)."""
+    return localize_consensus_many(localizers, {0: stacks}, map_fn)[0]
+
+
+def localize_consensus_many(
+    localizers: Sequence[Localizer],
+    studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
+    map_fn: Callable[..., Iterable[Any]] = map,
+    batch_size: int = 8,
+) -> dict[int, StudyPoints]:
+    """Several folds' localisers on many studies -> one point per study and target.
 
     The zoomed look names the levels, and it names them by where it is centred more than by
     what it sees: centred on the true middle of the discs, the quick localisers name real
@@ -125,23 +142,35 @@ def localize_consensus(
     fourth round). So the folds first agree on the centre (the median of their whole looks'
     centres, which outvotes a fold whose whole look slid by a disc), every fold looks there,
     and their points are combined by :func:`consensus_points`. The same number of network
-    passes as each fold localising alone. ``map_fn`` runs the folds' looks (e.g. a thread
-    pool's ``map``; results in the folds' order, so the points do not depend on it).
+    passes as each fold localising alone; each pass takes ``batch_size`` studies' looks, and
+    the whole and zoomed looks' volumes, alike for every fold, are cut once
+    (:class:`.looks.LookCache`). ``map_fn`` runs the folds (e.g. a thread pool's ``map``;
+    results in the folds' order, so the points do not depend on it).
     """
+    if not studies:
+        return {}
+    cache = LookCache()
     if len(localizers) == 1 or not all(0 < loc.zoom < 1 for loc in localizers):
-        return consensus_points(list(map_fn(lambda loc: localize_study(loc, stacks), localizers)))
-    own = list(map_fn(lambda loc: first_look_centres(loc, {0: stacks})[0], localizers))
-    shared: dict[str, tuple[float, float]] = {}
-    for name in LOCALIZER_TASKS:
-        cs = [c[name] for c in own if name in c]
-        if cs:
-            cy, cx = np.median(np.array(cs), axis=0)
-            shared[name] = (float(cy), float(cx))
+        per_fold = list(
+            map_fn(lambda loc: localize_studies(loc, studies, batch_size, cache=cache), localizers)
+        )
+    else:
+        own = list(
+            map_fn(lambda loc: first_look_centres(loc, studies, batch_size, cache), localizers)
+        )
+        shared: dict[int, dict[str, tuple[float, float]]] = {sid: {} for sid in studies}
+        for sid in studies:
+            for name in LOCALIZER_TASKS:
+                cs = [c[sid][name] for c in own if name in c[sid]]
+                if cs:
+                    cy, cx = np.median(np.array(cs), axis=0)
+                    shared[sid][name] = (float(cy), float(cx))
 
-    def look_there(loc: Localizer) -> StudyPoints:
-        return localize_studies(loc, {0: stacks}, centres={0: shared})[0]
+        def look_there(loc: Localizer) -> dict[int, StudyPoints]:
+            return localize_studies(loc, studies, batch_size, centres=shared, cache=cache)
 
-    return consensus_points(list(map_fn(look_there, localizers)))
+        per_fold = list(map_fn(look_there, localizers))
+    return {sid: consensus_points([p[sid] for p in per_fold]) for sid in studies}
 
 
 def consensus_points(points: Sequence[StudyPoints]) -> StudyPoints:

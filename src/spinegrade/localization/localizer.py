@@ -61,9 +61,18 @@ class Localizer:
         write_json(folder / "localizer_geometry.json", geometry)
 
     @classmethod
-    def load(cls, folder: Path, device: str = "cpu") -> Localizer:
-        """Rebuild from :meth:`save`'s files (safetensors + JSON only)."""
+    def load(cls, folder: Path, device: str = "cpu", engine: str = "torch") -> Localizer:
+        """Rebuild from :meth:`save`'s files (safetensors + JSON only); with ``engine`` "onnx",
+        the nets are their checked ONNX exports in ONNX Runtime (:mod:`spinegrade.models.onnx`).
+        """
         from spinegrade.models.registry import load_model
+
+        def load(path: Path):
+            if engine == "onnx":
+                from spinegrade.models.onnx import load_onnx
+
+                return load_onnx(path)
+            return load_model(path, device=device)[0]
 
         geometry_path = Path(folder) / "localizer_geometry.json"
         if not geometry_path.is_file():
@@ -77,7 +86,7 @@ class Localizer:
         for name in LOCALIZER_TASKS if tasks is None else tasks:
             path = Path(folder) / f"localizer_{name}.safetensors"
             if tasks is not None or path.is_file():
-                nets[name] = load_model(path, device=device)[0]  # missing: an error naming it
+                nets[name] = load(path)  # missing: an error naming it
         offsets = {k: np.asarray(v, dtype=np.float64) for k, v in geometry["offsets"].items()}
         return cls(
             nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -63,24 +64,59 @@ def _decode_fine(
     return (yc + 0.5) * cell_y - 0.5 + y0, (xc + 0.5) * cell_x - 0.5 + x0
 
 
+class LookCache:
+    """Network inputs of looks that several folds take alike, cut once.
+
+    Every fold's whole look at a stack is the same volume, and so is its zoomed look once the
+    folds agree on where to centre it (:func:`.localize.localize_consensus`); only the close looks,
+    centred on each fold's own levels, differ. An ensemble passes one cache to all its folds for
+    those two looks; thread-safe, as folds may run side by side. Holds the volumes until dropped.
+    """
+
+    def __init__(self) -> None:
+        self._volumes: dict[tuple[int, SagittalFrame], tuple[CachedStack, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def volume(self, stack: CachedStack, look: SagittalFrame) -> np.ndarray:
+        """:func:`canonical_volume` of ``stack`` through ``look``, cut on first use."""
+        key = (id(stack), look)  # the stack is kept with its volume, so its id stays its own
+        with self._lock:
+            hit = self._volumes.get(key)
+            if hit is None:
+                hit = self._volumes[key] = (stack, canonical_volume(stack, look))
+        return hit[1]
+
+
 def _run_looks(
-    net: nn.Module, stacks: Sequence[CachedStack], looks: Sequence[SagittalFrame], batch_size: int
+    net: nn.Module,
+    stacks: Sequence[CachedStack],
+    looks: Sequence[SagittalFrame],
+    batch_size: int,
+    cache: LookCache | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(index, heatmaps (T, S, h, w)) of each (stack, look); looks of one input shape share a pass.
 
-    Volumes are cut a batch at a time and heatmaps handed on as they come, so memory holds one
-    batch whatever the number of stacks (a fold of the RSNA set at 256 px: ~400 stacks, each
-    with five close looks).
+    Volumes are cut a batch at a time (or taken from ``cache``) and heatmaps handed on as they
+    come, so memory holds one batch whatever the number of stacks (a fold of the RSNA set at
+    256 px: ~400 stacks, each with five close looks). Only the heatmaps are computed
+    (:meth:`.LevelLocalizer.heatmaps`): the looks decode them, not the training read-out.
     """
-    device = next(net.parameters()).device
+    from spinegrade.models.registry import device_of
+
+    device = device_of(net)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, look in enumerate(looks):  # canonical_volume's shape: (n_slices, size, size)
         by_shape.setdefault((look.n_slices, look.size), []).append(i)
     for idx in by_shape.values():
         for j in range(0, len(idx), batch_size):
             part = idx[j : j + batch_size]
-            vols = [canonical_volume(stacks[i], looks[i]) for i in part]
-            heat = net.eval()(torch.from_numpy(np.stack(vols)).to(device))["heatmaps"]
+            vols = [
+                canonical_volume(stacks[i], looks[i])
+                if cache is None
+                else cache.volume(stacks[i], looks[i])
+                for i in part
+            ]
+            heat = net.eval().heatmaps(torch.from_numpy(np.stack(vols)).to(device))
             yield from zip(part, heat.float().cpu().numpy(), strict=True)
 
 
@@ -94,7 +130,8 @@ def locate_in_stacks(
     min_gap_mm: float = 15.0,
     decoder: str = "ordered",
     fine: float = 0.0,
-    centres: Sequence[tuple[float, float]] | None = None,
+    centres: Sequence[tuple[float, float] | None] | None = None,
+    cache: LookCache | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Targets' full-resolution canonical (z, y, x) of each stack, each (T,): a whole look, then a
     zoomed one, then (``fine`` > 0) one close look per level.
@@ -102,11 +139,13 @@ def locate_in_stacks(
     The zoomed look is centred on the middle of the first look's points (:func:`look_centre`),
     so that the top and bottom levels (L1/L2 and L5/S1 lie ~15 cm apart) both stay inside its
     window; ``centres`` (full-resolution canonical (y, x) per stack, e.g. several folds'
-    consensus, see :func:`localize_consensus`) replace the whole look. Levels are
+    consensus, see :func:`localize_consensus`) replace the whole look of the stacks they are
+    given for (None: its own whole look). Levels are
     decoded in groups of five (one per side) with :func:`decode_levels`; the close looks only
     refine each level where the zoomed look named it (see :func:`_decode_fine`). Each look's
-    volumes of equal shape go through the network ``batch_size`` at a time (the same numbers;
-    a batch only shares the pass).
+    volumes of equal shape go through the network ``batch_size`` at a time (the same numbers up
+    to float rounding; a batch only shares the pass). ``cache`` holds the whole and zoomed looks'
+    volumes for other folds (:class:`LookCache`).
     """
     n_targets = int(net.n_targets)
     groups = [list(range(i, i + len(LEVELS))) for i in range(0, n_targets, len(LEVELS))]
@@ -114,14 +153,17 @@ def locate_in_stacks(
         s.spacing[1] if f.transpose else s.spacing[0] for s, f in zip(stacks, frames, strict=True)
     ]
     zoomed = 0 < zoom < 1
+    given = list(centres) if centres is not None and zoomed else [None] * len(stacks)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(np.zeros(0),) * 3] * len(stacks)
-    if centres is None or not zoomed:
-        for i, h in _run_looks(net, stacks, frames, batch_size):
-            found[i] = _decode_look(h, frames[i], groups, mm_y[i], min_gap_mm, decoder)
+    whole = [i for i, c in enumerate(given) if c is None]  # stacks that need their own look
+    sub = [stacks[i] for i in whole], [frames[i] for i in whole]
+    for q, h in _run_looks(net, *sub, batch_size, cache):
+        i = whole[q]
+        found[i] = _decode_look(h, frames[i], groups, mm_y[i], min_gap_mm, decoder)
     if zoomed:
-        mids = list(centres) if centres is not None else [look_centre(f) for f in found]
+        mids = [c if c is not None else look_centre(f) for c, f in zip(given, found, strict=True)]
         looks = [f.zoomed(*c, zoom) for f, c in zip(frames, mids, strict=True)]
-        for i, h in _run_looks(net, stacks, looks, batch_size):
+        for i, h in _run_looks(net, stacks, looks, batch_size, cache):
             found[i] = _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
     if not 0 < fine < 1:
         return found

@@ -124,7 +124,13 @@ class LevelLocalizer(nn.Module):
 
     def forward(self, x: torch.Tensor, slice_mask: torch.Tensor | None = None) -> LocalizerOutput:
         """Locate the targets in stacks ``x`` (B, S, H, W); ``slice_mask`` (B, S): real slices."""
-        b, s, h, w = x.shape
+        return self._read_out(self.heatmaps(x, slice_mask), (x.shape[-2], x.shape[-1]))
+
+    def heatmaps(self, x: torch.Tensor, slice_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The joint logits (B, T, S, h, w) alone: all that prediction decodes (the looks), and
+        what an ONNX export of the localiser computes; the read-out's soft-argmax is for training.
+        """
+        b, s = x.shape[:2]
         mask = (
             torch.ones(b, s, dtype=torch.bool, device=x.device)
             if slice_mask is None
@@ -136,8 +142,7 @@ class LevelLocalizer(nn.Module):
         heat = heat.reshape(b, s, self.n_targets, hh, ww).transpose(1, 2)  # (B, T, S, h', w')
         bias = self._slice_context(feats[-1], mask, b, s)  # (B, T, S)
         logits = heat + bias[..., None, None]
-        logits = logits.masked_fill(~mask[:, None, :, None, None], MASKED_LOGIT)
-        return self._read_out(logits, (h, w))
+        return logits.masked_fill(~mask[:, None, :, None, None], MASKED_LOGIT)
 
     def _neighbour_channels(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, H, W) -> (B*S, 2c+1, H, W): each slice with its neighbours (edges repeated)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from spinegrade.config import Config
@@ -99,3 +100,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[s
     # Where the trained backbone started (runs older than this record say "unknown").
     model.encoder.init_source = sidecar.get("init", {"source": "unknown"})
     return model.to(device).eval(), meta
+
+
+def device_of(net: Any) -> torch.device:
+    """Where a network runs: its weights' device (an ONNX Runtime network says its own, CPU)."""
+    own = getattr(net, "device", None)
+    return own if isinstance(own, torch.device) else next(net.parameters()).device

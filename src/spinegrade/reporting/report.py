@@ -23,15 +23,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from spinegrade.task import (
-    CONDITION_SIDE,
+    ANCHORS,
     CONDITIONS,
     DISPLAY_AXIS_LETTERS,
     LABEL_COLUMNS,
     LEVEL_TITLES,
     LEVELS,
+    RSNA_2024,
     SAG_T1,
     SAG_T2,
     SEVERITIES,
+    Condition,
+    Task,
 )
 
 if TYPE_CHECKING:
@@ -54,10 +57,12 @@ SHORT_CONDITION: dict[str, str] = {
 class StudyPrediction:
     """Everything predicted for one study (the report's input).
 
-    ``probs`` rows follow :data:`spinegrade.task.LABEL_COLUMNS`; ``source`` says per column
-    whether the model saw it (``"model"``) or the training prior filled it in (``"prior"``).
-    ``points`` is ``(5 conditions, 5 levels, 3)`` LPS mm with NaN where not located.
-    ``series`` names the series each description was read from (a study may hold duplicates).
+    ``probs`` rows follow ``task.columns`` (RSNA: :data:`spinegrade.task.LABEL_COLUMNS`), one
+    probability per grade of the row's condition (zero-padded to ``task.n_classes``); ``source``
+    says per column whether the model saw it (``"model"``) or the training prior filled it in
+    (``"prior"``). ``points`` is ``(5 RSNA conditions, 5 levels, 3)`` LPS mm and ``discs`` the
+    ``(5 levels, 3)`` disc centres, NaN where not located. ``series`` names the series each
+    description was read from (a study may hold duplicates).
     """
 
     study_id: int
@@ -66,15 +71,30 @@ class StudyPrediction:
     points: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     series: dict[str, list[int]] = field(default_factory=dict)  # description -> series read
+    task: Task = RSNA_2024
+    discs: np.ndarray | None = None
 
     def column(self, name: str) -> np.ndarray:
-        return self.probs[LABEL_COLUMNS.index(name)]
+        """The probabilities of one label column over its condition's grades."""
+        c = self.task.column_condition(name)
+        return self.probs[self.task.column_index(name)][: len(c.grades)]
 
     def point(self, condition: str, level: str) -> np.ndarray | None:
-        if self.points is None:
-            return None
-        p = self.points[CONDITIONS.index(condition), LEVELS.index(level)]
-        return None if np.isnan(p).any() else p
+        """Where ``condition`` was read at ``level``: its anchor's located point, or None."""
+        anchor = (
+            ANCHORS[CONDITIONS.index(condition)]
+            if condition in CONDITIONS
+            else self.task.condition(condition).anchor
+        )
+        if anchor == ANCHORS[-1]:  # the disc centre
+            p = None if self.discs is None else self.discs[LEVELS.index(level)]
+        else:
+            p = (
+                None
+                if self.points is None
+                else self.points[ANCHORS.index(anchor), LEVELS.index(level)]
+            )
+        return None if p is None or np.isnan(p).any() else p
 
 
 @dataclass
@@ -140,9 +160,29 @@ def _placeholder(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def _grade_label(p: np.ndarray) -> str:
+def _grade_label(p: np.ndarray, condition: Condition | None = None) -> str:
+    """The most probable grade and its probability, e.g. ``Moderate 62%`` or ``4 80%``."""
     g = grade_of(p)
-    return f"{SHORT_GRADE[g]} {100 * p[g]:.0f}%"
+    name = (
+        SHORT_GRADE[g]
+        if condition is None or condition.grades == SEVERITIES
+        else condition.grades[g]
+    )
+    return f"{name} {100 * p[g]:.0f}%"
+
+
+def grade_color(condition: Condition, g: int) -> str:
+    """The colour of grade ``g``: RSNA's three severities as :data:`GRADE_COLORS`; another
+    condition's grades along the same green -> red ramp (absent green, present red)."""
+    from matplotlib.colors import to_hex, to_rgb
+
+    n = len(condition.grades)
+    if n == len(GRADE_COLORS):
+        return GRADE_COLORS[g]
+    t = g * (len(GRADE_COLORS) - 1) / (n - 1)  # Pfirrmann 1..5 -> 0, 0.5, 1, 1.5, 2
+    lo = min(int(t), len(GRADE_COLORS) - 2)
+    a, b = np.array(to_rgb(GRADE_COLORS[lo])), np.array(to_rgb(GRADE_COLORS[lo + 1]))
+    return to_hex(a + (t - lo) * (b - a))
 
 
 # ---------------------------------------------------------------------------------- figure
@@ -168,21 +208,21 @@ def _lateral_default(stack, side: str | None) -> int:
 
 def _sagittal_panel(ax, stack, pred: StudyPrediction, condition: str, title: str) -> None:
     """One sagittal slice with every located level of ``condition`` marked and graded."""
+    cond = pred.task.condition(condition)
     located = [(lv, pred.point(condition, lv)) for lv in LEVELS]
     located = [(lv, p) for lv, p in located if p is not None]
-    z = _slice_for(
-        stack, [p for _, p in located], _lateral_default(stack, CONDITION_SIDE[condition])
-    )
+    z = _slice_for(stack, [p for _, p in located], _lateral_default(stack, cond.side))
     img = stack.volume[z].astype(np.float32)
     ax.imshow(img, cmap="gray", vmin=display_window(img)[0], vmax=display_window(img)[1])
     marks = []
+    name = "" if pred.task.is_rsna else f"{cond.title} "
     for lv, p in located:
         pz, py, px = (float(v) for v in stack.patient_to_voxel(p))
         probs = pred.column(f"{condition}_{lv}")
-        color = GRADE_COLORS[grade_of(probs)]
+        color = grade_color(cond, grade_of(probs))
         on_slice = abs(pz - z) <= 1.0  # off-slice points are drawn hollow
         ax.plot(px, py, "o", ms=9, mfc=color if on_slice else "none", mec=color, mew=2)
-        marks.append((py, px, f"{LEVEL_TITLES[lv]} {_grade_label(probs)}", color))
+        marks.append((py, px, f"{LEVEL_TITLES[lv]} {name}{_grade_label(probs, cond)}", color))
     _label_column(ax, marks, img.shape)
     ax.set_title(f"{title}\nslice {z + 1}/{stack.volume.shape[0]}", fontsize=10)
     ax.set_xticks([])
@@ -263,13 +303,14 @@ def _axial_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs) ->
 
 
 def _expected_severity(p: np.ndarray) -> float:
-    return float(p[1] + 2.0 * p[2])
+    """The expected grade on a 0..1 scale (RSNA: (p_moderate + 2 p_severe) / 2)."""
+    return float(np.dot(np.arange(len(p)), p) / (len(p) - 1))
 
 
 def _saliency_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs) -> None:
     """Where the model looked for the most severe finding at ``level`` (saliency over the crop)."""
     have = inputs.crops if inputs.saliency_fn is not None else inputs.saliency
-    cols = [f"{c}_{level}" for c in CONDITIONS if f"{c}_{level}" in have]
+    cols = [f"{c}_{level}" for c in pred.task.condition_names if f"{c}_{level}" in have]
     # A crop whose centre slice is empty (the level fell outside the images) shows nothing.
     cols = [c for c in cols if (im := _crop_image(c, inputs)) is not None and float(np.ptp(im)) > 0]
     col = max(cols, key=lambda c: _expected_severity(pred.column(c))) if cols else None
@@ -287,36 +328,39 @@ def _saliency_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs)
     lo, hi = display_window(img)
     ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
     ax.imshow(np.ma.masked_less_equal(heat, 0), cmap="inferno", alpha=0.5, vmin=0, vmax=1)
-    condition = col[: -len(level) - 1]
-    label = _grade_label(pred.column(col))
-    ax.set_title(f"{LEVEL_TITLES[level]} {SHORT_CONDITION[condition]}: {label}", fontsize=9)
+    cond = pred.task.column_condition(col)
+    label = _grade_label(pred.column(col), cond)
+    short = SHORT_CONDITION.get(cond.name, cond.title)
+    ax.set_title(f"{LEVEL_TITLES[level]} {short}: {label}", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     _mark_orientation(ax, _crop_letters(col))
 
 
 def _grade_grid(ax, pred: StudyPrediction) -> None:
-    """All 25 grades: levels down, conditions across; colour = grade, strength = its probability."""
+    """Every grade: levels down, conditions across; colour = grade, strength = its probability."""
     from matplotlib.colors import to_rgb
 
-    rgba = np.zeros((len(LEVELS), len(CONDITIONS), 4))
-    for i, lv in enumerate(LEVELS):
-        for j, c in enumerate(CONDITIONS):
-            p = pred.column(f"{c}_{lv}")
-            rgba[i, j, :3] = to_rgb(GRADE_COLORS[grade_of(p)])
+    task = pred.task
+    rgba = np.zeros((len(task.levels), len(task.conditions), 4))
+    texts = []
+    for i, lv in enumerate(task.levels):
+        for j, c in enumerate(task.conditions):
+            column = f"{c.name}_{lv}"
+            p = pred.column(column)
+            g = grade_of(p)
+            rgba[i, j, :3] = to_rgb(grade_color(c, g))
             rgba[i, j, 3] = 0.25 + 0.75 * float(p.max())  # a confident grade is a solid cell
-    ax.imshow(rgba, aspect="auto")
-    for i, lv in enumerate(LEVELS):
-        for j, c in enumerate(CONDITIONS):
-            k = LABEL_COLUMNS.index(f"{c}_{lv}")
-            p = pred.probs[k]
-            text = f"{SHORT_GRADE[grade_of(p)]}\n{100 * p[grade_of(p)]:.0f}%"
-            if pred.source[k] != "model":
+            text = f"{SHORT_GRADE[g] if c.grades == SEVERITIES else c.grades[g]}\n{100 * p[g]:.0f}%"
+            if pred.source[task.column_index(column)] != "model":
                 text += "\n(prior)"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
-    ax.set_xticks(range(len(CONDITIONS)), [SHORT_CONDITION[c] for c in CONDITIONS], rotation=30,
-                  ha="right", fontsize=8)  # fmt: skip
-    ax.set_yticks(range(len(LEVELS)), [LEVEL_TITLES[lv] for lv in LEVELS], fontsize=9)
+            texts.append((j, i, text))
+    ax.imshow(rgba, aspect="auto")
+    for j, i, text in texts:
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
+    names = [SHORT_CONDITION.get(c.name, c.title) for c in task.conditions]
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(task.levels)), [LEVEL_TITLES[lv] for lv in task.levels], fontsize=9)
     ax.set_title("Grades (most probable class)", fontsize=10)
 
 
@@ -329,52 +373,127 @@ def study_figure(
     ``cautions`` (e.g. a phantom-trained run's) go under the title: the figure travels alone
     (the service files it into the PACS as a secondary capture).
     """
-    import matplotlib
+    import matplotlib.pyplot as plt
 
-    from spinegrade.reporting.clinical import deweight
+    fig = build_figure(pred, inputs, cautions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, facecolor="white")
+    plt.close(fig)
+    return path
+
+
+_FIG_W, _FIG_H = 17.0, 14.0  # inches; 1360 x 1120 px at the 80 dpi figures are saved at
+_CAUTION_PT = 11.0
+
+
+def build_figure(pred: StudyPrediction, inputs: ReportInputs, cautions: Sequence[str] = ()):
+    """The study's matplotlib figure: RSNA's panels (:func:`_rsna_panels`), or for another task
+    the sagittal view of its discs, its grade table and every level's crop
+    (:func:`_task_panels`)."""
+    import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    pred = replace(pred, probs=deweight(pred.probs))
-    fig = plt.figure(figsize=(17, 14), dpi=80, facecolor="white")
-    fig.subplots_adjust(left=0.05, right=0.98, top=0.93, bottom=0.04)
+    pred = replace(pred, probs=clinical_probs(pred))
+    fig = plt.figure(figsize=(_FIG_W, _FIG_H), dpi=80, facecolor="white")
+    lines = [line for c in cautions for line in textwrap.wrap(c, 150)]
+    # The panels start below the cautions: each caution line takes 1.25 x its font size, and
+    # the panels' titles (two lines of 10 pt above the axes) must stay clear of the last one.
+    line_h = 1.25 * _CAUTION_PT / (72.0 * _FIG_H)
+    top = min(0.93, 0.958 - len(lines) * line_h - 0.035) if lines else 0.93
+    fig.subplots_adjust(left=0.05, right=0.98, top=top, bottom=0.04)
+    if pred.task.is_rsna:
+        _rsna_panels(fig, pred, inputs, top)
+    else:
+        _task_panels(fig, pred, inputs, top)
+    fig.suptitle(f"Study {pred.study_id}", fontsize=15, fontweight="bold")
+    if lines:
+        fig.text(0.5, 0.958, "\n".join(lines), ha="center", va="top", fontsize=_CAUTION_PT,
+                 color="#8a4b00")  # fmt: skip
+    weights = sorted({w for c in pred.task.conditions for w in c.class_weights})
+    lean = (
+        f" Probabilities with the training class weights ({'/'.join(f'{w:g}' for w in weights)}) "
+        "removed."
+        if len(weights) > 1
+        else ""
+    )
+    fig.text(
+        0.5, 0.005,
+        f"Markers: filled = on the shown slice, hollow = nearby slice.{lean} Research software, "
+        "not for diagnostic use.",
+        ha="center", fontsize=9, color="#555555",
+    )  # fmt: skip
+    return fig
+
+
+def _rsna_panels(fig, pred: StudyPrediction, inputs: ReportInputs, top: float) -> None:
+    """Sagittal T2 canal, T1 foramina, grade grid; axial crops and saliency at every level."""
     gs = fig.add_gridspec(3, 5, height_ratios=[3.0, 1.3, 1.3], hspace=0.32, wspace=0.15)
-    top = gs[0, :].subgridspec(1, 4, width_ratios=[1, 1, 1, 1.05], wspace=0.22)
+    row = gs[0, :].subgridspec(1, 4, width_ratios=[1, 1, 1, 1.05], wspace=0.22)
     panels = [
         (SAG_T2, "spinal_canal_stenosis", "Sagittal T2: spinal canal"),
         (SAG_T1, "right_neural_foraminal_narrowing", "Sagittal T1: right foramina"),
         (SAG_T1, "left_neural_foraminal_narrowing", "Sagittal T1: left foramina"),
     ]
     for k, (desc, condition, title) in enumerate(panels):
-        ax = fig.add_subplot(top[0, k])
+        ax = fig.add_subplot(row[0, k])
         stacks = list(inputs.stacks.get(desc, []))
         if stacks:
             _sagittal_panel(ax, stacks[0], pred, condition, title)
         else:
             _placeholder(ax, f"no {desc} series:\ngrades from the training prior")
             ax.set_title(title, fontsize=10)
-    _grade_grid(fig.add_subplot(top[0, 3]), pred)
+    _grade_grid(fig.add_subplot(row[0, 3]), pred)
     for j, lv in enumerate(LEVELS):
         _axial_panel(fig.add_subplot(gs[1, j]), lv, pred, inputs)
         _saliency_panel(fig.add_subplot(gs[2, j]), lv, pred, inputs)
-    for row, text in ((1, "Axial T2 at each level"), (2, "Where the model looked (saliency)")):
-        y = gs[row, 0].get_position(fig).y1 + 0.035
+    for r, text in ((1, "Axial T2 at each level"), (2, "Where the model looked (saliency)")):
+        y = gs[r, 0].get_position(fig).y1 + 0.035
         fig.text(0.02, y, text, fontsize=11, fontweight="bold", color="#333333")
-    fig.suptitle(f"Study {pred.study_id}", fontsize=15, fontweight="bold")
-    if cautions:
-        text = "\n".join(textwrap.fill(c, 150) for c in cautions)
-        fig.text(0.5, 0.958, text, ha="center", va="top", fontsize=11, color="#8a4b00")
-    fig.text(
-        0.5, 0.005,
-        "Markers: filled = on the shown slice, hollow = nearby slice. Probabilities with the "
-        "training class weights (1/2/4) removed. Research software, not for diagnostic use.",
-        ha="center", fontsize=9, color="#555555",
-    )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, facecolor="white")
-    plt.close(fig)
-    return path
+
+
+def _task_panels(fig, pred: StudyPrediction, inputs: ReportInputs, top: float) -> None:
+    """Another task: the first condition's series with every level marked and graded (for
+    SPIDER's discs: Pfirrmann at each disc centre), the grade table, and per level the crop a
+    grader read with every grade of that level, then where the model looked."""
+    task = pred.task
+    first = task.conditions[0]
+    gs = fig.add_gridspec(3, 5, height_ratios=[3.0, 1.3, 1.3], hspace=0.32, wspace=0.15)
+    row = gs[0, :].subgridspec(1, 2, width_ratios=[1.2, 1.0], wspace=0.22)
+    ax = fig.add_subplot(row[0, 0])
+    stacks = list(inputs.stacks.get(first.series, []))
+    title = f"{first.series}: {first.title}"
+    if stacks:
+        _sagittal_panel(ax, stacks[0], pred, first.name, title)
+    else:
+        _placeholder(ax, f"no {first.series} series:\ngrades from the training prior")
+        ax.set_title(title, fontsize=10)
+    _grade_grid(fig.add_subplot(row[0, 1]), pred)
+    for j, lv in enumerate(task.levels):
+        _task_crop_panel(fig.add_subplot(gs[1, j]), lv, pred, inputs)
+        _saliency_panel(fig.add_subplot(gs[2, j]), lv, pred, inputs)
+    for r, text in ((1, f"{first.series} at each level"), (2, "Where the model looked")):
+        y = gs[r, 0].get_position(fig).y1 + 0.035
+        fig.text(0.02, y, text, fontsize=11, fontweight="bold", color="#333333")
+
+
+def _task_crop_panel(ax, level: str, pred: StudyPrediction, inputs: ReportInputs) -> None:
+    """The crop a grader read at ``level`` (centre slice), titled with the level's findings."""
+    cols = [f"{c}_{level}" for c in pred.task.condition_names]
+    img = next((im for c in cols if (im := _crop_image(c, inputs)) is not None), None)
+    found = [t for _, t, _ in _level_findings(pred) if t.startswith(LEVEL_TITLES[level])]
+    lines = textwrap.wrap(found[0] if found else LEVEL_TITLES[level], 40)
+    title = "\n".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
+    if img is None or float(np.ptp(img)) == 0.0:
+        _placeholder(ax, "no crop at\nthis level\n(prior)")
+    else:
+        lo, hi = display_window(img)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        _mark_orientation(ax, _crop_letters(cols[0]))
+    ax.set_title(title, fontsize=8.5)
 
 
 # -------------------------------------------------------------------------------- saliency
@@ -404,38 +523,51 @@ def input_saliency(
 # ---------------------------------------------------------------------------- json and html
 
 
+def clinical_probs(pred: StudyPrediction) -> np.ndarray:
+    """``pred.probs`` with each condition's class-weight lean removed (:func:`.clinical.deweight`,
+    over the condition's own grades; padding stays zero)."""
+    from spinegrade.reporting.clinical import deweight
+
+    if pred.task.is_rsna:
+        return deweight(pred.probs)
+    out = np.zeros_like(pred.probs, dtype=np.float64)
+    for k, column in enumerate(pred.task.columns):
+        c = pred.task.column_condition(column)
+        out[k, : len(c.grades)] = deweight(pred.probs[k, : len(c.grades)], c.class_weights)
+    return out
+
+
 def grades_payload(pred: StudyPrediction, model_info: Mapping[str, object] | None = None) -> dict:
     """The ``grades.json`` content: per target its probabilities, grade and located point.
 
     ``probabilities``/``grade`` are the model's (metric-optimal, as in submission.csv);
-    ``clinical`` holds them with the class-weight lean removed (what the figure shows).
+    ``clinical`` holds them with the class-weight lean removed (what the figure shows). Grades
+    are named by the run's task (RSNA: Normal/Mild, Moderate, Severe; SPIDER's discs: Pfirrmann
+    1-5, absent/present).
     """
-    from spinegrade.reporting.clinical import deweight
-
-    shown = deweight(pred.probs)
+    shown = clinical_probs(pred)
+    task = pred.task
     targets = {}
-    for k, column in enumerate(LABEL_COLUMNS):
-        condition, level = column[:-6], column[-5:]
-        p = pred.probs[k]
-        point = pred.point(condition, level)
+    for k, column in enumerate(task.columns):
+        c, level = task.column_condition(column), task.column_level(column)
+        n = len(c.grades)
+        p, q = pred.probs[k, :n], shown[k, :n]
+        point = pred.point(c.name, level)
         targets[column] = {
-            "condition": condition,
+            "condition": c.name,
             "level": LEVEL_TITLES[level],
-            "probabilities": {
-                sev: round(float(v), 6) for sev, v in zip(SEVERITIES, p, strict=True)
-            },
-            "grade": SEVERITIES[grade_of(p)],
+            "probabilities": {g: round(float(v), 6) for g, v in zip(c.grades, p, strict=True)},
+            "grade": c.grades[grade_of(p)],
             "clinical": {
-                "probabilities": {
-                    sev: round(float(v), 6) for sev, v in zip(SEVERITIES, shown[k], strict=True)
-                },
-                "grade": SEVERITIES[grade_of(shown[k])],
+                "probabilities": {g: round(float(v), 6) for g, v in zip(c.grades, q, strict=True)},
+                "grade": c.grades[grade_of(q)],
             },
             "point_lps_mm": None if point is None else [round(float(v), 2) for v in point],
             "source": pred.source[k],
         }
     return {
         "study_id": int(pred.study_id),
+        "task": task.name,
         "coordinates": "DICOM patient coordinates (LPS: +x left, +y posterior, +z head), mm",
         "model": dict(model_info or {}),
         "series": {d: list(v) for d, v in pred.series.items()},
@@ -445,7 +577,14 @@ def grades_payload(pred: StudyPrediction, model_info: Mapping[str, object] | Non
 
 
 def _findings(pred: StudyPrediction) -> list[tuple[int, str, bool]]:
-    """(grade, text, seen by the model) of every Moderate/Severe target, seen and worst first."""
+    """(grade, text, seen by the model) of every Moderate/Severe target, seen and worst first.
+
+    Another task reads like a radiologist's list: one line per level with every ordinal grade
+    (Pfirrmann 3) and the binary findings that are present; grade = the line's worst, on the
+    0-2 scale of :data:`GRADE_COLORS`.
+    """
+    if not pred.task.is_rsna:
+        return _level_findings(pred)
     out = []
     for k, column in enumerate(LABEL_COLUMNS):
         g = grade_of(pred.probs[k])
@@ -454,6 +593,26 @@ def _findings(pred: StudyPrediction) -> list[tuple[int, str, bool]]:
             text = f"{LEVEL_TITLES[level]} {SHORT_CONDITION[condition]}: {SHORT_GRADE[g]}"
             out.append((g, text, pred.source[k] == "model"))
     return sorted(out, key=lambda t: (not t[2], -t[0]))
+
+
+def _level_findings(pred: StudyPrediction) -> list[tuple[int, str, bool]]:
+    task, out = pred.task, []
+    for level in task.levels:
+        parts, worst, seen = [], 0, False
+        for c in task.conditions:
+            column = f"{c.name}_{level}"
+            g = grade_of(pred.column(column))
+            seen |= pred.source[task.column_index(column)] == "model"
+            if len(c.grades) > 2:
+                parts.append(f"{c.title} {c.grades[g]}")
+            elif g > 0:
+                parts.append(f"{c.title.lower()}" if c.grades[g] == "present" else
+                             f"{c.title.lower()} {c.grades[g]}")  # fmt: skip
+            else:
+                continue
+            worst = max(worst, round(g * (len(GRADE_COLORS) - 1) / (len(c.grades) - 1)))
+        out.append((worst, f"{LEVEL_TITLES[level]}: {', '.join(parts) or 'no finding'}", seen))
+    return out
 
 
 _CSS = """
@@ -471,10 +630,8 @@ p.caution{color:#8a4b00;background:#fff4e0;border-left:4px solid #e0a040;padding
 
 
 def _index_row(pred: StudyPrediction, folder: str | None) -> str:
-    from spinegrade.reporting.clinical import deweight
-
     sid = int(pred.study_id)
-    findings = _findings(replace(pred, probs=deweight(pred.probs)))
+    findings = _findings(replace(pred, probs=clinical_probs(pred)))
     items = "".join(
         f'<li><span class="g{g}">{html.escape(t)}</span></li>'
         if seen
@@ -484,7 +641,9 @@ def _index_row(pred: StudyPrediction, folder: str | None) -> str:
     items = items or '<li><span class="g0">all levels Normal/Mild</span></li>'
     n_prior = sum(s != "model" for s in pred.source)
     warns = "".join(f'<li class="warn">{html.escape(w)}</li>' for w in pred.warnings)
-    prior = f"<p>{n_prior} of 25 grades from the training prior</p>" if n_prior else ""
+    prior = (
+        f"<p>{n_prior} of {len(pred.source)} grades from the training prior</p>" if n_prior else ""
+    )
     if pred.series:
         used = "; ".join(f"{d} {', '.join(map(str, v))}" for d, v in pred.series.items())
         prior += f'<p class="series">series used: {html.escape(used)}</p>'
@@ -518,18 +677,27 @@ def write_index_html(
         for p in sorted(preds, key=lambda p: p.study_id)
     )
     folder_head = "" if folders is None else "<th>Input folder</th>"
+    task = preds[0].task if preds else RSNA_2024
+    if task.is_rsna:
+        lean = (
+            "the models are trained on the competition's weighted loss (Moderate x2, Severe x4), "
+            "so their probabilities lean towards the worse grades: shown here with that lean "
+            "removed (p / weight, renormalised); submission.csv keeps the metric-optimal values."
+        )
+        findings_head = "Findings (Moderate or worse)"
+    else:
+        lean = f"task {task.name}: {', '.join(c.title for c in task.conditions)}."
+        findings_head = "Findings by level"
     doc = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class='sub'>{len(preds)} studies. Click a thumbnail "
-        "for the full figure. Grades are the most probable class of the fold ensemble; the "
-        "models are trained on the competition's weighted loss (Moderate x2, Severe x4), so their "
-        "probabilities lean towards the worse grades: shown here with that lean removed "
-        "(p / weight, renormalised); submission.csv keeps the metric-optimal values.</p>"
+        "for the full figure. Grades are the most probable class of the fold ensemble; "
+        f"{html.escape(lean)}</p>"
         + "".join(f"<p class='sub'>{html.escape(line)}</p>" for line in model_lines)
         + "".join(f"<p class='caution'>{html.escape(line)}</p>" for line in cautions)
         + f"<table><thead><tr><th>Study</th>{folder_head}<th>Figure</th>"
-        "<th>Findings (Moderate or worse)</th>"
+        f"<th>{findings_head}</th>"
         f"</tr></thead><tbody>\n{rows}\n</tbody></table>"
         "<p class='note'>Research software, not for diagnostic use.</p></body></html>"
     )

@@ -52,6 +52,7 @@ class ServeConfig:
     watch: str = "auto"  # auto (Orthanc change feed when the server is Orthanc) | qido | orthanc
     qido_filters: dict = field(default_factory=dict)  # extra QIDO-RS filters, e.g. StudyDescription
     device: str = "auto"
+    engine: str = "auto"  # auto (ONNX Runtime when the run is exported) | torch | onnx
     folds: list[int] | None = None
     delete_superseded: bool = True  # Orthanc only: remove the results a newer grading replaced
     keep_work: bool = False  # keep retrieved images and caches (debugging)
@@ -121,7 +122,11 @@ class Service:
 
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.work = Path(cfg.work_dir)
-        self.predictor = predictor or Predictor.from_run_dir(run_dir, cfg.folds, cfg.device)
+        self.predictor = predictor or Predictor.from_run_dir(
+            run_dir, cfg.folds, cfg.device, cfg.engine
+        )
+        # The worklist's grid and the SR's codes name RSNA's 25 targets.
+        self.predictor.task.require_rsna(f"spinegrade serve with {run_dir}")
         self.model = model_identity(self.run_dir, self.predictor.folds)
         self.pacs = Pacs(cfg.pacs_url, cfg.pacs_user, cfg.pacs_password)
         self.state = State(self.work / "state.db")
@@ -278,7 +283,7 @@ class Service:
             "warnings": warnings,
             "model": {"run": self.model.run, "folds": self.model.folds,
                       "model_id": self.model.model_id, "version": self.model.version,
-                      "notes": res.model_notes},
+                      "engine": res.engine, "notes": res.model_notes},
             "timings_s": {"retrieve": round(t1 - t0, 2), "predict": round(t2 - t1, 2),
                           "store": round(t3 - t2, 2)},
         }  # fmt: skip

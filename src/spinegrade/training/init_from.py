@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file
 from torch import nn
@@ -38,6 +38,9 @@ from spinegrade.localization.tasks import configured_tasks
 from spinegrade.models.registry import build_grader, build_localizer
 from spinegrade.models.weights import read_sidecar, sha256, weights_complete
 from spinegrade.task import RSNA_2024, Task, dataset_task
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -255,15 +258,52 @@ def check_init_from(
             net = _build(cfg, key, name, task)
             for fold in sorted(set(starts.values())):
                 load_from_run(net, run, fold, name, key)
-        _warn_if_leaky(cfg, key, run, starts, data_dir)
+        _warn_if_leaky(cfg, key, run, starts, data_dir, run_dir)
+    return out
+
+
+def leaked_studies(
+    ours: pd.DataFrame, theirs: pd.DataFrame, starts: dict[int, int]
+) -> dict[int, list[int]]:
+    """This run's fold -> the studies it validates on that its start (the source run's fold
+    ``starts[fold]``) trained on: those the source run has, in another fold."""
+    fold_there = dict(zip(theirs["study_id"].astype(int), theirs["fold"].astype(int), strict=True))
+    out: dict[int, list[int]] = {}
+    for sid, k in zip(ours["study_id"].astype(int), ours["fold"].astype(int), strict=True):
+        there = fold_there.get(sid)
+        if k in starts and there is not None and there != starts[k]:
+            out.setdefault(k, []).append(sid)
     return out
 
 
 def _warn_if_leaky(
-    cfg: Config, key: str, run: Path, starts: dict[int, int], data_dir: str | Path | None
+    cfg: Config,
+    key: str,
+    run: Path,
+    starts: dict[int, int],
+    data_dir: str | Path | None,
+    run_dir: str | Path | None = None,
 ) -> None:
     """A fold whose start was trained on studies this fold validates on makes optimistic OOF
-    scores: say so (it is a legitimate start, e.g. for a new data set, so not an error)."""
+    scores: say so (it is a legitimate start, e.g. for a new data set, so not an error).
+
+    Where both runs' ``folds.csv`` are there (this run's written ahead, e.g. the demo's disc
+    grades take the demo run's folds of the real spines, or a resumed run), the studies are
+    compared one by one; otherwise the runs' data folder, seed and fold count.
+    """
+    from spinegrade.rsna import load_folds
+
+    ours = Path(run_dir) / "folds.csv" if run_dir is not None else None
+    if ours is not None and ours.is_file() and (run / "folds.csv").is_file():
+        leaked = leaked_studies(load_folds(ours), load_folds(run / "folds.csv"), starts)
+        if leaked:
+            n = sum(len(v) for v in leaked.values())
+            log.warning(
+                "%s.init_from %s: %d studies this run validates on (fold %s) trained the "
+                "fold it starts from; this run's out-of-fold scores will be optimistic",
+                key, run, n, ", fold ".join(str(k) for k in sorted(leaked)),
+            )  # fmt: skip
+        return
     try:
         theirs = load_run_config(run)
     except (ConfigError, OSError) as err:
