@@ -645,7 +645,7 @@ KINDS: list[Kind] = [
          r"cannot be decoded", _corrupt_jpeg),
     Kind("corrupt_rle", "an RLE stream with a broken header", "refused", "3.dcm",
          r"cannot be decoded", _corrupt_rle),
-    Kind("unknown_vr", "an element with an unknown value representation", "refused", "3.dcm",
+    Kind("unknown_vr", "Rows with an unknown value representation", "refused", "3.dcm",
          r"damaged DICOM header", _unknown_vr),
     Kind("rle_overrun", "RLE runs past the end of the frame (a decoder panic)", "refused",
          "3.dcm", r"cannot be decoded", _rle_overrun),
