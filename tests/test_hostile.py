@@ -22,6 +22,7 @@ import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -318,6 +319,18 @@ def test_scrub_paths_leaves_series_types_and_dicom_values_alone() -> None:
     assert scrub_paths(text) == (
         "no usable Sagittal T2/STIR series; ImagePositionPatient 0\\0\\1 in …/IM1"
     )
+    relative = "study 5 (ward4/[patient]/exam1): series 6: ward4/[patient]/exam1/IM3: damaged"
+    assert scrub_paths(relative) == relative
+    assert scrub_paths("(/tmp/x/y: no usable)") == "(…/y: no usable)"
+
+
+def test_a_guess_warning_named_with_its_folder_stays_with_its_study() -> None:
+    from spinegrade.inference.predict import study_warnings
+
+    guess = "study 7 (ward/case1): series 9 (no description) taken as Axial T2 -- a guess"
+    other = "study 70 (ward/case2): series 1 (AX) taken as Axial T2 -- a guess"
+    out = study_warnings(7, {}, np.zeros(25, dtype=bool), [], [guess, other])
+    assert guess in out and other not in out
 
 
 def test_the_corpus_has_thirty_kinds_or_more() -> None:

@@ -85,8 +85,9 @@ class PredictResult:
     model_notes: list[str] = field(default_factory=list)  # e.g. a phantom-trained run's caution
 
 
-# A path starts a word: "Sagittal T2/STIR" or a DICOM value "0\0\1" is not one.
-_PATH = re.compile(r"(?<![\w.>])(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
+# A path starts the text or follows a space, bracket, quote or separator: "Sagittal T2/STIR", a
+# DICOM value "0\0\1" and a folder relative to INPUT ("ward/[patient]/exam1") are not paths.
+_PATH = re.compile(r"(?<![^\s(\"'=:,])(?:[A-Za-z]:)?(?:[/\\][^\s/\\:;,'\"()]+)+[/\\]?")
 
 
 def scrub_paths(text: str) -> str:
@@ -103,7 +104,8 @@ def study_warnings(
     task: Task = RSNA_2024,
 ) -> list[str]:
     """Warnings of one study: guessed series types, unreadable or missing series, fallbacks."""
-    out = [w for w in inherited if w.startswith(f"study {study_id}:")]
+    # Discovery names the study's folder: "study 12 (ward/case1): ...".
+    out = [w for w in inherited if w.startswith((f"study {study_id}:", f"study {study_id} ("))]
     for f in failures:
         if int(f["study_id"]) == study_id:
             reason = scrub_paths(str(f["reason"]))[:400]
