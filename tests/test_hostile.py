@@ -40,17 +40,20 @@ from spinegrade.cli import app
 
 WIDE = {"COLUMNS": "1000"}  # rich wraps at the terminal width; one message, one line
 # Runs a spinegrade command as the user does and reports the process's peak resident memory.
+# VmHWM, not getrusage's ru_maxrss: Linux carries the parent's high-water mark into ru_maxrss
+# across vfork + exec: a child of a 1.3 GB pytest process "peaked" at 1.3 GB whatever it did.
 RUN_MEASURED = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     from spinegrade.cli import app
     try:
         app(sys.argv[1:], prog_name="spinegrade")
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"PEAK_RSS_MB={rss / 1024:.0f}", file=sys.stderr)
+    with open("/proc/self/status") as fh:
+        kib = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:"))
+    print(f"PEAK_RSS_MB={kib / 1024:.0f}", file=sys.stderr)
     sys.exit(code)
     """
 )
@@ -204,8 +207,10 @@ def test_a_symlink_loop_is_walked_once(batch: Batch) -> None:
 def test_memory_stays_bounded(batch: Batch) -> None:
     # A header claiming 65535 x 65535 pixels, 100,000 frames or 4 GB of text is refused without
     # allocating it; two 4,096 x 4,096 slices and 2,000 slices are read within a bound.
-    assert 0 < batch.preprocess.peak_mb < 1500, batch.preprocess.peak_mb
-    assert 0 < batch.predict.peak_mb < 2500, batch.predict.peak_mb
+    # Measured alone: preprocess ~370 MB, predict ~1.5 GB (torch, the model, two 4,096^2 slices);
+    # 2 GB is #24's ceiling for predict.
+    assert 0 < batch.preprocess.peak_mb < 1000, batch.preprocess.peak_mb
+    assert 0 < batch.predict.peak_mb < 2048, batch.predict.peak_mb
 
 
 def test_a_series_past_the_memory_limit_is_refused_before_it_is_read(batch: Batch) -> None:
