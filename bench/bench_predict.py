@@ -6,7 +6,12 @@ and graders), and the report (figure with saliency, grades.json). Peak resident 
 this process (the models and one study at a time) and of the preprocessing workers, if any.
 
     .venv/bin/python bench/bench_predict.py [RUN_DIR] [INPUT] [--threads 2] [--no-report]
-        [--workers 2]
+        [--workers 2] [--engine torch|onnx|auto] [--batch-studies 8]
+    .venv/bin/python bench/bench_predict.py RUN_DIR INPUT --compare-engines --no-report
+
+``--compare-engines`` predicts the same studies with torch and with ONNX Runtime (the run must be
+exported: ``spinegrade export RUN_DIR``), interleaved, best of ``--repeat`` rounds, and prints one
+table: model ms a study for each, the speed ratio and the largest probability difference.
 
 Defaults: ``demo_run/run`` and ``demo_run/data`` (what ``make demo`` leaves behind). The work
 folder is a fresh temporary one, so preprocessing is measured cold. Prints figures; never fails on
@@ -55,6 +60,48 @@ def _grader_full_coverage(run_dir: Path, folds: list[int], device: str, repeats:
     return best
 
 
+def _predict_once(args, engine: str, report: bool):
+    """One prediction into a fresh work folder: (PredictResult, wall s)."""
+    from spinegrade.inference.predict import predict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        result = predict(
+            args.run_dir, args.input, work / "submission.csv",
+            report_dir=work / "report" if report else None, cache_dir=work / "work",
+            device=args.device, workers=args.workers, progress=False, engine=engine,
+            batch_studies=args.batch_studies,
+        )  # fmt: skip
+        return result, time.perf_counter() - t0
+
+
+def compare_engines(args) -> int:
+    """torch against ONNX Runtime on the same run and studies: speed and agreement."""
+    best: dict[str, float] = {}
+    subs = {}
+    for _ in range(args.repeat):
+        for engine in ("torch", "onnx"):
+            result, _ = _predict_once(args, engine, report=False)
+            model_s = result.timings["predict_and_report_s"] / len(result.study_ids)
+            best[engine] = min(best.get(engine, float("inf")), model_s)
+            subs[engine] = (result.engine, result.submission)
+    cols = [c for c in subs["torch"][1].columns if c != "row_id"]
+    a, b = subs["torch"][1], subs["onnx"][1]
+    assert (a["row_id"] == b["row_id"]).all(), "the two engines predicted different rows"
+    diff = float(np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max())
+    studies = a["row_id"].str.split("_").str[0].nunique()
+    print(f"run {args.run_dir}, input {args.input}: {studies} studies ({len(a) // studies} rows "
+          f"a study), torch threads {args.threads}, batch {args.batch_studies}, "
+          f"best of {args.repeat}")  # fmt: skip
+    print("| engine | model (every fold), ms a study | speed vs torch |\n|---|---|---|")
+    for engine in ("torch", "onnx"):
+        name = subs[engine][0]
+        print(f"| {name} | {best[engine] * 1000:.0f} | {best['torch'] / best[engine]:.2f}x |")
+    print(f"largest |p_onnx - p_torch| over every row and grade: {diff:.2e}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", default="demo_run/run", type=Path)
@@ -65,32 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="processes (predict's --workers; 1 = inline)"
     )
+    parser.add_argument("--engine", default="torch", help="torch | onnx | auto")
+    parser.add_argument("--batch-studies", type=int, default=8, help="studies graded together")
+    parser.add_argument(
+        "--compare-engines",
+        action="store_true",
+        help="torch against ONNX Runtime on the same studies (one table)",
+    )
+    parser.add_argument("--repeat", type=int, default=2, help="rounds for --compare-engines")
     args = parser.parse_args(argv)
     # As the CLI does: idle OpenMP threads sleep (set OMP_WAIT_POLICY=ACTIVE to see the spinning).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from spinegrade.inference.predict import predict
-
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        t0 = time.perf_counter()
-        result = predict(
-            args.run_dir,
-            args.input,
-            work / "submission.csv",
-            report_dir=None if args.no_report else work / "report",
-            cache_dir=work / "work",
-            device=args.device,
-            workers=args.workers,
-            progress=False,
-        )
-        wall = time.perf_counter() - t0
+    if args.compare_engines:
+        return compare_engines(args)
+    result, wall = _predict_once(args, args.engine, report=not args.no_report)
     n = len(result.study_ids)
     per = np.asarray(result.per_study_s)
     t = result.timings
-    print(f"run {args.run_dir} ({len(result.folds)} folds: {result.folds}), device {result.device}")
+    print(f"run {args.run_dir} ({len(result.folds)} folds: {result.folds}), "
+          f"device {result.device}, engine {result.engine}, "
+          f"{args.batch_studies} studies a batch")  # fmt: skip
     print(
         f"input {args.input}: {n} studies ({result.input_kind}), torch threads {args.threads}"
         + (f", {args.workers} single-threaded worker processes" if args.workers > 1 else "")

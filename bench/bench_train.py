@@ -14,6 +14,7 @@ stacks (crops/s, single thread). Figures only: nothing here passes or fails on t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -26,6 +27,12 @@ from spinegrade.config import load_config
 from spinegrade.models.registry import build_grader, build_localizer
 
 CLOCK = {"name": "wall", "threads": 1}
+AUTOCAST = {"dtype": None}  # --autocast bf16: the forward passes under CPU autocast
+
+
+def _autocast():
+    dtype = AUTOCAST["dtype"]
+    return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def _rate(step, items: int, steps: int, warmup: int = 2) -> float:
@@ -53,7 +60,8 @@ def grader_rates(cfg, steps: int) -> tuple[float, float]:
     labels = torch.randint(0, 3, (b,))
 
     def train_step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x, level)[:, 0], labels)
+        with _autocast():
+            loss = torch.nn.functional.cross_entropy(model(x, level)[:, 0].float(), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -61,7 +69,7 @@ def grader_rates(cfg, steps: int) -> tuple[float, float]:
     model.train()
     train = _rate(train_step, b, steps)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _autocast():
         infer = _rate(lambda: model(x, level), b, steps)
     return train, infer
 
@@ -79,7 +87,10 @@ def localizer_rate(cfg, steps: int, slices: int = 15) -> float:
     valid = torch.ones(b, 10, dtype=torch.bool)
 
     def step() -> None:
-        loss = localizer_loss(net(x), xy, z, valid)["loss"]
+        with _autocast():
+            out = net(x)
+        out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
+        loss = localizer_loss(out, xy, z, valid)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,10 +139,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cache", default=None, help="cut crops from this cache's stacks")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument(
+        "--autocast",
+        choices=("off", "bf16"),
+        default="off",
+        help="forward passes under CPU autocast (bf16 needs AVX-512 BF16 or AMX)",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. crops.size=48")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     CLOCK.update(name=args.clock, threads=args.threads)
+    AUTOCAST["dtype"] = torch.bfloat16 if args.autocast == "bf16" else None
     torch.manual_seed(0)
     cfg = load_config(args.config, args.overrides)
     c, m, loc = cfg.crops, cfg.model, cfg.localizer
@@ -141,7 +159,7 @@ def main() -> None:
     crops = crop_rate(cfg, args.cache)
     print(
         f"### Training throughput: config `{args.config}`, "
-        f"{args.threads} threads, {args.clock} clock"
+        f"{args.threads} threads, {args.clock} clock, autocast {args.autocast}"
     )
     print(
         f"grader {m.backbone}, crops {c.slices}x{c.size}x{c.size}, batch {cfg.train.batch_size}; "
