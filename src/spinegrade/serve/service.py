@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import yaml
+from pydicom.uid import generate_uid
 
 from spinegrade.reporting.clinical import DEWEIGHT_NOTE, deweight
 from spinegrade.serve.pacs import Pacs
@@ -253,7 +254,8 @@ class Service:
         t2 = time.perf_counter()
         evidence = self._evidence(pd.read_csv(res.studies_path), headers)
         points = {c: grades["targets"][c]["point_lps_mm"] for c in LABEL_COLUMNS}
-        sr = build_sr(evidence, clinical, points, self.model, previous=self._previous_sr(row))
+        uids = result_uids(row.study_uid, self.model.model_id, row.fingerprint, row.sr_sop_uid)
+        sr = build_sr(evidence, clinical, points, self.model, self._previous_sr(row), uids[:2])
         buf = io.BytesIO()
         sr.save_as(buf)
         check = read_sr(buf.getvalue())  # validate by re-reading before anything is stored
@@ -261,7 +263,7 @@ class Service:
         if not np.allclose(got, clinical, atol=1e-6):
             raise GradingError("the SR did not re-read to the grades it was built from")
         ref = next(iter(evidence.values()))
-        sc = build_sc(ref, work / "report" / str(sid) / "figure.png")
+        sc = build_sc(ref, work / "report" / str(sid) / "figure.png", uids[2:])
         self.pacs.store([sr, sc])
         t3 = time.perf_counter()
         self._supersede(row)
@@ -304,7 +306,12 @@ class Service:
         if not row.sr_sop_uid:
             return None
         path = self.work / "results" / study_key(row.study_uid) / "sr.dcm"
-        return pydicom.dcmread(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        ds = pydicom.dcmread(path)
+        # After a crash between filing a new SR and recording it, the file is that new SR: it
+        # must not name itself as its own predecessor.
+        return ds if ds.SOPInstanceUID == row.sr_sop_uid else None
 
     def _supersede(self, row: StudyRow) -> None:
         """Remove the result series a new grading replaces (Orthanc), so none is duplicated."""
@@ -319,6 +326,23 @@ class Service:
             if uid and not deleted:
                 log.info("superseded series kept on the PACS (no delete there); the new SR "
                          "names it as a predecessor")  # fmt: skip
+
+
+def result_uids(
+    study_uid: str, model_id: str, fingerprint: str, previous_sop: str | None
+) -> tuple[str, str, str, str]:
+    """SR series, SR instance, SC series and SC instance UIDs of one grading, derived from it.
+
+    A grading retried after a crash between the STOW-RS and the state update files the same
+    UIDs again, so the PACS keeps or overwrites its copy instead of holding two SRs. The
+    predecessor's UID is part of the seed: a study changed back to an earlier fingerprint gets new
+    UIDs, never those of a result it superseded.
+    """
+    seed = [study_uid, model_id, fingerprint, previous_sop or ""]
+    sr_series, sr, sc_series, sc = (
+        generate_uid(entropy_srcs=[*seed, part]) for part in ("sr-series", "sr", "sc-series", "sc")
+    )
+    return sr_series, sr, sc_series, sc
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
