@@ -7,6 +7,7 @@ models graded nothing (unreadable images, no usable series) is a failure, never 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -194,9 +195,12 @@ class Service:
         try:
             result, sr_uid, sr_sop, sc_uid = self.grade(row)
         except Exception as exc:
-            reason = scrub_paths(f"{type(exc).__name__}: {exc}")[:500]
-            log.warning("study %s failed: %s", study_key(row.study_uid), reason)
-            self.state.fail(row, reason, started, self.cfg.backoff_s)
+            reason = scrub_paths(failure_reason(exc))[:500]
+            wait = self.state.fail(row, reason, started, self.cfg.backoff_s)
+            # The operator must act on a full disk; anything else may pass by itself.
+            level = logging.ERROR if _disk_full(exc) else logging.WARNING
+            log.log(level, "study %s failed (attempt %d): %s; retrying in %.0f s",
+                    study_key(row.study_uid), row.attempts + 1, reason, wait)  # fmt: skip
             return False
         finally:
             if not self.cfg.keep_work:
@@ -263,16 +267,23 @@ class Service:
         if not np.allclose(got, clinical, atol=1e-6):
             raise GradingError("the SR did not re-read to the grades it was built from")
         ref = next(iter(evidence.values()))
-        sc = build_sc(ref, work / "report" / str(sid) / "figure.png", uids[2:])
-        self.pacs.store([sr, sc])
+        report = work / "report" / str(sid)
+        sc = build_sc(ref, report / "figure.png", uids[2:])
+        # The results are written before anything goes to the PACS, so a full disk fails the
+        # study with nothing filed there; they take their final names once the PACS holds them.
+        staged = _stage(self.work / "results" / key, {
+            "sr.dcm": buf.getvalue(), "figure.png": (report / "figure.png").read_bytes(),
+            "grades.json": (report / "grades.json").read_bytes(),  # the grades the SR holds
+        })  # fmt: skip
+        try:
+            self.pacs.store([sr, sc])
+        except BaseException:
+            _discard(staged)
+            raise
+        for tmp, final in staged:
+            os.replace(tmp, final)
         t3 = time.perf_counter()
         self._supersede(row)
-        out = self.work / "results" / key
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_bytes(out / "sr.dcm", buf.getvalue())
-        for name in ("figure.png", "grades.json"):  # the grades kept beside the SR built from them
-            shutil.copyfile(work / "report" / str(sid) / name, out / f".{name}.tmp")
-            os.replace(out / f".{name}.tmp", out / name)
         result = {
             "targets": {
                 c: {"grade": SEVERITIES[int(np.argmax(clinical[k]))],
@@ -345,7 +356,40 @@ def result_uids(
     return sr_series, sr, sc_series, sc
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def failure_reason(exc: BaseException) -> str:
+    """The worklist's line for a failed study."""
+    if _disk_full(exc):
+        return ("the disk is full (no space left on device) in the work folder: free space there; "
+                "nothing was filed into the PACS and the study is retried")  # fmt: skip
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name says the file is done
+
+
+def _stage(folder: Path, files: dict[str, bytes]) -> list[tuple[Path, Path]]:
+    """Write ``files`` under temporary names in ``folder``; [(temporary, final)]. On any error
+    (a full disk) every temporary file is removed: nothing half-written is left."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            staged.append((folder / f".{name}.partial", folder / name))
+            _write(staged[-1][0], data)
+    except BaseException:
+        _discard(staged)
+        raise
+    return staged
+
+
+def _discard(staged: list[tuple[Path, Path]]) -> None:
+    for tmp, _ in staged:
+        tmp.unlink(missing_ok=True)
