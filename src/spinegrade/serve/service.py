@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -32,6 +33,7 @@ from spinegrade.serve.state import State, StudyRow
 from spinegrade.task import LABEL_COLUMNS, SEVERITIES
 
 log = logging.getLogger(__name__)
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass
@@ -107,6 +109,11 @@ def fingerprint(series) -> str:
     return hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
 
 
+def is_uid(text: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1)."""
+    return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
 def study_key(study_uid: str) -> str:
     """Folder name of a study in the work folder (a hash: UIDs are long and may repeat prefixes)."""
     return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
@@ -136,8 +143,21 @@ class Service:
         if resumed:
             log.info("resumed %d study(ies) interrupted by a restart", resumed)
         self.stop_event = threading.Event()
+        self._skipped: set[str] = set()  # studies whose UID is not a DICOM UID, logged once
 
     # ------------------------------------------------------------------ watching
+
+    def _usable(self, study_uid: str) -> bool:
+        """Whether a study can be asked for by its UID; if not (e.g. "../x": every DICOMweb URL
+        built from it is refused) it is named in the log once and skipped, never stalling the
+        discovery of the others."""
+        if is_uid(study_uid):
+            return True
+        if study_uid not in self._skipped:  # once, not at every QIDO poll
+            self._skipped.add(study_uid)
+            log.warning("a study whose Study Instance UID is not a DICOM UID (%r) was skipped: "
+                        "correct it on the PACS", study_uid[:80])  # fmt: skip
+        return False
 
     def discover(self) -> int:
         """Record every study the PACS shows (new or changed ones become pending)."""
@@ -147,11 +167,14 @@ class Service:
         if watch == "orthanc":
             since = int(self.state.get_meta("orthanc_seq", "0"))
             uids, last = self.pacs.orthanc_changed_studies(since)
-            infos = [i for i in (self.pacs.study(u) for u in uids) if i is not None]
+            infos = [self.pacs.study(u) for u in uids if self._usable(u)]
         else:
             infos, last = self.pacs.studies(self.cfg.qido_filters), None
+            infos = [i for i in infos if self._usable(i["study_uid"])]
         n = 0
         for info in infos:
+            if info is None:  # deleted since the change
+                continue
             series = self.pacs.series(info["study_uid"])
             if not any(s.modality == "MR" for s in series):
                 continue
