@@ -130,9 +130,8 @@ def test_orthanc_stopped_mid_grading_is_graded_once_when_back(
     from spinegrade.serve.service import Service
 
     caplog.set_level(logging.INFO, logger="spinegrade.serve.service")
-    server = pacs
-    uid = send(server, tiny_trained, tmp_path, "outage")
-    svc = make_service(tiny_trained, predictor, server, tmp_path / "work", backoff_s=2.0,
+    uid = send(pacs, tiny_trained, tmp_path, "outage")
+    svc = make_service(tiny_trained, predictor, pacs, tmp_path / "work", backoff_s=2.0,
                        poll_s=0.3)  # fmt: skip
     original = Service.retrieve
     stopped = threading.Event()
@@ -140,7 +139,7 @@ def test_orthanc_stopped_mid_grading_is_graded_once_when_back(
     def retrieve_then_lose_the_pacs(self, study_uid, folder):
         headers = original(self, study_uid, folder)
         if not stopped.is_set():
-            server.stop()  # the images are here; the PACS is gone before the results go back
+            pacs.stop()  # the images are here; the PACS is gone before the results go back
             stopped.set()
         return headers
 
@@ -154,7 +153,7 @@ def test_orthanc_stopped_mid_grading_is_graded_once_when_back(
         row = svc.state.get(uid, svc.model.model_id)
         assert row.attempts == 1 and "ConnectionError" in row.reason
         wait_for(lambda: "poll failed" in caplog.text, 30, "a poll during the outage")
-        server.start()
+        pacs.start()
         wait_for(
             lambda: svc.state.get(uid, svc.model.model_id).status == "graded", 120,
             "the study to be graded after the restart",
@@ -163,7 +162,7 @@ def test_orthanc_stopped_mid_grading_is_graded_once_when_back(
         svc.stop_event.set()
         loop.join(timeout=60)
     assert outcomes(svc, uid) == ["failed", "graded"]
-    assert_one_result(server, svc, uid)
+    assert_one_result(pacs, svc, uid)
     text = caplog.text
     # The backoff is in the log: the failure, its attempt and the wait before the retry.
     assert "failed (attempt 1): ConnectionError" in text and "retrying in 2 s" in text
