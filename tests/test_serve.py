@@ -22,10 +22,17 @@ from spinegrade.task import LABEL_COLUMNS, SEVERITY_INDEX
 pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
 pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
 
+from serve_helpers import (
+    TOKEN,
+    chromium,
+    chromium_missing,
+    modalities,
+    page_server,
+    series_in_orthanc,
+    study_uid_of,
+)
 from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
 from spinegrade.serve.state import State, backoff_s
-
-TOKEN = "test-token-5b1e"
 
 
 class _Capture(logging.Handler):
@@ -88,28 +95,6 @@ def corrupt_copy(src: Path, dst: Path) -> None:
         out = dst / f.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(out)
-
-
-def study_uid_of(folder: Path) -> str:
-    import pydicom
-
-    return str(
-        pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
-    )
-
-
-def series_in_orthanc(server: LocalOrthanc, study_uid: str) -> list[dict]:
-    import requests
-
-    r = requests.get(
-        f"{server.dicomweb_url}/studies/{study_uid}/series", auth=server.auth, timeout=30
-    )
-    r.raise_for_status()
-    return r.json()
-
-
-def modalities(series: list[dict]) -> list[str]:
-    return sorted(s["00080060"]["Value"][0] for s in series)
 
 
 def retrieve(server: LocalOrthanc, study_uid: str, series_uid: str) -> list:
@@ -413,32 +398,8 @@ def test_changed_study_is_regraded_and_old_results_superseded(served, pacs, tmp_
 @pytest.fixture(scope="module")
 def page_url(served):
     """The worklist app over the served state, in uvicorn on a free loopback port."""
-    import threading
-    import time
-
-    import requests
-    import uvicorn
-
-    from spinegrade.serve.app import create_app
-    from spinegrade.serve.orthanc import free_port
-
-    svc = served[0]
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(svc, TOKEN), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(f"{url}/login", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with page_server(served[0]) as url:
+        yield url
 
 
 def test_api_needs_the_token_and_never_shows_secrets(served, page_url, pacs) -> None:
@@ -465,7 +426,7 @@ def test_api_needs_the_token_and_never_shows_secrets(served, page_url, pacs) -> 
         text = requests.get(f"{page_url}{path}", headers=auth, timeout=10).text
         assert TOKEN not in text and pacs.password not in text
     logged = "\n".join(LOG_LINES)
-    assert "failed: GradingError" in logged  # the capture works: the loop's lines are in it
+    assert "failed (attempt 1): GradingError" in logged  # the capture works: the loop's lines
     assert TOKEN not in logged and pacs.password not in logged
 
 
@@ -493,40 +454,19 @@ def test_serve_cli_refuses_to_start_without_a_token(tmp_path, monkeypatch) -> No
     assert out.exit_code != 0 and "SPINEGRADE_TOKEN" in out.output and "pw" not in out.output
 
 
-def chromium_missing() -> str | None:
-    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
-        return (
-            "Chromium is not installed; run `sudo scripts/install-serve-deps.sh` "
-            "(Debian: apt-get install chromium chromium-driver)"
-        )
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is missing: pip install 'spinegrade[serve]'"
-    return None
-
-
 def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
     missing = chromium_missing()
     if missing:
         pytest.skip(missing)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     from spinegrade.serve.service import study_key
 
     svc = served[0]
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
-                "--disable-dev-shm-usage"):  # fmt: skip
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=DriverService(shutil.which("chromedriver")))
     shots = Path(os.environ.get("SPINEGRADE_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    try:
+    with chromium() as driver:
         driver.get(page_url + "/")
         assert driver.find_elements(By.ID, "token"), "no login form without the token"
         driver.find_element(By.ID, "token").send_keys(TOKEN)
@@ -561,7 +501,5 @@ def test_page_in_headless_chromium(served, page_url, tmp_path) -> None:
         assert driver.execute_script("return arguments[0].naturalWidth", img) > 100
         assert driver.find_element(By.ID, "sr-link").get_attribute("href").endswith("sr.dcm")
         driver.save_screenshot(str(shots / "study.png"))
-    finally:
-        driver.quit()
     assert (shots / "worklist.png").stat().st_size > 10_000
     assert (shots / "study.png").stat().st_size > 10_000

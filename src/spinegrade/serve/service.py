@@ -7,11 +7,13 @@ models graded nothing (unreadable images, no usable series) is a failure, never 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import yaml
+from pydicom.uid import generate_uid
 
 from spinegrade.reporting.clinical import DEWEIGHT_NOTE, deweight
 from spinegrade.serve.pacs import Pacs
@@ -30,6 +33,7 @@ from spinegrade.serve.state import State, StudyRow
 from spinegrade.task import LABEL_COLUMNS, SEVERITIES
 
 log = logging.getLogger(__name__)
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass
@@ -105,6 +109,11 @@ def fingerprint(series) -> str:
     return hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
 
 
+def is_uid(text: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1)."""
+    return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
 def study_key(study_uid: str) -> str:
     """Folder name of a study in the work folder (a hash: UIDs are long and may repeat prefixes)."""
     return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
@@ -134,8 +143,21 @@ class Service:
         if resumed:
             log.info("resumed %d study(ies) interrupted by a restart", resumed)
         self.stop_event = threading.Event()
+        self._skipped: set[str] = set()  # studies whose UID is not a DICOM UID, logged once
 
     # ------------------------------------------------------------------ watching
+
+    def _usable(self, study_uid: str) -> bool:
+        """Whether a study can be asked for by its UID; if not (e.g. "../x": every DICOMweb URL
+        built from it is refused) it is named in the log once and skipped, never stalling the
+        discovery of the others."""
+        if is_uid(study_uid):
+            return True
+        if study_uid not in self._skipped:  # once, not at every QIDO poll
+            self._skipped.add(study_uid)
+            log.warning("a study whose Study Instance UID is not a DICOM UID (%r) was skipped: "
+                        "correct it on the PACS", study_uid[:80])  # fmt: skip
+        return False
 
     def discover(self) -> int:
         """Record every study the PACS shows (new or changed ones become pending)."""
@@ -145,11 +167,14 @@ class Service:
         if watch == "orthanc":
             since = int(self.state.get_meta("orthanc_seq", "0"))
             uids, last = self.pacs.orthanc_changed_studies(since)
-            infos = [i for i in (self.pacs.study(u) for u in uids) if i is not None]
+            infos = [self.pacs.study(u) for u in uids if self._usable(u)]
         else:
             infos, last = self.pacs.studies(self.cfg.qido_filters), None
+            infos = [i for i in infos if self._usable(i["study_uid"])]
         n = 0
         for info in infos:
+            if info is None:  # deleted since the change
+                continue
             series = self.pacs.series(info["study_uid"])
             if not any(s.modality == "MR" for s in series):
                 continue
@@ -193,9 +218,12 @@ class Service:
         try:
             result, sr_uid, sr_sop, sc_uid = self.grade(row)
         except Exception as exc:
-            reason = scrub_paths(f"{type(exc).__name__}: {exc}")[:500]
-            log.warning("study %s failed: %s", study_key(row.study_uid), reason)
-            self.state.fail(row, reason, started, self.cfg.backoff_s)
+            reason = scrub_paths(failure_reason(exc))[:500]
+            wait = self.state.fail(row, reason, started, self.cfg.backoff_s)
+            # The operator must act on a full disk; anything else may pass by itself.
+            level = logging.ERROR if _disk_full(exc) else logging.WARNING
+            log.log(level, "study %s failed (attempt %d): %s; retrying in %.0f s",
+                    study_key(row.study_uid), row.attempts + 1, reason, wait)  # fmt: skip
             return False
         finally:
             if not self.cfg.keep_work:
@@ -253,7 +281,8 @@ class Service:
         t2 = time.perf_counter()
         evidence = self._evidence(pd.read_csv(res.studies_path), headers)
         points = {c: grades["targets"][c]["point_lps_mm"] for c in LABEL_COLUMNS}
-        sr = build_sr(evidence, clinical, points, self.model, previous=self._previous_sr(row))
+        uids = result_uids(row.study_uid, self.model.model_id, row.fingerprint, row.sr_sop_uid)
+        sr = build_sr(evidence, clinical, points, self.model, self._previous_sr(row), uids[:2])
         buf = io.BytesIO()
         sr.save_as(buf)
         check = read_sr(buf.getvalue())  # validate by re-reading before anything is stored
@@ -261,16 +290,23 @@ class Service:
         if not np.allclose(got, clinical, atol=1e-6):
             raise GradingError("the SR did not re-read to the grades it was built from")
         ref = next(iter(evidence.values()))
-        sc = build_sc(ref, work / "report" / str(sid) / "figure.png")
-        self.pacs.store([sr, sc])
+        report = work / "report" / str(sid)
+        sc = build_sc(ref, report / "figure.png", uids[2:])
+        # The results are written before anything goes to the PACS, so a full disk fails the
+        # study with nothing filed there; they take their final names once the PACS holds them.
+        staged = _stage(self.work / "results" / key, {
+            "sr.dcm": buf.getvalue(), "figure.png": (report / "figure.png").read_bytes(),
+            "grades.json": (report / "grades.json").read_bytes(),  # the grades the SR holds
+        })  # fmt: skip
+        try:
+            self.pacs.store([sr, sc])
+        except BaseException:
+            _discard(staged)
+            raise
+        for tmp, final in staged:
+            os.replace(tmp, final)
         t3 = time.perf_counter()
         self._supersede(row)
-        out = self.work / "results" / key
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_bytes(out / "sr.dcm", buf.getvalue())
-        for name in ("figure.png", "grades.json"):  # the grades kept beside the SR built from them
-            shutil.copyfile(work / "report" / str(sid) / name, out / f".{name}.tmp")
-            os.replace(out / f".{name}.tmp", out / name)
         result = {
             "targets": {
                 c: {"grade": SEVERITIES[int(np.argmax(clinical[k]))],
@@ -304,7 +340,12 @@ class Service:
         if not row.sr_sop_uid:
             return None
         path = self.work / "results" / study_key(row.study_uid) / "sr.dcm"
-        return pydicom.dcmread(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        ds = pydicom.dcmread(path)
+        # After a crash between filing a new SR and recording it, the file is that new SR: it
+        # must not name itself as its own predecessor.
+        return ds if ds.SOPInstanceUID == row.sr_sop_uid else None
 
     def _supersede(self, row: StudyRow) -> None:
         """Remove the result series a new grading replaces (Orthanc), so none is duplicated."""
@@ -321,7 +362,57 @@ class Service:
                          "names it as a predecessor")  # fmt: skip
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def result_uids(
+    study_uid: str, model_id: str, fingerprint: str, previous_sop: str | None
+) -> tuple[str, str, str, str]:
+    """SR series, SR instance, SC series and SC instance UIDs of one grading, derived from it.
+
+    A grading retried after a crash between the STOW-RS and the state update files the same
+    UIDs again, so the PACS keeps or overwrites its copy instead of holding two SRs. The
+    predecessor's UID is part of the seed: a study changed back to an earlier fingerprint gets new
+    UIDs, never those of a result it superseded.
+    """
+    seed = [study_uid, model_id, fingerprint, previous_sop or ""]
+    sr_series, sr, sc_series, sc = (
+        generate_uid(entropy_srcs=[*seed, part]) for part in ("sr-series", "sr", "sc-series", "sc")
+    )
+    return sr_series, sr, sc_series, sc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The worklist's line for a failed study."""
+    if _disk_full(exc):
+        return ("the disk is full (no space left on device) in the work folder: free space there; "
+                "nothing was filed into the PACS and the study is retried")  # fmt: skip
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name says the file is done
+
+
+def _stage(folder: Path, files: dict[str, bytes]) -> list[tuple[Path, Path]]:
+    """Write ``files`` under temporary names in ``folder``; [(temporary, final)]. On any error
+    (a full disk) every temporary file is removed: nothing half-written is left."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            staged.append((folder / f".{name}.partial", folder / name))
+            _write(staged[-1][0], data)
+    except BaseException:
+        _discard(staged)
+        raise
+    return staged
+
+
+def _discard(staged: list[tuple[Path, Path]]) -> None:
+    for tmp, _ in staged:
+        tmp.unlink(missing_ok=True)

@@ -101,13 +101,17 @@ def build_sr(
     points: dict[str, list[float] | None],
     model: ModelIdentity,
     previous: pydicom.Dataset | None = None,
+    uids: tuple[str, str] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of one study.
 
     ``evidence``: series type (e.g. "Sagittal T2/STIR") -> one header of that source series (its
     frame of reference places the points); ``probs``: (25, 3) de-weighted, LABEL_COLUMNS order;
-    ``points``: column -> LPS mm or None; ``previous``: the SR this one supersedes.
+    ``points``: column -> LPS mm or None; ``previous``: the SR this one supersedes; ``uids``:
+    (series, SOP instance) UIDs to use instead of fresh ones (the service derives them, so a
+    retried store overwrites rather than duplicates).
     """
+    series_uid, sop_uid = uids or (generate_uid(), generate_uid())
     algorithm = hd.sr.AlgorithmIdentification(
         name=MANUFACTURER, version=model.version, parameters=model.parameters()
     )
@@ -160,9 +164,9 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(evidence.values()),
         content=report,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -173,10 +177,14 @@ def build_sr(
     return sr
 
 
-def build_sc(ref: pydicom.Dataset, figure_png: Path | str) -> hd.sc.SCImage:
-    """The report figure as an RGB secondary capture in the study of ``ref``."""
+def build_sc(
+    ref: pydicom.Dataset, figure_png: Path | str, uids: tuple[str, str] | None = None
+) -> hd.sc.SCImage:
+    """The report figure as an RGB secondary capture in the study of ``ref`` (``uids``: as in
+    :func:`build_sr`)."""
     from PIL import Image
 
+    series_uid, sop_uid = uids or (generate_uid(), generate_uid())
     with Image.open(figure_png) as im:
         rgb = np.asarray(im.convert("RGB"))
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -185,9 +193,9 @@ def build_sc(ref: pydicom.Dataset, figure_png: Path | str) -> hd.sc.SCImage:
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=generate_uid(),
+        series_instance_uid=series_uid,
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=("A", "F"),

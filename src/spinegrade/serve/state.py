@@ -178,17 +178,18 @@ class State:
         )  # fmt: skip
         self._log(row, started, now, "graded", "")
 
-    def fail(self, row: StudyRow, reason: str, started: float, base_backoff_s: float) -> None:
-        """Mark failed with ``reason``; it is retried after the backoff."""
+    def fail(self, row: StudyRow, reason: str, started: float, base_backoff_s: float) -> float:
+        """Mark failed with ``reason``; it is retried after the backoff (returned, in seconds)."""
         now = time.time()
         attempts = row.attempts + 1
+        wait = backoff_s(attempts, base_backoff_s)
         self._exec(
             "UPDATE studies SET status='failed', reason=?, attempts=?, next_try=?, updated=?"
             " WHERE study_uid=? AND model_id=?",
-            (reason, attempts, now + backoff_s(attempts, base_backoff_s), now, row.study_uid,
-             row.model_id),
-        )  # fmt: skip
+            (reason, attempts, now + wait, now, row.study_uid, row.model_id),
+        )
         self._log(row, started, now, "failed", reason)
+        return wait
 
     def _log(self, row: StudyRow, started: float, now: float, outcome: str, reason: str) -> None:
         self._exec(
