@@ -311,6 +311,18 @@ def test_pretrained_path_loads_local_imagenet_style_weights(tmp_path: Path) -> N
         create_backbone(TINY, pretrained=True, pretrained_path=tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("key", ["model", "localizer"])
+def test_a_weights_file_with_pretrained_off_is_refused_not_ignored(tmp_path: Path, key) -> None:
+    # quick says pretrained: false; naming a file there used to train from random weights, exit 0.
+    file, _ = _imagenet_style_file(tmp_path)
+    cfg = load_config("quick", [f"{key}.pretrained_path={file}"])
+    with pytest.raises(PretrainedUnavailable, match=rf"set {key}.pretrained=true to load it"):
+        weights.require_pretrained(cfg)
+    cfg = load_config("quick", [f"{key}.pretrained_path={file}", f"{key}.pretrained=true"])
+    cfg.localizer.backbone_kwargs = {}
+    assert weights.require_pretrained(cfg)[key]["source"] == "file"
+
+
 def test_both_backbones_load_pretrained_path_and_record_it(tmp_path: Path) -> None:
     file, source = _imagenet_style_file(tmp_path)
     digest = hashlib.sha256(file.read_bytes()).hexdigest()

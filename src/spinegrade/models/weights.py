@@ -369,6 +369,13 @@ def require_pretrained(cfg: Any) -> dict[str, dict[str, Any]]:
             out[key] = {"source": "run", "path": str(Path(section.init_from).resolve())}
             continue
         if not section.pretrained:
+            if section.pretrained_path:  # a file named and then ignored: random weights, silently
+                raise PretrainedUnavailable(
+                    f"{key}.pretrained_path={section.pretrained_path} is set but "
+                    f"{key}.pretrained is false, so the file would be ignored and the backbone "
+                    f"trained from random weights; set {key}.pretrained=true to load it, or "
+                    f"{key}.pretrained_path=null to train from random weights"
+                )
             out[key] = dict(RANDOM_INIT)
             continue
         net = create_backbone(
