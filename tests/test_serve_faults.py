@@ -390,6 +390,7 @@ def hostile(tiny_trained, predictor, hostile_pacs, tmp_path_factory):
         yield svc, url, latin, utf8, tmp, lines
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the path-UID study, on purpose
 def test_hostile_fields_reach_the_sr_intact_and_never_the_file_system(
     hostile, hostile_pacs, tiny_trained, tmp_path
 ) -> None:

@@ -183,3 +183,42 @@ def test_a_row_is_scored_on_its_own_output_and_grades() -> None:
     loss.backward()
     assert torch.isfinite(loss) and float(logits.grad[1, 2, :2].abs().sum()) > 0
     assert float(logits.grad[1, 0].abs().sum()) == 0  # other outputs untouched by this row
+
+
+def test_conditions_read_on_one_crop_are_taught_by_one_item() -> None:
+    from spinegrade.config import load_config
+    from spinegrade.data.grader_dataset import GraderDataset, collate_levels, crop_bundles
+    from spinegrade.data.studies import StudyData
+    from spinegrade.localization.points import StudyPoints
+    from spinegrade.models.registry import build_grader
+    from spinegrade.task import LEVELS
+    from spinegrade.training.stages import _GraderLoss
+    from stack_factory import make_stack
+
+    # RSNA: every condition has a crop of its own (a side or an anchor apart).
+    for group in RSNA_2024.groups:
+        assert all(len(b) == 1 for b in crop_bundles(RSNA_2024.group_conditions(group), RSNA_2024))
+    # SPIDER: the five disc findings are read on one sagittal crop per disc.
+    disc = SPIDER_DISCS.group_conditions("disc")
+    assert crop_bundles(disc, SPIDER_DISCS) == [tuple(disc)]
+    stack = make_stack([0, 1, 0], [0, 0, -1], [0.0, 0.0, 0.0], shape=(9, 96, 96))
+    stack.volume[:] = np.random.default_rng(0).integers(0, 255, stack.volume.shape)
+    points = StudyPoints()
+    for j, level in enumerate(LEVELS):
+        points.disc[j] = [0.0, 0.0, 30.0 - 15.0 * j]
+    labels = np.full(len(SPIDER_DISCS.columns), -1, np.int64)
+    for c in SPIDER_DISCS.columns[:15]:  # three of the five findings graded, two left empty
+        labels[SPIDER_DISCS.column_index(c)] = 1
+    study = StudyData(7, {"Sagittal T2/STIR": [stack]}, points, labels)
+    cfg = load_config("quick", ["crops.size=32", "crops.slices=3"])
+    ds = GraderDataset([study], {7: points}, "disc", cfg.crops, augment=True, task=SPIDER_DISCS)
+    assert len(ds) == 1  # was one item per finding: the same crop cut five times an epoch
+    item = ds[0]
+    assert item["labels"].shape == (len(LEVELS), len(disc))
+    assert (item["labels"][:, :3] == 1).all() and (item["labels"][:, 3:] == -1).all()
+    batch = collate_levels([item])
+    assert batch["labels"].shape == (5, 5) and batch["head"][0].tolist() == [0, 1, 2, 3, 4]
+    model = build_grader(cfg, n_targets=len(disc), n_classes=5, pretrained=False)
+    _GraderLoss(cfg, "disc", SPIDER_DISCS)(model, batch)["loss"].backward()
+    grad = model.head[-1].weight.grad.reshape(len(disc), 5, -1).abs().sum(dim=(1, 2))
+    assert (grad[:3] > 0).all() and (grad[3:] == 0).all()  # one crop, three graded outputs

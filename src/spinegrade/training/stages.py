@@ -120,10 +120,14 @@ class _GraderLoss:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = model(batch["x"], batch["level"])
-        if not self.task.is_rsna:
-            logits = select_heads(logits, batch["head"], batch["grades"])
+        if not self.task.is_rsna:  # each row's crop teaches every condition of its bundle
+            head, grades = batch["head"], batch["grades"]
+            logits = torch.cat(
+                [select_heads(logits, head[:, k], grades[:, k]) for k in range(head.shape[1])],
+                dim=1,
+            )
         return grading_loss(
-            logits, batch["labels"][:, None], study_index=batch["study"],
+            logits, batch["labels"], study_index=batch["study"],
             any_severe_weight=self.any_weight, class_weights=self.class_weights,
             label_smoothing=self.loss.label_smoothing,
         )  # fmt: skip
