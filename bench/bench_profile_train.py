@@ -27,6 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the epochs' bars would bury the table
 
 import torch
 
@@ -99,8 +100,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per network (0: the config's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # what setup_runtime gives the fold
     full = load_config(args.config, args.overrides)
     over = [*args.overrides, "train.fold_workers=1"]
     if args.epochs:
