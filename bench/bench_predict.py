@@ -3,7 +3,9 @@
 Runs ``spinegrade.inference.predict.predict`` on an input (RSNA test layout or raw DICOM folder)
 three ways and reports, per study: preprocessing (DICOM -> cache), the model (every fold's localiser
 and graders), and the report (figure with saliency, grades.json). Peak resident memory is that of
-this process (the models and one study at a time) and of the preprocessing workers, if any.
+this process (the models and one study at a time) and of the preprocessing workers, if any (an
+upper bound: Linux carries a parent's high-water mark into ``ru_maxrss`` of the children it
+starts, so the workers' figure is at least this process's size when they started).
 
     .venv/bin/python bench/bench_predict.py [RUN_DIR] [INPUT] [--threads 2] [--no-report]
         [--workers 2] [--engine torch|onnx|auto] [--batch-studies 8]
