@@ -269,7 +269,11 @@ class Service:
                 predictor=self.predictor,
             )  # fmt: skip
         except FallbackError as err:  # one study a call: nothing graded is this study's failure
-            raise GradingError(f"no target could be graded: {err}") from err
+            if err.result is None:
+                raise GradingError(f"no target could be graded: {err}") from err
+            # Its own warnings say why (a refused series, its file and what to do), not the
+            # batch summary, which names a submission.csv the service's user never sees.
+            res = err.result
         sid = stable_id(row.study_uid)
         warnings = res.warnings.get(sid, [])
         if sid not in res.study_ids or not res.graded_per_study or res.graded_per_study[0] == 0:
@@ -384,6 +388,8 @@ def failure_reason(exc: BaseException) -> str:
     if _disk_full(exc):
         return ("the disk is full (no space left on device) in the work folder: free space there; "
                 "nothing was filed into the PACS and the study is retried")  # fmt: skip
+    if isinstance(exc, GradingError):  # our own words about the study: no class name before
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
