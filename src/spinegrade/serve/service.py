@@ -233,7 +233,8 @@ class Service:
         return True
 
     def retrieve(self, study_uid: str, folder: Path) -> dict[str, pydicom.Dataset]:
-        """WADO-RS every MR series into ``folder``; returns series UID -> one header."""
+        """WADO-RS every MR series into ``folder``; returns series UID -> one header (of the
+        series' first file that parses)."""
         if folder.exists():
             shutil.rmtree(folder)
         headers = {}
@@ -242,12 +243,14 @@ class Service:
                 continue
             target = folder / study_key(s.uid)
             target.mkdir(parents=True)
-            for k, ds in enumerate(self.pacs.retrieve_series(study_uid, s.uid)):
-                ds.save_as(target / f"{k:05d}.dcm", enforce_file_format=True)
+            for k, data in enumerate(self.pacs.retrieve_series(study_uid, s.uid)):
+                path = target / f"{k:05d}.dcm"
+                path.write_bytes(data)  # as the PACS holds it: the reader judges every file
                 if s.uid not in headers:
-                    head = pydicom.Dataset()
-                    head.update({e.tag: e for e in ds if e.tag != 0x7FE00010})
-                    headers[s.uid] = head
+                    try:
+                        headers[s.uid] = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+                    except Exception:  # a damaged file, which the reader names; the next one
+                        continue  # gives the series' header
         return headers
 
     def grade(self, row: StudyRow) -> tuple[dict, str, str, str]:
