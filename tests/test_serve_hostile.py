@@ -36,6 +36,8 @@ from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
 FILE_SYSTEM = {"symlink_loop", "broken_link", "fifo", "unreadable", "changing", "empty_subfolder"}
 SENT = [k for k in KINDS if not k.big and k.name not in FILE_SYSTEM]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Culprits the service never reads: not MR (a screenshot, a CT slice), so never retrieved.
+NOT_MR = {"rgb_secondary_capture", "ct_stray"}
 # A Python exception as a reason ("ZeroDivisionError: float division by zero"): the worklist
 # must say what is wrong with the study, not which exception a library raised.
 EXCEPTION_NAME = re.compile(r"\b[A-Z]\w*(Error|Exception|Warning|Interrupt)\b")
@@ -206,6 +208,13 @@ def test_each_kind_is_graded_or_fails_with_one_clear_line(sent, kind: Kind) -> N
             ot = instances_in_orthanc(server, row.study_uid, "OT")
             assert len(ot) == out.ot_sent[row.study_uid] + 1  # our SC beside what was sent
             assert any(t["source"] == "model" for t in row.result["targets"].values())
+            if (
+                kind.predict_expect
+                and kind.name not in NOT_MR
+                and (not kind.culprit or kind.culprit in out.accepted[kind.name])
+            ):  # what is wrong reached the service: a warning says it (no slice lost unsaid)
+                warned = row.result["warnings"]
+                assert any(re.search(kind.predict_expect, w) for w in warned), warned
             continue
         assert row.status == "failed" and row.attempts == 1
         assert unclear(row.reason, out.work) == [], row.reason
