@@ -204,7 +204,7 @@ def test_conditions_read_on_one_crop_are_taught_by_one_item() -> None:
     stack = make_stack([0, 1, 0], [0, 0, -1], [0.0, 0.0, 0.0], shape=(9, 96, 96))
     stack.volume[:] = np.random.default_rng(0).integers(0, 255, stack.volume.shape)
     points = StudyPoints()
-    for j, level in enumerate(LEVELS):
+    for j, _level in enumerate(LEVELS):
         points.disc[j] = [0.0, 0.0, 30.0 - 15.0 * j]
     labels = np.full(len(SPIDER_DISCS.columns), -1, np.int64)
     for c in SPIDER_DISCS.columns[:15]:  # three of the five findings graded, two left empty

@@ -225,7 +225,14 @@ def predict(
 
 
 class FallbackError(ValueError):
-    """Every study (or, with ``--strict``, any target) fell back to the training prior."""
+    """Every study (or, with ``--strict``, any target) fell back to the training prior.
+
+    ``result`` is what was predicted: its per-study warnings say why (the service shows them).
+    """
+
+    def __init__(self, message: str, result: PredictResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def _check_fallbacks(result: PredictResult, strict: bool) -> None:
@@ -239,13 +246,15 @@ def _check_fallbacks(result: PredictResult, strict: bool) -> None:
         raise FallbackError(
             f"every study ({len(ids)}) fell back to the training prior: no model graded any "
             f"target (first warnings: {result.warnings.get(ids[0], [])[:2]}); {written}. Check "
-            "that the input holds lumbar MRI series the run was trained on"
+            "that the input holds lumbar MRI series the run was trained on",
+            result,
         )
     if strict and some_prior:
         raise FallbackError(
             f"--strict: {len(some_prior)} of {len(ids)} studies use the training prior for some "
             f"targets (e.g. study {some_prior[0]}: {result.warnings.get(some_prior[0], [])[:2]}); "
-            f"{written}"
+            f"{written}",
+            result,
         )
 
 

@@ -156,7 +156,9 @@ def _summary(row) -> dict:
 def _worklist_row(row) -> str:
     key = study_key(row.study_uid)
     link = f"<a href='/study/{key}'>{html.escape(key)}</a>"
-    reason = html.escape(row.reason[:160])
+    # All of it (the service keeps a reason to one line of at most 500 characters): what is wrong
+    # comes after the study and series it names, past any shorter cut.
+    reason = html.escape(row.reason)
     if row.status == "failed":
         reason += f" (retry after {_when(row.next_try)})"
     cells = [link, row.info.get("study_date", ""), row.info.get("accession", ""),

@@ -8,6 +8,7 @@ never appear in ``repr`` or log lines.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 QIDO_PAGE = 100
 SERIES_FIELDS = ["Modality", "SeriesDescription", "NumberOfSeriesRelatedInstances"]
 STUDY_FIELDS = ["StudyDate", "AccessionNumber", "StudyDescription"]
+# WADO-RS: instances in the transfer syntax they are stored in (PS3.18 8.7.3.5.2)
+STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
 @dataclass
@@ -94,8 +97,20 @@ class Pacs:
             )
         return out
 
-    def retrieve_series(self, study_uid: str, series_uid: str) -> list[pydicom.Dataset]:
-        return list(self.client.retrieve_series(study_uid, series_uid))
+    def retrieve_series(self, study_uid: str, series_uid: str) -> list[bytes]:
+        """Every instance of a series: the bytes the PACS stores (WADO-RS, transfer syntax ``*``).
+
+        Asked for the default syntax, a PACS transcodes, and Orthanc ends its answer at the first
+        instance it cannot decode: that slice and every later one were lost without a word (2 of
+        5 sent). As stored and unparsed, each file reaches the reader (a file stored without a
+        preamble too), which decodes it or names it and says why not.
+        """
+        r = self.session.get(
+            f"{self.url}/studies/{study_uid}/series/{series_uid}",
+            headers={"Accept": STORED}, timeout=self.timeout,
+        )  # fmt: skip
+        r.raise_for_status()
+        return multipart_parts(r.content, r.headers.get("Content-Type", ""))
 
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> pydicom.Dataset:
         return self.client.retrieve_instance(study_uid, series_uid, sop_uid)
@@ -155,6 +170,23 @@ class Pacs:
                 self.session.delete(f"{root}/series/{hit['ID']}", timeout=self.timeout)
                 done = True
         return done
+
+
+def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
+    """The bodies of a multipart/related message's parts (RFC 2046), in order."""
+    found = re.search(r'boundary="?([^";]+)"?', content_type)
+    if found is None:
+        if content_type.startswith("application/dicom"):  # some servers send one part bare
+            return [body]
+        raise ValueError(f"the PACS answered {content_type or 'without a type'}, not DICOM parts")
+    parts = []
+    for chunk in body.split(b"--" + found.group(1).encode())[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        _, sep, data = chunk.partition(b"\r\n\r\n")  # part headers, then the file
+        if sep:
+            parts.append(data[:-2] if data.endswith(b"\r\n") else data)
+    return parts
 
 
 def _study_info(ds: pydicom.Dataset) -> dict:

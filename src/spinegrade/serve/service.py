@@ -233,7 +233,8 @@ class Service:
         return True
 
     def retrieve(self, study_uid: str, folder: Path) -> dict[str, pydicom.Dataset]:
-        """WADO-RS every MR series into ``folder``; returns series UID -> one header."""
+        """WADO-RS every MR series into ``folder``; returns series UID -> one header (of the
+        series' first file that parses)."""
         if folder.exists():
             shutil.rmtree(folder)
         headers = {}
@@ -242,12 +243,14 @@ class Service:
                 continue
             target = folder / study_key(s.uid)
             target.mkdir(parents=True)
-            for k, ds in enumerate(self.pacs.retrieve_series(study_uid, s.uid)):
-                ds.save_as(target / f"{k:05d}.dcm", enforce_file_format=True)
+            for k, data in enumerate(self.pacs.retrieve_series(study_uid, s.uid)):
+                path = target / f"{k:05d}.dcm"
+                path.write_bytes(data)  # as the PACS holds it: the reader judges every file
                 if s.uid not in headers:
-                    head = pydicom.Dataset()
-                    head.update({e.tag: e for e in ds if e.tag != 0x7FE00010})
-                    headers[s.uid] = head
+                    try:
+                        headers[s.uid] = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+                    except Exception:  # a damaged file, which the reader names; the next one
+                        continue  # gives the series' header
         return headers
 
     def grade(self, row: StudyRow) -> tuple[dict, str, str, str]:
@@ -269,7 +272,11 @@ class Service:
                 predictor=self.predictor,
             )  # fmt: skip
         except FallbackError as err:  # one study a call: nothing graded is this study's failure
-            raise GradingError(f"no target could be graded: {err}") from err
+            if err.result is None:
+                raise GradingError(f"no target could be graded: {err}") from err
+            # Its own warnings say why (a refused series, its file and what to do), not the
+            # batch summary, which names a submission.csv the service's user never sees.
+            res = err.result
         sid = stable_id(row.study_uid)
         warnings = res.warnings.get(sid, [])
         if sid not in res.study_ids or not res.graded_per_study or res.graded_per_study[0] == 0:
@@ -384,6 +391,8 @@ def failure_reason(exc: BaseException) -> str:
     if _disk_full(exc):
         return ("the disk is full (no space left on device) in the work folder: free space there; "
                 "nothing was filed into the PACS and the study is retried")  # fmt: skip
+    if isinstance(exc, GradingError):  # our own words about the study: no class name before
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 

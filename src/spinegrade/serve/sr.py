@@ -14,6 +14,7 @@ private ``99SPINEGRADE`` ones are declared in the SR's Coding Scheme Identificat
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ MANUFACTURER = "spinegrade"
 SR_SERIES_DESCRIPTION = "spinegrade AI grading (SR)"
 SC_SERIES_DESCRIPTION = "spinegrade AI report figure"
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+# Patient and General Study attributes the SR copies from its first evidence header (highdicom
+# reads them unconditionally). All are Type 2, present but perhaps empty; some senders leave them
+# out, and a PACS stores what it is sent.
+STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+               "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")  # fmt: skip
 
 
 @dataclass
@@ -84,6 +90,18 @@ def _probability(j: int, value: float, algorithm) -> hd.sr.Measurement:
         name=PROBABILITY_NAMES[SEVERITIES[j]], value=float(value), unit=codes.UCUM.NoUnits,
         method=DEWEIGHTED, algorithm_id=algorithm,
     )  # fmt: skip
+
+
+def type2_present(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds``, or a copy holding the :data:`STUDY_TYPE2` attributes it lacks, empty (DICOM's
+    "unknown"): a header without a birth date still gets its SR, which says the date is unknown."""
+    missing = [k for k in STUDY_TYPE2 if k not in ds]
+    if not missing:
+        return ds
+    out = copy.deepcopy(ds)  # a header (no pixel data); the caller's dataset stays as it came
+    for k in missing:
+        setattr(out, k, None)
+    return out
 
 
 def _private_scheme() -> pydicom.Dataset:
@@ -161,8 +179,9 @@ def build_sr(
         procedure_reported=PROCEDURE,
         imaging_measurements=groups,
     )
+    refs = list(evidence.values())
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence.values()),
+        evidence=[type2_present(refs[0]), *refs[1:]],
         content=report,
         series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER,
