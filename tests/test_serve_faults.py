@@ -261,7 +261,8 @@ def test_killed_at_each_step_then_restarted_files_one_sr_and_loses_no_study(
     poll_until(svc, uids, {"graded"})
     for uid in uids:
         assert_one_result(pacs, svc, uid)
-        assert not list((work / "results").rglob("*.partial")), "a half-written result was left"
+        left = [p for p in (work / "results").rglob("*") if p.name.startswith(".")]
+        assert not left, f"a half-written result was left: {left}"
     # The retry filed the same instance again: the SR the state names is the one of the crash.
     for uid, sops in filed.items():
         assert instances_in_orthanc(pacs, uid, "SR") == sops
@@ -284,7 +285,7 @@ def full_disk(how: str, results: Path, monkeypatch) -> Iterator:
         original = service_module._write
 
         def write_until_full(path: Path, data: bytes) -> None:
-            if path.name == ".figure.png.partial":
+            if path.name.startswith(".figure.png.tmp-"):  # atomic_path's temporary name
                 path.write_bytes(data[: len(data) // 2])
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             original(path, data)

@@ -7,6 +7,7 @@ models graded nothing (unreadable images, no usable series) is a failure, never 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -31,6 +32,7 @@ from spinegrade.serve.pacs import Pacs
 from spinegrade.serve.sr import ModelIdentity, build_sc, build_sr, read_sr
 from spinegrade.serve.state import State, StudyRow
 from spinegrade.task import LABEL_COLUMNS, SEVERITIES
+from spinegrade.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -300,18 +302,16 @@ class Service:
         report = work / "report" / str(sid)
         sc = build_sc(ref, report / "figure.png", uids[2:])
         # The results are written before anything goes to the PACS, so a full disk fails the
-        # study with nothing filed there; they take their final names once the PACS holds them.
-        staged = _stage(self.work / "results" / key, {
+        # study with nothing filed there; they take their final names once the PACS holds them
+        # (on any error every temporary file is removed: nothing half-written is left).
+        files = {
             "sr.dcm": buf.getvalue(), "figure.png": (report / "figure.png").read_bytes(),
             "grades.json": (report / "grades.json").read_bytes(),  # the grades the SR holds
-        })  # fmt: skip
-        try:
+        }  # fmt: skip
+        with contextlib.ExitStack() as pending:
+            for name, data in files.items():
+                _write(pending.enter_context(atomic_path(self.work / "results" / key / name)), data)
             self.pacs.store([sr, sc])
-        except BaseException:
-            _discard(staged)
-            raise
-        for tmp, final in staged:
-            os.replace(tmp, final)
         t3 = time.perf_counter()
         self._supersede(row)
         result = {
@@ -405,23 +405,3 @@ def _write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())  # the bytes are on disk before the name says the file is done
-
-
-def _stage(folder: Path, files: dict[str, bytes]) -> list[tuple[Path, Path]]:
-    """Write ``files`` under temporary names in ``folder``; [(temporary, final)]. On any error
-    (a full disk) every temporary file is removed: nothing half-written is left."""
-    staged: list[tuple[Path, Path]] = []
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            staged.append((folder / f".{name}.partial", folder / name))
-            _write(staged[-1][0], data)
-    except BaseException:
-        _discard(staged)
-        raise
-    return staged
-
-
-def _discard(staged: list[tuple[Path, Path]]) -> None:
-    for tmp, _ in staged:
-        tmp.unlink(missing_ok=True)
