@@ -23,6 +23,7 @@ modules they came from (torch tensors in and out), so the prediction code is one
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -257,18 +258,14 @@ def _largest_difference(
 # ------------------------------------------------------------------------------ the runtime
 
 
-_ARENA: list[bool] = []
-
-
+@functools.cache
 def _shared_arena(ort) -> None:
     """Register the process's shared CPU arena with ONNX Runtime's environment, once."""
-    if not _ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                 ort.OrtMemType.DEFAULT)  # fmt: skip
-        # max_mem 0 (no cap), extend by what is asked (1: kSameAsRequested, not powers of two),
-        # ONNX Runtime's defaults for the initial chunk and the dead bytes a chunk may keep.
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-        _ARENA.append(True)
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                             ort.OrtMemType.DEFAULT)  # fmt: skip
+    # max_mem 0 (no cap), extend by what is asked (1: kSameAsRequested, not powers of two),
+    # ONNX Runtime's defaults for the initial chunk and the dead bytes a chunk may keep.
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
 
 
 def _session(path: Path, threads: int):
