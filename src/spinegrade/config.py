@@ -134,6 +134,9 @@ class LossConfig:
     class_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     any_severe_weight: float = 1.0  # coefficient of the any-severe-spinal term (spinal only)
     label_smoothing: float = 0.0
+    # Tasks other than RSNA 2024: an ordinal grade's target spreads to its neighbours as a
+    # Gaussian of this SD in grades (0: one-hot; see training.losses.ordinal_targets).
+    ordinal_sigma: float = 0.0
 
 
 @dataclass

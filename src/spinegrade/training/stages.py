@@ -25,7 +25,13 @@ from spinegrade.localization.tasks import configured_tasks
 from spinegrade.task import LEVELS, RSNA_2024, Task
 from spinegrade.training.engine import FitSpec, fit
 from spinegrade.training.init_from import start_net
-from spinegrade.training.losses import grading_loss, localizer_loss, select_heads
+from spinegrade.training.losses import (
+    grading_loss,
+    localizer_loss,
+    ordinal_targets,
+    select_heads,
+    soft_weighted_ce,
+)
 from spinegrade.util.runtime import Runtime
 
 # ------------------------------------------------------------------------------ stage-1 training
@@ -111,12 +117,22 @@ class _GraderLoss:
     def __init__(self, cfg: Config, group: str, task: Task = RSNA_2024) -> None:
         self.loss, self.task = cfg.loss, task
         self.any_weight = cfg.loss.any_severe_weight if task.is_rsna and group == "spinal" else 0.0
+        self.ordinal_sigma = cfg.loss.ordinal_sigma
         if task.is_rsna:
+            if self.ordinal_sigma > 0:
+                raise ValueError(
+                    "loss.ordinal_sigma is for tasks other than RSNA 2024, whose loss is the "
+                    "competition metric's weighted log loss: set loss.ordinal_sigma=0"
+                )
             self.class_weights = list(cfg.loss.class_weights)
         else:  # the longest grade list's weights; shorter ones are masked (see select_heads)
             longest = max((task.condition(c) for c in task.group_conditions(group)),
                           key=lambda c: len(c.grades))  # fmt: skip
             self.class_weights = list(longest.class_weights)
+            # Which outputs of the group's network grade an ordinal condition.
+            self.ordinal_head = torch.tensor(
+                [task.condition(h).ordinal for h in task.heads(group)], dtype=torch.bool
+            )
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = model(batch["x"], batch["level"])
@@ -126,6 +142,14 @@ class _GraderLoss:
                 [select_heads(logits, head[:, k], grades[:, k]) for k in range(head.shape[1])],
                 dim=1,
             )
+            if self.ordinal_sigma > 0:
+                labels = batch["labels"].reshape(-1)
+                ordinal = self.ordinal_head.to(head.device)[head.reshape(-1)]
+                q = ordinal_targets(
+                    labels, grades.reshape(-1), ordinal, logits.shape[-1], self.ordinal_sigma
+                )
+                ce = soft_weighted_ce(logits, labels, q, self.class_weights)
+                return {"loss": ce, "ce": ce.detach(), "any_severe": ce.new_zeros(())}
         return grading_loss(
             logits, batch["labels"], study_index=batch["study"],
             any_severe_weight=self.any_weight, class_weights=self.class_weights,
