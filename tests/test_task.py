@@ -222,3 +222,54 @@ def test_conditions_read_on_one_crop_are_taught_by_one_item() -> None:
     _GraderLoss(cfg, "disc", SPIDER_DISCS)(model, batch)["loss"].backward()
     grad = model.head[-1].weight.grad.reshape(len(disc), 5, -1).abs().sum(dim=(1, 2))
     assert (grad[:3] > 0).all() and (grad[3:] == 0).all()  # one crop, three graded outputs
+
+
+def test_soft_ordinal_targets_spread_to_neighbouring_grades_only_where_ordinal() -> None:
+    from spinegrade.training.losses import ordinal_targets, soft_weighted_ce, weighted_ce
+
+    labels = torch.tensor([2, 0, 1, -1])  # Pfirrmann 3, a binary "absent", "present", unlabelled
+    grades = torch.tensor([5, 2, 2, 5])
+    ordinal = torch.tensor([True, False, False, True])
+    q = ordinal_targets(labels, grades, ordinal, 5, sigma=0.7)
+    assert torch.allclose(q[:3].sum(-1), torch.ones(3)) and float(q[3].sum()) == 0
+    # Symmetric about the true grade, falling with the distance, nothing on grades beyond 5.
+    assert q[0, 1] == pytest.approx(float(q[0, 3])) and q[0, 2] > q[0, 1] > q[0, 0] > 0
+    assert torch.equal(q[1], torch.tensor([1.0, 0, 0, 0, 0]))  # binary: one-hot
+    assert torch.equal(q[2], torch.tensor([0, 1.0, 0, 0, 0]))
+    # sigma 0 is the one-hot cross-entropy, weighted by the true class as weighted_ce.
+    logits = torch.randn(4, 5)
+    w = [1.0, 2.0, 1.0, 3.0, 1.0]
+    hard = ordinal_targets(labels, grades, ordinal, 5, sigma=0.0)
+    assert soft_weighted_ce(logits, labels, hard, w).item() == pytest.approx(
+        weighted_ce(logits, labels, w).item(), rel=1e-5
+    )
+    # A near miss (grade 4 for a 3) costs less than a far one (grade 1) with soft targets; the
+    # one-hot loss cannot tell them apart.
+    near, far = torch.full((1, 5), -4.0), torch.full((1, 5), -4.0)
+    near[0, 3], far[0, 0] = 4.0, 4.0
+    y, g, o = torch.tensor([2]), torch.tensor([5]), torch.tensor([True])
+    soft = ordinal_targets(y, g, o, 5, 0.7)
+    assert soft_weighted_ce(near, y, soft, w) < soft_weighted_ce(far, y, soft, w)
+    assert weighted_ce(near, y, w).item() == pytest.approx(weighted_ce(far, y, w).item())
+
+
+def test_ordinal_sigma_is_refused_for_rsna_and_trains_the_disc_network() -> None:
+    from spinegrade.config import load_config
+    from spinegrade.models.registry import build_grader
+    from spinegrade.training.stages import _GraderLoss
+
+    cfg = load_config("quick", ["loss.ordinal_sigma=0.7", "crops.size=32", "crops.slices=3"])
+    with pytest.raises(ValueError, match=r"loss\.ordinal_sigma"):
+        _GraderLoss(cfg, "spinal", RSNA_2024)
+    loss = _GraderLoss(cfg, "disc", SPIDER_DISCS)
+    model = build_grader(cfg, n_targets=5, n_classes=5, pretrained=False)
+    batch = {
+        "x": torch.randn(2, 3, 32, 32), "level": torch.tensor([0, 4]),
+        "labels": torch.tensor([[2, 1, -1, -1, -1], [4, 0, -1, -1, -1]]),
+        "head": torch.tensor([[0, 1, 2, 3, 4]] * 2), "grades": torch.tensor([[5, 2, 2, 2, 2]] * 2),
+        "study": torch.tensor([0, 0]),
+    }  # fmt: skip
+    out = loss(model, batch)
+    out["loss"].backward()
+    grad = model.head[-1].weight.grad.reshape(5, 5, -1).abs().sum(dim=(1, 2))
+    assert torch.isfinite(out["loss"]) and (grad[:2] > 0).all() and (grad[2:] == 0).all()
