@@ -191,12 +191,12 @@ def test_a_folder_with_its_own_task_learns_its_grades_out_of_fold(
     two_sources, tmp_path, monkeypatch
 ):
     """An imported set graded as another task (SPIDER's discs): one disc network with an output
-    per finding, scored per condition beside constants; prediction refuses it clearly; after
-    the phantom, the same folder teaches the localiser only."""
+    per finding, scored per condition beside constants; prediction writes the task's table and
+    reports; after the phantom, the same folder teaches the localiser only."""
     from spinegrade.evaluation.grades import score_grades
     from spinegrade.models.weights import read_sidecar
     from spinegrade.rsna.tables import matrix_to_wide
-    from spinegrade.task import SPIDER_DISCS, TASK_FILE, TaskError, load_task, save_task
+    from spinegrade.task import SPIDER_DISCS, TASK_FILE, load_task, save_task
 
     monkeypatch.setenv("SPINEGRADE_PROGRESS", "0")
     (pdata, pcache), (rdata, rcache) = two_sources
@@ -241,10 +241,6 @@ def test_a_folder_with_its_own_task_learns_its_grades_out_of_fold(
     assert cv["oof"]["conditions"]["disc_narrowing"]["n"] == len(ids) * 5 - 5
     assert set(cv["baselines"]) == {"uniform", "prior", "best_constant"}
     _predicts_the_task_with_reports(run, disc, tmp_path / "pred", oof.columns.tolist())
-    with pytest.raises(TaskError, match=r"serve .* supports only the RSNA 2024 task"):
-        from spinegrade.serve.service import ServeConfig, Service
-
-        Service(run, ServeConfig(pacs_url="http://127.0.0.1:9", work_dir=str(tmp_path / "w")))
 
     # The phantom first: the run grades RSNA and the disc folder teaches the localiser only.
     mixed = tmp_path / "mixed"

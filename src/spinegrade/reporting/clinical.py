@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.task import CLASS_WEIGHTS
+from spinegrade.task import CLASS_WEIGHTS, Task
 
 DEWEIGHT_NOTE = (
     "Probabilities shown with the training class weights (Normal/Mild 1, Moderate 2, Severe 4) "
@@ -23,3 +23,27 @@ def deweight(probs: np.ndarray, weights: tuple[float, ...] = CLASS_WEIGHTS) -> n
     """``(..., 3)`` weighted-loss probabilities -> posterior estimates (rows sum to 1)."""
     q = np.asarray(probs, dtype=np.float64) / np.asarray(weights, dtype=np.float64)
     return q / q.sum(axis=-1, keepdims=True)
+
+
+def deweight_rows(rows, task: Task) -> list[np.ndarray]:
+    """:func:`deweight` of one probability row per column of ``task``, each by its condition's
+    class weights (rows may differ in length: a binary finding beside Pfirrmann's five grades)."""
+    return [
+        deweight(row, task.column_condition(c).class_weights)
+        for row, c in zip(rows, task.columns, strict=True)
+    ]
+
+
+def deweight_note(task: Task) -> str:
+    """What the shown probabilities are, for ``task``'s class weights."""
+    if task.is_rsna:
+        return DEWEIGHT_NOTE
+    if all(len(set(c.class_weights)) == 1 for c in task.conditions):
+        return (
+            f"Probabilities as the model gives them: task {task.name!r} weights every grade "
+            "equally in training, so there is no lean to remove."
+        )
+    return (
+        f"Probabilities shown with task {task.name!r}'s training class weights removed: "
+        "p / weight, renormalised. The prediction table keeps the model's values."
+    )

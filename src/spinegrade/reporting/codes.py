@@ -20,11 +20,15 @@ pydicom's copy of PS3.16):
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from pydicom.sr.coding import Code
 
-from spinegrade.task import CONDITION_SIDE, CONDITIONS, LEVELS, SEVERITIES
+from spinegrade.task import CONDITION_SIDE, CONDITIONS, LEVELS, SEVERITIES, Task
 
 PRIVATE_SCHEME = "99SPINEGRADE"
 # How the SR declares the private scheme (SOP Common, Coding Scheme Identification Sequence), so a
@@ -176,3 +180,98 @@ def probability_of(name: Coded) -> str:
     if key(name) not in _PROBABILITY_OF:
         raise ValueError(f"{key(name)} is not the name of a grade probability")
     return _PROBABILITY_OF[key(name)]
+
+
+# ------------------------------------------------------------------------------- one task's codes
+
+
+@dataclass(frozen=True)
+class TaskCodes:
+    """Every coded concept of one task's SR, and the way back from codes to its targets.
+
+    ``findings`` and ``laterality`` per condition (a condition is told apart by the pair),
+    ``grade_name`` the qualitative evaluation's concept name, ``grades`` and ``probabilities``
+    per condition one code per grade (the grade, and the measurement name of its probability),
+    ``private`` the codes of the private scheme among them.
+    """
+
+    findings: Mapping[str, Code]
+    laterality: Mapping[str, Code | None]
+    grade_name: Code
+    grades: Mapping[str, tuple[Code, ...]]
+    probabilities: Mapping[str, tuple[Code, ...]]
+    private: tuple[Code, ...]
+
+    def condition_of(self, finding: Coded, laterality: Coded | None = None) -> str:
+        """The condition named by a finding type and its site's laterality (None: unpaired)."""
+        want = (key(finding), None if laterality is None else key(laterality))
+        for c, code in self.findings.items():
+            lat = self.laterality[c]
+            if (key(code), None if lat is None else key(lat)) == want:
+                return c
+        raise ValueError(f"no condition is coded {key(finding)} with laterality {laterality!r}")
+
+    def grade_of(self, condition: str, code: Coded) -> int:
+        """Index of ``condition``'s grade named by a grade code."""
+        for i, g in enumerate(self.grades[condition]):
+            if key(g) == key(code):
+                return i
+        raise ValueError(f"{key(code)} is not the code of a grade of {condition}")
+
+    def probability_of(self, condition: str, name: Coded) -> int:
+        """Index of the grade whose probability a measurement name codes."""
+        for i, g in enumerate(self.probabilities[condition]):
+            if key(g) == key(name):
+                return i
+        raise ValueError(f"{key(name)} is not the name of a {condition} grade probability")
+
+
+def _stem(name: str, width: int) -> str:
+    """A private code value from a condition's name, at most ``width`` characters: the name in
+    capitals, or its first ``width - 3`` and a short hash of the whole name (stable: the same
+    condition name is the same code in every run and version)."""
+    upper = name.upper()
+    if len(upper) <= width:
+        return upper
+    return upper[: width - 3] + hashlib.sha1(name.encode()).hexdigest()[:3].upper()
+
+
+# The concept name of another task's grade: no standard names "grade" of an arbitrary scale
+# (SCT Severity would misstate Pfirrmann's, which grades degeneration, not severity).
+GRADE = private("GRADE", "Grade")
+
+
+@functools.cache
+def codes_for(task: Task) -> TaskCodes:
+    """The codes of ``task``'s SR. RSNA 2024's are the standard ones above; another task's
+    conditions and grades are named by no terminology we can check offline, so they get private
+    codes derived from their names (the sides keep the standard laterality, the levels the
+    standard discs of CID 7604)."""
+    if task.is_rsna:
+        return TaskCodes(
+            findings=CONDITION_FINDINGS, laterality=CONDITION_LATERALITY, grade_name=SEVERITY,
+            grades={c: tuple(SEVERITY_CODES[s] for s in SEVERITIES) for c in CONDITIONS},
+            probabilities={c: tuple(PROBABILITY_NAMES[s] for s in SEVERITIES) for c in CONDITIONS},
+            private=PRIVATE_CODES,
+        )  # fmt: skip
+    findings, laterality, grades, probabilities = {}, {}, {}, {}
+    for c in task.conditions:
+        # Code Value holds 16 characters: the grades' codes append "_G<k>" to a shorter stem.
+        stem = _stem(c.name, 12)
+        findings[c.name] = private(_stem(c.name, 16), c.title)
+        laterality[c.name] = SIDE_CODES[c.side] if c.side else None
+        grades[c.name] = tuple(
+            private(f"{stem}_G{i + 1}", f"{c.title}: {g}") for i, g in enumerate(c.grades)
+        )
+        probabilities[c.name] = tuple(
+            private(f"{stem}_P{i + 1}", f"Probability of {c.title}: {g}")
+            for i, g in enumerate(c.grades)
+        )
+    values = [key(v) for v in findings.values()]
+    if len(set(zip(values, laterality.values(), strict=True))) != len(values):
+        raise ValueError(f"task {task.name!r}: two conditions would share one code and side")
+    private_codes = (
+        *findings.values(), GRADE, *(g for gs in grades.values() for g in gs),
+        *(p for ps in probabilities.values() for p in ps), DEWEIGHTED,
+    )  # fmt: skip
+    return TaskCodes(findings, laterality, GRADE, grades, probabilities, private_codes)

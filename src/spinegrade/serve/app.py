@@ -15,12 +15,14 @@ from pathlib import Path
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from spinegrade.reporting.clinical import DEWEIGHT_NOTE
+from spinegrade.reporting.clinical import deweight_note
 from spinegrade.serve.service import Service, study_key
-from spinegrade.task import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS, SEVERITIES
+from spinegrade.task import LEVEL_TITLES, Task
 
 COOKIE = "spinegrade_session"
 SEVERITY_COLOURS = ("#d9f2d9", "#ffe08a", "#f4a09c")  # Normal/Mild, Moderate, Severe
+# Another task's grades, lowest to highest, spread over five steps from green to red.
+GRADE_COLOURS = ("#d9f2d9", "#eef5c8", "#ffe08a", "#f9c18f", "#f4a09c")
 STYLE = """
 body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}
 td,th{border:1px solid #bbb;padding:4px 8px;font-size:14px}th{background:#eee}
@@ -126,7 +128,7 @@ def create_app(service: Service, token: str) -> FastAPI:
         row = find(key)
         if row is None:
             return _page("no such study", "<p><a href='/'>back to the worklist</a></p>")
-        return _study_page(key, row)
+        return _study_page(key, row, service.task)
 
     return app
 
@@ -171,24 +173,54 @@ def _worklist_row(row) -> str:
     )  # fmt: skip
 
 
-def _study_page(key: str, row) -> HTMLResponse:
+def _grade_colour(task: Task, condition, g: int) -> str:
+    """RSNA's three severities keep their colours; another task's grades run green to red."""
+    if task.is_rsna:
+        return SEVERITY_COLOURS[g]
+    return GRADE_COLOURS[round(4 * g / (len(condition.grades) - 1))]
+
+
+def _grade_cell(task: Task, column: str, t: dict) -> str:
+    c = task.column_condition(column)
+    g = c.grades.index(t["grade"])
+    mark = "" if t["source"] == "model" else " (prior)"
+    return (f"<td style='background:{_grade_colour(task, c, g)}' data-grade='{g}'>"
+            f"{html.escape(t['grade'])} {t['clinical'][g]:.0%}{mark}</td>")  # fmt: skip
+
+
+def _grade_table(task: Task, targets: dict) -> str:
+    """RSNA's grid (a row per condition, a column per level, as its readers' form); another
+    task reads like a radiologist's list: a row per level, a column per finding."""
+    if task.is_rsna:
+        head = "<tr><th>Condition</th>" + "".join(
+            f"<th>{LEVEL_TITLES[lv]}</th>" for lv in task.levels
+        )
+        rows = [
+            f"<tr><th>{html.escape(c.title)}</th>"
+            + "".join(_grade_cell(task, f"{c.name}_{lv}", targets[f"{c.name}_{lv}"])
+                      for lv in task.levels)
+            + "</tr>"
+            for c in task.conditions
+        ]  # fmt: skip
+    else:
+        head = "<tr><th>Level</th>" + "".join(
+            f"<th>{html.escape(c.title)}</th>" for c in task.conditions
+        )
+        rows = [
+            f"<tr><th>{LEVEL_TITLES[lv]}</th>"
+            + "".join(_grade_cell(task, f"{c.name}_{lv}", targets[f"{c.name}_{lv}"])
+                      for c in task.conditions)
+            + "</tr>"
+            for lv in task.levels
+        ]  # fmt: skip
+    return f"<table id='grades'>{head}</tr>{''.join(rows)}</table>"
+
+
+def _study_page(key: str, row, task: Task) -> HTMLResponse:
     if row.result is None:
         body = (f"<p>Status: <span class='{row.status}'>{row.status}</span>. "
                 f"{html.escape(row.reason)}</p>")  # fmt: skip
         return _page(f"Study {key}", body + "<p><a href='/'>worklist</a></p>")
-    targets = row.result["targets"]
-    head = "<tr><th>Condition</th>" + "".join(f"<th>{LEVEL_TITLES[lv]}</th>" for lv in LEVELS)
-    rows = []
-    for c in CONDITIONS:
-        cells = []
-        for lv in LEVELS:
-            t = targets[f"{c}_{lv}"]
-            g = SEVERITIES.index(t["grade"])
-            prob = t["clinical"][g]
-            mark = "" if t["source"] == "model" else " (prior)"
-            cells.append(f"<td style='background:{SEVERITY_COLOURS[g]}' data-grade='{g}'>"
-                         f"{html.escape(t['grade'])} {prob:.0%}{mark}</td>")  # fmt: skip
-        rows.append(f"<tr><th>{CONDITION_TITLES[c]}</th>{''.join(cells)}</tr>")
     model = row.result["model"]
     warn = "".join(f"<li>{html.escape(w)}</li>" for w in row.result.get("warnings", []))
     # e.g. a phantom-trained run's caution, above the grades it qualifies
@@ -199,8 +231,8 @@ def _study_page(key: str, row) -> HTMLResponse:
         f"model {html.escape(model['model_id'])}, spinegrade {html.escape(model['version'])}). "
         f"<a href='/api/studies/{key}/sr.dcm' id='sr-link'>DICOM SR</a> · "
         f"<a href='/'>worklist</a></p>{notes}"
-        f"<table id='grades'>{head}</tr>{''.join(rows)}</table>"
-        f"<p class='note'>{html.escape(DEWEIGHT_NOTE)}</p>"
+        f"{_grade_table(task, row.result['targets'])}"
+        f"<p class='note'>{html.escape(row.result.get('note') or deweight_note(task))}</p>"
         + (f"<ul class='note'>{warn}</ul>" if warn else "")
         + f"<p><img class='fig' src='/api/studies/{key}/figure.png' alt='report figure'></p>"
     )

@@ -27,11 +27,10 @@ import pydicom
 import yaml
 from pydicom.uid import generate_uid
 
-from spinegrade.reporting.clinical import DEWEIGHT_NOTE, deweight
+from spinegrade.reporting.clinical import deweight_note, deweight_rows
 from spinegrade.serve.pacs import Pacs
 from spinegrade.serve.sr import ModelIdentity, build_sc, build_sr, read_sr
 from spinegrade.serve.state import State, StudyRow
-from spinegrade.task import LABEL_COLUMNS, SEVERITIES
 from spinegrade.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -136,8 +135,7 @@ class Service:
         self.predictor = predictor or Predictor.from_run_dir(
             run_dir, cfg.folds, cfg.device, cfg.engine
         )
-        # The worklist's grid and the SR's codes name RSNA's 25 targets.
-        self.predictor.task.require_rsna(f"spinegrade serve with {run_dir}")
+        self.task = self.predictor.task  # the run's: its conditions, grades and SR codes
         self.model = model_identity(self.run_dir, self.predictor.folds)
         self.pacs = Pacs(cfg.pacs_url, cfg.pacs_user, cfg.pacs_password)
         self.state = State(self.work / "state.db")
@@ -284,19 +282,24 @@ class Service:
         if sid not in res.study_ids or not res.graded_per_study or res.graded_per_study[0] == 0:
             raise GradingError("no target could be graded: " + ("; ".join(warnings) or "?"))
         grades = json.loads((work / "report" / str(sid) / "grades.json").read_text())
-        raw = np.array([[grades["targets"][c]["probabilities"][s] for s in SEVERITIES]
-                        for c in LABEL_COLUMNS])  # fmt: skip
-        clinical = deweight(raw)
+        task = self.task
+        probs = {c: grades["targets"][c]["probabilities"] for c in task.columns}
+        raw = [np.array([probs[c][g] for g in task.column_condition(c).grades]) for c in probs]
+        clinical = deweight_rows(raw, task)
         t2 = time.perf_counter()
         evidence = self._evidence(pd.read_csv(res.studies_path), headers)
-        points = {c: grades["targets"][c]["point_lps_mm"] for c in LABEL_COLUMNS}
+        points = {c: grades["targets"][c]["point_lps_mm"] for c in task.columns}
         uids = result_uids(row.study_uid, self.model.model_id, row.fingerprint, row.sr_sop_uid)
-        sr = build_sr(evidence, clinical, points, self.model, self._previous_sr(row), uids[:2])
+        sr = build_sr(
+            evidence, clinical, points, self.model, self._previous_sr(row), uids[:2], task
+        )
         buf = io.BytesIO()
         sr.save_as(buf)
-        check = read_sr(buf.getvalue())  # validate by re-reading before anything is stored
-        got = np.array([check["targets"][c]["probs"] for c in LABEL_COLUMNS])
-        if not np.allclose(got, clinical, atol=1e-6):
+        check = read_sr(buf.getvalue(), task)  # validate by re-reading before anything is stored
+        if not all(
+            np.allclose(check["targets"][c]["probs"], clinical[k], atol=1e-6)
+            for k, c in enumerate(task.columns)
+        ):
             raise GradingError("the SR did not re-read to the grades it was built from")
         ref = next(iter(evidence.values()))
         report = work / "report" / str(sid)
@@ -315,14 +318,15 @@ class Service:
         t3 = time.perf_counter()
         self._supersede(row)
         result = {
+            "task": task.name,
             "targets": {
-                c: {"grade": SEVERITIES[int(np.argmax(clinical[k]))],
+                c: {"grade": task.column_condition(c).grades[int(np.argmax(clinical[k]))],
                     "clinical": [round(float(v), 4) for v in clinical[k]],
                     "submission": [round(float(v), 4) for v in raw[k]],
                     "source": grades["targets"][c]["source"]}
-                for k, c in enumerate(LABEL_COLUMNS)
+                for k, c in enumerate(task.columns)
             },
-            "note": DEWEIGHT_NOTE,
+            "note": deweight_note(task),
             "warnings": warnings,
             "model": {"run": self.model.run, "folds": self.model.folds,
                       "model_id": self.model.model_id, "version": self.model.version,

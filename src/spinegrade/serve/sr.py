@@ -2,14 +2,16 @@
 
 One measurement group per condition and level: the condition as finding type, the disc of the level
 as finding site (with the side as its laterality for the paired foramina and recesses), the grade
-(SCT Severity), the three probabilities (class-weight lean removed, see
+(RSNA 2024: SCT Severity), the probability of each grade (class-weight lean removed, see
 :mod:`spinegrade.reporting.clinical`) and, where the localiser found the level, its point as
 SCOORD3D in the frame of reference of the series that condition is read on. Model identity goes into
 the device observer context and every group's algorithm identification.
 
 Codes: :mod:`spinegrade.reporting.codes` (standard where a standard names the concept; the few
-private ``99SPINEGRADE`` ones are declared in the SR's Coding Scheme Identification Sequence).
-:func:`read_sr` recovers every target from those codes alone.
+private ``99SPINEGRADE`` ones are declared in the SR's Coding Scheme Identification Sequence; a
+task other than RSNA 2024 names its conditions and grades by private codes derived from their
+names, :func:`spinegrade.reporting.codes.codes_for`). :func:`read_sr` recovers every target from
+those codes alone.
 """
 
 from __future__ import annotations
@@ -28,29 +30,17 @@ from pydicom.uid import generate_uid
 from spinegrade import __version__
 from spinegrade.reporting.codes import (
     BODY_PART,
-    CONDITION_FINDINGS,
-    CONDITION_LATERALITY,
     DEWEIGHTED,
     LEVEL_SITES,
     PRIVATE_SCHEME,
     PRIVATE_SCHEME_NAME,
     PRIVATE_SCHEME_ORGANIZATION,
-    PROBABILITY_NAMES,
     PROCEDURE,
-    SEVERITY,
-    SEVERITY_CODES,
-    condition_of,
+    TaskCodes,
+    codes_for,
     level_of,
-    probability_of,
-    severity_of,
 )
-from spinegrade.task import (
-    CONDITION_SERIES,
-    CONDITION_TITLES,
-    LABEL_COLUMNS,
-    LEVEL_TITLES,
-    SEVERITIES,
-)
+from spinegrade.task import LEVEL_TITLES, RSNA_2024, Task
 
 MANUFACTURER = "spinegrade"
 SR_SERIES_DESCRIPTION = "spinegrade AI grading (SR)"
@@ -80,15 +70,15 @@ class ModelIdentity:
         return generate_uid(entropy_srcs=["spinegrade-device", self.model_id])
 
 
-def target_title(column: str) -> str:
+def target_title(column: str, task: Task = RSNA_2024) -> str:
     """The tracking identifier of a target: "Spinal Canal Stenosis L4/L5"."""
-    return f"{CONDITION_TITLES[column[:-6]]} {LEVEL_TITLES[column[-5:]]}"
+    return f"{task.column_condition(column).title} {LEVEL_TITLES[task.column_level(column)]}"
 
 
-def _probability(j: int, value: float, algorithm) -> hd.sr.Measurement:
+def _probability(name, value: float, algorithm) -> hd.sr.Measurement:
     return hd.sr.Measurement(
-        name=PROBABILITY_NAMES[SEVERITIES[j]], value=float(value), unit=codes.UCUM.NoUnits,
-        method=DEWEIGHTED, algorithm_id=algorithm,
+        name=name, value=float(value), unit=codes.UCUM.NoUnits, method=DEWEIGHTED,
+        algorithm_id=algorithm,
     )  # fmt: skip
 
 
@@ -120,12 +110,14 @@ def build_sr(
     model: ModelIdentity,
     previous: pydicom.Dataset | None = None,
     uids: tuple[str, str] | None = None,
+    task: Task = RSNA_2024,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of one study.
 
     ``evidence``: series type (e.g. "Sagittal T2/STIR") -> one header of that source series (its
-    frame of reference places the points); ``probs``: (25, 3) de-weighted, LABEL_COLUMNS order;
-    ``points``: column -> LPS mm or None; ``previous``: the SR this one supersedes; ``uids``:
+    frame of reference places the points); ``probs``: de-weighted probabilities, one row per
+    column of ``task`` in its order, one value per grade of the column's condition (RSNA: (25,
+    3)); ``points``: column -> LPS mm or None; ``previous``: the SR this one supersedes; ``uids``:
     (series, SOP instance) UIDs to use instead of fresh ones (the service derives them, so a
     retried store overwrites rather than duplicates).
     """
@@ -133,23 +125,29 @@ def build_sr(
     algorithm = hd.sr.AlgorithmIdentification(
         name=MANUFACTURER, version=model.version, parameters=model.parameters()
     )
+    tc = codes_for(task)
+    if len(probs) != len(task.columns):
+        raise ValueError(f"{len(probs)} probability rows for the {len(task.columns)} targets")
     groups = []
-    for k, column in enumerate(LABEL_COLUMNS):
-        condition, level = column[:-6], column[-5:]
-        ref = evidence.get(CONDITION_SERIES[condition])
-        p = probs[k]
+    for k, column in enumerate(task.columns):
+        c, level = task.column_condition(column), task.column_level(column)
+        ref = evidence.get(c.series)
+        p = np.asarray(probs[k], dtype=float)
+        if len(p) != len(c.grades):
+            raise ValueError(f"{column}: {len(p)} probabilities for the grades {c.grades}")
         kwargs = dict(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(), identifier=target_title(column)
+                uid=generate_uid(), identifier=target_title(column, task)
             ),
-            finding_type=CONDITION_FINDINGS[condition],
-            finding_sites=[
-                hd.sr.FindingSite(LEVEL_SITES[level], laterality=CONDITION_LATERALITY[condition])
-            ],
+            finding_type=tc.findings[c.name],
+            finding_sites=[hd.sr.FindingSite(LEVEL_SITES[level], laterality=tc.laterality[c.name])],
             algorithm_id=algorithm,
-            measurements=[_probability(j, p[j], algorithm) for j in range(len(SEVERITIES))],
+            measurements=[
+                _probability(name, v, algorithm)
+                for name, v in zip(tc.probabilities[c.name], p, strict=True)
+            ],
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(SEVERITY, SEVERITY_CODES[SEVERITIES[int(np.argmax(p))]])
+                hd.sr.QualitativeEvaluation(tc.grade_name, tc.grades[c.name][int(np.argmax(p))])
             ],
         )
         point = points.get(column)
@@ -237,21 +235,23 @@ def _texts(item: pydicom.Dataset, concept) -> set[str]:
     return found
 
 
-def target_of(group) -> str:
+def target_of(group, tc: TaskCodes | None = None) -> str:
     """The column a measurement group grades, from its codes alone: finding type, disc, side.
 
     The tracking identifier's text is never read: another system may rewrite it, the codes are
-    what a registry aggregates.
+    what a registry aggregates. ``tc``: the task's codes (default RSNA 2024's).
     """
+    tc = tc or codes_for(RSNA_2024)
     sites = group.finding_sites
     if group.finding_type is None or len(sites) != 1:
         raise ValueError("a measurement group needs one finding type and one finding site")
-    condition = condition_of(group.finding_type, sites[0].laterality)
+    condition = tc.condition_of(group.finding_type, sites[0].laterality)
     return f"{condition}_{level_of(sites[0].value)}"
 
 
-def read_sr(data: bytes | pydicom.Dataset) -> dict:
-    """Re-read an SR from its codes: per column, grade and probabilities; points; the model.
+def read_sr(data: bytes | pydicom.Dataset, task: Task = RSNA_2024) -> dict:
+    """Re-read an SR of ``task`` from its codes: per column, grade and probabilities; points;
+    the model.
 
     Used to validate every SR before it is stored, and by the tests.
     """
@@ -264,14 +264,16 @@ def read_sr(data: bytes | pydicom.Dataset) -> dict:
     groups = list(doc.get_planar_roi_measurement_groups()) + list(
         doc.get_image_measurement_groups()
     )
+    tc = codes_for(task)
     for g in groups:
-        column = target_of(g)
+        column = target_of(g, tc)
         if column in out["targets"]:
             raise ValueError(f"two measurement groups grade {column}")
-        probs: list[float | None] = [None] * len(SEVERITIES)
+        c = task.column_condition(column)
+        probs: list[float | None] = [None] * len(c.grades)
         for m in g.get_measurements():
-            probs[SEVERITIES.index(probability_of(m.name))] = float(m.value)
-        (evaluation,) = g.get_qualitative_evaluations(name=SEVERITY)
+            probs[tc.probability_of(c.name, m.name)] = float(m.value)
+        (evaluation,) = g.get_qualitative_evaluations(name=tc.grade_name)
         grade = evaluation.value
         point = None
         region = getattr(g, "roi", None)
@@ -281,9 +283,12 @@ def read_sr(data: bytes | pydicom.Dataset) -> dict:
         else:
             for_uid = None
         out["targets"][column] = {
-            "probs": probs, "grade": severity_of(grade), "grade_code": (grade.scheme_designator,
+            "probs": probs, "grade": c.grades[tc.grade_of(c.name, grade)],
+            "grade_code": (grade.scheme_designator,
             grade.value), "point": point, "frame_of_reference": for_uid,
         }  # fmt: skip
-    if len(out["targets"]) != len(LABEL_COLUMNS):
-        raise ValueError(f"SR holds {len(out['targets'])} measurement groups, expected 25")
+    if len(out["targets"]) != len(task.columns):
+        raise ValueError(
+            f"SR holds {len(out['targets'])} measurement groups, expected {len(task.columns)}"
+        )
     return out
