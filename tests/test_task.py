@@ -273,3 +273,27 @@ def test_ordinal_sigma_is_refused_for_rsna_and_trains_the_disc_network() -> None
     out["loss"].backward()
     grad = model.head[-1].weight.grad.reshape(5, 5, -1).abs().sum(dim=(1, 2))
     assert torch.isfinite(out["loss"]) and (grad[:2] > 0).all() and (grad[2:] == 0).all()
+
+
+def test_a_task_anchored_on_the_disc_needs_labelled_disc_centres(tiny_trained, tmp_path) -> None:
+    """Without any labelled disc centre the localiser cannot learn where a disc lies from its
+    canal point, so every disc crop would be unplaceable at prediction: stop before training."""
+    import shutil
+
+    from spinegrade.config import load_config
+    from spinegrade.rsna.tables import matrix_to_wide
+    from spinegrade.task import TASK_FILE, save_task
+    from spinegrade.training.cv import cross_validate
+    from tiny_config import TINY_RUN
+
+    data, tiny = tiny_trained
+    disc = tmp_path / "data"
+    shutil.copytree(data, disc, ignore=shutil.ignore_patterns("test_images"))
+    ids = load_train(disc / "train.csv")["study_id"].tolist()
+    codes = np.zeros((len(ids), len(SPIDER_DISCS.columns)), dtype=np.int64)
+    matrix_to_wide(ids, codes, SPIDER_DISCS).to_csv(disc / "train.csv", index=False)
+    save_task(SPIDER_DISCS, disc / TASK_FILE)
+    cfg = load_config("quick", TINY_RUN)
+    with pytest.raises(ValueError, match=r"pfirrmann, .* on the disc centre.*train_disc_coord"):
+        cross_validate(disc, tiny.parent / "cache", tmp_path / "run", cfg, progress=False)
+    assert not list((tmp_path / "run").glob("fold_*"))  # nothing trained

@@ -28,6 +28,7 @@ from torch import nn
 from spinegrade.config import Config
 from spinegrade.data.grader_dataset import labelled_conditions
 from spinegrade.data.sources import (
+    DISCS_FILE,
     TrainingTables,
     configured_sources,
     graded_ids,
@@ -75,6 +76,22 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------ all folds
 
 
+def _require_disc_centres(tables: TrainingTables, cfg: Config) -> None:
+    """Stop before training when a condition's crops are centred on the disc and no folder
+    labels a disc centre: the localiser learns where a disc centre lies from its canal point
+    only from labelled ones, so prediction could place none of those crops."""
+    task = tables.task
+    graded = set(task.select_groups(cfg.train.groups))
+    on_disc = [c.name for c in task.conditions if c.anchor == "disc_centre" and c.group in graded]
+    if on_disc and tables.discs is None:
+        raise ValueError(
+            f"task {task.name!r} centres the crops of {', '.join(on_disc)} on the disc centre, "
+            f"but no data folder labels disc centres ({DISCS_FILE}, as `spinegrade import "
+            "spider` writes): add them to a training folder, or anchor those conditions on "
+            "the canal in the task's task.yaml"
+        )
+
+
 def cross_validate(
     data_dir: str | Path,
     cache_dir: str | Path,
@@ -120,6 +137,7 @@ def _cross_validate(
     if runtime.is_main:
         write_or_check_config(cfg, run_dir)
     tables = load_tables(configured_sources(cfg))
+    _require_disc_centres(tables, cfg)
     if runtime.is_main:
         write_or_check_task(tables.task, run_dir)
     folds = ensure_folds(run_dir, tables.labels, cfg, runtime, tables.studies, tables.task)
