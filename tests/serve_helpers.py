@@ -1,5 +1,5 @@
-"""Helpers shared by the service tests (test_serve.py, test_serve_faults.py): what Orthanc holds,
-a copy of a phantom study under new UIDs, the page in uvicorn and a headless Chromium."""
+"""Helpers shared by the service tests (test_serve*.py): a private Orthanc, what it holds, a copy
+of a phantom study under new UIDs, the page in uvicorn and a headless Chromium."""
 
 from __future__ import annotations
 
@@ -11,6 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TOKEN = "test-token-5b1e"
+
+
+@contextlib.contextmanager
+def private_orthanc(folder: Path) -> Iterator:
+    """An Orthanc of the caller's own in ``folder`` (its log stays there for a look), or the
+    test skipped with how to install one."""
+    import pytest
+
+    from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
+
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    with LocalOrthanc(folder) as server:
+        yield server
 
 
 def study_uid_of(folder: Path) -> str:

@@ -28,10 +28,11 @@ from serve_helpers import (
     chromium_missing,
     modalities,
     page_server,
+    private_orthanc,
     series_in_orthanc,
     study_uid_of,
 )
-from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
+from spinegrade.serve.orthanc import LocalOrthanc
 from spinegrade.serve.state import State, backoff_s
 
 
@@ -78,10 +79,7 @@ def test_state_is_idempotent_supersedes_and_backs_off(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
-    missing = orthanc_missing()
-    if missing:
-        pytest.skip(missing)
-    with LocalOrthanc(tmp_path_factory.mktemp("orthanc")) as server:  # its log stays for a look
+    with private_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 
 

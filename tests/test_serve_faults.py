@@ -32,8 +32,8 @@ from serve_helpers import (
     copy_study,
     instances_in_orthanc,
     page_server,
+    private_orthanc,
 )
-from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Studies sent at once in the test (bench/bench_serve_faults.py sends 50).
@@ -48,10 +48,7 @@ class Killed(BaseException):
 def pacs(tmp_path):
     """An Orthanc of the test's own: a service's first poll reads the whole change feed, so a
     shared one would grade every earlier test's studies again."""
-    missing = orthanc_missing()
-    if missing:
-        pytest.skip(missing)
-    with LocalOrthanc(tmp_path / "orthanc") as server:
+    with private_orthanc(tmp_path / "orthanc") as server:
         yield server
 
 
@@ -352,10 +349,7 @@ LONG_DESC = (SCRIPT + "&lt;x&gt;" + "ÿ" * 38) * 125  # 10,000 characters
 
 @pytest.fixture(scope="module")
 def hostile_pacs(tmp_path_factory):
-    missing = orthanc_missing()
-    if missing:
-        pytest.skip(missing)
-    with LocalOrthanc(tmp_path_factory.mktemp("orthanc-hostile")) as server:
+    with private_orthanc(tmp_path_factory.mktemp("orthanc-hostile")) as server:
         yield server
 
 

@@ -21,8 +21,7 @@ from spinegrade.task import LEVEL_TITLES, SPIDER_DISCS, TASK_FILE, save_task
 pytest.importorskip("highdicom", reason="pip install 'spinegrade[serve]' for the service tests")
 pytest.importorskip("dicomweb_client", reason="pip install 'spinegrade[serve]'")
 
-from serve_helpers import TOKEN, study_uid_of
-from spinegrade.serve.orthanc import LocalOrthanc, orthanc_missing
+from serve_helpers import TOKEN, private_orthanc, study_uid_of
 
 TASK = SPIDER_DISCS
 
@@ -118,10 +117,7 @@ def test_every_grade_of_another_task_round_trips_through_its_sr(tiny_trained) ->
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
-    missing = orthanc_missing()
-    if missing:
-        pytest.skip(missing)
-    with LocalOrthanc(tmp_path_factory.mktemp("orthanc_task")) as server:
+    with private_orthanc(tmp_path_factory.mktemp("orthanc_task")) as server:
         yield server
 
 
