@@ -147,6 +147,33 @@ def test_decode_levels_keeps_levels_on_distinct_ordered_discs():
     assert y_free[0] == pytest.approx(11, abs=0.05)
 
 
+def test_another_looks_rows_vote_on_the_chains_run_of_discs():
+    # Six discs seen; every level's map leans one disc towards the head (L1/L2 on the thoracic
+    # disc), the chain moves as one and names them all one disc high. The whole look's rows,
+    # right but coarse (3 cells off), outvote the lean; far rows of a sure map do not.
+    ys = [3, 10, 17, 24, 31, 38]
+    peaks = {j: [(1, ys[j], 6, 7.0), (1, ys[j + 1], 6, 6.0)] for j in range(5)}
+    logits = _logits(peaks, h=44)
+    _, leaning, _ = decode_levels(logits, [list(range(5))], min_gap=3.0, chain=True)
+    assert np.allclose(leaning, ys[:5], atol=0.5)
+    rows = np.array(ys[1:], dtype=float) + 3.0
+    _, voted, _ = decode_levels(
+        logits, [list(range(5))], min_gap=3.0, chain=True, prior=rows, prior_sd=3.5
+    )
+    assert np.allclose(voted, ys[1:], atol=0.5)
+    # Rows of unknown levels (NaN) do not vote; a weak vote (large SD) leaves the maps' choice.
+    half = rows.copy()
+    half[:3] = np.nan
+    _, y_half, _ = decode_levels(
+        logits, [list(range(5))], min_gap=3.0, chain=True, prior=half, prior_sd=3.5
+    )
+    assert np.allclose(y_half, ys[1:], atol=0.5)
+    _, y_weak, _ = decode_levels(
+        logits, [list(range(5))], min_gap=3.0, chain=True, prior=rows, prior_sd=100.0
+    )
+    assert np.allclose(y_weak, ys[:5], atol=0.5)
+
+
 def test_offsets_and_derived_points():
     studies = []
     for sid in range(4):
@@ -470,6 +497,40 @@ def test_folds_zoom_where_their_whole_looks_agree(monkeypatch):
     heights = [points.get("spinal_canal_stenosis", lv)[2] for lv in LEVELS]
     own_heights = [alone.get("spinal_canal_stenosis", lv)[2] for lv in LEVELS]
     assert all(h - o > 30 for h, o in zip(heights, own_heights, strict=True))  # LPS z: up
+
+
+def test_the_folds_whole_looks_vote_where_they_agree(monkeypatch):
+    """With ``vote_mm`` the consensus's zoomed looks are decoded with the median of the folds'
+    whole-look rows (a slid fold outvoted), and a fold alone with its own whole look's."""
+    from spinegrade.localization import looks
+    from spinegrade.localization.localize import first_looks, localize_consensus, localize_study
+
+    stack = make_stack(P, -H, (0, 0, 0), (3, 256, 256), (1.2, 1.2), 4.0)
+    stacks = {"Sagittal T2/STIR": [stack]}
+    nets = [_PriorNet(0), _PriorNet(0), _PriorNet(3)]
+    folds = [Localizer({"spinal": n}, fit_offsets([]), 96, 3, zoom=0.5, decoder="chain",
+                       vote_mm=20.0) for n in nets]  # fmt: skip
+    whole = [first_looks(f, {0: stacks})[0]["spinal"][1] for f in folds]
+    seen: list = []
+    decode = looks._decode_look
+
+    def record(heat, look, groups, mm_y, gap, decoder="ordered", prior_y=None, prior_mm=0.0):
+        seen.append((None if prior_y is None else np.array(prior_y), prior_mm))
+        return decode(heat, look, groups, mm_y, gap, decoder, prior_y, prior_mm)
+
+    monkeypatch.setattr(looks, "_decode_look", record)
+    localize_consensus(folds, stacks)
+    voted = [(r, mm) for r, mm in seen if r is not None]
+    assert len(voted) == 3 and all(mm == 20.0 for _, mm in voted)
+    assert all(np.allclose(r, np.median(whole, axis=0)) for r, _ in voted)
+    assert np.allclose(voted[0][0], whole[0]) and not np.allclose(whole[2], whole[0])
+    seen.clear()
+    localize_study(folds[2], stacks)
+    assert np.allclose(next(r for r, _ in seen if r is not None), whole[2])  # its own
+    seen.clear()
+    folds[0].vote_mm = 0.0
+    localize_study(folds[0], stacks)
+    assert all(r is None for r, _ in seen)
 
 
 class _SliceReadingNet(_PriorNet):

@@ -46,7 +46,12 @@ def _ordered_assignment(score: np.ndarray, ys: np.ndarray, min_gap: float) -> li
 
 
 def _disc_chain(
-    inplane: np.ndarray, group: Sequence[int], min_gap: float, window: int
+    inplane: np.ndarray,
+    group: Sequence[int],
+    min_gap: float,
+    window: int,
+    prior: np.ndarray | None = None,
+    prior_sd: float = 0.0,
 ) -> list[tuple[int, int]] | None:
     """Levels named by counting discs: ``len(group)`` neighbouring disc candidates, head to feet.
 
@@ -57,7 +62,9 @@ def _disc_chain(
     run whose per-level maps agree best. A level thus never
     skips a disc or shares one, and the names follow the order of the discs in the image (the
     whole chain moves together) rather than each level's own guess of its height. None when
-    fewer candidates than levels are found.
+    fewer candidates than levels are found. ``prior`` (rows per target, NaN = none) with
+    ``prior_sd`` (cells) adds a Gaussian log-vote for the runs whose discs lie near those rows:
+    another look's idea of where each level is.
     """
     pooled = inplane[list(group)].sum(0)
     spacing = 1.4 * min_gap
@@ -75,6 +82,12 @@ def _disc_chain(
     score = np.log(np.array([[_window_sum(inplane[j], c, 1) for c in kept] for j in group]) + 1e-12)
     n = len(group)
     totals = [sum(score[i, k + i] for i in range(n)) for k in range(len(kept) - n + 1)]
+    if prior is not None and prior_sd > 0:
+        want = np.asarray(prior, dtype=np.float64)[list(group)]
+        for k in range(len(totals)):
+            ys = np.array([kept[k + i][0] for i in range(n)], dtype=np.float64)
+            d = ((ys - want) / prior_sd)[np.isfinite(want)]
+            totals[k] -= 0.5 * float((d**2).sum())
     k = int(np.argmax(totals))
     return kept[k : k + n]
 
@@ -85,6 +98,8 @@ def decode_levels(
     min_gap: float,
     window: int = 2,
     chain: bool = False,
+    prior: np.ndarray | None = None,
+    prior_sd: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Joint logits (T, S, h, w) -> (slice, y, x) per target in heatmap cells.
 
@@ -93,8 +108,9 @@ def decode_levels(
     head-to-feet order at least ``min_gap`` cells apart (a disc cannot be two levels, and L1/L2
     lies above L2/L3). Without this, a level whose own map is unsure tends to fall onto the
     neighbouring disc, the commonest large error of a heatmap localiser. With ``chain`` the
-    levels take consecutive discs (:func:`_disc_chain`), falling back to the ordered assignment
-    when too few discs are seen.
+    levels take consecutive discs (:func:`_disc_chain`, which ``prior`` rows per target with
+    ``prior_sd`` cells inform), falling back to the ordered assignment when too few discs are
+    seen.
     """
     t, s, h, w = logits.shape
     flat = logits.reshape(t, -1)
@@ -103,7 +119,7 @@ def decode_levels(
     inplane = prob.sum(1)  # (T, h, w): each level's map, slices marginalised
     z, y, x = np.zeros(t), np.zeros(t), np.zeros(t)
     for group in groups:
-        run = _disc_chain(inplane, group, min_gap, window) if chain else None
+        run = _disc_chain(inplane, group, min_gap, window, prior, prior_sd) if chain else None
         if run is not None:
             for j, c in zip(group, run, strict=True):
                 z[j], y[j], x[j] = refine_peak(prob[j], c, window)

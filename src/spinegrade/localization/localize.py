@@ -50,16 +50,16 @@ def _task_stacks(
             if st.get(task.description)]  # fmt: skip
 
 
-def first_look_centres(
+def first_looks(
     localizer: Localizer,
     studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
     batch_size: int = 8,
     cache: LookCache | None = None,
-) -> dict[int, dict[str, tuple[float, float]]]:
-    """Where each study's zoomed look would be centred: the middle of the whole look's levels.
+) -> dict[int, dict[str, np.ndarray]]:
+    """Each study's whole look: the levels' full-resolution canonical rows per task, (T,).
 
     ``cache``: the folds' shared volumes (:class:`.looks.LookCache`)."""
-    out: dict[int, dict[str, tuple[float, float]]] = {sid: {} for sid in studies}
+    out: dict[int, dict[str, np.ndarray]] = {sid: {} for sid in studies}
     for name in LOCALIZER_TASKS:
         todo = _task_stacks(localizer, studies, name)
         if not todo:
@@ -70,8 +70,20 @@ def first_look_centres(
             decoder=localizer.decoder, cache=cache,
         )  # fmt: skip
         for (sid, _), f in zip(todo, found, strict=True):
-            out[sid][name] = look_centre(f)
+            out[sid][name] = np.stack(f)  # (3, T): z, y, x
     return out
+
+
+def first_look_centres(
+    localizer: Localizer,
+    studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
+    batch_size: int = 8,
+    cache: LookCache | None = None,
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """Where each study's zoomed look would be centred: the middle of the whole look's levels."""
+    looks = first_looks(localizer, studies, batch_size, cache)
+    return {sid: {name: look_centre(tuple(f)) for name, f in by.items()}
+            for sid, by in looks.items()}  # fmt: skip
 
 
 def localize_studies(
@@ -80,11 +92,14 @@ def localize_studies(
     batch_size: int = 8,
     centres: Centres | None = None,
     cache: LookCache | None = None,
+    votes: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> dict[int, StudyPoints]:
     """:func:`localize_study` for many studies, the network passes batched across studies.
 
     ``centres`` (study -> task -> (y, x), e.g. :func:`localize_consensus`'s) centre the zoomed
-    looks of the studies and tasks they are given for, in place of the study's own whole look.
+    looks of the studies and tasks they are given for, in place of the study's own whole look;
+    ``votes`` (study -> task -> rows per target) are then the whole look's rows that vote on the
+    zoomed look's run of discs (``localizer.vote_mm``).
     ``cache``: the folds' shared volumes (:class:`.looks.LookCache`).
     """
     found: dict[int, StudyPoints] = {sid: StudyPoints() for sid in studies}
@@ -95,6 +110,7 @@ def localize_studies(
         frames = [sagittal_frame(s, localizer.image_size, localizer.max_slices) for _, s in todo]
         stacks = [s for _, s in todo]
         given = [(centres or {}).get(sid, {}).get(name) for sid, _ in todo]
+        rows = [(votes or {}).get(sid, {}).get(name) for sid, _ in todo]
         located = locate_in_stacks(
             localizer.nets[name],
             stacks,
@@ -105,6 +121,8 @@ def localize_studies(
             fine=localizer.fine,
             centres=given,
             cache=cache,
+            vote_mm=localizer.vote_mm,
+            votes=rows,
         )
         for (sid, stack), frame, (z, y, x) in zip(todo, frames, located, strict=True):
             lps = stack.voxel_to_patient(*frame.from_full(z, y, x))
@@ -155,19 +173,21 @@ def localize_consensus_many(
             map_fn(lambda loc: localize_studies(loc, studies, batch_size, cache=cache), localizers)
         )
     else:
-        own = list(
-            map_fn(lambda loc: first_look_centres(loc, studies, batch_size, cache), localizers)
-        )
+        own = list(map_fn(lambda loc: first_looks(loc, studies, batch_size, cache), localizers))
         shared: dict[int, dict[str, tuple[float, float]]] = {sid: {} for sid in studies}
+        rows: dict[int, dict[str, np.ndarray]] = {sid: {} for sid in studies}
         for sid in studies:
             for name in LOCALIZER_TASKS:
-                cs = [c[sid][name] for c in own if name in c[sid]]
-                if cs:
-                    cy, cx = np.median(np.array(cs), axis=0)
+                looks = [f[sid][name] for f in own if name in f[sid]]
+                if looks:
+                    cy, cx = np.median(np.array([look_centre(tuple(f)) for f in looks]), axis=0)
                     shared[sid][name] = (float(cy), float(cx))
+                    rows[sid][name] = np.median(np.array([f[1] for f in looks]), axis=0)
 
         def look_there(loc: Localizer) -> dict[int, StudyPoints]:
-            return localize_studies(loc, studies, batch_size, centres=shared, cache=cache)
+            return localize_studies(
+                loc, studies, batch_size, centres=shared, cache=cache, votes=rows
+            )
 
         per_fold = list(map_fn(look_there, localizers))
     return {sid: consensus_points([p[sid] for p in per_fold]) for sid in studies}

@@ -30,6 +30,8 @@ class Localizer:
     fuse_mm: float = 0.0  # canal/foramina consensus tolerance (see fuse_level_points); 0 = off
     decoder: str = "ordered"  # level naming, see DECODERS
     fine: float = 0.0  # third, close look per level (fraction of the field of view); 0 = off
+    # SD (mm) of the whole look's vote on the zoomed look's run of discs (chain decoder); 0 = off
+    vote_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -55,6 +57,7 @@ class Localizer:
             "fuse_mm": self.fuse_mm,
             "decoder": self.decoder,
             "fine": self.fine,
+            "vote_mm": self.vote_mm,
             "offsets": {k: v.tolist() for k, v in self.offsets.items()},
             "tasks": sorted(self.nets),
         }
@@ -92,4 +95,5 @@ class Localizer:
             nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),
             float(geometry.get("zoom", 0.0)), float(geometry.get("fuse_mm", 0.0)),
             str(geometry.get("decoder", "ordered")), float(geometry.get("fine", 0.0)),
+            float(geometry.get("vote_mm", 0.0)),
         )  # fmt: skip

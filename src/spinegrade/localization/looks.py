@@ -23,12 +23,22 @@ def _decode_look(
     mm_y: float,
     min_gap_mm: float,
     decoder: str = "ordered",
+    prior_y: np.ndarray | None = None,
+    prior_mm: float = 0.0,
 ):
-    """Heatmaps (T, S, h, w) of one look -> full-resolution canonical (z, y, x) per target."""
+    """Heatmaps (T, S, h, w) of one look -> full-resolution canonical (z, y, x) per target.
+
+    ``prior_y`` (full-resolution canonical rows per target, e.g. the whole look's) votes on the
+    chain's run of discs with a Gaussian of SD ``prior_mm`` (see :func:`.decode._disc_chain`).
+    """
     hh, ww = heat.shape[-2:]
     y0, x0, lh, lw = look.view_window()
     cell_y, cell_x = lh / hh, lw / ww  # full-resolution pixels per heatmap cell
-    zc, yc, xc = decode_levels(heat, groups, min_gap_mm / (mm_y * cell_y), chain=decoder == "chain")
+    prior = None if prior_y is None else (np.asarray(prior_y) - y0 + 0.5) / cell_y - 0.5
+    zc, yc, xc = decode_levels(
+        heat, groups, min_gap_mm / (mm_y * cell_y), chain=decoder == "chain", prior=prior,
+        prior_sd=prior_mm / (mm_y * cell_y),
+    )  # fmt: skip
     z, y, x = zc + look.z0, (yc + 0.5) * cell_y - 0.5, (xc + 0.5) * cell_x - 0.5
     return z, y + y0, x + x0
 
@@ -132,6 +142,8 @@ def locate_in_stacks(
     fine: float = 0.0,
     centres: Sequence[tuple[float, float] | None] | None = None,
     cache: LookCache | None = None,
+    vote_mm: float = 0.0,
+    votes: Sequence[np.ndarray | None] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Targets' full-resolution canonical (z, y, x) of each stack, each (T,): a whole look, then a
     zoomed one, then (``fine`` > 0) one close look per level.
@@ -145,7 +157,10 @@ def locate_in_stacks(
     refine each level where the zoomed look named it (see :func:`_decode_fine`). Each look's
     volumes of equal shape go through the network ``batch_size`` at a time (the same numbers up
     to float rounding; a batch only shares the pass). ``cache`` holds the whole and zoomed looks'
-    volumes for other folds (:class:`LookCache`).
+    volumes for other folds (:class:`LookCache`). With ``vote_mm`` > 0 (chain decoder) the whole
+    look's rows of the levels vote on which run of discs the zoomed look names: a stack's own
+    whole look, or ``votes`` (full-resolution canonical rows per target, e.g. the folds' median)
+    where a centre was given.
     """
     n_targets = int(net.n_targets)
     groups = [list(range(i, i + len(LEVELS))) for i in range(0, n_targets, len(LEVELS))]
@@ -163,8 +178,16 @@ def locate_in_stacks(
     if zoomed:
         mids = [c if c is not None else look_centre(f) for c, f in zip(given, found, strict=True)]
         looks = [f.zoomed(*c, zoom) for f, c in zip(frames, mids, strict=True)]
+        # The whole look's levels vote on which run of discs the zoomed look names (vote_mm > 0).
+        given_votes = list(votes) if votes is not None else [None] * len(stacks)
+        rows = [
+            (f[1] if len(f[1]) else v) if vote_mm > 0 else None
+            for f, v in zip(found, given_votes, strict=True)
+        ]
         for i, h in _run_looks(net, stacks, looks, batch_size, cache):
-            found[i] = _decode_look(h, looks[i], groups, mm_y[i], min_gap_mm, decoder)
+            found[i] = _decode_look(
+                h, looks[i], groups, mm_y[i], min_gap_mm, decoder, rows[i], vote_mm
+            )
     if not 0 < fine < 1:
         return found
     # One close look per level (shared by its left and right targets), centred on the estimate.

@@ -393,7 +393,7 @@ def _stage1(
     )  # fmt: skip
     c = cfg.localizer
     localizer = Localizer(
-        nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine
+        nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine, c.vote_mm
     )
     if runtime.is_main:
         localizer.save(out, meta={"config": cfg.to_dict()})
