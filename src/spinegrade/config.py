@@ -207,6 +207,9 @@ class LocalizerConfig:
     drop_path: float = 0.1
     sigma: float = 1.5  # target heatmap std in heatmap cells (stride 4)
     zoom: float = 0.65  # second, zoomed look at this fraction of the field of view (0 = off)
+    # Training's zoomed looks are centred on the targets' middle, moved by up to this fraction of
+    # the window: prediction centres them on the whole look's estimate, which may be a disc off.
+    zoom_shift: float = 0.1
     # Third, close look per level at this fraction of the field of view (0 = off): it sharpens
     # where on its disc a level lies; the zoomed look has already named the discs.
     fine: float = 0.3
@@ -216,6 +219,9 @@ class LocalizerConfig:
     # Level naming (localize.DECODERS): "ordered" = each level's best peak, head to feet;
     # "chain" = the five levels on consecutive discs (a run of the discs seen, moved as one).
     decoder: str = "chain"
+    # With the chain decoder: the whole look's levels vote on which run of discs the zoomed look
+    # names, a Gaussian of this SD in mm about the whole look's rows (0 = off; looks.py).
+    vote_mm: float = 0.0
     # Which stage-1 nets to train (localize.LOCALIZER_TASKS): "spinal" reads sagittal T2 for the
     # canal (and, by offsets, the recesses), "foraminal" sagittal T1 for both foramina. A run
     # without one grades those targets at derived points or the prior; experiments on the canal

@@ -76,8 +76,9 @@ def train_localizer(
             log_every=cfg.train.log_every,
         )  # fmt: skip
         dataset = LocalizerDataset(
-            samples[name], augment=True, zoom=c.zoom, seed=seed, aug=c.augment, fine=c.fine
-        )
+            samples[name], augment=True, zoom=c.zoom, seed=seed, aug=c.augment, fine=c.fine,
+            shift_frac=c.zoom_shift,
+        )  # fmt: skip
         val = list(val_samples.get(name, []))
 
         def evaluate(m: nn.Module, v=val) -> dict[str, float]:
