@@ -108,3 +108,26 @@ def test_make_crops_skips_unknown_points_and_uncovered_levels():
     rng = np.random.default_rng(0)
     jittered = make_crops(stacks, points, CFG, rng=rng)
     assert set(jittered) == set(crops)
+
+
+def test_the_disc_field_follows_the_disc_anchor_only():
+    """``disc_mm`` widens a task's disc-centred crops (a disc is ~45 mm deep; Pfirrmann reads its
+    nucleus against the annulus, narrowing its height against the endplates) and nothing else;
+    unset, the disc crops keep ``spinal_mm`` as runs before it cut them."""
+    import dataclasses
+
+    from spinegrade.task import SPIDER_DISCS
+
+    wide = dataclasses.replace(CFG, disc_mm=60.0)
+    assert crop_view("pfirrmann", wide, SPIDER_DISCS).field_mm == 60.0
+    assert crop_view("pfirrmann", CFG, SPIDER_DISCS).field_mm == CFG.spinal_mm
+    for condition in ("spinal_canal_stenosis", "left_neural_foraminal_narrowing",
+                      "right_subarticular_stenosis"):  # fmt: skip
+        assert crop_view(condition, wide).field_mm == crop_view(condition, CFG).field_mm
+    # The same disc blob fills a smaller share of the wider crop (mm per pixel grow by 60/32).
+    stack = make_stack(P, -H, (0, 0, 0), (9, 96, 96), (1.0, 1.0), 4.0)
+    add_blob(stack, np.zeros(3), 255, 4.0)
+    crops = [extract_crop(stack, np.zeros(3), crop_view("pfirrmann", c, SPIDER_DISCS), size=32,
+                          n_slices=1) for c in (CFG, wide)]  # fmt: skip
+    share = [float((c > 0.5 * c.max()).mean()) for c in crops]
+    assert 0 < share[1] < 0.5 * share[0]

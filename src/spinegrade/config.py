@@ -76,7 +76,10 @@ class CropConfig:
     size: int = 128  # crop H = W in pixels
     slices: int = 5  # slices per crop, centred on the level's slice (odd)
     slice_step: int = 1  # take every n-th slice around the centre
-    spinal_mm: float = 40.0  # sagittal T2 field around the disc centre
+    spinal_mm: float = 40.0  # sagittal T2 field around the canal point
+    # Sagittal field around the disc centre (a task's disc crops); None = spinal_mm, as runs
+    # before this setting cut them.
+    disc_mm: float | None = None
     foraminal_mm: float = 40.0  # sagittal T1 field around the foramen
     subarticular_mm: float = 48.0  # axial T2 field around the canal (both recesses visible)
     slice_jitter: int = 2  # training: shift the centre slice by up to +-N (stage-1 slice errors)

@@ -47,18 +47,19 @@ class CropView:
 def crop_view(condition: str, cfg: CropConfig, task: Task = RSNA_2024) -> CropView:
     """The canonical view of ``condition`` of ``task`` (see module doc); right sides are mirrored.
 
-    The field of view follows the anchor: the canal and the disc centre get ``spinal_mm``, a
-    foramen ``foraminal_mm``, a recess ``subarticular_mm``.
+    The field of view follows the anchor: the canal gets ``spinal_mm``, the disc centre
+    ``disc_mm`` (unset: ``spinal_mm``), a foramen ``foraminal_mm``, a recess ``subarticular_mm``.
     """
     c = task.condition(condition)
     side = -1.0 if c.side == "right" else 1.0
-    field_mm = (
-        cfg.subarticular_mm
-        if c.anchor.endswith("recess")
-        else cfg.foraminal_mm
-        if c.anchor.endswith("foramen")
-        else cfg.spinal_mm
-    )
+    if c.anchor.endswith("recess"):
+        field_mm = cfg.subarticular_mm
+    elif c.anchor.endswith("foramen"):
+        field_mm = cfg.foraminal_mm
+    elif c.anchor == "disc_centre" and cfg.disc_mm is not None:
+        field_mm = cfg.disc_mm
+    else:
+        field_mm = cfg.spinal_mm
     if c.view == "axial":  # lateral to the right of the image, posterior down
         return CropView(c.series, field_mm, side * LPS_LEFT, LPS_POSTERIOR, LPS_HEAD)
     # Sagittal: standard display (anterior left, head up); slices go lateral on the graded side.
