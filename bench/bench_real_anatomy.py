@@ -26,6 +26,10 @@ them. The truth only places the cut; the localiser sees a real image with a real
 A localiser that names levels by where they sit in the field, or by counting discs from its
 top, fails here; one that reads the anatomy does not.
 
+``--held-out`` runs each fold's localiser on the real cases that fold did not train on (a run
+that trained on the real set too, as ``--oof``), so that test-time settings (``--vote-mm``,
+``--zoom``, ``--decoder``) can be measured out of fold without retraining.
+
 ``--oof`` scores the run's own out-of-fold points instead (``RUN_DIR/oof_points.csv``: every
 study a fold did not train on, located by that fold), for runs that trained on the real set too
 (`spinegrade import spider`, then `train PHANTOM SPIDER ...`): the imported studies are matched to
@@ -163,6 +167,31 @@ def oof_cases(run_dir: Path, truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {str(case): g for case, g in known.groupby("case", sort=False)}
 
 
+def held_out_folds(run_dir: Path, folds: list[int]) -> dict[str, int]:
+    """Case id -> the fold (of ``folds``) that held it out: the run's folds.csv, its studies
+    matched to cases through the ``cases.csv`` of the run's data folders."""
+    from spinegrade.data.sources import CASES_FILE, configured_sources
+
+    table = pd.read_csv(run_dir / "folds.csv")
+    fold_of = dict(zip(table["study_id"].astype(int), table["fold"].astype(int), strict=True))
+    out = {}
+    for src in configured_sources(load_run_config(run_dir)):
+        cases = src.data_dir / CASES_FILE
+        if cases.is_file():
+            c = pd.read_csv(cases, dtype={"case_id": str})
+            for sid, case in zip(c["study_id"].astype(int), c["case_id"], strict=True):
+                if fold_of.get(sid) in folds:
+                    out[str(case)] = fold_of[sid]
+    if not out:
+        raise SystemExit(f"{run_dir} did not train on these real cases: --held-out needs a run "
+                         "that did (train PHANTOM SPIDER ...)")  # fmt: skip
+    return out
+
+
+def case_values_of(paths: dict, heights: dict, case) -> dict[str, float]:
+    return {"path_mm": paths[str(case)], "height_mm": heights[str(case)]}
+
+
 def canal_truth(real_dir: Path) -> dict[str, np.ndarray]:
     """Case -> true canal points (5, 3), head first, from REAL_DIR/canal.csv (if it exists).
 
@@ -272,6 +301,14 @@ def main() -> None:
         "--zoom", type=float, default=None, help="second look's field share (default: the run's)"
     )
     ap.add_argument(
+        "--vote-mm", type=float, default=None,
+        help="the whole look's vote on the zoomed look's discs (default: the run's)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--held-out", action="store_true",
+        help="each fold on the real cases it did not train on (see above)",
+    )  # fmt: skip
+    ap.add_argument(
         "--crop",
         choices=("top", "bottom", "both"),
         default=None,
@@ -307,6 +344,8 @@ def main() -> None:
     for loc in localizers:
         loc.decoder = args.decoder or loc.decoder
         loc.zoom = loc.zoom if args.zoom is None else args.zoom
+        loc.vote_mm = loc.vote_mm if args.vote_mm is None else args.vote_mm
+    held_out = held_out_folds(args.run_dir, folds) if args.held_out else None
     params = CacheParams.from_config(cfg.data)  # as predict caches for this run
     out_dir = args.out or args.run_dir / "real_bench"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,13 +368,23 @@ def main() -> None:
         if args.crop:
             stack = crop_field(stack, centres, args.margin, args.crop)
         heights[str(case)] = field_height(stack, centres)
+        if held_out is not None:  # only the fold that never saw this case
+            k = held_out.get(str(case))
+            if k is None:
+                continue
+            p = localize_study(localizers[folds.index(k)], {SAG_T2: [stack]})
+            looks = [(k, p.xyz[0])]
+            for r in score_case(looks[0][1], centres, planes):
+                rows.append({"case": case, "fold": k, **r, **case_values_of(paths, heights, case)})
+            draw_case(out_dir / f"{case}.png", stack, centres, looks[-1][1])
+            continue
         points = [localize_study(loc, {SAG_T2: [stack]}) for loc in localizers]
         # Each fold's own points (what its OOF grading saw), and with several folds the
         # consensus that prediction grades at (localize.localize_consensus).
         looks = [(k, p.xyz[0]) for k, p in zip(folds, points, strict=True)]
         if len(folds) > 1:
             looks.append(("consensus", localize_consensus(localizers, {SAG_T2: [stack]}).xyz[0]))
-        case_values = {"path_mm": paths[str(case)], "height_mm": heights[str(case)]}
+        case_values = case_values_of(paths, heights, case)
         for k, located in looks:
             for r in score_case(located, centres, planes):
                 rows.append({"case": case, "fold": k, **r, **case_values})
@@ -355,11 +404,13 @@ def main() -> None:
     plane = "each disc's own plane" if true_canal else "planes across the spine axis"
     print(f"distance of the located canal point to its disc's mid-plane (mm; {plane})")
     fold_rows = df[df["fold"] != "consensus"]
-    if len(folds) > 1:
+    if held_out is not None:
+        print(f"each fold on its held-out real cases (vote_mm {localizers[0].vote_mm:g}):")
+    elif len(folds) > 1:
         print(f"each fold's points, pooled over folds {folds}:")
     print(summarise(fold_rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     shown = fold_rows
-    if len(folds) > 1:
+    if len(folds) > 1 and held_out is None:
         shown = df[df["fold"] == "consensus"]
         print("the folds' consensus (what prediction grades at):")
         print(summarise(shown).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
