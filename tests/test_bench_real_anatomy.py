@@ -148,3 +148,31 @@ def test_a_tilted_disc_is_judged_in_its_own_plane_where_its_canal_point_is_known
     assert max(abs(r["dist_mm"]) for r in own) < 1e-6
     assert abs(across[-1]["dist_mm"]) > 5.0  # 25 mm x sin(15 deg): the spine-axis plane misses
     assert [r["nearest"] for r in own] == list(LEVELS)
+
+
+def test_held_out_mode_gives_each_real_case_the_fold_that_never_saw_it(tmp_path):
+    import importlib.util
+
+    from spinegrade.config import load_config, save_config
+
+    data = tmp_path / "imported"
+    data.mkdir()
+    cases = {"study_id": [7, 8, 9], "case_id": ["spider_1", "spider_2", "spider_3"],
+             "patient_id": ["a", "b", "c"]}  # fmt: skip
+    pd.DataFrame(cases).to_csv(data / "cases.csv", index=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("quick")
+    cfg.data.data_dir = str(data)
+    save_config(cfg, run / "config.yaml")
+    pd.DataFrame({"study_id": [1, 7, 8, 9], "fold": [0, 1, 0, 2]}).to_csv(
+        run / "folds.csv", index=False
+    )
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_real_anatomy.py"
+    spec = importlib.util.spec_from_file_location("bench_real_anatomy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.held_out_folds(run, [0, 1, 2]) == {"spider_1": 1, "spider_2": 0, "spider_3": 2}
+    assert bench.held_out_folds(run, [0]) == {"spider_2": 0}  # only the chosen folds' cases
+    with pytest.raises(SystemExit, match="did not train on these real cases"):
+        bench.held_out_folds(run, [3])
