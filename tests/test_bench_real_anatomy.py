@@ -74,19 +74,34 @@ def test_seeds_bench_takes_overrides_after_its_options():
     assert bare.overrides == [] and bare.seeds == [42, 7, 11, 1, 2, 3]
 
 
+def _run_of_imported_cases(tmp_path: Path, n: int) -> Path:
+    """A run folder whose data folder is an imported real set of ``n`` cases: studies 7, 8, ...
+    are cases spider_1, spider_2, ... (its cases.csv), one patient each."""
+    from spinegrade.config import load_config, save_config
+
+    data = tmp_path / "imported"
+    data.mkdir()
+    pd.DataFrame({"study_id": [7 + k for k in range(n)],
+                  "case_id": [f"spider_{k + 1}" for k in range(n)],
+                  "patient_id": [f"p{k}" for k in range(n)]}).to_csv(
+        data / "cases.csv", index=False)  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("quick")
+    cfg.data.data_dir = str(data)
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
 def test_oof_mode_scores_a_runs_own_points_against_the_real_truth(tmp_path):
     # A run trained on an imported real set: its oof_points.csv is matched to the real cases
     # through the data folder's cases.csv, and scored without running a model.
     import subprocess
 
-    from spinegrade.config import load_config, save_config
     from spinegrade.task import LEVEL_TITLES
 
     centres, backwards = _lordotic_spine()
-    data = tmp_path / "imported"
-    data.mkdir()
-    pd.DataFrame({"study_id": [7, 8], "case_id": ["spider_1", "spider_2"],
-                  "patient_id": ["a", "b"]}).to_csv(data / "cases.csv", index=False)  # fmt: skip
+    run = _run_of_imported_cases(tmp_path, 2)
     real = tmp_path / "real"
     real.mkdir()
     truth = [
@@ -95,11 +110,6 @@ def test_oof_mode_scores_a_runs_own_points_against_the_real_truth(tmp_path):
         for lv, c in zip(LEVELS, centres, strict=True)
     ]
     pd.DataFrame(truth).to_csv(real / "truth.csv", index=False)
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = load_config("quick")
-    cfg.data.data_dir = str(data)
-    save_config(cfg, run / "config.yaml")
     canal = centres + 20.0 * backwards
     wrong = canal.copy()
     wrong[1] = centres[2] + 20.0 * backwards[2]  # study 8: L2/L3 put on the L3/L4 disc
@@ -153,18 +163,7 @@ def test_a_tilted_disc_is_judged_in_its_own_plane_where_its_canal_point_is_known
 def test_held_out_mode_gives_each_real_case_the_fold_that_never_saw_it(tmp_path):
     import importlib.util
 
-    from spinegrade.config import load_config, save_config
-
-    data = tmp_path / "imported"
-    data.mkdir()
-    cases = {"study_id": [7, 8, 9], "case_id": ["spider_1", "spider_2", "spider_3"],
-             "patient_id": ["a", "b", "c"]}  # fmt: skip
-    pd.DataFrame(cases).to_csv(data / "cases.csv", index=False)
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = load_config("quick")
-    cfg.data.data_dir = str(data)
-    save_config(cfg, run / "config.yaml")
+    run = _run_of_imported_cases(tmp_path, 3)
     pd.DataFrame({"study_id": [1, 7, 8, 9], "fold": [0, 1, 0, 2]}).to_csv(
         run / "folds.csv", index=False
     )

@@ -156,7 +156,8 @@ def test_service_grades_another_task_and_files_its_sr(disc_run, pacs, tmp_path) 
         grades = TASK.column_condition(c).grades
         assert t["grade"] in grades and len(t["clinical"]) == len(grades)
         assert t["clinical"] == t["submission"]  # equal class weights: nothing to remove
-        assert t["grade"] == grades[int(np.argmax(t["clinical"]))]
+        # The most probable grade (the shown values are rounded to 4 places: ties within that)
+        assert t["clinical"][grades.index(t["grade"])] >= max(t["clinical"]) - 1e-4
     assert "weights every grade equally" in result["note"]
     saved = json.loads((svc.work / "results" / study_key(uid) / "grades.json").read_text())
     assert saved["task"] == TASK.name

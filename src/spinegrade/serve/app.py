@@ -191,29 +191,23 @@ def _grade_cell(task: Task, column: str, t: dict) -> str:
 def _grade_table(task: Task, targets: dict) -> str:
     """RSNA's grid (a row per condition, a column per level, as its readers' form); another
     task reads like a radiologist's list: a row per level, a column per finding."""
-    if task.is_rsna:
-        head = "<tr><th>Condition</th>" + "".join(
-            f"<th>{LEVEL_TITLES[lv]}</th>" for lv in task.levels
-        )
-        rows = [
-            f"<tr><th>{html.escape(c.title)}</th>"
-            + "".join(_grade_cell(task, f"{c.name}_{lv}", targets[f"{c.name}_{lv}"])
-                      for lv in task.levels)
-            + "</tr>"
-            for c in task.conditions
-        ]  # fmt: skip
-    else:
-        head = "<tr><th>Level</th>" + "".join(
-            f"<th>{html.escape(c.title)}</th>" for c in task.conditions
-        )
-        rows = [
-            f"<tr><th>{LEVEL_TITLES[lv]}</th>"
-            + "".join(_grade_cell(task, f"{c.name}_{lv}", targets[f"{c.name}_{lv}"])
-                      for c in task.conditions)
-            + "</tr>"
-            for lv in task.levels
-        ]  # fmt: skip
-    return f"<table id='grades'>{head}</tr>{''.join(rows)}</table>"
+    conditions = [(c.name, html.escape(c.title)) for c in task.conditions]
+    levels = [(lv, LEVEL_TITLES[lv]) for lv in task.levels]
+    corner, rows, cols = (
+        ("Condition", conditions, levels) if task.is_rsna else ("Level", levels, conditions)
+    )
+
+    def column(r: str, c: str) -> str:  # label columns are {condition}_{level}
+        return f"{r}_{c}" if task.is_rsna else f"{c}_{r}"
+
+    head = f"<tr><th>{corner}</th>" + "".join(f"<th>{title}</th>" for _, title in cols)
+    body = "".join(
+        f"<tr><th>{title}</th>"
+        + "".join(_grade_cell(task, column(r, c), targets[column(r, c)]) for c, _ in cols)
+        + "</tr>"
+        for r, title in rows
+    )
+    return f"<table id='grades'>{head}</tr>{body}</table>"
 
 
 def _study_page(key: str, row, task: Task) -> HTMLResponse:
