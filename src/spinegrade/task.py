@@ -301,14 +301,6 @@ class Task:
     def is_rsna(self) -> bool:
         return self.metric == "rsna2024"
 
-    def require_rsna(self, what: str) -> None:
-        """Refuse a task other than RSNA 2024 in a part that only knows its 25 targets."""
-        if not self.is_rsna:
-            raise TaskError(
-                f"{what} supports only the RSNA 2024 task; this run's task is {self.name!r} "
-                f"({', '.join(self.condition_names)}). Use the run's oof.csv and cv.json instead."
-            )
-
     # -- files -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain dict (YAML-ready); :func:`task_from_dict` reads it back."""
