@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -272,7 +273,9 @@ def test_corrupt_and_truncated_files_are_skipped_with_warning(
     reasons = {sk.path.name: sk.reason for sk in series.skipped}
     assert set(reasons) == {"7.dcm", "8.dcm"}
     # Each says what is wrong and what to do.
-    assert reasons["7.dcm"].startswith("pixel data holds 132 bytes but Rows 24 x Columns 20")
+    # How many bytes survive the cut depends on the header's length (its generated UIDs vary).
+    held = re.match(r"pixel data holds (\d+) bytes but Rows 24 x Columns 20", reasons["7.dcm"])
+    assert held is not None and 0 < int(held[1]) < 24 * 20 * 2, reasons["7.dcm"]
     assert reasons["8.dcm"].startswith("damaged: no readable data set after the DICOM header")
     assert all("copy it again" in r for r in reasons.values())
     logged = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
