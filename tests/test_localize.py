@@ -472,19 +472,16 @@ def test_a_given_centre_replaces_the_whole_look(monkeypatch):
 
 
 def test_folds_zoom_where_their_whole_looks_agree(monkeypatch):
-    from spinegrade.localization.localize import (
-        first_look_centres,
-        localize_consensus,
-        localize_study,
-    )
+    from spinegrade.localization.localize import first_looks, localize_consensus, localize_study
+    from spinegrade.localization.looks import look_centre
 
     stack = make_stack(P, -H, (0, 0, 0), (3, 256, 256), (1.2, 1.2), 4.0)
     stacks = {"Sagittal T2/STIR": [stack]}
     nets = [_PriorNet(0), _PriorNet(0), _PriorNet(3)]  # the third fold's whole look slid
     offsets = fit_offsets([])  # zeros: the recesses sit on the canal point
     folds = [Localizer({"spinal": n}, offsets, 96, 3, zoom=0.5, decoder="chain") for n in nets]
-    agreed = first_look_centres(folds[0], {0: stacks})[0]["spinal"]
-    slid = first_look_centres(folds[2], {0: stacks})[0]["spinal"]
+    agreed = look_centre(tuple(first_looks(folds[0], {0: stacks})[0]["spinal"]))
+    slid = look_centre(tuple(first_looks(folds[2], {0: stacks})[0]["spinal"]))
     assert slid[0] - agreed[0] > 30  # 3 whole-look cells (~38 mm) lower
     for n in nets:
         n.calls = 0

@@ -74,18 +74,6 @@ def first_looks(
     return out
 
 
-def first_look_centres(
-    localizer: Localizer,
-    studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
-    batch_size: int = 8,
-    cache: LookCache | None = None,
-) -> dict[int, dict[str, tuple[float, float]]]:
-    """Where each study's zoomed look would be centred: the middle of the whole look's levels."""
-    looks = first_looks(localizer, studies, batch_size, cache)
-    return {sid: {name: look_centre(tuple(f)) for name, f in by.items()}
-            for sid, by in looks.items()}  # fmt: skip
-
-
 def localize_studies(
     localizer: Localizer,
     studies: Mapping[int, Mapping[str, Sequence[CachedStack]]],
