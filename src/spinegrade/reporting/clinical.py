@@ -25,15 +25,6 @@ def deweight(probs: np.ndarray, weights: tuple[float, ...] = CLASS_WEIGHTS) -> n
     return q / q.sum(axis=-1, keepdims=True)
 
 
-def deweight_rows(rows, task: Task) -> list[np.ndarray]:
-    """:func:`deweight` of one probability row per column of ``task``, each by its condition's
-    class weights (rows may differ in length: a binary finding beside Pfirrmann's five grades)."""
-    return [
-        deweight(row, task.column_condition(c).class_weights)
-        for row, c in zip(rows, task.columns, strict=True)
-    ]
-
-
 def deweight_note(task: Task) -> str:
     """What the shown probabilities are, for ``task``'s class weights."""
     if task.is_rsna:

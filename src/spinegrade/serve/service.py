@@ -27,7 +27,7 @@ import pydicom
 import yaml
 from pydicom.uid import generate_uid
 
-from spinegrade.reporting.clinical import deweight_note, deweight_rows
+from spinegrade.reporting.clinical import deweight_note
 from spinegrade.serve.pacs import Pacs
 from spinegrade.serve.sr import ModelIdentity, build_sc, build_sr, read_sr
 from spinegrade.serve.state import State, StudyRow
@@ -283,9 +283,16 @@ class Service:
             raise GradingError("no target could be graded: " + ("; ".join(warnings) or "?"))
         grades = json.loads((work / "report" / str(sid) / "grades.json").read_text())
         task = self.task
-        probs = {c: grades["targets"][c]["probabilities"] for c in task.columns}
-        raw = [np.array([probs[c][g] for g in task.column_condition(c).grades]) for c in probs]
-        clinical = deweight_rows(raw, task)
+        # The model's probabilities, and with the class-weight lean removed as prediction's
+        # report already computed them (reporting.report.clinical_probs), named by grade.
+        targets = grades["targets"]
+
+        def by_grade(probs_of) -> list[np.ndarray]:  # a row per column, its condition's grades
+            return [np.array([probs_of(targets[c])[g] for g in task.column_condition(c).grades])
+                    for c in task.columns]  # fmt: skip
+
+        raw = by_grade(lambda t: t["probabilities"])
+        clinical = by_grade(lambda t: t["clinical"]["probabilities"])
         t2 = time.perf_counter()
         evidence = self._evidence(pd.read_csv(res.studies_path), headers)
         points = {c: grades["targets"][c]["point_lps_mm"] for c in task.columns}
