@@ -319,12 +319,12 @@ def train_real_grades(
     # One item teaches a disc's five findings at once (one crop, crop_bundles): an epoch over ~30
     # spines is 7 steps, so three times the config's epochs make 60% of the steps that five
     # one-finding items a disc took, for the same out-of-fold scores (BENCHMARKS.md, "Real grades").
-    epochs = 3 * load_config(config, overrides).train.epochs
     cfg = load_config(
         config,
         [*overrides, f"localizer.init_from={run}", "localizer.epochs=0",
-         "localizer.tasks=[spinal]", "data.sources=[]", f"train.epochs={epochs}"],
+         "localizer.tasks=[spinal]", "data.sources=[]"],
     )  # fmt: skip
+    cfg.train.epochs *= 3
     return cross_validate(real_data, real_cache, out_run, cfg, progress=progress) or merge_run(
         out_run
     )
