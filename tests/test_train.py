@@ -297,6 +297,77 @@ def test_a_run_can_train_the_canal_localiser_alone(world, tmp_path, monkeypatch)
     assert pred.graded[:5].all() and not pred.graded[5:15].any()
 
 
+def test_grader_members_train_from_their_own_seeds_and_predict_as_their_mean(
+    world, tmp_path, monkeypatch
+):
+    """``train.members=2``: each group's second grader is trained from its own seed beside the
+    first (which is what a one-member run trains), saved as ``grader_{group}.m1``, logged as its
+    own stage, and a reloaded fold grades with the mean of both members' logits. A member the
+    run trained and the fold lacks is an error naming it, never a silent smaller ensemble."""
+    from spinegrade.inference.fold_models import grade_crops
+    from spinegrade.localization.localize import localize_study
+    from spinegrade.models.grader import GraderMembers
+    from spinegrade.models.registry import load_model
+    from spinegrade.models.weights import WeightsError
+
+    monkeypatch.setenv("SPINEGRADE_PROGRESS", "0")
+    data, cache = world
+    tiny = [*TINY, "data.n_folds=3", "localizer.tasks=[spinal]", "train.groups=[spinal]"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run, extra in ((one, []), (two, ["train.members=2"])):
+        cfg = load_config("quick", [*tiny, *extra])
+        assert cross_validate(data, cache, run, cfg, folds_to_run=[0], progress=False) is None
+    fold = two / "fold_0"
+    first, second = (
+        load_model(fold / f)[0]
+        for f in ("grader_spinal.safetensors", "grader_spinal.m1.safetensors")
+    )
+    alone = load_model(one / "fold_0" / "grader_spinal.safetensors")[0]
+
+    def equal(a, b):
+        pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+        return [torch.equal(x, y) for x, y in pairs]
+
+    same, differ = equal(first, alone), equal(first, second)
+    assert all(same) and not all(differ)  # member 0 = the one-member run; member 1 its own seed
+    log_lines = (fold / "log.jsonl").read_text().splitlines()
+    stages = {json.loads(line).get("stage") for line in log_lines}
+    assert {"grader_spinal", "grader_spinal_m1"} <= stages
+    models = load_fold_models(fold)
+    assert isinstance(models.graders["spinal"], GraderMembers)
+    sid = int(pd.read_csv(two / "folds.csv").query("fold == 0")["study_id"].iloc[0])
+    study = load_studies(cache, [sid], progress=False)[sid]
+    from spinegrade.data.crops import make_crops
+    from spinegrade.localization.derived import derive_points as derive
+
+    points = derive(localize_study(models.localizer, study.stacks), models.localizer.offsets)
+    crops = make_crops(study.stacks, points, models.crops, columns=["spinal_canal_stenosis_l3_l4"])
+    x = torch.from_numpy(crops["spinal_canal_stenosis_l3_l4"][None])
+    with torch.no_grad():
+        mean_logits = (first(x, torch.tensor([2])) + second(x, torch.tensor([2]))) / 2
+    graded = grade_crops(models.graders, crops)["spinal_canal_stenosis_l3_l4"]
+    np.testing.assert_allclose(graded, mean_logits[0, 0].softmax(-1).numpy(), atol=1e-5)
+    # Exported, both members run in ONNX Runtime and grade alike.
+    pytest.importorskip("onnxruntime")
+    from spinegrade.inference.export import export_run
+
+    assert {p.path.name for p in export_run(two, folds=[0])} >= {
+        "grader_spinal.onnx", "grader_spinal.m1.onnx"}  # fmt: skip
+    onnx = load_fold_models(fold, engine="onnx")
+    assert isinstance(onnx.graders["spinal"], GraderMembers)
+    np.testing.assert_allclose(
+        grade_crops(onnx.graders, crops)["spinal_canal_stenosis_l3_l4"], graded, atol=1e-4
+    )
+    # The second member's sidecar gone (an interrupted copy): loading names the file.
+    (fold / "grader_spinal.m1.json").unlink()
+    with pytest.raises(WeightsError, match=r"grader_spinal\.m1"):
+        load_fold_models(fold)
+    with pytest.raises(ValueError, match=r"train\.members=0"):
+        cross_validate(
+            data, cache, tmp_path / "none", load_config("quick", [*tiny, "train.members=0"])
+        )
+
+
 def test_an_unknown_localiser_task_is_named_with_the_choices(tmp_path):
     from spinegrade.config import ConfigError
     from spinegrade.localization.tasks import configured_tasks

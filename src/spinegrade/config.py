@@ -161,6 +161,10 @@ class TrainConfig:
     eval_every: int = 1  # validate every n-th epoch (and always the last): logging only
     weight_average: float = 0.1  # keep an EMA of the weights over ~this fraction of steps (0: off)
     prior_mix: float = 0.2  # prediction: mix this much of the training prior into graded cells
+    # Graders a group trains per fold, each from its own seed; prediction averages their logits.
+    # A few dozen real spines teach a random-init grader differently with every seed (SPIDER's
+    # Pfirrmann kappa 0.42-0.58 over seeds); the mean of several is steadier than any one.
+    members: int = 1
     fold_workers: int = 0  # CPU: folds trained side by side in processes (0 = one per core)
     ddp_timeout_s: float = 600.0  # DDP: a collective waiting longer than this fails the run
 

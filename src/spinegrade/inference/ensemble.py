@@ -346,10 +346,11 @@ class Predictor:
         if model is None or self.engine == "torch":
             return model
         if group not in self._saliency_nets:
-            from spinegrade.inference.run_folder import fold_dir
+            from spinegrade.inference.run_folder import fold_dir, grader_file
             from spinegrade.models.registry import load_model
 
-            path = fold_dir(self.run_dir, self.folds[0]) / f"grader_{group}.safetensors"
+            # The first member where a fold has several (train.members).
+            path = grader_file(fold_dir(self.run_dir, self.folds[0]), group)
             self._saliency_nets[group] = load_model(path, device=self.device)[0]
         return self._saliency_nets[group]
 

@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from spinegrade.config import CropConfig, load_config
 from spinegrade.data.crops import make_crops
+from spinegrade.inference.run_folder import grader_file
 from spinegrade.localization.localize import localize_study
 from spinegrade.localization.localizer import Localizer
 from spinegrade.localization.points import StudyPoints
+from spinegrade.models.grader import GraderMembers
 from spinegrade.preprocessing.cache import CachedStack
 from spinegrade.task import LEVELS, RSNA_2024, Task, dataset_task
 from spinegrade.util.runtime import Runtime
@@ -297,10 +299,12 @@ def load_fold_models(
     task = dataset_task(fold_dir.parent)  # the run's task.yaml; older runs graded RSNA
     graders = {}
     for group in task.groups:
-        path = fold_dir / f"grader_{group}.safetensors"
-        # A group the run trains must have its weights: never a silent prior for its targets.
+        path = grader_file(fold_dir, group)
+        # A group the run trains must have its weights: never a silent prior for its targets,
+        # nor a member fewer than the run trained (train.members) without a word.
         if group in task.select_groups(cfg.train.groups) or path.is_file():
-            graders[group] = load(path)
+            members = [load(grader_file(fold_dir, group, k)) for k in range(cfg.train.members)]
+            graders[group] = members[0] if len(members) == 1 else GraderMembers(members)
     fallback = _read_fallback(fold_dir / "fallback.json", task)
     localizer = Localizer.load(fold_dir, device, engine)
     if engine != "onnx":

@@ -7,6 +7,7 @@ Run folder (self-contained: prediction rebuilds everything from it)::
     RUN_DIR/fold_K/                one per fold; a fold is complete when metrics.json exists
         localizer_{spinal,foraminal}.safetensors + .json, localizer_geometry.json
         grader_{spinal,foraminal,subarticular}.safetensors + .json
+        grader_{group}.m{K}.safetensors + .json   the group's further members (train.members)
         fallback.json              training-fold constant for targets no series can show
         log.jsonl                  a runtime line (world size, device), then one line per stage
                                    and epoch (loss, val metrics, speed, steps)
@@ -43,6 +44,13 @@ RUNTIME_KEYS = frozenset(
 def fold_dir(run_dir: Path, fold: int) -> Path:
     """``RUN_DIR/fold_K``."""
     return Path(run_dir) / f"fold_{fold}"
+
+
+def grader_file(folder: Path, group: str, member: int = 0) -> Path:
+    """Where a fold keeps ``group``'s grader: member 0 where runs always kept it, the others
+    (``train.members``) beside it as ``grader_{group}.m{member}.safetensors``."""
+    suffix = f".m{member}" if member else ""
+    return Path(folder) / f"grader_{group}{suffix}.safetensors"
 
 
 def fold_done(run_dir: Path, fold: int) -> bool:

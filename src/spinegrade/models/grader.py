@@ -27,7 +27,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from spinegrade.models.weights import create_backbone
+from spinegrade.models.weights import create_backbone, init_source
 from spinegrade.task import LEVELS, SEVERITIES
 
 
@@ -163,3 +163,34 @@ class SpineGrader(nn.Module):
             )
         if level is not None and level.shape != (x.shape[0],):
             raise ValueError(f"level must have shape ({x.shape[0]},), got {tuple(level.shape)}")
+
+
+class GraderMembers(nn.Module):
+    """Graders of one group trained from different seeds (``train.members``), as one grader.
+
+    Its logits are the members' mean: each condition's softmax over its own grades is then the
+    normalised geometric mean of the members' probabilities, whatever padding a condition with
+    fewer grades than the head has. The members may be torch graders or their ONNX Runtime twins
+    (not modules; kept in a plain list then). ``init_source`` is the first member's: every member
+    starts from the same backbone init.
+    """
+
+    def __init__(self, members: list[Any]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"GraderMembers needs two or more graders, got {len(members)}")
+        if all(isinstance(m, nn.Module) for m in members):
+            self.members: Any = nn.ModuleList(members)
+        else:
+            self.members = list(members)
+        self.init_source = init_source(members[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the members run (see :func:`spinegrade.models.registry.device_of`)."""
+        first = self.members[0]
+        own = getattr(first, "device", None)
+        return own if isinstance(own, torch.device) else next(first.parameters()).device
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([m(x, level) for m in self.members]).mean(0)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from spinegrade.config import Config
+from spinegrade.config import Config, ConfigError
 from spinegrade.data.grader_dataset import labelled_conditions
 from spinegrade.data.sources import (
     DISCS_FILE,
@@ -45,6 +45,7 @@ from spinegrade.inference.run_folder import (
     ensure_folds,
     fold_dir,
     fold_done,
+    grader_file,
     load_run_config,
     write_or_check_config,
     write_or_check_task,
@@ -55,6 +56,7 @@ from spinegrade.localization.localizer import Localizer
 from spinegrade.localization.points import POINT_COLUMNS, StudyPoints, point_rows
 from spinegrade.localization.samples import LocalizerSample, build_localizer_samples
 from spinegrade.localization.tasks import configured_tasks
+from spinegrade.models.grader import GraderMembers
 from spinegrade.models.weights import (
     init_source,
     require_pretrained,
@@ -71,6 +73,9 @@ from spinegrade.util.atomic import crash_point, write_csv, write_json
 from spinegrade.util.runtime import Runtime, fault_point, setup_runtime
 
 log = logging.getLogger(__name__)
+
+# Member k of a group's graders trains from the fold's seed + k * this (member 0: the fold's own).
+MEMBER_SEED_STRIDE = 10_007
 
 
 # ------------------------------------------------------------------------------------ all folds
@@ -111,6 +116,8 @@ def cross_validate(
     require_pretrained(cfg)
     check_init_from(cfg, folds_to_run, run_dir, data_dir)  # *.init_from: runs whose nets fit
     configured_tasks(cfg)
+    if cfg.train.members < 1:
+        raise ConfigError(f"train.members={cfg.train.members}: a group needs one grader or more")
     check_cache(cache_dir, cfg.data, data_dir)
     for extra in configured_sources(cfg)[1:]:
         check_cache(extra.cache_dir, cfg.data, extra.data_dir)
@@ -266,8 +273,6 @@ def run_fold(
     on localisation-only data (an imported real set without grades) trains the localiser, and
     its studies add nothing to (and take nothing from) the graders of a mixed run.
     """
-    from spinegrade.models.weights import save_weights
-
     out = fold_dir(run_dir, fold)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -299,20 +304,18 @@ def run_fold(
                      group, group)  # fmt: skip
             continue
         t1 = time.perf_counter()
-        path = out / f"grader_{group}.safetensors"
-        if weights_complete(path):
-            from spinegrade.models.registry import load_model
-
-            graders[group] = load_model(path, device=str(runtime.device))[0]
-            continue
-        model = train_grader(
-            cfg, group, [studies[s] for s in train_ids], [studies[s] for s in val_ids], points,
-            runtime, ckpt / f"grader_{group}", log_fn, seed, fold, task,
-        )  # fmt: skip
-        if runtime.is_main:
-            save_weights(model, path, meta={"fold": fold, "group": group, "config": cfg.to_dict()})
-        graders[group] = model
-        timing[f"grader_{group}_s"] = round(time.perf_counter() - t1, 1)
+        resumed = all(
+            weights_complete(grader_file(out, group, k)) for k in range(cfg.train.members)
+        )
+        members = []
+        for k in range(cfg.train.members):
+            members.append(_grader_member(
+                cfg, group, k, out, ckpt, train_ids, val_ids, studies, points, runtime, log_fn,
+                seed, fold, task,
+            ))  # fmt: skip
+        graders[group] = members[0] if len(members) == 1 else GraderMembers(members)
+        if not resumed:
+            timing[f"grader_{group}_s"] = round(time.perf_counter() - t1, 1)
     runtime.barrier("waiting for every rank to finish training")
     labels = tables.labels
     train_wide = labels[labels["study_id"].isin(train_ids)]
@@ -398,6 +401,44 @@ def _stage1(
     if runtime.is_main:
         localizer.save(out, meta={"config": cfg.to_dict()})
     return localizer
+
+
+def _grader_member(
+    cfg: Config,
+    group: str,
+    member: int,
+    out: Path,
+    ckpt: Path,
+    train_ids,
+    val_ids,
+    studies,
+    points,
+    runtime: Runtime,
+    log_fn,
+    seed: int,
+    fold: int,
+    task: Task,
+) -> nn.Module:
+    """Member ``member`` of ``group``'s graders of a fold: read back when its weights are
+    complete (a resumed fold), else trained from its own seed and saved. Member 0 keeps the
+    fold's seed, checkpoint folder and file, so a run of one member is what runs always were."""
+    path = grader_file(out, group, member)
+    if weights_complete(path):
+        from spinegrade.models.registry import load_model
+
+        return load_model(path, device=str(runtime.device))[0]
+    from spinegrade.models.weights import save_weights
+
+    name = f"grader_{group}" + (f"_m{member}" if member else "")
+    model = train_grader(
+        cfg, group, [studies[s] for s in train_ids], [studies[s] for s in val_ids], points,
+        runtime, ckpt / name, log_fn, seed + MEMBER_SEED_STRIDE * member, fold, task,
+        member,
+    )  # fmt: skip
+    if runtime.is_main:
+        meta = {"fold": fold, "group": group, "config": cfg.to_dict()}
+        save_weights(model, path, meta=meta | ({"member": member} if member else {}))
+    return model
 
 
 def _grade_oof(models: FoldModels, ids, studies, runtime: Runtime, cfg: Config) -> dict:

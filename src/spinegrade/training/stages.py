@@ -170,9 +170,10 @@ def train_grader(
     seed: int = 0,
     fold: int | None = None,
     task: Task = RSNA_2024,
+    member: int = 0,
 ) -> nn.Module:
     """Train the stage-2 model of one group (of ``task``) on crops around the (jittered) true
-    points.
+    points; ``member`` > 0 names a further member's stage in the log (``train.members``).
 
     It starts from the backbone init, or with ``model.init_from`` from that run's grader of
     ``group`` for ``fold`` (:mod:`spinegrade.training.init_from`); a checkpoint still resumes.
@@ -185,8 +186,9 @@ def train_grader(
         raise ValueError(f"no {group} training crops: check the labels and the cache")
     val_set = GraderDataset(val, points, group, cfg.crops, augment=False, task=task)
     items = max(1, t.batch_size // len(LEVELS))  # an item holds the five levels of a study
+    stage = f"grader_{group}" + (f"_m{member}" if member else "")
     spec = FitSpec(
-        f"grader_{group}", t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average,
+        stage, t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average,
         eval_every=t.eval_every, log_every=t.log_every,
     )  # fmt: skip
     loss = _GraderLoss(cfg, group, task)
