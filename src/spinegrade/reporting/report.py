@@ -252,7 +252,8 @@ def _label_column(ax, marks: list, shape: tuple[int, int]) -> None:
         ax.annotate(
             text, (x, y), xytext=(x_text, ty), textcoords="data", ha="right" if to_left else "left",
             va="center", color=color, fontsize=8.5, fontweight="bold", annotation_clip=False,
-            bbox=dict(boxstyle="round,pad=0.2", fc="black", ec="none", alpha=0.65),
+            # Nearly opaque: over bright CSF a 65% box left the severe red at ~1.5:1 contrast.
+            bbox=dict(boxstyle="round,pad=0.2", fc="black", ec="none", alpha=0.9),
             arrowprops=dict(arrowstyle="-", color=color, lw=0.8, alpha=0.8),
         )  # fmt: skip
 
