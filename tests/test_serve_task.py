@@ -115,6 +115,43 @@ def test_every_grade_of_another_task_round_trips_through_its_sr(tiny_trained) ->
         read_sr(buf.getvalue())
 
 
+def test_codes_a_task_gives_are_what_its_sr_names(tiny_trained) -> None:
+    """A task.yaml's own codes (here a hospital's scheme for Pfirrmann's finding and grades) are
+    the SR's finding type and graded values, and read back to the same grades."""
+    import highdicom as hd
+    import pydicom
+
+    from spinegrade.serve.sr import ModelIdentity, build_sr, read_sr
+    from test_task import _coded_spider
+
+    coded = _coded_spider()
+    data, _ = tiny_trained
+    evidence = _evidence(sorted((data / "test_images").iterdir())[0])
+    probs = []
+    for k, column in enumerate(coded.columns):
+        p = np.full(len(coded.column_condition(column).grades), 0.1)
+        p[k % len(p)] = 1.0
+        probs.append(p / p.sum())
+    points = {c: [1.0, 2.0, 3.0] for c in coded.columns}
+    sr = build_sr(evidence, probs, points, ModelIdentity("r", [0], "x"), task=coded)
+    buf = io.BytesIO()
+    sr.save_as(buf)
+    back = read_sr(buf.getvalue(), coded)
+    want = {c: coded.column_condition(c).grades[k % len(probs[k])]
+            for k, c in enumerate(coded.columns)}  # fmt: skip
+    assert {c: t["grade"] for c, t in back["targets"].items()} == want
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(buf.getvalue())))
+    groups = [*report.content.get_planar_roi_measurement_groups(),
+              *report.content.get_image_measurement_groups()]  # fmt: skip
+    types = {(g.finding_type.value, g.finding_type.scheme_designator) for g in groups}
+    assert ("PFIRR", "99HOSP") in types and ("N1", "99HOSP") in types
+    graded = {
+        (item.value.value, item.value.scheme_designator)
+        for g in groups for item in g.get_qualitative_evaluations()
+    }  # fmt: skip
+    assert {("PF1", "99HOSP"), ("PF2", "99HOSP")} <= graded
+
+
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     with private_orthanc(tmp_path_factory.mktemp("orthanc_task")) as server:

@@ -295,3 +295,69 @@ def test_a_task_anchored_on_the_disc_needs_labelled_disc_centres(tiny_trained, t
     with pytest.raises(ValueError, match=r"pfirrmann, .* on the disc centre.*train_disc_coord"):
         cross_validate(disc, tiny.parent / "cache", tmp_path / "run", cfg, progress=False)
     assert not list((tmp_path / "run").glob("fold_*"))  # nothing trained
+
+
+def _coded_spider():
+    """SPIDER's disc task with a hospital's own codes for Pfirrmann (finding and grades) and for
+    narrowing's finding only (its grades keep the private ones)."""
+    import dataclasses
+
+    from spinegrade.task import SPIDER_DISCS
+
+    pf, narrowing, *rest = SPIDER_DISCS.conditions
+    pf = dataclasses.replace(
+        pf, code=("PFIRR", "99HOSP", "Pfirrmann grade of disc"),
+        grade_codes=tuple((f"PF{g}", "99HOSP", f"Pfirrmann {g}") for g in pf.grades),
+    )  # fmt: skip
+    narrowing = dataclasses.replace(narrowing, code=("N1", "99HOSP", "Disc space narrowing"))
+    return dataclasses.replace(SPIDER_DISCS, conditions=(pf, narrowing, *rest))
+
+
+def test_a_task_carries_its_own_sr_codes_through_task_yaml(tmp_path: Path) -> None:
+    """``code`` / ``grade_codes`` of a condition in task.yaml (value, scheme, meaning) are what
+    its SR names it by; a condition without them keeps the private codes, and a task.yaml
+    without any reads and writes as before."""
+    from spinegrade.reporting.codes import PRIVATE_SCHEME, codes_for
+    from spinegrade.task import SPIDER_DISCS, load_task, save_task
+
+    coded = _coded_spider()
+    save_task(coded, tmp_path / "task.yaml")
+    assert load_task(tmp_path / "task.yaml") == coded
+    written = yaml.safe_load((tmp_path / "task.yaml").read_text())["conditions"]
+    assert written[0]["code"] == {"value": "PFIRR", "scheme": "99HOSP",
+                                  "meaning": "Pfirrmann grade of disc"}  # fmt: skip
+    assert "grade_codes" not in written[1] and "code" not in written[2]
+    plain = SPIDER_DISCS.to_dict()["conditions"]
+    assert all("code" not in c and "grade_codes" not in c for c in plain)
+    tc = codes_for(coded)
+    assert (tc.findings["pfirrmann"].value, tc.findings["pfirrmann"].scheme_designator) == (
+        "PFIRR", "99HOSP")  # fmt: skip
+    assert [g.value for g in tc.grades["pfirrmann"]] == ["PF1", "PF2", "PF3", "PF4", "PF5"]
+    assert tc.findings["disc_narrowing"].value == "N1"
+    assert {g.scheme_designator for g in tc.grades["disc_narrowing"]} == {PRIVATE_SCHEME}
+    # Only spinegrade's own codes are listed as private (the SR declares that scheme alone).
+    assert all(c.scheme_designator == PRIVATE_SCHEME for c in tc.private)
+    assert "PFIRR" not in {c.value for c in tc.private}
+    assert tc.grade_of("pfirrmann", tc.grades["pfirrmann"][3]) == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"code": ["PFIRR", "99HOSP", "x"]}, "a code is {value: ..., scheme: ..., meaning: ...}"),
+        ({"code": {"value": "P" * 17, "scheme": "99HOSP", "meaning": "x"}}, "16 characters"),
+        ({"code": {"value": "P", "scheme": "99SPINEGRADE", "meaning": "x"}}, "own scheme"),
+        ({"code": {"value": "P", "scheme": "99HOSP", "meaning": " "}}, "give value, scheme"),
+        ({"grade_codes": [{"value": "P1", "scheme": "99HOSP", "meaning": "x"}]},
+         "one code per grade"),
+    ],
+)  # fmt: skip
+def test_bad_task_codes_are_refused_naming_the_condition(tmp_path: Path, change, message) -> None:
+    from spinegrade.task import SPIDER_DISCS, TaskError, load_task
+
+    data = SPIDER_DISCS.to_dict()
+    data["conditions"][0].update(change)
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(TaskError, match=r"pfirrmann|conditions\[0\]") as err:
+        load_task(tmp_path / "task.yaml")
+    assert message in str(err.value) and "task.yaml" in str(err.value)

@@ -139,6 +139,24 @@ class TaskError(ValueError):
     """A task definition that cannot be used (unknown key, bad grade list, ...)."""
 
 
+# The private scheme of spinegrade's own codes (spinegrade.reporting.codes): a task's codes are
+# another terminology's, never ours under another meaning.
+_OWN_SCHEME = "99SPINEGRADE"
+
+
+def _check_code(code: tuple[str, str, str], where: str) -> None:
+    """A (value, scheme designator, meaning) triple an SR can carry: Code Value and Coding Scheme
+    Designator are VR SH (16 characters), Code Meaning LO (64)."""
+    if len(code) != 3 or not all(isinstance(v, str) and v.strip() for v in code):
+        raise TaskError(f"{where}: give value, scheme and meaning, e.g. "
+                        "{value: '77547008', scheme: SCT, meaning: ...}")  # fmt: skip
+    value, scheme, meaning = code
+    if len(value) > 16 or len(scheme) > 16 or len(meaning) > 64:
+        raise TaskError(f"{where}: value and scheme hold 16 characters, meaning 64 ({code})")
+    if scheme == _OWN_SCHEME:
+        raise TaskError(f"{where}: {_OWN_SCHEME} is spinegrade's own scheme; name another")
+
+
 @dataclass(frozen=True)
 class Condition:
     """One graded finding, read at every level of its task.
@@ -164,9 +182,23 @@ class Condition:
     anchor: str
     side: str | None = None
     mirror: str = ""  # "" = itself (no side)
+    # Coded concepts for the DICOM SR, (value, scheme designator, meaning): the finding's and one
+    # per grade (e.g. SNOMED CT's, as a hospital's registry counts them). Unset, the SR names them
+    # by private codes derived from the names (spinegrade.reporting.codes).
+    code: tuple[str, str, str] | None = None
+    grade_codes: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         where = f"condition {self.name!r}"
+        if self.code is not None:
+            _check_code(self.code, f"{where}: code")
+        if self.grade_codes:
+            if len(self.grade_codes) != len(self.grades):
+                raise TaskError(
+                    f"{where}: grade_codes needs one code per grade ({len(self.grades)})"
+                )
+            for g, code in zip(self.grades, self.grade_codes, strict=True):
+                _check_code(code, f"{where}: the code of grade {g!r}")
         if not self.name.isidentifier() or self.name != self.name.lower():
             raise TaskError(f"{where}: names are lower-case identifiers (e.g. disc_narrowing)")
         if len(self.grades) < 2 or len(set(self.grades)) != len(self.grades):
@@ -309,6 +341,12 @@ class Task:
             d = dataclasses.asdict(c)
             d["grades"], d["columns"] = list(c.grades), list(c.columns)
             d["class_weights"] = list(c.class_weights)
+            # Codes only where given: task.yaml files without them read and write as before.
+            d.pop("code"), d.pop("grade_codes")
+            if c.code is not None:
+                d["code"] = _code_dict(c.code)
+            if c.grade_codes:
+                d["grade_codes"] = [_code_dict(g) for g in c.grade_codes]
             conditions.append(d)
         return {
             "name": self.name,
@@ -350,6 +388,12 @@ def task_from_dict(data: dict, where: str = "task") -> Task:
                 float(w) for w in raw.get("class_weights") or [1.0] * len(grades)
             )
             kw.setdefault("ordinal", False)
+            if raw.get("code") is not None:
+                kw["code"] = _code_tuple(raw["code"], f"{where}: conditions[{i}].code")
+            kw["grade_codes"] = tuple(
+                _code_tuple(g, f"{where}: conditions[{i}].grade_codes[{k}]")
+                for k, g in enumerate(raw.get("grade_codes") or [])
+            )
             kw.setdefault("title", raw["name"].replace("_", " ").capitalize())
             conditions.append(Condition(**kw))
         except KeyError as err:
@@ -372,6 +416,19 @@ def task_from_dict(data: dict, where: str = "task") -> Task:
         str(data["name"]), tuple(conditions), tuple(data.get("levels") or LEVELS),
         str(data.get("metric") or "grades"), str(data.get("description") or ""),
     )  # fmt: skip
+
+
+def _code_dict(code: tuple[str, str, str]) -> dict[str, str]:
+    return {"value": code[0], "scheme": code[1], "meaning": code[2]}
+
+
+def _code_tuple(raw: object, where: str) -> tuple[str, str, str]:
+    """``{value, scheme, meaning}`` of task.yaml -> the triple a Condition keeps."""
+    if not isinstance(raw, dict) or set(raw) != {"value", "scheme", "meaning"}:
+        raise TaskError(
+            f"{where}: a code is {{value: ..., scheme: ..., meaning: ...}}, got {raw!r}"
+        )
+    return (str(raw["value"]), str(raw["scheme"]), str(raw["meaning"]))
 
 
 def grade_columns(grades: tuple[str, ...]) -> tuple[str, ...]:

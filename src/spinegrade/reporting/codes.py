@@ -243,10 +243,11 @@ GRADE = private("GRADE", "Grade")
 
 @functools.cache
 def codes_for(task: Task) -> TaskCodes:
-    """The codes of ``task``'s SR. RSNA 2024's are the standard ones above; another task's
-    conditions and grades are named by no terminology we can check offline, so they get private
-    codes derived from their names (the sides keep the standard laterality, the levels the
-    standard discs of CID 7604)."""
+    """The codes of ``task``'s SR. RSNA 2024's are the standard ones above. Another task's
+    conditions and grades take the codes its ``task.yaml`` gives (``code``, ``grade_codes``: e.g.
+    SNOMED CT's, which the task's author can check and we cannot offline); those it does not give
+    get private codes derived from their names. The sides keep the standard laterality, the levels
+    the standard discs of CID 7604, and a grade's probability a private measurement name."""
     if task.is_rsna:
         return TaskCodes(
             findings=CONDITION_FINDINGS, laterality=CONDITION_LATERALITY, grade_name=SEVERITY,
@@ -258,11 +259,17 @@ def codes_for(task: Task) -> TaskCodes:
     for c in task.conditions:
         # Code Value holds 16 characters: the grades' codes append "_G<k>" to a shorter stem.
         stem = _stem(c.name, 12)
-        findings[c.name] = private(_stem(c.name, 16), c.title)
+        findings[c.name] = Code(*c.code) if c.code else private(_stem(c.name, 16), c.title)
         laterality[c.name] = SIDE_CODES[c.side] if c.side else None
-        grades[c.name] = tuple(
-            private(f"{stem}_G{i + 1}", f"{c.title}: {g}") for i, g in enumerate(c.grades)
+        grades[c.name] = (
+            tuple(Code(*g) for g in c.grade_codes)
+            if c.grade_codes
+            else tuple(
+                private(f"{stem}_G{i + 1}", f"{c.title}: {g}") for i, g in enumerate(c.grades)
+            )
         )
+        if len(set(map(key, grades[c.name]))) != len(c.grades):
+            raise ValueError(f"task {task.name!r}: two grades of {c.name} share one code")
         probabilities[c.name] = tuple(
             private(f"{stem}_P{i + 1}", f"Probability of {c.title}: {g}")
             for i, g in enumerate(c.grades)
@@ -270,8 +277,9 @@ def codes_for(task: Task) -> TaskCodes:
     values = [key(v) for v in findings.values()]
     if len(set(zip(values, laterality.values(), strict=True))) != len(values):
         raise ValueError(f"task {task.name!r}: two conditions would share one code and side")
-    private_codes = (
+    every = (
         *findings.values(), GRADE, *(g for gs in grades.values() for g in gs),
         *(p for ps in probabilities.values() for p in ps), DEWEIGHTED,
     )  # fmt: skip
+    private_codes = tuple(c for c in every if c.scheme_designator == PRIVATE_SCHEME)
     return TaskCodes(findings, laterality, GRADE, grades, probabilities, private_codes)
