@@ -187,10 +187,10 @@ class GraderMembers(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the members run (see :func:`spinegrade.models.registry.device_of`)."""
-        first = self.members[0]
-        own = getattr(first, "device", None)
-        return own if isinstance(own, torch.device) else next(first.parameters()).device
+        """Where the members run: the first one's device."""
+        from spinegrade.models.registry import device_of  # registry builds graders: import here
+
+        return device_of(self.members[0])
 
     def forward(self, x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
         return torch.stack([m(x, level) for m in self.members]).mean(0)

@@ -68,7 +68,7 @@ from spinegrade.rsna import load_folds
 from spinegrade.task import CONDITIONS, RSNA_2024, Task
 from spinegrade.training.engine import JsonlLog
 from spinegrade.training.init_from import check_init_from
-from spinegrade.training.stages import train_grader, train_localizer
+from spinegrade.training.stages import grader_stage, train_grader, train_localizer
 from spinegrade.util.atomic import crash_point, write_csv, write_json
 from spinegrade.util.runtime import Runtime, fault_point, setup_runtime
 
@@ -304,17 +304,16 @@ def run_fold(
                      group, group)  # fmt: skip
             continue
         t1 = time.perf_counter()
-        resumed = all(
-            weights_complete(grader_file(out, group, k)) for k in range(cfg.train.members)
-        )
-        members = []
+        members, trained = [], False
         for k in range(cfg.train.members):
-            members.append(_grader_member(
+            model, fresh = _grader_member(
                 cfg, group, k, out, ckpt, train_ids, val_ids, studies, points, runtime, log_fn,
                 seed, fold, task,
-            ))  # fmt: skip
+            )  # fmt: skip
+            members.append(model)
+            trained |= fresh
         graders[group] = members[0] if len(members) == 1 else GraderMembers(members)
-        if not resumed:
+        if trained:  # a resumed fold's finished graders took no training time
             timing[f"grader_{group}_s"] = round(time.perf_counter() - t1, 1)
     runtime.barrier("waiting for every rank to finish training")
     labels = tables.labels
@@ -418,27 +417,27 @@ def _grader_member(
     seed: int,
     fold: int,
     task: Task,
-) -> nn.Module:
-    """Member ``member`` of ``group``'s graders of a fold: read back when its weights are
-    complete (a resumed fold), else trained from its own seed and saved. Member 0 keeps the
-    fold's seed, checkpoint folder and file, so a run of one member is what runs always were."""
+) -> tuple[nn.Module, bool]:
+    """Member ``member`` of ``group``'s graders of a fold and whether it was trained now: read
+    back when its weights are complete (a resumed fold), else trained from its own seed and
+    saved. Member 0 keeps the fold's seed, checkpoint folder and file, so a run of one member is
+    what runs always were."""
     path = grader_file(out, group, member)
     if weights_complete(path):
         from spinegrade.models.registry import load_model
 
-        return load_model(path, device=str(runtime.device))[0]
+        return load_model(path, device=str(runtime.device))[0], False
     from spinegrade.models.weights import save_weights
 
-    name = f"grader_{group}" + (f"_m{member}" if member else "")
     model = train_grader(
         cfg, group, [studies[s] for s in train_ids], [studies[s] for s in val_ids], points,
-        runtime, ckpt / name, log_fn, seed + MEMBER_SEED_STRIDE * member, fold, task,
-        member,
+        runtime, ckpt / grader_stage(group, member), log_fn, seed + MEMBER_SEED_STRIDE * member,
+        fold, task, member,
     )  # fmt: skip
     if runtime.is_main:
         meta = {"fold": fold, "group": group, "config": cfg.to_dict()}
         save_weights(model, path, meta=meta | ({"member": member} if member else {}))
-    return model
+    return model, True
 
 
 def _grade_oof(models: FoldModels, ids, studies, runtime: Runtime, cfg: Config) -> dict:

@@ -158,6 +158,12 @@ class _GraderLoss:
         )  # fmt: skip
 
 
+def grader_stage(group: str, member: int = 0) -> str:
+    """A grader's stage name in the fold's log and its checkpoint folder: ``grader_<group>``,
+    further members (``train.members``) ``grader_<group>_m<k>``."""
+    return f"grader_{group}" + (f"_m{member}" if member else "")
+
+
 def train_grader(
     cfg: Config,
     group: str,
@@ -186,10 +192,9 @@ def train_grader(
         raise ValueError(f"no {group} training crops: check the labels and the cache")
     val_set = GraderDataset(val, points, group, cfg.crops, augment=False, task=task)
     items = max(1, t.batch_size // len(LEVELS))  # an item holds the five levels of a study
-    stage = f"grader_{group}" + (f"_m{member}" if member else "")
     spec = FitSpec(
-        stage, t.epochs, items, t.lr, cfg.optim, seed=seed, average=t.weight_average,
-        eval_every=t.eval_every, log_every=t.log_every,
+        grader_stage(group, member), t.epochs, items, t.lr, cfg.optim, seed=seed,
+        average=t.weight_average, eval_every=t.eval_every, log_every=t.log_every,
     )  # fmt: skip
     loss = _GraderLoss(cfg, group, task)
     evaluate = (
