@@ -139,9 +139,10 @@ class TaskError(ValueError):
     """A task definition that cannot be used (unknown key, bad grade list, ...)."""
 
 
-# The private scheme of spinegrade's own codes (spinegrade.reporting.codes): a task's codes are
-# another terminology's, never ours under another meaning.
-_OWN_SCHEME = "99SPINEGRADE"
+# The private coding scheme of spinegrade's own SR codes (spinegrade.reporting.codes). It lives
+# here so a task's own codes can be refused in it: they are another terminology's, never ours
+# under another meaning.
+PRIVATE_SCHEME = "99SPINEGRADE"
 
 
 def _check_code(code: tuple[str, str, str], where: str) -> None:
@@ -153,8 +154,8 @@ def _check_code(code: tuple[str, str, str], where: str) -> None:
     value, scheme, meaning = code
     if len(value) > 16 or len(scheme) > 16 or len(meaning) > 64:
         raise TaskError(f"{where}: value and scheme hold 16 characters, meaning 64 ({code})")
-    if scheme == _OWN_SCHEME:
-        raise TaskError(f"{where}: {_OWN_SCHEME} is spinegrade's own scheme; name another")
+    if scheme == PRIVATE_SCHEME:
+        raise TaskError(f"{where}: {PRIVATE_SCHEME} is spinegrade's own scheme; name another")
 
 
 @dataclass(frozen=True)

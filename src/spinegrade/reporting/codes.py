@@ -28,9 +28,8 @@ from typing import Protocol
 
 from pydicom.sr.coding import Code
 
-from spinegrade.task import CONDITION_SIDE, CONDITIONS, LEVELS, SEVERITIES, Task
+from spinegrade.task import CONDITION_SIDE, CONDITIONS, LEVELS, PRIVATE_SCHEME, SEVERITIES, Task
 
-PRIVATE_SCHEME = "99SPINEGRADE"
 # How the SR declares the private scheme (SOP Common, Coding Scheme Identification Sequence), so a
 # receiver can tell whose codes these are.
 PRIVATE_SCHEME_NAME = "spinegrade lumbar spine grading"
