@@ -28,14 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spinegrade.data.sources import Source, load_tables, load_training_studies
+from spinegrade.config import Config
+from spinegrade.data.sources import configured_sources, load_tables, load_training_studies
 from spinegrade.evaluation import grades as grade_scores
 from spinegrade.evaluation.metrics import score_frames
 from spinegrade.inference.fold_models import grade_study, load_fold_models
 from spinegrade.localization.derived import derive_points
 from spinegrade.localization.localize import localize_study
 from spinegrade.rsna.submission import submission_frame
-from spinegrade.rsna.tables import is_phantom
 from spinegrade.task import Task
 
 RSNA_TERMS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
@@ -66,8 +66,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kind = "phantom" if is_phantom(args.data_dir) else "real"
-    tables = load_tables([Source(kind, kind, args.data_dir, args.cache_dir)])
+    # The folder as the run's sources would name it (phantom or real), alone.
+    cfg = Config()
+    cfg.data.data_dir, cfg.data.cache_dir = str(args.data_dir), str(args.cache_dir)
+    tables = load_tables(configured_sources(cfg))
     if tables.coordinates is None and tables.discs is None:
         raise SystemExit(f"{args.data_dir}: no label coordinates, so there are no true points")
     folds = pd.read_csv(args.run_dir / "folds.csv")
