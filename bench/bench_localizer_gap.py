@@ -12,7 +12,9 @@ QWK / within-one grade for ordinal conditions, ROC AUC for binary ones. True dis
 from the folder's ``train_disc_coordinates.csv`` where it has one (an imported real set), as in
 training. The difference between the two rows is what a perfect localiser would gain with these
 graders; the distance of the true-point row from the Bayes limit (synthetic data) is the
-graders' share.
+graders' share. Where the localiser derives disc centres in the spine's own axes
+(``disc_in_frame``), a third row derives them from the same localised canal points in patient
+axes (as localisers before it did), and a second table gives each row's disc-centre errors.
 """
 
 from __future__ import annotations
@@ -77,19 +79,29 @@ def main() -> None:
     wanted = args.folds if args.folds else sorted(folds["fold"].unique())
     ids = folds.loc[folds["fold"].isin(wanted), "study_id"].astype(int).tolist()
     studies = load_training_studies(tables, progress=False)
-    probs: dict[str, dict[int, np.ndarray]] = {"localised points": {}, "true points": {}}
+    probs: dict[str, dict[int, np.ndarray]] = {}
+    disc_mm: dict[str, list[np.ndarray]] = {}
     for k in wanted:
         models = load_fold_models(args.run_dir / f"fold_{k}")
+        offsets = models.localizer.offsets
         for sid in folds.loc[folds["fold"] == k, "study_id"].astype(int):
             study = studies[sid]
+            located = localize_study(models.localizer, study.stacks)
             where = {
-                "localised points": localize_study(models.localizer, study.stacks),
+                "localised points": located,
                 # Unlabelled recesses and disc centres come from the canal + offsets, as in
                 # training.
-                "true points": derive_points(study.points, models.localizer.offsets),
+                "true points": derive_points(study.points, offsets),
             }
+            if "disc_in_frame" in offsets:
+                bare = located.copy()
+                bare.disc[:] = np.nan
+                patient = {n: v for n, v in offsets.items() if n != "disc_in_frame"}
+                where["localised, disc in patient axes"] = derive_points(bare, patient)
             for name, points in where.items():
-                probs[name][sid] = grade_study(models, study.stacks, points).probs
+                probs.setdefault(name, {})[sid] = grade_study(models, study.stacks, points).probs
+                miss = np.linalg.norm(points.disc - study.points.disc, axis=1)
+                disc_mm.setdefault(name, []).append(miss[np.isfinite(miss)])
     labels = tables.labels.set_index("study_id").loc[ids].reset_index()
     rows = {name: _scores(labels, p, tables.task) for name, p in probs.items()}
     terms = list(next(iter(rows.values())))
@@ -98,6 +110,13 @@ def main() -> None:
     print("|---|" + "---|" * len(terms))
     for name, s in rows.items():
         print(f"| {name} | " + " | ".join(f"{s[t]:.3f}" for t in terms) + " |")
+    errors = {name: np.concatenate(v) for name, v in disc_mm.items()}
+    errors = {name: e for name, e in errors.items() if len(e) and name != "true points"}
+    if errors:
+        print("\n| disc centres of | discs | median mm | mean mm | over 9 mm |")
+        print("|---|---|---|---|---|")
+        for name, e in errors.items():
+            print(f"| {name} | {len(e)} | {np.median(e):.1f} | {e.mean():.1f} | {(e > 9).sum()} |")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ import torch
 from spinegrade.config import LocalizerAugmentConfig, load_config
 from spinegrade.data.localizer_dataset import LocalizerDataset, collate_stacks
 from spinegrade.localization.decode import decode_levels
-from spinegrade.localization.derived import derive_points, fit_offsets, fuse_level_points
+from spinegrade.localization.derived import (
+    derive_points,
+    fit_offsets,
+    fuse_level_points,
+    spine_frames,
+)
 from spinegrade.localization.errors import point_errors, summarize_errors
 from spinegrade.localization.frames import canonical_volume, sagittal_frame
 from spinegrade.localization.localizer import Localizer
@@ -192,6 +197,52 @@ def test_offsets_and_derived_points():
             partial.set(c, lv, studies[0].get(c, lv))
     full = derive_points(partial, offsets)
     assert np.allclose(full.xyz, studies[0].xyz)
+
+
+def _leaning_spine(tilt_deg: float, bend_deg: float, shift: np.ndarray) -> StudyPoints:
+    """Canal points 35 mm apart along an arc in the sagittal plane, tilted by ``tilt_deg`` and
+    curving ``bend_deg`` a level (lordosis); each disc centre 20 mm in front of its canal point
+    and 2 mm towards the head, across and along the spine's own axis there."""
+    pts = StudyPoints()
+    angle = np.deg2rad(tilt_deg + bend_deg * np.arange(len(LEVELS)))  # the canal's direction
+    along = np.stack([np.zeros_like(angle), np.sin(angle), -np.cos(angle)], 1)  # head to feet
+    canal = np.cumsum(35.0 * along, axis=0) + shift
+    for j, lv in enumerate(LEVELS):
+        pts.set("spinal_canal_stenosis", lv, canal[j])
+    tangent = np.gradient(canal, axis=0)  # the chain's own local direction, as spine_frames
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    front = np.stack([np.zeros(len(LEVELS)), -tangent[:, 2], tangent[:, 1]], 1)
+    front *= -np.sign(front[:, 1:2])  # anterior: towards -y in LPS
+    pts.disc[:] = canal + 20.0 * front - 2.0 * tangent
+    return pts
+
+
+def test_disc_centres_follow_the_spines_lean():
+    """The disc lies across the spine's axis from its canal point: an offset learned in the
+    spine's own axes finds it in a spine leaning as none of the training ones did, where an
+    offset in patient axes misses it."""
+    train = [_leaning_spine(t, b, np.array([s, 2 * s, -s])) for t, b, s in
+             [(-10, 4, 0.0), (0, 6, 3.0), (5, 2, -2.0), (-5, 5, 1.0)]]  # fmt: skip
+    offsets = fit_offsets(train)
+    assert offsets["disc_in_frame"].shape == (len(LEVELS), 3)
+    new = _leaning_spine(25.0, 9.0, np.array([4.0, -6.0, 10.0]))
+    axes = spine_frames(new.xyz[0])
+    assert np.allclose(np.einsum("jab,jcb->jac", axes, axes), np.eye(3))  # orthonormal
+    bare = new.copy()
+    bare.disc[:] = np.nan
+    derived = derive_points(bare, offsets).disc
+    assert np.abs(derived - new.disc).max() < 0.5
+    patient_axes = {k: v for k, v in offsets.items() if k != "disc_in_frame"}  # older localisers
+    assert np.abs(derive_points(bare, patient_axes).disc - new.disc).max() > 5.0
+    # A canal point alone has no axis: the patient-axis offset still places its disc.
+    alone = StudyPoints()
+    alone.set("spinal_canal_stenosis", LEVELS[2], new.xyz[0, 2])
+    assert np.isnan(spine_frames(alone.xyz[0])).all()
+    lone = derive_points(alone, offsets)
+    assert np.allclose(lone.disc[2], new.xyz[0, 2] + offsets["disc_from_spinal"][2])
+    assert np.isnan(lone.disc[[0, 1, 3, 4]]).all()
+    # A labelled disc centre always wins.
+    assert np.allclose(derive_points(new, offsets).disc, new.disc)
 
 
 def test_fusion_moves_a_level_that_slid_onto_the_consensus():
