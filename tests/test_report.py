@@ -175,6 +175,27 @@ def test_cautions_stay_clear_of_the_panel_titles(n_cautions: int) -> None:
         plt.close(fig)
 
 
+def test_level_labels_are_drawn_over_the_orientation_letters() -> None:
+    """Seen on a real study: a label beside a spine near the image's posterior edge ran under
+    the "P" at its middle and read "grade 2 4P2%". Labels go above the edge letters."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation
+
+    from spinegrade.reporting.report import build_figure
+
+    fig = build_figure(make_prediction(), ReportInputs(stacks={SAG_T2: [sagittal_stack(SAG_T2)]}))
+    try:
+        panels = [ax for ax in fig.axes if any(isinstance(t, Annotation) for t in ax.texts)]
+        assert panels, "no level labels drawn"
+        for ax in panels:
+            labels = [t for t in ax.texts if isinstance(t, Annotation)]
+            letters = [t for t in ax.texts if t.get_text() in {"A", "P", "S", "I", "R", "L"}]
+            assert len(letters) == 4
+            assert min(t.get_zorder() for t in labels) > max(t.get_zorder() for t in letters)
+    finally:
+        plt.close(fig)
+
+
 def disc_prediction() -> StudyPrediction:
     """SPIDER's disc task: Pfirrmann 4 and bulging at L4/L5, everything else mild."""
     from spinegrade.task import SPIDER_DISCS

@@ -230,6 +230,11 @@ def _sagittal_panel(ax, stack, pred: StudyPrediction, condition: str, title: str
     _mark_orientation(ax, orientation_letters(stack.row_dir, stack.col_dir))
 
 
+# Text is drawn at zorder 3: the level labels go above the orientation letters (a label beside
+# a spine near the image edge can reach the "P" at its middle).
+LABEL_ZORDER = 4
+
+
 def _label_column(ax, marks: list, shape: tuple[int, int]) -> None:
     """Level labels in a column beside the spine, spread apart vertically, with leader lines.
 
@@ -255,6 +260,7 @@ def _label_column(ax, marks: list, shape: tuple[int, int]) -> None:
             # Nearly opaque: over bright CSF a 65% box left the severe red at ~1.5:1 contrast.
             bbox=dict(boxstyle="round,pad=0.2", fc="black", ec="none", alpha=0.9),
             arrowprops=dict(arrowstyle="-", color=color, lw=0.8, alpha=0.8),
+            zorder=LABEL_ZORDER,  # over the edge's orientation letter, not garbled by it
         )  # fmt: skip
 
 
