@@ -13,6 +13,7 @@ from spinegrade.localization.derived import (
     derive_points,
     fit_offsets,
     fuse_level_points,
+    fusion_lead,
     spine_frames,
 )
 from spinegrade.localization.errors import point_errors, summarize_errors
@@ -274,6 +275,39 @@ def test_fusion_moves_a_level_that_slid_onto_the_consensus():
     assert np.allclose(
         fuse_level_points(pred, offsets, 10.0).get(spinal, "l3_l4"), pred.get(spinal, "l3_l4")
     )
+
+
+def test_a_canal_that_leads_is_never_moved_and_pulls_the_foramina_to_its_disc():
+    """The demo's canal net learned real spines and its foraminal net phantoms only: the two
+    foramina of one net, a disc off together, must not outvote the canal."""
+    truth = StudyPoints()
+    for (condition, level), p in level_points(0).items():
+        truth.set(condition, level, p)
+    offsets = fit_offsets([truth])
+    spinal, left, right = (
+        "spinal_canal_stenosis",
+        "left_neural_foraminal_narrowing",
+        "right_neural_foraminal_narrowing",
+    )
+    pred = truth.copy()
+    for c in (left, right):  # both foramina of L3/L4 on the disc above, as one net puts them
+        pred.set(c, "l3_l4", truth.get(c, "l3_l4") + 24 * H)
+    pred.set(left, "l1_l2", truth.get(left, "l1_l2") + 3 * H)  # within tolerance: kept
+    median = fuse_level_points(pred, offsets, tol_mm=10.0)  # no lead: the pair wins
+    assert np.allclose(median.get(spinal, "l3_l4"), truth.get(spinal, "l3_l4") + 24 * H)
+    led = fuse_level_points(pred, offsets, tol_mm=10.0, lead="canal")
+    assert np.allclose(led.xyz[0], truth.xyz[0])  # the canal never moves
+    for c in (left, right):
+        assert np.allclose(led.get(c, "l3_l4"), truth.get(c, "l3_l4"))
+    assert np.allclose(led.get(left, "l1_l2"), pred.get(left, "l1_l2"))
+    with pytest.raises(ValueError, match="fusion lead"):
+        fuse_level_points(pred, offsets, 10.0, lead="foramina")
+    # Who leads follows what each net learned from.
+    assert fusion_lead({"spinal": {"phantom", "real"}, "foraminal": {"phantom"}}) == "canal"
+    assert fusion_lead({"spinal": {"phantom"}, "foraminal": {"phantom"}}) == ""
+    assert fusion_lead({"spinal": {"real"}, "foraminal": {"real", "phantom"}}) == ""
+    assert fusion_lead({"spinal": {"real"}}) == "canal"  # no foramina: nothing to fuse anyway
+    assert fusion_lead({}) == ""
 
 
 def test_point_errors_and_summary():

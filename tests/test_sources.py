@@ -57,6 +57,7 @@ def two_sources(tmp_path_factory):
 def test_a_run_learns_from_two_sources_and_records_them(two_sources, tmp_path, monkeypatch):
     from spinegrade.inference.ensemble import Predictor, grader_caution
     from spinegrade.inference.fold_models import load_fold_models
+    from spinegrade.localization.localizer import Localizer
 
     monkeypatch.setenv("SPINEGRADE_PROGRESS", "0")
     (pdata, pcache), (rdata, rcache) = two_sources
@@ -110,6 +111,21 @@ def test_a_run_learns_from_two_sources_and_records_them(two_sources, tmp_path, m
             "localizer": ["phantom", "real"],
             "grader": ["phantom"],
         }
+        # The canal's net learned real spines, the foramina's did not: the canal leads fusion.
+        geometry = json.loads((run / f"fold_{k}" / "localizer_geometry.json").read_text())
+        assert geometry["fuse_lead"] == "canal"
+        assert load_fold_models(run / f"fold_{k}").localizer.fuse_lead == "canal"
+    # A fold saved before the lead was recorded: decided from what its nets learned from.
+    old = tmp_path / "old_fold"
+    shutil.copytree(run / "fold_0", old)
+    geometry = json.loads((old / "localizer_geometry.json").read_text())
+    del geometry["fuse_lead"]
+    (old / "localizer_geometry.json").write_text(json.dumps(geometry))
+    for name in ("config.yaml", "task.yaml"):  # what load_fold_models reads beside a fold
+        if (run / name).is_file():
+            shutil.copy(run / name, tmp_path / name)
+    assert Localizer.load(old).fuse_lead is None
+    assert load_fold_models(old).localizer.fuse_lead == "canal"
     # Out-of-fold points: every validation study, disc centres derived from the learned offset.
     pts = pd.read_csv(run / "oof_points.csv")
     assert set(pts["study_id"]) == set(folds["study_id"])

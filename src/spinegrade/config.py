@@ -221,7 +221,8 @@ class LocalizerConfig:
     # where on its disc a level lies; the zoomed look has already named the discs.
     fine: float = 0.3
     # A canal or foramen point farther than this from the level's three-point consensus is moved
-    # onto it (localize.fuse_level_points); 0 = off.
+    # onto it (localize.fuse_level_points); 0 = off. Where the canal's net learned from real
+    # spines and the foramina's did not, the canal is the consensus (derived.fusion_lead).
     fuse_mm: float = 10.0
     # Level naming (localize.DECODERS): "ordered" = each level's best peak, head to feet;
     # "chain" = the five levels on consecutive discs (a run of the discs seen, moved as one).

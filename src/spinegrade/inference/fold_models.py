@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from spinegrade.config import CropConfig, load_config
 from spinegrade.data.crops import make_crops
 from spinegrade.inference.run_folder import grader_file
+from spinegrade.localization.derived import fusion_lead
 from spinegrade.localization.localize import localize_study
 from spinegrade.localization.localizer import Localizer
 from spinegrade.localization.points import StudyPoints
@@ -310,8 +311,13 @@ def load_fold_models(
     if engine != "onnx":
         for net in localizer.nets.values():
             net.to(memory_format=torch.channels_last)  # as the graders' (see load above)
-    metrics = fold_dir / "metrics.json"  # written last by training; older runs lack the entry
-    trained_on = learned_from(json.loads(metrics.read_text()) if metrics.is_file() else {})
+    metrics_path = fold_dir / "metrics.json"  # written last by training; older runs lack it
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    trained_on = learned_from(metrics)
+    if localizer.fuse_lead is None:  # saved before the lead was: decided as training now does
+        localizer.fuse_lead = fusion_lead(
+            {net.removeprefix("localizer_"): kinds for net, kinds in net_kinds(metrics).items()}
+        )
     return FoldModels(
         localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task, engine
     )
@@ -330,12 +336,24 @@ def learned_from(metrics: Mapping) -> dict[str, list[str]]:
     if isinstance(recorded, str):
         kinds = ["phantom" if recorded == "phantom" else "real"]
         return {"localizer": kinds, "grader": kinds}
-    kind_of = {name: s.get("kind", "real") for name, s in metrics.get("sources", {}).items()}
     out: dict[str, set[str]] = {}
-    for net, counts in recorded.items():
+    for net, kinds in net_kinds(metrics).items():
         role = "localizer" if net.startswith("localizer") else "grader"
-        out.setdefault(role, set()).update(kind_of.get(n, "real") for n, c in counts.items() if c)
+        out.setdefault(role, set()).update(kinds)
     return {role: sorted(kinds) for role, kinds in out.items()}
+
+
+def net_kinds(metrics: Mapping) -> dict[str, set[str]]:
+    """A fold's ``metrics.json`` -> network ("localizer_spinal", "grader_spinal", ...) -> kinds
+    of the sources it learned from; empty where the fold recorded none per network."""
+    recorded = metrics.get("training_data")
+    if not isinstance(recorded, Mapping):
+        return {}
+    kind_of = {name: s.get("kind", "real") for name, s in metrics.get("sources", {}).items()}
+    return {
+        net: {kind_of.get(n, "real") for n, c in counts.items() if c}
+        for net, counts in recorded.items()
+    }
 
 
 def _read_fallback(path: Path, task: Task = RSNA_2024) -> np.ndarray:

@@ -8,7 +8,7 @@ Axial series are often stacks angled per disc; patient space makes that transpar
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -93,8 +93,28 @@ def _robust_median(values: np.ndarray, axis: int) -> np.ndarray:
     return np.where(np.isnan(med), overall, med)
 
 
+# Which point leads the canal/foramina consensus (see fuse_level_points): "" = none, the median of
+# the three; "canal" = the canal's, which the foramina follow and never move (fusion_lead).
+FUSE_LEADS: tuple[str, ...] = ("", "canal")
+
+
+def fusion_lead(kinds: Mapping[str, Collection[str]]) -> str:
+    """The consensus's lead from what each stage-1 net learned from (task name -> kinds of its
+    training data, "phantom" / "real"): "canal" when the canal's net learned from real spines
+    and the foramina's did not, else "" (no lead).
+
+    On real images a phantom-only net names discs far worse than one that saw real spines, and
+    its two foramina come from one net, so they agree with each other when they are wrong and
+    outvote the canal. With SPIDER's T2 series also given as the T1 series (a proxy: no real T1
+    here), the demo's phantom-only foraminal net dragged its real-trained canal from 79.5% of
+    the levels within 5 mm and 27 misnamed to 39.5% and 70 (BENCHMARKS.md, "Tenth round").
+    """
+    canal, foramina = set(kinds.get("spinal", ())), set(kinds.get("foraminal", ()))
+    return "canal" if "real" in canal and "real" not in foramina else ""
+
+
 def fuse_level_points(
-    points: StudyPoints, offsets: Mapping[str, np.ndarray], tol_mm: float
+    points: StudyPoints, offsets: Mapping[str, np.ndarray], tol_mm: float, lead: str | None = ""
 ) -> StudyPoints:
     """Consensus of the canal and the two foramina of each level (height and depth only).
 
@@ -105,8 +125,12 @@ def fuse_level_points(
     cranio-caudal and antero-posterior position; a point farther than ``tol_mm`` from their
     median (typically a level that slid towards its neighbouring disc) is moved onto it. The
     lateral coordinates are kept: the canal lies on the midline, the foramina where the foraminal
-    network saw them. Levels missing any of the three points are left as they are.
+    network saw them. Levels missing any of the three points are left as they are. With
+    ``lead`` "canal" (:func:`fusion_lead`) the canal's estimate is the consensus: a foramen
+    farther than ``tol_mm`` from it is moved onto it, and the canal never moves.
     """
+    if lead not in (*FUSE_LEADS, None):
+        raise ValueError(f"fusion lead {lead!r}: use one of {list(FUSE_LEADS)}")
     out = points.copy()
     if tol_mm <= 0:
         return out
@@ -121,7 +145,7 @@ def fuse_level_points(
         # is a canal estimate there; the lateral axis (0) is never touched.
         estimates = trio[:, 1:].copy()
         estimates[1:] += off[j, 1:]
-        consensus = np.median(estimates, axis=0)
+        consensus = estimates[0] if lead == "canal" else np.median(estimates, axis=0)
         far = np.linalg.norm(estimates - consensus, axis=1) > tol_mm
         estimates[far] = consensus
         estimates[1:] -= off[j, 1:]

@@ -118,7 +118,8 @@ def localize_studies(
                 found[sid].set(condition, level, lps[i])
     return {
         sid: derive_points(
-            fuse_level_points(p, localizer.offsets, localizer.fuse_mm), localizer.offsets
+            fuse_level_points(p, localizer.offsets, localizer.fuse_mm, localizer.fuse_lead),
+            localizer.offsets,
         )
         for sid, p in found.items()
     }

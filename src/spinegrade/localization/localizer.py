@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from spinegrade.localization.derived import FUSE_LEADS
 from spinegrade.localization.tasks import LOCALIZER_TASKS
 
 # ----------------------------------------------------------------------------- the localiser
@@ -32,10 +33,15 @@ class Localizer:
     fine: float = 0.0  # third, close look per level (fraction of the field of view); 0 = off
     # SD (mm) of the whole look's vote on the zoomed look's run of discs (chain decoder); 0 = off
     vote_mm: float = 0.0
+    # Which point leads the canal/foramina consensus (derived.FUSE_LEADS, derived.fusion_lead);
+    # None: not recorded (localisers saved before it), see fold_models.load_fold_models.
+    fuse_lead: str | None = ""
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
             raise ValueError(f"localizer decoder {self.decoder!r}: use one of {list(DECODERS)}")
+        if self.fuse_lead not in (*FUSE_LEADS, None):
+            raise ValueError(f"fusion lead {self.fuse_lead!r}: use one of {list(FUSE_LEADS)}")
 
     def save(self, folder: Path, meta: dict | None = None) -> None:
         """``localizer_{task}.safetensors`` (+ sidecar), then ``localizer_geometry.json``.
@@ -58,6 +64,7 @@ class Localizer:
             "decoder": self.decoder,
             "fine": self.fine,
             "vote_mm": self.vote_mm,
+            "fuse_lead": self.fuse_lead,
             "offsets": {k: v.tolist() for k, v in self.offsets.items()},
             "tasks": sorted(self.nets),
         }
@@ -95,5 +102,5 @@ class Localizer:
             nets, offsets, int(geometry["image_size"]), int(geometry["max_slices"]),
             float(geometry.get("zoom", 0.0)), float(geometry.get("fuse_mm", 0.0)),
             str(geometry.get("decoder", "ordered")), float(geometry.get("fine", 0.0)),
-            float(geometry.get("vote_mm", 0.0)),
+            float(geometry.get("vote_mm", 0.0)), geometry.get("fuse_lead"),
         )  # fmt: skip

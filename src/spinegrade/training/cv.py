@@ -50,7 +50,7 @@ from spinegrade.inference.run_folder import (
     write_or_check_config,
     write_or_check_task,
 )
-from spinegrade.localization.derived import derive_points, fit_offsets
+from spinegrade.localization.derived import derive_points, fit_offsets, fusion_lead
 from spinegrade.localization.errors import point_errors, summarize_errors
 from spinegrade.localization.localizer import Localizer
 from spinegrade.localization.points import POINT_COLUMNS, StudyPoints, point_rows
@@ -380,8 +380,14 @@ def _stage1(
     Real studies (``real``) are shown ``localizer.real_repeat`` times an epoch: a few dozen real
     spines beside a hundred phantoms are what teaches the nets real anatomy.
     """
+    # What each net learns from decides which point leads the canal/foramina consensus.
+    kinds = {t: {"real" if s in real else "phantom" for s in train_ids if s in m}
+             for t, m in loc_samples.items()}  # fmt: skip
     if (out / "localizer_geometry.json").is_file():
-        return Localizer.load(out, str(runtime.device))
+        loaded = Localizer.load(out, str(runtime.device))
+        if loaded.fuse_lead is None:  # saved before the lead was recorded
+            loaded.fuse_lead = fusion_lead({t: k for t, k in kinds.items() if t in loaded.nets})
+        return loaded
     offsets = fit_offsets([studies[s].points for s in train_ids])
 
     def pick(ids: list[int], repeat: int = 1) -> dict[str, list[LocalizerSample]]:
@@ -395,8 +401,9 @@ def _stage1(
     )  # fmt: skip
     c = cfg.localizer
     localizer = Localizer(
-        nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine, c.vote_mm
-    )
+        nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine, c.vote_mm,
+        fusion_lead({t: k for t, k in kinds.items() if t in nets}),
+    )  # fmt: skip
     if runtime.is_main:
         localizer.save(out, meta={"config": cfg.to_dict()})
     return localizer
