@@ -26,6 +26,12 @@ them. The truth only places the cut; the localiser sees a real image with a real
 A localiser that names levels by where they sit in the field, or by counting discs from its
 top, fails here; one that reads the anatomy does not.
 
+``--also-as-t1`` gives each study its T2 series a second time, as the sagittal T1 series, so
+that the foraminal net reads it and the canal/foramina fusion runs (``--fuse-lead`` overrides
+the run's lead). It is a proxy for a real study with both series where the foraminal net never
+saw real images (the demo's: SPIDER has no T1): a net on a real image of a contrast it never
+learned. No real T1 is needed.
+
 ``--held-out`` runs each fold's localiser on the real cases that fold did not train on (a run
 that trained on the real set too, as ``--oof``), so that test-time settings (``--vote-mm``,
 ``--zoom``, ``--decoder``) can be measured out of fold without retraining.
@@ -60,7 +66,7 @@ from spinegrade.io import read_series
 from spinegrade.localization.localize import localize_consensus, localize_study
 from spinegrade.localization.localizer import DECODERS
 from spinegrade.preprocessing.series import CacheParams, cache_series
-from spinegrade.task import LEVELS, SAG_T2, TITLE_TO_LEVEL
+from spinegrade.task import LEVELS, SAG_T1, SAG_T2, TITLE_TO_LEVEL
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the repository (a worktree one level deeper finds it one folder further up)
@@ -316,6 +322,14 @@ def main() -> None:
     )
     ap.add_argument("--margin", type=float, default=35.0)
     ap.add_argument(
+        "--also-as-t1", action="store_true",
+        help="give each T2 series also as the study's sagittal T1 (see above)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--fuse-lead", choices=("run", "median", "canal"), default="run",
+        help="canal/foramina fusion: the run's lead, the median of three, or the canal's",
+    )  # fmt: skip
+    ap.add_argument(
         "--oof", action="store_true", help="score the run's own out-of-fold points (see above)"
     )
     ap.add_argument(
@@ -345,6 +359,8 @@ def main() -> None:
         loc.decoder = args.decoder or loc.decoder
         loc.zoom = loc.zoom if args.zoom is None else args.zoom
         loc.vote_mm = loc.vote_mm if args.vote_mm is None else args.vote_mm
+        if args.fuse_lead != "run":
+            loc.fuse_lead = "" if args.fuse_lead == "median" else args.fuse_lead
     held_out = held_out_folds(args.run_dir, folds) if args.held_out else None
     params = CacheParams.from_config(cfg.data)  # as predict caches for this run
     out_dir = args.out or args.run_dir / "real_bench"
@@ -368,22 +384,23 @@ def main() -> None:
         if args.crop:
             stack = crop_field(stack, centres, args.margin, args.crop)
         heights[str(case)] = field_height(stack, centres)
+        series = {SAG_T2: [stack], **({SAG_T1: [stack]} if args.also_as_t1 else {})}
         if held_out is not None:  # only the fold that never saw this case
             k = held_out.get(str(case))
             if k is None:
                 continue
-            p = localize_study(localizers[folds.index(k)], {SAG_T2: [stack]})
+            p = localize_study(localizers[folds.index(k)], series)
             looks = [(k, p.xyz[0])]
             for r in score_case(looks[0][1], centres, planes):
                 rows.append({"case": case, "fold": k, **r, **case_values_of(paths, heights, case)})
             draw_case(out_dir / f"{case}.png", stack, centres, looks[-1][1])
             continue
-        points = [localize_study(loc, {SAG_T2: [stack]}) for loc in localizers]
+        points = [localize_study(loc, series) for loc in localizers]
         # Each fold's own points (what its OOF grading saw), and with several folds the
         # consensus that prediction grades at (localize.localize_consensus).
         looks = [(k, p.xyz[0]) for k, p in zip(folds, points, strict=True)]
         if len(folds) > 1:
-            looks.append(("consensus", localize_consensus(localizers, {SAG_T2: [stack]}).xyz[0]))
+            looks.append(("consensus", localize_consensus(localizers, series).xyz[0]))
         case_values = case_values_of(paths, heights, case)
         for k, located in looks:
             for r in score_case(located, centres, planes):
