@@ -246,16 +246,24 @@ def test_disc_centres_follow_the_spines_lean():
     assert np.allclose(derive_points(new, offsets).disc, new.disc)
 
 
-def test_fusion_moves_a_level_that_slid_onto_the_consensus():
+FUSED = (
+    "spinal_canal_stenosis",
+    "left_neural_foraminal_narrowing",
+    "right_neural_foraminal_narrowing",
+)
+
+
+def _fusion_truth() -> tuple[StudyPoints, dict[str, np.ndarray]]:
+    """One phantom study's true points and the offsets learned from it alone."""
     truth = StudyPoints()
     for (condition, level), p in level_points(0).items():
         truth.set(condition, level, p)
-    offsets = fit_offsets([truth])
-    spinal, left, right = (
-        "spinal_canal_stenosis",
-        "left_neural_foraminal_narrowing",
-        "right_neural_foraminal_narrowing",
-    )
+    return truth, fit_offsets([truth])
+
+
+def test_fusion_moves_a_level_that_slid_onto_the_consensus():
+    truth, offsets = _fusion_truth()
+    spinal, left, right = FUSED
     pred = truth.copy()
     pred.set(spinal, "l3_l4", truth.get(spinal, "l3_l4") + 20 * H + 1.5 * L)  # slid up a level
     pred.set(left, "l4_l5", truth.get(left, "l4_l5") - 25 * H)  # a foramen slid down
@@ -280,15 +288,8 @@ def test_fusion_moves_a_level_that_slid_onto_the_consensus():
 def test_a_canal_that_leads_is_never_moved_and_pulls_the_foramina_to_its_disc():
     """The demo's canal net learned real spines and its foraminal net phantoms only: the two
     foramina of one net, a disc off together, must not outvote the canal."""
-    truth = StudyPoints()
-    for (condition, level), p in level_points(0).items():
-        truth.set(condition, level, p)
-    offsets = fit_offsets([truth])
-    spinal, left, right = (
-        "spinal_canal_stenosis",
-        "left_neural_foraminal_narrowing",
-        "right_neural_foraminal_narrowing",
-    )
+    truth, offsets = _fusion_truth()
+    spinal, left, right = FUSED
     pred = truth.copy()
     for c in (left, right):  # both foramina of L3/L4 on the disc above, as one net puts them
         pred.set(c, "l3_l4", truth.get(c, "l3_l4") + 24 * H)
