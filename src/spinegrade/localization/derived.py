@@ -58,7 +58,7 @@ def spine_frames(canal: np.ndarray) -> np.ndarray:
     The disc lies in front of the canal, across the spine's axis; with lordosis that direction
     turns by tens of degrees from L1/L2 to L5/S1 and from one patient to the next, so an offset
     in fixed patient axes puts the disc centre above or below the disc where the spine leans
-    (on SPIDER's true canal points, out of fold: median error 3.8 mm in patient axes, 2.8 in
+    (on SPIDER's true canal points, out of fold: median error 3.8 mm in patient axes, 2.9 in
     these). The axis along the canal runs through the nearest known neighbours of the level
     (one side at the chain's ends). NaN for a level whose canal point, or both neighbours, are
     unknown.
