@@ -60,7 +60,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
         assert mine.keys() == theirs.keys()
         assert all(bool((mine[n] == theirs[n]).all()) for n in mine)
     grades = json.loads(next((out / "report").glob("*/grades.json")).read_text())
-    assert grades["model"]["notes"] == [grader_caution(["phantom", "real"])]
+    assert grades["model"]["notes"] == [grader_caution(["phantom", "real"], ["Sagittal T1"])]
     # Held-out predictions: the competition's rows for the test studies, scored against truth.
     test_ids = sorted(pd.read_csv(out / "data" / "truth" / "test_labels.csv")["study_id"])
     assert pd.read_csv(demo.submission)["row_id"].tolist() == submission_row_ids(test_ids)

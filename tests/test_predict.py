@@ -496,7 +496,7 @@ def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) ->
     assert learned_from({"training_data": "images"}) == {"localizer": ["real"], "grader": ["real"]}
 
     def caution(*kinds: dict) -> list[str]:
-        models = [SimpleNamespace(training_data=k) for k in kinds]
+        models = [SimpleNamespace(training_data=k, net_data={}) for k in kinds]
         return Predictor(run, list(range(len(kinds))), models, "cpu").describe_training()
 
     phantom = {"localizer": ["phantom"], "grader": ["phantom"]}
@@ -510,6 +510,14 @@ def test_only_phantom_trained_runs_carry_the_caution(trained, tmp_path: Path) ->
     assert caution(mixed, mixed) == [grader_caution(["phantom", "real"])]
     assert "real spines" in caution(mixed)[0] and "grades are not validated" in caution(mixed)[0]
     assert caution({"localizer": ["phantom"], "grader": ["real"]}) == [LOCALIZER_CAUTION]
+    # A localiser net that saw phantoms only beside one that saw real spines is named.
+    demo = SimpleNamespace(
+        training_data=mixed,
+        net_data={"localizer_spinal": ["phantom", "real"], "localizer_foraminal": ["phantom"]},
+    )
+    notes = Predictor(run, [0], [demo], "cpu").describe_training()
+    assert notes == [grader_caution(["phantom", "real"], ["Sagittal T1"])]
+    assert "(its Sagittal T1 net on phantoms only)" in notes[0]
 
 
 def test_batched_prediction_equals_study_by_study(trained) -> None:

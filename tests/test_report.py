@@ -162,7 +162,8 @@ def test_cautions_stay_clear_of_the_panel_titles(n_cautions: int) -> None:
     from spinegrade.inference.ensemble import LOCALIZER_CAUTION, grader_caution
     from spinegrade.reporting.report import build_figure
 
-    cautions = [PHANTOM_CAUTION, grader_caution(["phantom", "real"]), LOCALIZER_CAUTION]
+    demo = grader_caution(["phantom", "real"], ["Sagittal T1"])  # the longest, the demo's
+    cautions = [PHANTOM_CAUTION, demo, LOCALIZER_CAUTION]
     inputs = ReportInputs(stacks={SAG_T2: [sagittal_stack(SAG_T2)]})
     fig = build_figure(make_prediction(), inputs, cautions[:n_cautions])
     try:

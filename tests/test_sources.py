@@ -138,7 +138,7 @@ def test_a_run_learns_from_two_sources_and_records_them(two_sources, tmp_path, m
     # The caution says what each stage learned from.
     models = [load_fold_models(run / f"fold_{k}") for k in range(3)]
     notes = Predictor(run, [0, 1, 2], models, "cpu").describe_training()
-    assert notes == [grader_caution(["phantom", "real"])]
+    assert notes == [grader_caution(["phantom", "real"], ["Sagittal T1"])]
     assert "real spines" in notes[0] and "phantom studies only" in notes[0]
 
 

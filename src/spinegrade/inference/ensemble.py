@@ -254,8 +254,23 @@ class Predictor:
         lines = [LOCALIZER_CAUTION] if loc else []
         if grad:
             kinds = sorted({k for m in self.models for k in m.training_data.get("localizer", ())})
-            lines.append(grader_caution(kinds))
+            lines.append(
+                grader_caution(kinds, self._phantom_only_series() if "real" in kinds else ())
+            )
         return lines
+
+    def _phantom_only_series(self) -> list[str]:
+        """Series whose localiser net some fold trained on phantoms only (the demo's sagittal T1:
+        SPIDER has no T1), named so that the caution does not credit it with real spines."""
+        from spinegrade.localization.tasks import LOCALIZER_TASKS
+
+        names = {
+            net.removeprefix("localizer_")
+            for m in self.models
+            for net, kinds in m.net_data.items()
+            if net.startswith("localizer_") and set(kinds) == {"phantom"}
+        }
+        return sorted(LOCALIZER_TASKS[n].description for n in names if n in LOCALIZER_TASKS)
 
     @property
     def training_data(self) -> dict[str, list[str]]:
@@ -392,11 +407,14 @@ LOCALIZER_CAUTION = (
 )
 
 
-def grader_caution(localizer_kinds: Sequence[str]) -> str:
+def grader_caution(localizer_kinds: Sequence[str], phantom_only: Sequence[str] = ()) -> str:
     """The caution of graders trained on phantoms only (e.g. the demo's), naming what the
-    localiser learned from."""
+    localiser learned from, and the series (``phantom_only``) whose localiser net learned from
+    phantoms alone where another learned from real spines."""
     seen = {"phantom": "synthetic phantoms", "real": "real spines"}
     source = " and ".join(seen.get(k, k) for k in localizer_kinds) or "data not recorded"
+    if phantom_only:
+        source += f" (its {' and '.join(phantom_only)} net on phantoms only)"
     return (
         f"Levels found by a localiser trained on {source}; grades from graders trained on "
         "synthetic phantom studies only: the grades are not validated on real images. Not for "

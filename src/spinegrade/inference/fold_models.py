@@ -47,6 +47,9 @@ class FoldModels:
     training_data: dict[str, list[str]] = field(default_factory=dict)
     task: Task = RSNA_2024  # what the graders grade (the run's task.yaml)
     engine: str = "torch"  # what runs the networks: "torch", or "onnx" (ONNX Runtime)
+    # What each network learned from ("localizer_spinal", "grader_spinal", ...: kinds, as
+    # ``training_data`` per role); see :func:`net_kinds`.
+    net_data: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -313,14 +316,15 @@ def load_fold_models(
             net.to(memory_format=torch.channels_last)  # as the graders' (see load above)
     metrics_path = fold_dir / "metrics.json"  # written last by training; older runs lack it
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    trained_on = learned_from(metrics)
+    trained_on, per_net = learned_from(metrics), net_kinds(metrics)
     if localizer.fuse_lead is None:  # saved before the lead was: decided as training now does
         localizer.fuse_lead = fusion_lead(
-            {net.removeprefix("localizer_"): kinds for net, kinds in net_kinds(metrics).items()}
+            {net.removeprefix("localizer_"): kinds for net, kinds in per_net.items()}
         )
     return FoldModels(
-        localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task, engine
-    )
+        localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task, engine,
+        {net: sorted(kinds) for net, kinds in per_net.items()},
+    )  # fmt: skip
 
 
 def learned_from(metrics: Mapping) -> dict[str, list[str]]:
