@@ -127,10 +127,11 @@ def main() -> None:
     errors = {name: np.concatenate(v) for name, v in disc_mm.items()}
     errors = {name: e for name, e in errors.items() if len(e) and name != "true points"}
     if errors:
-        print("\n| disc centres of | discs | median mm | mean mm | over 9 mm |")
+        print(f"\n| disc centres of | discs | median mm | mean mm | over {args.gross_mm:g} mm |")
         print("|---|---|---|---|---|")
         for name, e in errors.items():
-            print(f"| {name} | {len(e)} | {np.median(e):.1f} | {e.mean():.1f} | {(e > 9).sum()} |")
+            lost = int((e > args.gross_mm).sum())
+            print(f"| {name} | {len(e)} | {np.median(e):.1f} | {e.mean():.1f} | {lost} |")
 
 
 if __name__ == "__main__":

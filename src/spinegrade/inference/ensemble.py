@@ -262,13 +262,14 @@ class Predictor:
     def _phantom_only_series(self) -> list[str]:
         """Series whose localiser net some fold trained on phantoms only (the demo's sagittal T1:
         SPIDER has no T1), named so that the caution does not credit it with real spines."""
+        from spinegrade.inference.fold_models import localizer_kinds
         from spinegrade.localization.tasks import LOCALIZER_TASKS
 
         names = {
-            net.removeprefix("localizer_")
+            name
             for m in self.models
-            for net, kinds in m.net_data.items()
-            if net.startswith("localizer_") and set(kinds) == {"phantom"}
+            for name, kinds in localizer_kinds(m.net_data).items()
+            if kinds == {"phantom"}
         }
         return sorted(LOCALIZER_TASKS[n].description for n in names if n in LOCALIZER_TASKS)
 

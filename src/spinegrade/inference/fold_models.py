@@ -318,9 +318,7 @@ def load_fold_models(
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     trained_on, per_net = learned_from(metrics), net_kinds(metrics)
     if localizer.fuse_lead is None:  # saved before the lead was: decided as training now does
-        localizer.fuse_lead = fusion_lead(
-            {net.removeprefix("localizer_"): kinds for net, kinds in per_net.items()}
-        )
+        localizer.fuse_lead = fusion_lead(localizer_kinds(per_net))
     return FoldModels(
         localizer, graders, fallback, cfg.crops, cfg.train.prior_mix, trained_on, task, engine,
         {net: sorted(kinds) for net, kinds in per_net.items()},
@@ -357,6 +355,16 @@ def net_kinds(metrics: Mapping) -> dict[str, set[str]]:
     return {
         net: {kind_of.get(n, "real") for n, c in counts.items() if c}
         for net, counts in recorded.items()
+    }
+
+
+def localizer_kinds(per_net: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
+    """Per-network kinds (:func:`net_kinds`, ``FoldModels.net_data``) -> stage-1 task name
+    ("spinal", "foraminal") -> kinds, for the localiser's nets alone."""
+    return {
+        net.removeprefix("localizer_"): set(kinds)
+        for net, kinds in per_net.items()
+        if net.startswith("localizer_")
     }
 
 

@@ -380,13 +380,14 @@ def _stage1(
     Real studies (``real``) are shown ``localizer.real_repeat`` times an epoch: a few dozen real
     spines beside a hundred phantoms are what teaches the nets real anatomy.
     """
-    # What each net learns from decides which point leads the canal/foramina consensus.
-    kinds = {t: {"real" if s in real else "phantom" for s in train_ids if s in m}
-             for t, m in loc_samples.items()}  # fmt: skip
+    # What each net learns from decides which point leads the canal/foramina consensus (a task
+    # with no training sample trains no net, and its empty kinds count as no net).
+    lead = fusion_lead({t: {"real" if s in real else "phantom" for s in train_ids if s in m}
+                        for t, m in loc_samples.items()})  # fmt: skip
     if (out / "localizer_geometry.json").is_file():
         loaded = Localizer.load(out, str(runtime.device))
         if loaded.fuse_lead is None:  # saved before the lead was recorded
-            loaded.fuse_lead = fusion_lead({t: k for t, k in kinds.items() if t in loaded.nets})
+            loaded.fuse_lead = lead
         return loaded
     offsets = fit_offsets([studies[s].points for s in train_ids])
 
@@ -402,7 +403,7 @@ def _stage1(
     c = cfg.localizer
     localizer = Localizer(
         nets, offsets, c.image_size, c.max_slices, c.zoom, c.fuse_mm, c.decoder, c.fine, c.vote_mm,
-        fusion_lead({t: k for t, k in kinds.items() if t in nets}),
+        lead,
     )  # fmt: skip
     if runtime.is_main:
         localizer.save(out, meta={"config": cfg.to_dict()})
