@@ -171,7 +171,9 @@ def _quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_import_writes_an_rsna_training_folder(spider: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     summary = import_spider(spider, out, progress=False)
-    assert summary == SpiderImport(out, 3, 15, 15, 9, summary.fingerprint, skipped=False)
+    assert summary == SpiderImport(
+        out, 3, 15, 15, 9, summary.fingerprint, skipped=False, label_maps=9
+    )
     ids = [ID_BASE + p for p in PATIENTS]
 
     data = load_dataset(out)  # every cross-check of the RSNA loader passes
@@ -210,6 +212,14 @@ def test_import_writes_an_rsna_training_folder(spider: Path, tmp_path: Path) -> 
             copy = out / "train_images" / str(sid) / str(sid + SERIES_OFFSET) / src.name
             assert copy.read_bytes() == src.read_bytes()
     assert len(list((out / "train_images").glob("*/*/*.dcm"))) == 9
+    for patient in PATIENTS:  # the label maps too, beside their slices
+        sid = ID_BASE + patient
+        for src in (spider / "masks" / f"spider_{patient}").glob("*.png"):
+            copy = out / "train_label_maps" / str(sid) / str(sid + SERIES_OFFSET) / src.name
+            assert copy.read_bytes() == src.read_bytes()
+    assert json.loads((out / "label_maps.json").read_text())["classes"] == {
+        "0": "background", "1": "disc", "2": "vertebra", "3": "spinal canal"
+    }  # fmt: skip
 
     cases = pd.read_csv(out / "cases.csv")
     assert cases.columns.tolist() == ["study_id", "case_id", "patient_id", "source", "subset"]
@@ -372,6 +382,9 @@ def test_a_missing_canal_column_names_the_file_and_the_column(spider: Path, tmp_
         ("a file is not DICOM", SpiderSourceError, "series/spider_5/1.dcm"),
         ("gradings.csv is missing", FileNotFoundError, "gradings.csv"),
         ("a canal point lies off its image", SpiderFormatError, "outside the 32 x 40 image"),
+        ("a label map holds a value no class has", SpiderSourceError, "masks/spider_7/2.png"),
+        ("a label map is not on its slice's grid", SpiderSourceError, "masks/spider_5/3.png"),
+        ("a label map names no slice", SpiderSourceError, "masks/spider_118/9.png"),
     ],
 )
 def test_bad_sources_name_the_file(
@@ -388,6 +401,12 @@ def test_bad_sources_name_the_file(
         (spider / "series" / "spider_5" / "1.dcm").write_bytes(b"not an image")
     elif breakage.startswith("gradings"):
         (spider / "gradings.csv").unlink()
+    elif breakage.startswith("a label map holds"):
+        _png(np.full(SHAPE, 4, dtype=np.uint8), spider / "masks" / "spider_7" / "2.png")
+    elif breakage.startswith("a label map is not"):
+        _png(np.zeros((SHAPE[0], SHAPE[1] + 1), dtype=np.uint8), spider / "masks/spider_5/3.png")
+    elif breakage.startswith("a label map names"):
+        _png(np.zeros(SHAPE, dtype=np.uint8), spider / "masks" / "spider_118" / "9.png")
     else:
         canal.loc[3, "x"] = SHAPE[1] + 5.0
         canal.to_csv(spider / "canal.csv", index=False)
@@ -401,7 +420,7 @@ def test_the_command_line(spider: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = CliRunner().invoke(app, ["import", "spider", str(spider), str(out), "--no-progress"])
     assert run.exit_code == 0, run.output
-    assert "3 studies, 15 canal points, 15 disc centres, 9 DICOM files" in run.output
+    assert "3 studies, 15 canal points, 15 disc centres, 9 DICOM files, 9 label maps" in run.output
     again = CliRunner().invoke(app, ["import", "spider", str(spider), str(out)])
     assert again.exit_code == 0 and "already imported" in again.output
     args = ["import", "spider", str(spider), str(tmp_path / "o2"), "--id-base", "1000"]

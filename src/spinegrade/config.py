@@ -238,6 +238,9 @@ class LocalizerConfig:
     # Real studies (a source that is not a phantom) are shown this many times an epoch: a few
     # dozen real spines beside a hundred phantoms are what teaches real anatomy.
     real_repeat: int = 1
+    # Weight of the label maps' loss (data.label_maps: disc, vertebra, canal drawn on every slice
+    # of the real sets that have them) beside the points' loss; 0 = no segmentation head.
+    seg_weight: float = 0.0
     epochs: int = 20
     batch_size: int = 8
     lr: float = 5e-4

@@ -63,6 +63,9 @@ LEVEL_TITLES: dict[str, str] = {lv: lv.upper().replace("_", "/") for lv in LEVEL
 TITLE_TO_LEVEL: dict[str, str] = {v: k for k, v in LEVEL_TITLES.items()}
 
 SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
+# Classes of a training folder's label maps (value -> class; spinegrade.data.label_maps): what the
+# localiser's segmentation head draws. The sacrum is not drawn as a vertebra (SPIDER's masks).
+LABEL_CLASSES: tuple[str, ...] = ("background", "disc", "vertebra", "spinal canal")
 SEVERITY_INDEX: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 # Submission probability columns, in class order.
 PROB_COLUMNS: tuple[str, ...] = ("normal_mild", "moderate", "severe")

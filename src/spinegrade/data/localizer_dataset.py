@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from spinegrade.config import LocalizerAugmentConfig
 from spinegrade.data.epoch import EpochDataset
+from spinegrade.data.label_maps import UNKNOWN
 from spinegrade.localization.frames import SagittalFrame
 from spinegrade.localization.samples import LocalizerSample
 
@@ -134,6 +135,10 @@ def _rotate(item: dict[str, np.ndarray], degrees: float) -> None:
     theta = torch.tensor([[[c, -sn, 0.0], [sn, c, 0.0]]], dtype=vol.dtype)
     grid = F.affine_grid(theta, list(vol.shape), align_corners=False)
     item["volume"] = F.grid_sample(vol, grid, align_corners=False)[0].numpy()
+    if "seg" in item:  # classes turn with the image; what comes in from outside is background
+        seg = torch.from_numpy(item["seg"].astype(np.float32))[None]
+        turned = F.grid_sample(seg, grid, mode="nearest", align_corners=False)[0]
+        item["seg"] = turned.numpy().astype(np.uint8)
     # affine_grid maps output -> input: p_in = R p_out, so targets move by R^T (normalised coords).
     half = size / 2
     u, v = (item["xy"][:, 0] + 0.5) / half - 1, (item["xy"][:, 1] + 0.5) / half - 1
@@ -168,16 +173,25 @@ def _intensity(vol: np.ndarray, rng: np.random.Generator, a: LocalizerAugmentCon
 
 
 def collate_stacks(batch: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Pad stacks at the end of the slice axis; ``mask`` marks real slices."""
+    """Pad stacks at the end of the slice axis; ``mask`` marks real slices. Where any stack has
+    label maps, ``seg`` (B, S, H, W) uint8 holds them, :data:`UNKNOWN` elsewhere (padding and
+    stacks without maps), which the loss ignores."""
     depth = max(b["volume"].shape[0] for b in batch)
     size = batch[0]["volume"].shape[-1]
     vol = torch.zeros(len(batch), depth, size, size)
     mask = torch.zeros(len(batch), depth, dtype=torch.bool)
+    seg = None
+    if any("seg" in b for b in batch):
+        seg = torch.full((len(batch), depth, size, size), UNKNOWN, dtype=torch.uint8)
     for i, b in enumerate(batch):
         d = b["volume"].shape[0]
         vol[i, :d] = torch.from_numpy(b["volume"])
         mask[i, :d] = True
+        if seg is not None and "seg" in b:
+            seg[i, :d] = torch.from_numpy(b["seg"])
     out = {"volume": vol, "mask": mask}
+    if seg is not None:
+        out["seg"] = seg
     for key in ("xy", "z", "valid"):
         out[key] = torch.from_numpy(np.stack([b[key] for b in batch]))
     return out

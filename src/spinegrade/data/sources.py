@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from spinegrade.config import Config, ConfigError
+from spinegrade.data.label_maps import has_label_maps, stack_labels
 from spinegrade.data.studies import StudyData, load_studies
 from spinegrade.localization.points import add_disc_points
 from spinegrade.rsna import is_phantom, label_matrix, load_dataset, normalize_coordinates
@@ -189,8 +190,11 @@ def _study_rows(src: Source, ids: list[int]) -> pd.DataFrame:
     return pd.DataFrame({"study_id": ids, "source": src.name, "patient_id": groups})
 
 
-def load_training_studies(tables: TrainingTables, progress: bool = True) -> dict[int, StudyData]:
-    """Every study of every source from its own cache, with true points (disc centres too)."""
+def load_training_studies(
+    tables: TrainingTables, progress: bool = True, label_maps: bool = False
+) -> dict[int, StudyData]:
+    """Every study of every source from its own cache, with true points (disc centres too) and,
+    with ``label_maps``, the label maps of the chosen stacks where the folder has them."""
     out: dict[int, StudyData] = {}
     for src in tables.sources:
         ids = tables.source_ids(src.name)
@@ -204,6 +208,12 @@ def load_training_studies(tables: TrainingTables, progress: bool = True) -> dict
                 study = part[int(sid)]
                 stacks = [s for v in study.stacks.values() for s in v]
                 study.points = add_disc_points(study.points, rows, stacks)
+        if label_maps and has_label_maps(src.data_dir):
+            for study in part.values():
+                for stack in (s for v in study.stacks.values() for s in v):
+                    maps = stack_labels(src.data_dir, stack)
+                    if maps is not None:
+                        study.label_maps[(int(stack.series_id), int(stack.stack))] = maps
         out.update(part)
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ class StudyData:
     stacks: dict[str, list[CachedStack]]
     points: StudyPoints
     labels: np.ndarray  # int64 (the task's columns,): grade index, -1 where the cell is empty
+    # (series_id, stack) -> label maps on that stack's cached grid (data.label_maps), if drawn.
+    label_maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
 
 def select_stacks(

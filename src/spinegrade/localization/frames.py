@@ -135,9 +135,10 @@ def sagittal_frame(stack: CachedStack, size: int, max_slices: int) -> SagittalFr
     )  # fmt: skip
 
 
-def canonical_volume(stack: CachedStack, frame: SagittalFrame) -> np.ndarray:
-    """The network input of a stack: float32 (n_slices, size, size) in [0, 1]."""
-    v = stack.volume.transpose(0, 2, 1) if frame.transpose else stack.volume
+def _oriented_cut(v: np.ndarray, frame: SagittalFrame) -> np.ndarray:
+    """A cached-grid (D, H, W) array in the canonical orientation, cut to the frame's slices and
+    window (zeros outside the image), before resizing."""
+    v = v.transpose(0, 2, 1) if frame.transpose else v
     if frame.flip_z:
         v = v[::-1]
     if frame.flip_y:
@@ -148,6 +149,23 @@ def canonical_volume(stack: CachedStack, frame: SagittalFrame) -> np.ndarray:
     window = frame.view_window()
     if window != (0, 0, *v.shape[1:]):
         v = _cut_window(v, window)
+    return v
+
+
+def canonical_labels(labels: np.ndarray, frame: SagittalFrame) -> np.ndarray:
+    """Label maps (uint8 (D, H, W) on the cached grid) as the network sees the stack through
+    ``frame``: uint8 (n_slices, size, size), each input pixel the class under its centre, and
+    background (0) where the window leaves the image, as the image is black there."""
+    v = _oriented_cut(labels, frame)
+    lh, lw = v.shape[1:]
+    rows = np.clip(((np.arange(frame.size) + 0.5) * lh / frame.size).astype(np.int64), 0, lh - 1)
+    cols = np.clip(((np.arange(frame.size) + 0.5) * lw / frame.size).astype(np.int64), 0, lw - 1)
+    return np.ascontiguousarray(v[:, rows[:, None], cols[None, :]])
+
+
+def canonical_volume(stack: CachedStack, frame: SagittalFrame) -> np.ndarray:
+    """The network input of a stack: float32 (n_slices, size, size) in [0, 1]."""
+    v = _oriented_cut(stack.volume, frame)
     # A real copy: a flipped one-slice stack counts as contiguous to numpy (so ascontiguousarray
     # would keep its negative stride) but not to torch; the cached volume is read-only anyway.
     t = torch.from_numpy(np.array(v, dtype=np.float32))[None]

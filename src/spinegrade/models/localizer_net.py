@@ -24,7 +24,7 @@ Stacks of different depth are batched by padding at the END of the slice axis an
 from __future__ import annotations
 
 import math
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ class LocalizerOutput(TypedDict):
     xy: torch.Tensor  # (B, T, 2) expected (x, y) in input pixel coordinates
     z: torch.Tensor  # (B, T) expected slice index (fractional)
     image_hw: tuple[int, int]  # (H, W) of the input, to map pixels <-> heatmap cells
+    # (B, S, C, h, w) class logits per slice (``seg_classes`` > 0 only; training's label maps)
+    seg_logits: NotRequired[torch.Tensor]
 
 
 class LevelLocalizer(nn.Module):
@@ -55,6 +57,9 @@ class LevelLocalizer(nn.Module):
         decoder_channels: width of the FPN decoder and of the slice transformer.
         slice_layers, slice_heads: the transformer over slices (0 layers = no slice context).
         dropout, drop_path: regularisation.
+        seg_classes: with > 0, a head that draws the label maps' classes (disc, vertebra, canal)
+            from the heatmaps' own features: an auxiliary target in training
+            (``localizer.seg_weight``), unused in prediction.
         pretrained, pretrained_path, backbone_kwargs:
             :func:`spinegrade.models.weights.create_backbone`.
 
@@ -75,6 +80,7 @@ class LevelLocalizer(nn.Module):
         pretrained: bool = False,
         pretrained_path: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        seg_classes: int = 0,
     ) -> None:
         super().__init__()
         self.spec: dict[str, Any] = {
@@ -87,6 +93,8 @@ class LevelLocalizer(nn.Module):
                 backbone_kwargs=dict(backbone_kwargs or {}),
             ),
         }  # fmt: skip
+        if seg_classes:  # older specs lack the key: their nets have no head
+            self.spec["kwargs"]["seg_classes"] = seg_classes
         self.n_targets, self.context = n_targets, context
         # The pretrained part: optim.backbone_lr_scale scales the lr of ``encoder.*``.
         self.encoder = create_backbone(
@@ -107,6 +115,7 @@ class LevelLocalizer(nn.Module):
             nn.Conv2d(d, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), nn.SiLU(inplace=True)
         )
         self.heat = nn.Conv2d(d, n_targets, 1)
+        self.seg = nn.Conv2d(d, seg_classes, 1) if seg_classes else None
         self.slice_proj = nn.Linear(channels[-1], d)
         self.slice_pos = nn.Linear(16, d)  # Fourier features of the relative slice position
         self.slice_mixer = (
@@ -124,12 +133,23 @@ class LevelLocalizer(nn.Module):
 
     def forward(self, x: torch.Tensor, slice_mask: torch.Tensor | None = None) -> LocalizerOutput:
         """Locate the targets in stacks ``x`` (B, S, H, W); ``slice_mask`` (B, S): real slices."""
-        return self._read_out(self.heatmaps(x, slice_mask), (x.shape[-2], x.shape[-1]))
+        logits, decoded = self._maps(x, slice_mask)
+        out = self._read_out(logits, (x.shape[-2], x.shape[-1]))
+        if self.seg is not None:
+            seg = self.seg(decoded)  # (B*S, C, h, w)
+            out["seg_logits"] = seg.reshape(*x.shape[:2], *seg.shape[1:])
+        return out
 
     def heatmaps(self, x: torch.Tensor, slice_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The joint logits (B, T, S, h, w) alone: all that prediction decodes (the looks), and
         what an ONNX export of the localiser computes; the read-out's soft-argmax is for training.
         """
+        return self._maps(x, slice_mask)[0]
+
+    def _maps(
+        self, x: torch.Tensor, slice_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joint logits (B, T, S, h, w) and the decoder's features (B*S, d, h, w)."""
         b, s = x.shape[:2]
         mask = (
             torch.ones(b, s, dtype=torch.bool, device=x.device)
@@ -137,12 +157,13 @@ class LevelLocalizer(nn.Module):
             else slice_mask
         )
         feats = self.encoder(self._neighbour_channels(x))
-        heat = self.heat(self._decode(feats))  # (B*S, T, h', w')
+        decoded = self._decode(feats)
+        heat = self.heat(decoded)  # (B*S, T, h', w')
         hh, ww = heat.shape[-2:]
         heat = heat.reshape(b, s, self.n_targets, hh, ww).transpose(1, 2)  # (B, T, S, h', w')
         bias = self._slice_context(feats[-1], mask, b, s)  # (B, T, S)
         logits = heat + bias[..., None, None]
-        return logits.masked_fill(~mask[:, None, :, None, None], MASKED_LOGIT)
+        return logits.masked_fill(~mask[:, None, :, None, None], MASKED_LOGIT), decoded
 
     def _neighbour_channels(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, H, W) -> (B*S, 2c+1, H, W): each slice with its neighbours (edges repeated)."""

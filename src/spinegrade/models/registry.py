@@ -17,7 +17,7 @@ from spinegrade.config import Config
 from spinegrade.models.grader import SpineGrader
 from spinegrade.models.localizer_net import LevelLocalizer
 from spinegrade.models.weights import WeightsError, load_weights, read_sidecar
-from spinegrade.task import LEVELS, SEVERITIES
+from spinegrade.task import LABEL_CLASSES, LEVELS, SEVERITIES
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"grader": SpineGrader, "localizer": LevelLocalizer}
 
@@ -73,6 +73,7 @@ def build_localizer(
         pretrained=c.pretrained if pretrained is None else pretrained,
         pretrained_path=c.pretrained_path,
         backbone_kwargs=c.backbone_kwargs,
+        seg_classes=len(LABEL_CLASSES) if c.seg_weight > 0 else 0,
     )
 
 

@@ -18,6 +18,10 @@ output reads like any RSNA training folder (``load_dataset``, ``spinegrade prepr
 * ``cases.csv``: study_id, case_id, patient_id (what cross-validation must group by: each SPIDER
   case is one patient), source, subset (SPIDER's training/validation);
 * ``gradings.csv``: SPIDER's own disc gradings, every row, with study_id in front;
+* ``train_label_maps/<study_id>/<series_id>/<InstanceNumber>.png`` and ``label_maps.json``:
+  the source's ``masks/`` (disc, vertebra, spinal canal on every slice; checked, then copied
+  byte for byte), which the localiser learns beside its points
+  (:mod:`spinegrade.data.label_maps`); none when the source has no ``masks/``;
 * ``SOURCE.md`` (origin and CC BY 4.0 attribution) and ``import.json`` (the completion marker).
 
 Ids: ``study_id = id_base + source_patient`` with ``id_base`` = :data:`ID_BASE` (5 100 000 000),
@@ -50,6 +54,13 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from spinegrade.data.label_maps import (
+    LABEL_MAPS_DIR,
+    LABEL_MAPS_FILE,
+    LabelMapError,
+    classes_json,
+    read_png,
+)
 from spinegrade.rsna.tables import (
     COORDINATE_COLUMNS,
     DISC_COORDINATE_COLUMNS,
@@ -80,7 +91,8 @@ ID_BASE = 5_100_000_000  # first id above RSNA's uint32 study ids (and the phant
 SERIES_OFFSET = 100_000_000  # series_id = study_id + SERIES_OFFSET
 MIN_ID_BASE = 2**32  # below this an imported id could equal an RSNA (uint32) id
 MARKER = "import.json"
-MARKER_FORMAT = 2  # 2: train.csv holds SPIDER's disc grades (task.yaml: spider_discs)
+# 2: train.csv holds SPIDER's disc grades (task.yaml: spider_discs); 3: the label maps too
+MARKER_FORMAT = 3
 REQUIRED_CSVS = ("truth.csv", "canal.csv", "cases.csv", "gradings.csv")
 _LEVEL_ORDER = {LEVEL_TITLES[lv]: k for k, lv in enumerate(LEVELS)}
 _CANAL = CONDITION_TITLES["spinal_canal_stenosis"]
@@ -121,13 +133,15 @@ class SpiderImport:
     files: int  # DICOM files under train_images/
     fingerprint: str  # sha256 of the source's CSVs and DICOM files (see source_fingerprint)
     skipped: bool = False
+    label_maps: int = 0  # PNGs under train_label_maps/ (one per slice that has a map)
 
     def describe(self) -> str:
         """One line for the command line."""
         done = "already imported, nothing to do" if self.skipped else "imported"
         return (
             f"{SOURCE_NAME} {done}: {self.studies} studies, {self.canal_points} canal points, "
-            f"{self.disc_points} disc centres, {self.files} DICOM files in {self.out}"
+            f"{self.disc_points} disc centres, {self.files} DICOM files, {self.label_maps} "
+            f"label maps in {self.out}"
         )
 
 
@@ -425,6 +439,7 @@ def _check_out(out: Path, fingerprint: str, id_base: int) -> SpiderImport | None
     return SpiderImport(
         out=out, studies=int(meta["studies"]), canal_points=int(meta["canal_points"]),
         disc_points=int(meta["disc_points"]), files=files, fingerprint=fingerprint, skipped=True,
+        label_maps=int(meta.get("label_maps", 0)),
     )  # fmt: skip
 
 
@@ -506,10 +521,12 @@ def import_spider(
         partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            _write(partial, source, cases, ids, series, canal, discs, gradings, progress)
+            n_maps = _write(
+                partial, source, cases, ids, series, shapes, canal, discs, gradings, progress
+            )
             summary = SpiderImport(
                 out=out, studies=len(cases), canal_points=len(canal), disc_points=len(discs),
-                files=n_files, fingerprint=fingerprint,
+                files=n_files, fingerprint=fingerprint, label_maps=n_maps,
             )  # fmt: skip
             meta = {
                 "source": SOURCE_NAME, "format": MARKER_FORMAT, "src": str(src),
@@ -517,6 +534,7 @@ def import_spider(
                 "id_base": id_base,
                 "series_offset": SERIES_OFFSET, "studies": summary.studies,
                 "canal_points": summary.canal_points, "disc_points": summary.disc_points,
+                "label_maps": n_maps,
             }  # fmt: skip
             (partial / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
             (partial / "SOURCE.md").write_text(
@@ -575,12 +593,13 @@ def _write(
     cases: pd.DataFrame,
     ids: dict[str, int],
     series: dict[str, list[Path]],
+    shapes: dict[str, dict[int, tuple[int, int]]],
     canal: pd.DataFrame,
     discs: pd.DataFrame,
     gradings: pd.DataFrame,
     progress: bool,
-) -> None:
-    """Write every file of the import into ``dest`` (a fresh folder)."""
+) -> int:
+    """Write every file of the import into ``dest`` (a fresh folder); the label maps written."""
     images = dest / "train_images"
     bar = progress_bar(list(cases["case_id"]), "SPIDER cases", unit="case", enabled=progress)
     for case_id in bar:
@@ -589,6 +608,7 @@ def _write(
         folder.mkdir(parents=True)
         for path in series[case_id]:
             shutil.copyfile(path, folder / path.name)  # the bytes as they are
+    n_maps = _write_label_maps(dest, source, ids, shapes)
     order = sorted(ids.values())
     described = {"study_id": order, "series_id": [series_id_of(s) for s in order]}
     described["series_description"] = [SAG_T2] * len(order)
@@ -617,3 +637,35 @@ def _write(
     graded = gradings.assign(study_id=gradings["case_id"].map(ids))
     graded = graded[["study_id", *gradings.columns]].sort_values("study_id", kind="stable")
     graded.to_csv(dest / "gradings.csv", index=False)
+    return n_maps
+
+
+def _write_label_maps(
+    dest: Path, source: _Source, ids: dict[str, int], shapes: dict[str, dict[int, tuple[int, int]]]
+) -> int:
+    """Copy ``masks/<case_id>/<InstanceNumber>.png`` of the cases into ``train_label_maps/``
+    after checking each lies on its slice's grid with our classes; the number copied."""
+    if not source.path("masks").is_dir():
+        return 0
+    n = 0
+    for case_id, study in ids.items():
+        maps = sorted(source.path(f"masks/{case_id}").glob("*.png"))
+        folder = dest / LABEL_MAPS_DIR / str(study) / str(series_id_of(study))
+        for path in maps:
+            where = source.name(path.relative_to(source.root).as_posix())
+            if not path.stem.isdigit() or int(path.stem) not in shapes[case_id]:
+                raise SpiderSourceError(
+                    f"{where}: no slice {path.stem} in series/{case_id}; a label map is named "
+                    "by its slice's InstanceNumber"
+                )
+            try:
+                read_png(path, shapes[case_id][int(path.stem)])
+            except LabelMapError as exc:
+                why = str(exc).removeprefix(f"{path}: ")  # named as the source names it
+                raise SpiderSourceError(f"{where}: {why}") from exc
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, folder / path.name)
+            n += 1
+    if n:
+        (dest / LABEL_MAPS_FILE).write_text(classes_json() + "\n")
+    return n

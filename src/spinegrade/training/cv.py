@@ -170,10 +170,13 @@ def _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime: Runtime, progr
     """Train ``todo`` folds one after the other in this process (GPU, DDP or one CPU worker)."""
     tables = load_tables(configured_sources(cfg))
     folds = load_folds(Path(run_dir) / "folds.csv")
-    studies = load_training_studies(tables, progress=progress)
-    loc_samples = build_localizer_samples(
-        {s: (d.stacks, d.points) for s, d in studies.items()}, cfg
+    studies = load_training_studies(
+        tables, progress=progress, label_maps=cfg.localizer.seg_weight > 0
     )
+    loc_samples = build_localizer_samples(
+        {s: (d.stacks, d.points) for s, d in studies.items()}, cfg,
+        {s: d.label_maps for s, d in studies.items() if d.label_maps},
+    )  # fmt: skip
     for k in todo:
         if runtime.is_main:
             log.info("fold %d: training (%s)", k, fold_dir(run_dir, k))

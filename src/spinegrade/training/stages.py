@@ -16,6 +16,7 @@ from torch import nn
 
 from spinegrade.config import Config
 from spinegrade.data.grader_dataset import GraderDataset, collate_levels
+from spinegrade.data.label_maps import UNKNOWN
 from spinegrade.data.localizer_dataset import LocalizerDataset, collate_stacks
 from spinegrade.data.studies import StudyData
 from spinegrade.localization.errors import localizer_hits_errors, summarize_hits_errors
@@ -29,6 +30,7 @@ from spinegrade.training.losses import (
     grading_loss,
     localizer_loss,
     ordinal_targets,
+    segmentation_loss,
     select_heads,
     soft_weighted_ce,
 )
@@ -38,14 +40,24 @@ from spinegrade.util.runtime import Runtime
 
 
 class _LocalizerLoss:
-    """``step_loss`` of :func:`spinegrade.training.engine.fit` for the localiser."""
+    """``step_loss`` of :func:`spinegrade.training.engine.fit` for the localiser: the points'
+    loss, plus ``seg_weight`` times the label maps' where the net draws them."""
 
-    def __init__(self, sigma: float) -> None:
-        self.sigma = sigma
+    def __init__(self, sigma: float, seg_weight: float = 0.0) -> None:
+        self.sigma, self.seg_weight = sigma, seg_weight
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = model(batch["volume"], batch["mask"])
-        return localizer_loss(out, batch["xy"], batch["z"], batch["valid"], sigma=self.sigma)
+        loss = localizer_loss(out, batch["xy"], batch["z"], batch["valid"], sigma=self.sigma)
+        if "seg_logits" in out:
+            if "seg" in batch:
+                seg = segmentation_loss(out["seg_logits"], batch["seg"], UNKNOWN)
+            else:  # a batch of phantoms: the head stays in the graph (DDP needs every grad)
+                zero = out["seg_logits"].sum() * 0.0
+                seg = {"loss": zero, "ce": zero.detach(), "dice": zero.detach()}
+            loss["loss"] = loss["loss"] + self.seg_weight * seg["loss"]
+            loss["seg_ce"], loss["seg_dice"] = seg["ce"], seg["dice"]
+        return loss
 
 
 def train_localizer(
@@ -89,7 +101,7 @@ def train_localizer(
             return summarize_hits_errors(*(np.concatenate(p) for p in zip(*parts, strict=True)))
 
         ckpt = ckpt_dir / f"localizer_{name}" if ckpt_dir else None
-        loss = _LocalizerLoss(c.sigma)
+        loss = _LocalizerLoss(c.sigma, c.seg_weight)
         fit(
             net,
             dataset,
