@@ -12,13 +12,7 @@ import pytest
 import torch
 
 from spinegrade.config import load_config
-from spinegrade.data.label_maps import (
-    LABEL_MAPS_FILE,
-    UNKNOWN,
-    LabelMapError,
-    has_label_maps,
-    stack_labels,
-)
+from spinegrade.data.label_maps import UNKNOWN, stack_labels
 from spinegrade.data.localizer_dataset import LocalizerDataset, collate_stacks
 from spinegrade.localization.frames import canonical_labels, sagittal_frame
 from spinegrade.localization.points import true_points
@@ -28,6 +22,7 @@ from spinegrade.models.registry import build_from_spec, build_localizer
 from spinegrade.preprocessing.build import preprocess_dataset
 from spinegrade.preprocessing.cache import load_study_stacks, read_index
 from spinegrade.rsna import load_dataset, normalize_coordinates
+from spinegrade.rsna.label_maps import LABEL_MAPS_FILE, LabelMapError, has_label_maps
 from spinegrade.rsna.spider import ID_BASE, import_spider
 from spinegrade.task import LABEL_CLASSES
 from spinegrade.training.losses import segmentation_loss
@@ -202,7 +197,7 @@ def test_the_head_trains_only_with_a_weight_and_prediction_ignores_it(imported) 
     plain = build_localizer(load_config("quick", TINY))
     assert plain.seg is None and "seg_classes" not in plain.spec["kwargs"]
     torch.manual_seed(0)
-    net = build_localizer(load_config("quick", [*TINY, "localizer.seg_weight=1.0"]))
+    net = build_localizer(load_config("quick", TINY), seg=True)
     assert net.seg.out_channels == len(LABEL_CLASSES)
     again = build_from_spec(net.spec)
     again.load_state_dict(net.state_dict())  # a saved net rebuilds with its head, strictly
@@ -250,3 +245,15 @@ def test_a_run_with_label_maps_records_the_head_and_localises(imported, tmp_path
         epochs = [r for r in logged if r.get("stage") == "localizer_spinal" and "epoch" in r]
         assert epochs and all(np.isfinite(r["train_seg_ce"]) and r["train_seg_ce"] > 0
                               for r in epochs)  # fmt: skip
+
+
+def test_nets_of_data_without_maps_are_built_as_before(tiny_trained) -> None:
+    """quick asks for the maps, but a phantom run has none: its localisers carry no head, so
+    their weights and random draws are those of before the maps."""
+    _, run = tiny_trained
+    assert load_config("quick").localizer.seg_weight > 0
+    nets = sorted(run.glob("fold_*/localizer_*.safetensors"))
+    sidecars = [p.with_suffix(".json") for p in nets]
+    assert sidecars
+    for path in sidecars:
+        assert "seg_classes" not in json.loads(path.read_text())["spec"]["kwargs"]

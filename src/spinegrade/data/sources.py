@@ -26,10 +26,11 @@ from pathlib import Path
 import pandas as pd
 
 from spinegrade.config import Config, ConfigError
-from spinegrade.data.label_maps import has_label_maps, stack_labels
+from spinegrade.data.label_maps import stack_labels
 from spinegrade.data.studies import StudyData, load_studies
 from spinegrade.localization.points import add_disc_points
 from spinegrade.rsna import is_phantom, label_matrix, load_dataset, normalize_coordinates
+from spinegrade.rsna.label_maps import has_label_maps
 from spinegrade.task import RSNA_2024, TITLE_TO_LEVEL, Task
 
 log = logging.getLogger(__name__)

@@ -57,9 +57,10 @@ def build_grader(
 
 
 def build_localizer(
-    cfg: Config, n_targets: int = len(LEVELS), *, pretrained: bool | None = None
+    cfg: Config, n_targets: int = len(LEVELS), *, pretrained: bool | None = None, seg: bool = False
 ) -> LevelLocalizer:
-    """The stage-1 net of ``cfg.localizer`` with ``n_targets`` heatmaps (5 spinal, 10 foraminal)."""
+    """The stage-1 net of ``cfg.localizer`` with ``n_targets`` heatmaps (5 spinal, 10 foraminal);
+    ``seg``: with the head that draws the label maps' classes (for data that have maps)."""
     c = cfg.localizer
     return LevelLocalizer(
         c.backbone,
@@ -73,7 +74,7 @@ def build_localizer(
         pretrained=c.pretrained if pretrained is None else pretrained,
         pretrained_path=c.pretrained_path,
         backbone_kwargs=c.backbone_kwargs,
-        seg_classes=len(LABEL_CLASSES) if c.seg_weight > 0 else 0,
+        seg_classes=len(LABEL_CLASSES) if seg else 0,
     )
 
 

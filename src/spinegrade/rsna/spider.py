@@ -54,7 +54,7 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from spinegrade.data.label_maps import (
+from spinegrade.rsna.label_maps import (
     LABEL_MAPS_DIR,
     LABEL_MAPS_FILE,
     LabelMapError,

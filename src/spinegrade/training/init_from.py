@@ -118,14 +118,17 @@ def source_fold(run: Path, fold: int | None, key: str) -> int:
 # ------------------------------------------------------------------------------ building, loading
 
 
-def _build(cfg: Config, key: str, name: str, task: Task = RSNA_2024) -> nn.Module:
+def _build(
+    cfg: Config, key: str, name: str, task: Task = RSNA_2024, seg: bool = False
+) -> nn.Module:
     """This run's net of section ``key`` for localiser task / grader group ``name`` (of the
     grading ``task``); random when it will be replaced by a run's weights (its ImageNet backbone
-    would be overwritten: never fetched for nothing)."""
+    would be overwritten: never fetched for nothing). ``seg``: a localiser with the label maps'
+    head."""
     pretrained = False if getattr(cfg, key).init_from else None
     if key == "localizer":
         loc_task = configured_tasks(cfg)[name]
-        return build_localizer(cfg, n_targets=len(loc_task.targets), pretrained=pretrained)
+        return build_localizer(cfg, n_targets=len(loc_task.targets), pretrained=pretrained, seg=seg)
     return build_grader(
         cfg, n_targets=len(task.heads(name)), n_classes=task.group_classes(name),
         pretrained=pretrained,
@@ -133,16 +136,32 @@ def _build(cfg: Config, key: str, name: str, task: Task = RSNA_2024) -> nn.Modul
 
 
 def start_net(
-    cfg: Config, key: str, name: str, fold: int | None, task: Task = RSNA_2024
+    cfg: Config, key: str, name: str, fold: int | None, task: Task = RSNA_2024, seg: bool = False
 ) -> nn.Module:
     """The net a fold's training starts from: built from ``cfg`` (``key``: ``localizer`` for task
-    ``name``, ``model`` for grader group ``name``), then, with ``{key}.init_from``, loaded with
-    that run's weights for ``fold`` (see :func:`source_fold`) and recorded as its init source."""
-    net = _build(cfg, key, name, task)
+    ``name``, ``model`` for grader group ``name``; ``seg``: a localiser with the label maps'
+    head), then, with ``{key}.init_from``, loaded with that run's weights for ``fold`` (see
+    :func:`source_fold`) and recorded as its init source. A localiser started from a run keeps
+    that run's net: with the head where the run's had one, whatever ``seg`` says."""
     run = source_run(cfg, key)
-    if run is not None:
-        load_from_run(net, run, source_fold(run, fold, key), name, key)
+    if run is None:
+        return _build(cfg, key, name, task, seg)
+    start = source_fold(run, fold, key)
+    net = _build(cfg, key, name, task, _has_seg_head(run, start, name, key))
+    load_from_run(net, run, start, name, key)
     return net
+
+
+def _has_seg_head(run: Path, fold: int, name: str, key: str) -> bool:
+    """Whether ``run``'s fold_K localiser ``name`` was built with the label maps' head."""
+    if key != "localizer":
+        return False
+    path = fold_dir(run, fold) / f"{FILE_PREFIX[key]}_{name}.safetensors"
+    try:
+        spec = read_sidecar(path).get("spec") or {}
+    except Exception:  # missing or torn: load_from_run says so in its own words
+        return False
+    return bool((spec.get("kwargs") or {}).get("seg_classes"))
 
 
 def load_from_run(net: nn.Module, run: Path, fold: int, name: str, key: str) -> dict[str, Any]:
@@ -255,8 +274,8 @@ def check_init_from(
         out[key] = run
         starts = {k: source_fold(run, k, key) for k in wanted}
         for name in names[key]:
-            net = _build(cfg, key, name, task)
             for fold in sorted(set(starts.values())):
+                net = _build(cfg, key, name, task, _has_seg_head(run, fold, name, key))
                 load_from_run(net, run, fold, name, key)
         _warn_if_leaky(cfg, key, run, starts, data_dir, run_dir)
     return out

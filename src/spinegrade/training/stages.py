@@ -81,7 +81,10 @@ def train_localizer(
         if not samples.get(name):
             continue
         torch.manual_seed(seed)  # the initial weights too: a rerun gives the same fold
-        net = start_net(cfg, "localizer", name, fold)
+        # The label maps' head only where this net's data have maps: a net of phantoms alone
+        # is built as before, its weights and its random draws unchanged.
+        seg = c.seg_weight > 0 and any(s.labels is not None for s in samples[name])
+        net = start_net(cfg, "localizer", name, fold, seg=seg)
         spec = FitSpec(
             f"localizer_{name}", c.epochs, c.batch_size, c.lr, cfg.optim, c.weight_decay, seed,
             average=cfg.train.weight_average, eval_every=cfg.train.eval_every,
