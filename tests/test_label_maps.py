@@ -4,6 +4,7 @@ image, scored by their own loss, and trained by a head that prediction never nee
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from test_spider_import import (
     slice_origin,
     write_spider,
 )
-from test_train import TINY
+from test_train import CPU, TINY
 
 
 @pytest.fixture(scope="module")
@@ -247,13 +248,21 @@ def test_a_run_with_label_maps_records_the_head_and_localises(imported, tmp_path
                               for r in epochs)  # fmt: skip
 
 
-def test_nets_of_data_without_maps_are_built_as_before(tiny_trained) -> None:
-    """quick asks for the maps, but a phantom run has none: its localisers carry no head, so
-    their weights and random draws are those of before the maps."""
-    _, run = tiny_trained
-    assert load_config("quick").localizer.seg_weight > 0
-    nets = sorted(run.glob("fold_*/localizer_*.safetensors"))
-    sidecars = [p.with_suffix(".json") for p in nets]
-    assert sidecars
-    for path in sidecars:
-        assert "seg_classes" not in json.loads(path.read_text())["spec"]["kwargs"]
+def test_only_a_net_whose_data_have_maps_gets_the_head(imported) -> None:
+    """A net of phantoms alone is built as it was before the maps (its weights and random draws
+    unchanged), whatever seg_weight says; the same net on drawn spines gets the head."""
+    from spinegrade.training.stages import train_localizer
+
+    out, cache = imported
+    drawn = [_canal_sample(out, cache, p) for p in PATIENTS]
+    plain = [dataclasses.replace(s, labels=None) for s in drawn]
+    cfg = load_config("quick", [*TINY, "localizer.seg_weight=0.5", "localizer.tasks=[spinal]"])
+    nets = {
+        k: train_localizer(cfg, {"spinal": v}, {}, CPU)
+        for k, v in (("plain", plain), ("drawn", drawn))
+    }
+    assert nets["plain"]["spinal"].seg is None
+    assert "seg_classes" not in nets["plain"]["spinal"].spec["kwargs"]
+    assert nets["drawn"]["spinal"].seg is not None
+    zero = load_config("quick", [*TINY, "localizer.tasks=[spinal]"])
+    assert train_localizer(zero, {"spinal": drawn}, {}, CPU)["spinal"].seg is None
