@@ -19,7 +19,7 @@ beside SPIDER's spines, whose disc gradings another run (first folder SPIDER) le
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,10 +192,11 @@ def _study_rows(src: Source, ids: list[int]) -> pd.DataFrame:
 
 
 def load_training_studies(
-    tables: TrainingTables, progress: bool = True, label_maps: bool = False
+    tables: TrainingTables, progress: bool = True, label_maps: Collection[str] = ()
 ) -> dict[int, StudyData]:
-    """Every study of every source from its own cache, with true points (disc centres too) and,
-    with ``label_maps``, the label maps of the chosen stacks where the folder has them."""
+    """Every study of every source from its own cache, with true points (disc centres too) and
+    the label maps of the chosen stack of each series description in ``label_maps`` (those the
+    localiser reads) where the folder has them."""
     out: dict[int, StudyData] = {}
     for src in tables.sources:
         ids = tables.source_ids(src.name)
@@ -211,7 +212,7 @@ def load_training_studies(
                 study.points = add_disc_points(study.points, rows, stacks)
         if label_maps and has_label_maps(src.data_dir):
             for study in part.values():
-                for stack in (s for v in study.stacks.values() for s in v):
+                for stack in (study.stacks[d][0] for d in label_maps if study.stacks.get(d)):
                     maps = stack_labels(src.data_dir, stack)
                     if maps is not None:
                         study.label_maps[(int(stack.series_id), int(stack.stack))] = maps

@@ -170,8 +170,10 @@ def _train_here(data_dir, cache_dir, run_dir, cfg, todo, runtime: Runtime, progr
     """Train ``todo`` folds one after the other in this process (GPU, DDP or one CPU worker)."""
     tables = load_tables(configured_sources(cfg))
     folds = load_folds(Path(run_dir) / "folds.csv")
+    # Label maps only where they are learnt: the chosen stack of each series a localiser reads.
+    read = [t.description for t in configured_tasks(cfg).values()]
     studies = load_training_studies(
-        tables, progress=progress, label_maps=cfg.localizer.seg_weight > 0
+        tables, progress=progress, label_maps=read if cfg.localizer.seg_weight > 0 else ()
     )
     loc_samples = build_localizer_samples(
         {s: (d.stacks, d.points) for s, d in studies.items()}, cfg,

@@ -257,7 +257,7 @@ def localizer_loss(
 
 
 def segmentation_loss(
-    seg_logits: torch.Tensor, seg: torch.Tensor, ignore: int = 255
+    seg_logits: torch.Tensor, seg: torch.Tensor | None, ignore: int = 255
 ) -> dict[str, torch.Tensor]:
     """Label maps' loss: cross-entropy plus soft Dice over the drawn classes (as nnU-Net).
 
@@ -267,17 +267,20 @@ def segmentation_loss(
     cell on a disc's edge is part disc, part vertebra), which costs a sixteenth of scoring
     upsampled logits pixel by pixel. The discs fill ~2% of a sagittal slice: cross-entropy alone
     would learn the background and the vertebrae, the Dice term weighs each class by its own
-    area. Returns ``{"loss", "ce", "dice"}``; zero (with a gradient path) when nothing is drawn.
+    area. Returns ``{"loss", "ce", "dice"}``; zero, with a gradient path (DDP needs every
+    parameter's), when nothing is drawn or ``seg`` is None (a batch without maps).
     """
     b, s, c, hh, ww = seg_logits.shape
     logp = seg_logits.float().reshape(b * s, c, hh, ww).log_softmax(1)
-    target = seg.reshape(b * s, 1, *seg.shape[-2:])
-    with torch.no_grad():
-        share = torch.cat(
-            [F.adaptive_avg_pool2d((target == k).float(), (hh, ww)) for k in range(c)], 1
-        )  # (N, C, h, w): each class's share of the cell
-        known = F.adaptive_avg_pool2d((target != ignore).float(), (hh, ww))[:, 0] > 0.999
-    if not bool(known.any()):
+    known = None
+    if seg is not None:
+        target = seg.reshape(b * s, 1, *seg.shape[-2:])
+        with torch.no_grad():
+            share = torch.cat(
+                [F.adaptive_avg_pool2d((target == k).float(), (hh, ww)) for k in range(c)], 1
+            )  # (N, C, h, w): each class's share of the cell
+            known = F.adaptive_avg_pool2d((target != ignore).float(), (hh, ww))[:, 0] > 0.999
+    if known is None or not bool(known.any()):
         zero = logp.sum() * 0.0
         return {"loss": zero, "ce": zero.detach(), "dice": zero.detach()}
     ce = -(share * logp).sum(1)[known].mean()

@@ -49,12 +49,8 @@ class _LocalizerLoss:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = model(batch["volume"], batch["mask"])
         loss = localizer_loss(out, batch["xy"], batch["z"], batch["valid"], sigma=self.sigma)
-        if "seg_logits" in out:
-            if "seg" in batch:
-                seg = segmentation_loss(out["seg_logits"], batch["seg"], UNKNOWN)
-            else:  # a batch of phantoms: the head stays in the graph (DDP needs every grad)
-                zero = out["seg_logits"].sum() * 0.0
-                seg = {"loss": zero, "ce": zero.detach(), "dice": zero.detach()}
+        if "seg_logits" in out:  # a batch of phantoms has no maps: a zero term, head in graph
+            seg = segmentation_loss(out["seg_logits"], batch.get("seg"), UNKNOWN)
             loss["loss"] = loss["loss"] + self.seg_weight * seg["loss"]
             loss["seg_ce"], loss["seg_dice"] = seg["ce"], seg["dice"]
         return loss
